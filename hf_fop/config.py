@@ -1,0 +1,141 @@
+"""Validated hyperparameters of the FOP optimizer.
+
+Every field is checked in ``__post_init__``; an invalid value raises
+``ValueError`` naming the field, the value and the valid range.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional, Tuple
+
+MODES = ("fop", "kfac")
+FISHER_TYPES = ("empirical", "mc")
+
+
+def _fail(name: str, value: Any, valid: str) -> None:
+    raise ValueError(f"FOPConfig.{name}={value!r} is invalid: expected {valid}.")
+
+
+def _check_real(name: str, value: Any, low: float, high: float, low_open: bool, high_open: bool) -> None:
+    lo = "(" if low_open else "["
+    hi = ")" if high_open else "]"
+    valid = f"a number in {lo}{low}, {high}{hi}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(name, value, valid)
+    if value < low or (low_open and value == low) or value > high or (high_open and value == high):
+        _fail(name, value, valid)
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        _fail(name, value, f"an integer >= {low}")
+
+
+@dataclass
+class FOPConfig:
+    """Hyperparameters of :class:`hf_fop.FOP`.
+
+    Learning rates are per optimizer step; ``damping`` is the lambda of
+    ``M = A (x) S + lambda * I`` in the units of the per-example Fisher.
+    """
+
+    lr: float = 0.05
+    """eta0: learning rate of the K-FAC/FOP-managed layers."""
+    damping: float = 1e-3
+    """lambda added to the Kronecker Fisher of every managed layer."""
+    mode: str = "fop"
+    """``"fop"`` (Fisher-orthogonal projection) or ``"kfac"`` (plain K-FAC on the same engine)."""
+    fisher_type: str = "empirical"
+    """``"empirical"`` (training backward) or ``"mc"`` (labels sampled from the model)."""
+    momentum: float = 0.0
+    """Heavy-ball momentum on the preconditioned direction of managed layers."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay of managed layers (multiplied by the lr)."""
+    factor_decay: float = 0.95
+    """Running-average decay of the A and S factors (0 keeps only the newest)."""
+    factor_interval: int = 1
+    """Steps between factor (A, S) updates."""
+    inverse_interval: int = 10
+    """Steps between eigendecompositions; a multiple of ``factor_interval``."""
+    eps: float = 1e-12
+    """epsilon of eq. (4), the projection coefficient's denominator."""
+    use_eta: bool = True
+    """Scale each layer's step by eta* (eq. 17); ``False`` fixes eta* = 1."""
+    use_beta: bool = True
+    """Add beta* g_perp (eq. 6); ``False`` fixes beta* = 0 (K-FAC direction)."""
+    adamw_lr: Optional[float] = None
+    """Learning rate of the AdamW-managed parameters; ``None`` uses ``lr``."""
+    adamw_betas: Tuple[float, float] = (0.9, 0.999)
+    adamw_eps: float = 1e-8
+    adamw_weight_decay: float = 0.0
+    max_factor_dim: int = 8192
+    """Layers whose A or S would be larger than this (per side) go to AdamW."""
+    exclude_modules: Tuple[str, ...] = ()
+    """fnmatch patterns of qualified module names left to AdamW."""
+    exclude_types: Tuple[type, ...] = field(default_factory=tuple)
+    """Module classes left to AdamW."""
+    max_eigh_failures: int = 3
+    """Consecutive failed eigendecompositions of one factor before raising."""
+
+    def __post_init__(self) -> None:
+        _check_real("lr", self.lr, 0.0, math.inf, False, True)
+        _check_real("damping", self.damping, 0.0, math.inf, True, True)
+        if self.mode not in MODES:
+            _fail("mode", self.mode, f"one of {MODES}")
+        if self.fisher_type not in FISHER_TYPES:
+            _fail("fisher_type", self.fisher_type, f"one of {FISHER_TYPES}")
+        _check_real("momentum", self.momentum, 0.0, 1.0, False, True)
+        _check_real("weight_decay", self.weight_decay, 0.0, math.inf, False, True)
+        _check_real("factor_decay", self.factor_decay, 0.0, 1.0, False, True)
+        _check_int("factor_interval", self.factor_interval, 1)
+        _check_int("inverse_interval", self.inverse_interval, 1)
+        if self.inverse_interval % self.factor_interval != 0:
+            _fail(
+                "inverse_interval",
+                self.inverse_interval,
+                f"a positive multiple of factor_interval={self.factor_interval}",
+            )
+        _check_real("eps", self.eps, 0.0, math.inf, False, True)
+        for name in ("use_eta", "use_beta"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "True or False")
+        if self.adamw_lr is not None:
+            _check_real("adamw_lr", self.adamw_lr, 0.0, math.inf, False, True)
+        betas = tuple(self.adamw_betas)
+        if len(betas) != 2:
+            _fail("adamw_betas", self.adamw_betas, "a pair (beta1, beta2), each in [0, 1)")
+        for b in betas:
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
+                _fail("adamw_betas", self.adamw_betas, "a pair (beta1, beta2), each in [0, 1)")
+        self.adamw_betas = (float(betas[0]), float(betas[1]))
+        _check_real("adamw_eps", self.adamw_eps, 0.0, math.inf, True, True)
+        _check_real("adamw_weight_decay", self.adamw_weight_decay, 0.0, math.inf, False, True)
+        _check_int("max_factor_dim", self.max_factor_dim, 1)
+        if isinstance(self.exclude_modules, str):
+            self.exclude_modules = (self.exclude_modules,)
+        self.exclude_modules = tuple(self.exclude_modules)
+        if not all(isinstance(p, str) for p in self.exclude_modules):
+            _fail("exclude_modules", self.exclude_modules, "a sequence of fnmatch patterns (str)")
+        if isinstance(self.exclude_types, type):
+            self.exclude_types = (self.exclude_types,)
+        self.exclude_types = tuple(self.exclude_types)
+        if not all(isinstance(t, type) for t in self.exclude_types):
+            _fail("exclude_types", self.exclude_types, "a sequence of module classes")
+        _check_int("max_eigh_failures", self.max_eigh_failures, 1)
+
+    @property
+    def effective_adamw_lr(self) -> float:
+        return self.lr if self.adamw_lr is None else self.adamw_lr
+
+    def replace(self, **changes: Any) -> "FOPConfig":
+        """A validated copy with ``changes`` applied (unknown names raise ``TypeError``)."""
+        known = {f.name for f in fields(self)}
+        unknown = set(changes) - known
+        if unknown:
+            raise TypeError(f"FOPConfig has no field(s) {sorted(unknown)}; valid fields: {sorted(known)}")
+        values = asdict(self)
+        values["exclude_types"] = self.exclude_types
+        values.update(changes)
+        return FOPConfig(**values)

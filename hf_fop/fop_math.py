@@ -1,0 +1,182 @@
+"""The FOP direction of one layer (FOP_SPEC eq. 3-7, 13, 16-18), as pure functions.
+
+Two implementations of the same math:
+
+* :func:`fop_direction_eigen` works in the Kronecker eigenbasis of
+  ``M = A (x) S + lambda I``, where ``M`` is diagonal: ``M_hat[i, j] = s_i a_j + lambda``.
+  Every inner product is an elementwise sum. This is what the optimizer runs.
+* :func:`fop_direction_dense` builds nothing implicit: it takes the dense
+  damped Fisher ``M`` (``n x n``) and vectors, and solves with it. It is the
+  reference the fast version is tested against.
+
+The coefficients minimise the spec's local quadratic models (step
+``Delta = -eta * M^-1 g_comb``):
+
+* ``beta*`` minimises ``q(beta) = -<g_tot, g_comb(beta)>_{M^-1} + 1/2 ||g_comb(beta)||^2_{M^-1}``
+  with ``g_tot = g1 + g2 = 2 g_avg`` (the paper's summed-loss gradient), giving ``beta* = D / E``;
+* ``eta*`` minimises ``q(eta) = -eta <g_avg, g_comb>_{M^-1} + eta^2/2 ||g_comb||^2_{M^-1}``,
+  giving ``eta* = <g_avg, g_comb>_{M^-1} / ||g_comb||^2_{M^-1}`` (1 when beta* = 0).
+
+Shapes: a layer gradient is a matrix ``(out, in)`` (bias as the last input
+column); ``s`` has shape ``(out,)`` and ``a`` shape ``(in,)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class LayerStats:
+    """Per-layer scalars of one FOP step (0-dim tensors, kept on device until read).
+
+    ``kl_base + kl_cross + kl_orth = ||F^1/2 Delta||^2`` for ``Delta = eta* M^-1 g_comb``
+    (per unit learning rate squared), split as in the paper's KL-norm analysis.
+    """
+
+    beta: Tensor
+    eta: Tensor
+    s_proj: Tensor
+    kl_base: Tensor
+    kl_cross: Tensor
+    kl_orth: Tensor
+
+
+def rotate(g: Tensor, q_s: Tensor, q_a: Tensor) -> Tensor:
+    """``Q_S^T G Q_A``: ``(out, in)`` gradient into the Kronecker eigenbasis."""
+    return q_s.T @ g @ q_a
+
+
+def unrotate(g_hat: Tensor, q_s: Tensor, q_a: Tensor) -> Tensor:
+    """``Q_S G_hat Q_A^T``: back from the eigenbasis, shape ``(out, in)``."""
+    return q_s @ g_hat @ q_a.T
+
+
+def damped_eigenvalues(s: Tensor, a: Tensor, damping: float) -> Tensor:
+    """``M_hat[i, j] = s_i a_j + lambda``, shape ``(out, in)``."""
+    return torch.outer(s, a) + damping
+
+
+def _zero_if_tiny(num: Tensor, den: Tensor, scale: Tensor) -> Tensor:
+    """``num / den``, or 0 where ``den`` is rounding noise relative to ``scale``."""
+    tiny = torch.finfo(den.dtype).eps ** 2 * scale + torch.finfo(den.dtype).tiny
+    return torch.where(den > tiny, num / torch.where(den > tiny, den, torch.ones_like(den)), torch.zeros_like(den))
+
+
+def fop_direction_eigen(
+    g_avg_hat: Tensor,
+    g_diff_hat: Tensor,
+    s: Tensor,
+    a: Tensor,
+    damping: float,
+    eps: float,
+    use_beta: bool = True,
+    use_eta: bool = True,
+) -> Tuple[Tensor, LayerStats]:
+    """FOP direction ``eta* M^-1 g_comb`` in the eigenbasis (shape ``(out, in)``) and its stats.
+
+    ``g_avg_hat`` and ``g_diff_hat`` are ``g_avg`` and ``g1 - g2`` already
+    rotated by :func:`rotate`; ``s``/``a`` are the eigenvalues of S and A.
+    """
+    f_hat = torch.outer(s, a)
+    m_hat = f_hat + damping
+    s_proj = (g_diff_hat * g_avg_hat * m_hat).sum() / ((g_avg_hat * g_avg_hat * m_hat).sum() + eps)
+    g_perp = g_diff_hat - s_proj * g_avg_hat
+    u = g_avg_hat / m_hat  # M^-1 g_avg
+    w = g_perp / m_hat  # M^-1 g_perp
+    n_avg = (g_avg_hat * u).sum()
+    d = (g_avg_hat * w).sum()
+    e = (g_perp * w).sum()
+    zero = torch.zeros_like(n_avg)
+    beta = _zero_if_tiny(d, e, n_avg + (g_diff_hat * g_diff_hat / m_hat).sum()) if use_beta else zero
+    direction = u + beta * w
+    if use_eta:
+        eta = _zero_if_tiny(n_avg + beta * d, n_avg + 2 * beta * d + beta * beta * e, n_avg)
+    else:
+        eta = torch.ones_like(n_avg)
+    eta2 = eta * eta
+    stats = LayerStats(
+        beta=beta,
+        eta=eta,
+        s_proj=s_proj,
+        kl_base=eta2 * (f_hat * u * u).sum(),
+        kl_cross=2 * eta2 * beta * (f_hat * u * w).sum(),
+        kl_orth=eta2 * beta * beta * (f_hat * w * w).sum(),
+    )
+    return eta * direction, stats
+
+
+def kfac_direction_eigen(g_avg_hat: Tensor, s: Tensor, a: Tensor, damping: float) -> Tuple[Tensor, LayerStats]:
+    """K-FAC direction ``M^-1 g_avg`` in the eigenbasis, with the stats of beta = 0, eta = 1."""
+    f_hat = torch.outer(s, a)
+    u = g_avg_hat / (f_hat + damping)
+    zero = torch.zeros((), dtype=u.dtype, device=u.device)
+    stats = LayerStats(
+        beta=zero,
+        eta=torch.ones_like(zero),
+        s_proj=zero,
+        kl_base=(f_hat * u * u).sum(),
+        kl_cross=zero,
+        kl_orth=zero,
+    )
+    return u, stats
+
+
+def fop_direction_dense(
+    g1: Tensor,
+    g2: Tensor,
+    fisher: Tensor,
+    damping: float,
+    eps: float,
+    w1: float = 0.5,
+) -> Tuple[Tensor, LayerStats]:
+    """Reference FOP direction from a dense Fisher.
+
+    ``g1``, ``g2``: flat gradients ``(n,)``; ``fisher``: ``(n, n)`` undamped
+    Fisher; ``g_avg = w1 g1 + (1 - w1) g2``. Returns ``eta* M^-1 g_comb``
+    ``(n,)`` and the stats, computed with explicit solves.
+    """
+    m = fisher + damping * torch.eye(fisher.shape[0], dtype=fisher.dtype, device=fisher.device)
+    g_avg = w1 * g1 + (1 - w1) * g2
+    g_diff = g1 - g2
+    s_proj = (g_diff @ m @ g_avg) / (g_avg @ m @ g_avg + eps)
+    g_perp = g_diff - s_proj * g_avg
+    minv_avg = torch.linalg.solve(m, g_avg)
+    minv_perp = torch.linalg.solve(m, g_perp)
+    d = g_avg @ minv_perp
+    e = g_perp @ minv_perp
+    n_diff = g_diff @ torch.linalg.solve(m, g_diff)
+    beta = _zero_if_tiny(d, e, g_avg @ minv_avg + n_diff)
+    g_comb = g_avg + beta * g_perp
+    minv_comb = torch.linalg.solve(m, g_comb)
+    eta = (g_avg @ minv_comb) / (g_comb @ minv_comb)
+    base = eta * minv_avg
+    orth = eta * beta * minv_perp
+    stats = LayerStats(
+        beta=beta,
+        eta=eta,
+        s_proj=s_proj,
+        kl_base=base @ fisher @ base,
+        kl_cross=2 * base @ fisher @ orth,
+        kl_orth=orth @ fisher @ orth,
+    )
+    return eta * minv_comb, stats
+
+
+def kron_fisher(a_factor: Tensor, s_factor: Tensor) -> Tensor:
+    """Dense ``A (x) S`` acting on the column-major ``vec`` of an ``(out, in)`` matrix."""
+    return torch.kron(a_factor, s_factor)
+
+
+def vec(g: Tensor) -> Tensor:
+    """Column-major vectorisation of ``(out, in)``, matching :func:`kron_fisher`."""
+    return g.T.reshape(-1)
+
+
+def unvec(v: Tensor, shape: Tuple[int, int]) -> Tensor:
+    """Inverse of :func:`vec`."""
+    return v.reshape(shape[1], shape[0]).T
