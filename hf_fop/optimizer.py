@@ -96,6 +96,8 @@ class FOP(torch.optim.Optimizer):
         self._avg_norm: Optional[Tensor] = None
         self.w1 = 0.5
         """Weight of g1 in ``g_avg = w1 g1 + (1 - w1) g2`` (0.5 unless groups are unequal)."""
+        self.factor_reducer: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None
+        """Distributed hook: maps this process's new factors ``{name: (A, S)}`` to the global ones."""
         self._last_stats: Dict[str, LayerStats] = {}
         self._last_fallback = False
         self._schedule_capture()
@@ -250,6 +252,8 @@ class FOP(torch.optim.Optimizer):
         diffs = self._scaled_diffs() if dual else {}
         t0 = time.perf_counter()
         new_factors = self.engine.finalize_capture() if self.engine.capture else {}
+        if self.engine.capture and self.factor_reducer is not None:
+            new_factors = self.factor_reducer(new_factors)
         seconds_finalize = time.perf_counter() - t0
         if not self._all_finite(diffs, new_factors):
             self.counters["skipped_steps"] += 1
