@@ -191,6 +191,13 @@ def _output_rows(layer: KFACLayer, g: Tensor, mask: Optional[Tensor]) -> Tensor:
     return _masked_rows(g, mask).float()
 
 
+def _gram(rows: Tensor) -> Tensor:
+    """``rows^T rows`` in float32, outside any autocast region: ``(n, d) -> (d, d)``."""
+    with torch.autocast(device_type=rows.device.type, enabled=False):
+        rows = rows.float()
+        return rows.T @ rows
+
+
 def _batch_size(t: Tensor) -> int:
     return t.shape[0] if t.dim() >= 2 else 1
 
@@ -242,7 +249,7 @@ class CurvatureEngine:
             t0 = time.perf_counter()
             mask = self.padding_mask
             rows = _input_rows(layer, inputs[0].detach(), mask)
-            contrib = rows.T @ rows
+            contrib = _gram(rows)
             layer.a_sum = contrib if layer.a_sum is None else layer.a_sum + contrib
             layer.a_rows += rows.shape[0]
             group = self.group
@@ -266,7 +273,7 @@ class CurvatureEngine:
         rows = _output_rows(layer, grad.detach(), mask)
         if scale != 1.0:
             rows = rows / scale
-        contrib = rows.T @ rows
+        contrib = _gram(rows)
         layer.s_sums[group] = contrib if group not in layer.s_sums else layer.s_sums[group] + contrib
         layer.s_examples[group] = layer.s_examples.get(group, 0) + _batch_size(grad)
 

@@ -1,0 +1,324 @@
+"""K-FAC factors against hand-computed A and S, and the Kronecker Fisher against torch.func where K-FAC is exact."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.pytorch_utils import Conv1D
+
+from hf_fop import FOP, FOPConfig
+from hf_fop.curvature import find_layers
+from hf_fop.fop_math import kron_fisher, vec
+
+
+def _ones_col(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+
+
+def _factors(opt: FOP, name: str):
+    layer = next(layer for layer in opt.layers if layer.name == name)
+    return layer.A, layer.S
+
+
+def _oracle_S(r: torch.Tensor, n_examples: int) -> torch.Tensor:
+    """r: rows of d(sum of per-example losses)/d(layer output), shape (rows, out)."""
+    return r.T @ r / n_examples
+
+
+class TwoLayer(nn.Module):
+    def __init__(self, first: nn.Module, hidden: int, classes: int = 3):
+        super().__init__()
+        self.first = first
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        h = self.first(x)
+        self.h = h
+        if h.requires_grad:
+            h.retain_grad()
+        return self.head(torch.tanh(h).flatten(1))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_factors_equal_hand_computed(bias):
+    torch.manual_seed(0)
+    model = TwoLayer(nn.Linear(5, 4, bias=bias), 4)
+    x, y = torch.randn(12, 5), torch.randint(0, 3, (12,))
+    opt = FOP(model, lr=0.0, factor_decay=0.0)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    a_fac, s_fac = _factors(opt, "first")
+    # oracle: per-example loss gradients w.r.t. the layer output, from the summed loss
+    model.zero_grad()
+    F.cross_entropy(model(x), y, reduction="sum").backward()
+    a_rows = _ones_col(x) if bias else x
+    assert torch.allclose(a_fac, a_rows.T @ a_rows / 12, atol=1e-6)
+    assert torch.allclose(s_fac, _oracle_S(model.h.grad, 12), atol=1e-7, rtol=1e-5)
+
+
+def test_conv2d_factors_equal_hand_computed():
+    torch.manual_seed(1)
+    conv = nn.Conv2d(2, 3, kernel_size=3, stride=2, padding=1)
+    model = TwoLayer(conv, 3 * 3 * 3)
+    x, y = torch.randn(4, 2, 5, 5), torch.randint(0, 3, (4,))
+    opt = FOP(model, lr=0.0, factor_decay=0.0)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    a_fac, s_fac = _factors(opt, "first")
+    # A: explicit patches, channel-major (c, kh, kw) like weight.reshape(out, -1), plus the bias column
+    xp = F.pad(x, (1, 1, 1, 1))
+    rows = []
+    for n in range(4):
+        for i in range(3):
+            for j in range(3):
+                rows.append(xp[n, :, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3].reshape(-1))
+    patches = _ones_col(torch.stack(rows))
+    assert torch.allclose(a_fac, patches.T @ patches / patches.shape[0], atol=1e-6)
+    model.zero_grad()
+    F.cross_entropy(model(x), y, reduction="sum").backward()
+    r = model.h.grad.permute(0, 2, 3, 1).reshape(-1, 3)  # positions summed per example ("expand")
+    assert torch.allclose(s_fac, _oracle_S(r, 4), atol=1e-7, rtol=1e-5)
+
+
+def test_conv1d_factors_equal_hand_computed_and_gradient_matrix_is_transposed():
+    torch.manual_seed(2)
+    model = TwoLayer(Conv1D(nf=4, nx=3), 4)
+    x, y = torch.randn(10, 3), torch.randint(0, 3, (10,))
+    opt = FOP(model, lr=0.0, factor_decay=0.0)
+    F.cross_entropy(model(x), y).backward()
+    layer = next(layer for layer in opt.layers if layer.name == "first")
+    assert layer.kind == "conv1d" and (layer.out_dim, layer.in_dim) == (4, 4)
+    g = layer.grad_matrix(model.first.weight.grad, model.first.bias.grad)
+    assert torch.equal(g[:, :3], model.first.weight.grad.T) and torch.equal(g[:, 3], model.first.bias.grad)
+    w, b = layer.split_matrix(g)
+    assert torch.equal(w, model.first.weight.grad) and torch.equal(b, model.first.bias.grad)
+    opt.step()
+    a_fac, s_fac = layer.A, layer.S
+    model.zero_grad()
+    F.cross_entropy(model(x), y, reduction="sum").backward()
+    assert torch.allclose(a_fac, _ones_col(x).T @ _ones_col(x) / 10, atol=1e-6)
+    assert torch.allclose(s_fac, _oracle_S(model.h.grad, 10), atol=1e-7, rtol=1e-5)
+
+
+class SeqModel(nn.Module):
+    """Token-wise Linear, masked mean pooling, classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x, mask):
+        h = self.proj(x)
+        self.h = h
+        if h.requires_grad:
+            h.retain_grad()
+        pooled = (torch.tanh(h) * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        return self.head(pooled)
+
+
+def test_sequence_inputs_with_padding_mask():
+    torch.manual_seed(3)
+    model = SeqModel()
+    x, y = torch.randn(5, 6, 3), torch.randint(0, 2, (5,))
+    mask = torch.ones(5, 6)
+    mask[0, 4:] = 0
+    mask[2, 1:] = 0
+    mask[4, 5:] = 0
+    opt = FOP(model, lr=0.0, factor_decay=0.0)
+    with opt.padding_mask(mask):
+        F.cross_entropy(model(x, mask), y).backward()
+    opt.step()
+    a_fac, s_fac = _factors(opt, "proj")
+    real = mask.bool()
+    a_rows = _ones_col(x[real])
+    assert torch.allclose(a_fac, a_rows.T @ a_rows / real.sum(), atol=1e-6)
+    model.zero_grad()
+    F.cross_entropy(model(x, mask), y, reduction="sum").backward()
+    assert torch.allclose(s_fac, _oracle_S(model.h.grad[real], 5), atol=1e-7, rtol=1e-5)
+    # without a mask every token counts (K-FAC expand over all positions)
+    opt2 = FOP(model, lr=0.0, factor_decay=0.0)
+    model.zero_grad()
+    F.cross_entropy(model(x, mask), y).backward()
+    opt2.step()
+    all_rows = _ones_col(x.reshape(-1, 3))
+    assert torch.allclose(_factors(opt2, "proj")[0], all_rows.T @ all_rows / 30, atol=1e-6)
+
+
+def test_factors_do_not_depend_on_micro_batch_or_sub_batch_split():
+    torch.manual_seed(4)
+    model = TwoLayer(nn.Linear(5, 4), 4)
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    # reference: one plain backward of the whole batch
+    ref = FOP(model, lr=0.0, factor_decay=0.0)
+    F.cross_entropy(model(x), y).backward()
+    ref.step()
+    a_ref, s_ref = _factors(ref, "first")
+    model.zero_grad()
+    # unequal sub-batches (6 and 10 examples), each accumulated over micro-batches of unequal size;
+    # each sub-batch's loss is the mean over that sub-batch (sum over micro-batches / its size)
+    opt = FOP(model, lr=0.0, factor_decay=0.0)
+    for index, chunks in ((0, [(0, 2), (2, 6)]), (1, [(6, 9), (9, 13), (13, 16)])):
+        size = chunks[-1][1] - chunks[0][0]
+        for lo, hi in chunks:
+            with opt.sub_batch(index):
+                (F.cross_entropy(model(x[lo:hi]), y[lo:hi], reduction="sum") / size).backward()
+    opt.step()
+    a_fac, s_fac = _factors(opt, "first")
+    assert torch.allclose(a_fac, a_ref, atol=1e-6)
+    assert torch.allclose(s_fac, s_ref, atol=1e-7, rtol=1e-5)
+
+
+def test_bf16_autocast_keeps_float32_factors():
+    torch.manual_seed(5)
+    model = TwoLayer(nn.Linear(8, 6), 6)
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    ref = FOP(model, lr=0.0, factor_decay=0.0)
+    F.cross_entropy(model(x), y).backward()
+    ref.step()
+    a_ref, s_ref = [t.clone() for t in _factors(ref, "first")]
+    model.zero_grad()
+    opt = FOP(model, lr=0.0, factor_decay=0.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(x), y)
+    assert model.h.dtype == torch.bfloat16
+    loss.backward()
+    opt.step()
+    a_fac, s_fac = _factors(opt, "first")
+    assert a_fac.dtype == torch.float32 and s_fac.dtype == torch.float32
+    layer = next(layer for layer in opt.layers if layer.name == "first")
+    assert layer.basis_a.q.dtype == torch.float32
+    assert torch.allclose(a_fac, a_ref, rtol=3e-2, atol=3e-2)
+    assert torch.allclose(s_fac, s_ref, rtol=5e-2, atol=5e-2 * s_ref.abs().max())
+
+
+class DeepLinear(nn.Module):
+    def __init__(self, dims=(4, 3, 5, 2)):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def _layer_grad_vec(grads, name):
+    w, b = grads[f"{name}.weight"], grads[f"{name}.bias"]
+    return vec(torch.cat([w, b[:, None]], dim=1))
+
+
+def test_kronecker_fisher_equals_exact_empirical_fisher_deep_linear_one_datum():
+    torch.manual_seed(6)
+    model = DeepLinear()
+    x, y = torch.randn(1, 4), torch.randn(1, 2)
+    opt = FOP(model, lr=0.0, factor_decay=0.0)
+    (0.5 * ((model(x) - y) ** 2).sum()).backward()
+    opt.step()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_fn(p):
+        out = torch.func.functional_call(model, p, (x,))
+        return 0.5 * ((out - y) ** 2).sum()
+
+    grads = torch.func.grad(loss_fn)(params)
+    for i, layer in enumerate(opt.layers):
+        gv = _layer_grad_vec(grads, f"layers.{i}")
+        exact = torch.outer(gv, gv)
+        assert torch.allclose(kron_fisher(layer.A, layer.S), exact, atol=1e-6, rtol=1e-4), layer.name
+
+
+def test_mc_fisher_matches_exact_fisher_deep_linear_one_datum():
+    """MC K-FAC on one datum (replicated to average the samples) vs E_{y~p}[grad grad^T] by enumeration."""
+    torch.manual_seed(7)
+    model = DeepLinear((3, 4, 3))
+    x1 = torch.randn(1, 3)
+    copies = 40000
+    opt = FOP(model, lr=0.0, factor_decay=0.0, fisher_type="mc")
+    logits = model(x1.expand(copies, 3))
+    opt.mc_backward(logits, generator=torch.Generator().manual_seed(0))
+    F.cross_entropy(logits, torch.zeros(copies, dtype=torch.long)).backward()
+    opt.step()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    probs = torch.softmax(model(x1), -1).detach()[0]
+
+    def loss_fn(p, c):
+        out = torch.func.functional_call(model, p, (x1,))
+        return F.cross_entropy(out, torch.tensor([c]))
+
+    for i, layer in enumerate(opt.layers):
+        exact = 0
+        for c in range(3):
+            gv = _layer_grad_vec(torch.func.grad(loss_fn)(params, c), f"layers.{i}")
+            exact = exact + probs[c] * torch.outer(gv, gv)
+        approx = kron_fisher(layer.A, layer.S)
+        err = (approx - exact).norm() / exact.norm()
+        assert err < 0.05, (layer.name, float(err))
+
+
+def test_mc_fisher_requires_sampled_backward():
+    model = TwoLayer(nn.Linear(3, 2), 2)
+    opt = FOP(model, fisher_type="mc")
+    F.cross_entropy(model(torch.randn(4, 3)), torch.zeros(4, dtype=torch.long)).backward()
+    with pytest.raises(RuntimeError, match="mc_backward"):
+        opt.step()
+
+
+def test_capture_only_in_training_curvature_steps():
+    torch.manual_seed(8)
+    model = TwoLayer(nn.Linear(3, 2), 2)
+    x, y = torch.randn(6, 3), torch.randint(0, 3, (6,))
+    opt = FOP(model, lr=0.1, factor_interval=2, inverse_interval=2, factor_decay=0.0)
+    layer = opt.layers[0]
+    with torch.no_grad():
+        model(x)
+    model.eval()
+    model(x)
+    model.train()
+    opt.eval()
+    model(x)
+    assert layer.a_sum is None, "captured outside training"
+    opt.train()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    opt.zero_grad()
+    a_after_first = layer.A.clone()
+    assert not opt.capturing  # step 1 is not a factor step with factor_interval=2
+    F.cross_entropy(model(x * 3), y).backward()
+    assert layer.a_sum is None
+    opt.step()
+    assert torch.equal(layer.A, a_after_first)
+    assert opt.capturing
+    assert opt.diagnostics()["factor_updates"] == 1.0
+
+
+def test_running_average_decay():
+    torch.manual_seed(9)
+    model = TwoLayer(nn.Linear(3, 2), 2)
+    opt = FOP(model, lr=0.0, factor_decay=0.25)
+    xs = [torch.randn(5, 3), torch.randn(5, 3)]
+    for x in xs:
+        F.cross_entropy(model(x), torch.zeros(5, dtype=torch.long)).backward()
+        opt.step()
+        opt.zero_grad()
+    a1, a2 = (_ones_col(x).T @ _ones_col(x) / 5 for x in xs)
+    assert torch.allclose(opt.layers[0].A, 0.25 * a1 + 0.75 * a2, atol=1e-6)
+
+
+def test_layer_discovery_types_exclusions_and_tied_weights():
+    cfg = GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=16)
+    model = GPT2LMHeadModel(cfg)
+    layers, skipped = find_layers(model, FOPConfig())
+    names = {layer.name for layer in layers}
+    assert {layer.kind for layer in layers} == {"conv1d"}
+    assert any(n.endswith("attn.c_attn") for n in names)
+    assert skipped["lm_head"].startswith("parameter shared")  # tied to the token embedding
+    layers2, skipped2 = find_layers(model, FOPConfig(exclude_modules=("*.mlp.*",), max_factor_dim=40))
+    assert all(".mlp." not in layer.name for layer in layers2)
+    assert any(v == "excluded by name" for v in skipped2.values())
+    assert any("max_factor_dim" in v for v in skipped2.values())  # c_attn has out_dim 48
+    layers3, skipped3 = find_layers(nn.Sequential(nn.Linear(2, 2), nn.Conv2d(1, 1, 1)), FOPConfig(exclude_types=(nn.Conv2d,)))
+    assert [layer.kind for layer in layers3] == ["linear"] and skipped3["1"] == "excluded by type"
+    grouped, why = find_layers(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), FOPConfig())
+    assert grouped == [] and "grouped" in why["0"]
