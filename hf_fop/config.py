@@ -41,9 +41,9 @@ class FOPConfig:
     ``M = A (x) S + lambda * I`` in the units of the per-example Fisher.
     """
 
-    lr: float = 0.05
+    lr: float = 0.03
     """eta0: learning rate of the K-FAC/FOP-managed layers."""
-    damping: float = 1e-3
+    damping: float = 1e-2
     """lambda added to the Kronecker Fisher of every managed layer."""
     mode: str = "fop"
     """``"fop"`` (Fisher-orthogonal projection) or ``"kfac"`` (plain K-FAC on the same engine)."""

@@ -1,0 +1,379 @@
+"""The FOP optimizer: steps against dense references, fallbacks, faults, checkpoints, real training."""
+
+import importlib.util
+import math
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import hf_fop.curvature as curvature
+from hf_fop import FOP
+from hf_fop.fop_math import fop_direction_dense, kron_fisher, unvec, vec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ones_col(x):
+    return torch.cat([x, torch.ones(x.shape[0], 1)], dim=1)
+
+
+def _lin_problem(seed=0, n=8):
+    torch.manual_seed(seed)
+    model = nn.Linear(4, 3)
+    x1, x2 = torch.randn(n, 4), torch.randn(n, 4) + 0.5
+    y1, y2 = torch.randn(n, 3), torch.randn(n, 3)
+    return model, (x1, y1), (x2, y2)
+
+
+def _mse(model, x, y):
+    return 0.5 * ((model(x) - y) ** 2).sum(1).mean()
+
+
+def _full_grad(model, x, y):
+    model.zero_grad()
+    _mse(model, x, y).backward()
+    g = torch.cat([model.weight.grad, model.bias.grad[:, None]], 1).clone()
+    model.zero_grad()
+    return g
+
+
+def _dense_reference_update(model, batches, damping, lr, grad_factor=1.0):
+    """Expected new [W | b] from hand-computed factors and the dense FOP reference."""
+    (x1, y1), (x2, y2) = batches
+    w0 = torch.cat([model.weight, model.bias[:, None]], 1).detach().clone()
+    g1, g2 = _full_grad(model, x1, y1), _full_grad(model, x2, y2)
+    # A over both sub-batches, S from per-example output gradients (MSE: r = out - y)
+    x = torch.cat([x1, x2])
+    r = torch.cat([model(x1) - y1, model(x2) - y2]).detach()
+    a_fac, s_fac = _ones_col(x).T @ _ones_col(x) / len(x), r.T @ r / len(x)
+    fisher = kron_fisher(a_fac, s_fac).double()
+    ref_dir, ref_stats = fop_direction_dense(
+        grad_factor * vec(g1).double(), grad_factor * vec(g2).double(), fisher, damping, 1e-12
+    )
+    return w0.double() - lr * unvec(ref_dir, (3, 5)), ref_stats, (g1 + g2) / 2
+
+
+def _run_fop_step(model, batches, damping, lr, grad_factor=1.0):
+    opt = FOP(model, lr=lr, damping=damping, factor_decay=0.0)
+    for k, (x_, y_) in enumerate(batches):
+        with opt.sub_batch(k):
+            _mse(model, x_, y_).backward()
+    avg = torch.cat([model.weight.grad, model.bias.grad[:, None]], 1).clone()
+    for p in model.parameters():
+        p.grad.mul_(grad_factor)  # what clip_grad_norm_ / fp16 unscaling do between backward and step
+    opt.step()
+    return opt, torch.cat([model.weight, model.bias[:, None]], 1).detach(), avg
+
+
+@pytest.mark.parametrize("damping", [1e-3, 0.1, 3.0])
+def test_fop_step_equals_dense_reference(damping):
+    model, b1, b2 = _lin_problem()
+    expected, ref_stats, g_avg = _dense_reference_update(model, (b1, b2), damping, lr=0.7)
+    opt, w1, seen_avg = _run_fop_step(model, (b1, b2), damping, lr=0.7)
+    assert torch.allclose(seen_avg, g_avg)  # p.grad holds g_avg after sub-batch 1
+    assert torch.allclose(w1.double(), expected, rtol=1e-4, atol=1e-5 * (1 + expected.abs().max()))
+    diag = opt.diagnostics()
+    assert math.isclose(diag["/beta"], float(ref_stats.beta), rel_tol=1e-3, abs_tol=1e-6)
+    assert math.isclose(diag["/eta"], float(ref_stats.eta), rel_tol=1e-4)
+    assert diag["fallback"] == 0.0 and diag["step"] == 1.0
+
+
+def test_gradient_scaling_after_backward_applies_to_both_sub_batch_gradients():
+    """Clipping p.grad (= g_avg) by c before step() makes FOP use c*g1 and c*g2; curvature is unaffected."""
+    model, b1, b2 = _lin_problem(3)
+    expected, _, _ = _dense_reference_update(model, (b1, b2), 0.1, lr=0.7, grad_factor=0.25)
+    _, w1, _ = _run_fop_step(model, (b1, b2), 0.1, lr=0.7, grad_factor=0.25)
+    assert torch.allclose(w1.double(), expected, rtol=1e-4, atol=1e-5 * (1 + expected.abs().max()))
+
+
+def test_equal_sub_batches_give_exactly_the_kfac_step():
+    model, (x1, y1), _ = _lin_problem(1)
+    twin = nn.Linear(4, 3)
+    twin.load_state_dict(model.state_dict())
+    fop = FOP(model, lr=0.5, momentum=0.9, weight_decay=0.01)
+    kfac = FOP(twin, lr=0.5, momentum=0.9, weight_decay=0.01, mode="kfac")
+    for _ in range(3):
+        for k in (0, 1):
+            with fop.sub_batch(k):
+                _mse(model, x1, y1).backward()
+        _mse(twin, x1, y1).backward()
+        fop.step(), kfac.step()
+        fop.zero_grad(), kfac.zero_grad()
+    assert torch.equal(model.weight, twin.weight) and torch.equal(model.bias, twin.bias)
+    assert fop.diagnostics()["beta_mean"] == 0.0 and fop.diagnostics()["eta_mean"] == 1.0
+    assert kfac.diagnostics()["fallback_steps"] == 0.0  # kfac mode never "falls back"
+
+
+def test_one_sub_batch_or_plain_backward_falls_back_to_kfac():
+    model, (x1, y1), _ = _lin_problem(2)
+    twin = nn.Linear(4, 3)
+    twin.load_state_dict(model.state_dict())
+    fop, kfac = FOP(model, lr=0.5), FOP(twin, lr=0.5, mode="kfac")
+    with fop.sub_batch(0):
+        _mse(model, x1, y1).backward()
+    _mse(twin, x1, y1).backward()
+    fop.step(), kfac.step()
+    assert torch.equal(model.weight, twin.weight)
+    assert fop.diagnostics()["fallback"] == 1.0
+    fop.zero_grad()
+    _mse(model, x1, y1).backward()  # plain backward, no sub_batch
+    fop.step()
+    d = fop.diagnostics()
+    assert d["fallback_steps"] == 2.0 and d["step"] == 2.0
+
+
+def test_non_finite_gradients_skip_the_step_without_touching_state():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 2))
+    opt = FOP(model, lr=0.1, momentum=0.9)
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    for k in (0, 1):
+        with opt.sub_batch(k):
+            F.mse_loss(model(x[4 * k : 4 * k + 4]), y[4 * k : 4 * k + 4]).backward()
+    opt.step(), opt.zero_grad()
+    before_params = [p.detach().clone() for p in model.parameters()]
+    before_state = opt.state_dict()
+    for bad in ("grad", "input"):
+        for k in (0, 1):
+            with opt.sub_batch(k):
+                xin = x[4 * k : 4 * k + 4].clone()
+                if bad == "input" and k == 1:
+                    xin[0, 0] = float("inf")
+                F.mse_loss(model(xin), y[4 * k : 4 * k + 4]).backward()
+                if bad == "grad" and k == 0:
+                    model[0].weight.grad[0, 0] = float("nan")
+        opt.step(), opt.zero_grad()
+    assert all(torch.equal(a, b) for a, b in zip(before_params, model.parameters()))
+    after_state = opt.state_dict()
+    for name, entry in before_state["fop"]["layers"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                assert torch.equal(value, after_state["fop"]["layers"][name][key]), (name, key)
+    d = opt.diagnostics()
+    assert d["skipped_steps"] == 2.0 and d["step"] == 1.0
+    for k in (0, 1):
+        with opt.sub_batch(k):
+            F.mse_loss(model(x[4 * k : 4 * k + 4]), y[4 * k : 4 * k + 4]).backward()
+    opt.step()
+    assert opt.diagnostics()["step"] == 2.0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_failed_eigendecomposition_retries_float64_then_keeps_last_basis(monkeypatch):
+    model, (x1, y1), _ = _lin_problem(5)
+    opt = FOP(model, lr=0.1, inverse_interval=1, max_eigh_failures=2)
+
+    def one_step():
+        _mse(model, x1, y1).backward()
+        opt.step()
+        opt.zero_grad()
+
+    one_step()
+    layer = opt.layers[0]
+
+    def broken(mat):
+        raise torch.linalg.LinAlgError("injected float32 failure")
+
+    calls = []
+    real64 = curvature.eigh_float64
+    monkeypatch.setattr(curvature, "eigh_float32", broken)
+    monkeypatch.setattr(curvature, "eigh_float64", lambda m: calls.append(1) or real64(m))
+    one_step()  # float64 path succeeds
+    assert len(calls) == 2 and layer.eigh_failures == {"A": 0, "S": 0}
+    q_before = layer.basis_a.q.clone()
+    monkeypatch.setattr(curvature, "eigh_float64", lambda m: (torch.full((m.shape[0],), float("nan")), m))
+    with pytest.warns(RuntimeWarning, match="keeping the last good basis"):
+        one_step()
+    assert torch.equal(layer.basis_a.q, q_before) and layer.eigh_failures["A"] == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    with pytest.raises(RuntimeError, match=r"layer '' failed 2 times"):
+        one_step()
+
+
+def test_checkpoint_resume_is_bitwise_in_a_fresh_process(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(
+        """
+        import sys, torch
+        import torch.nn.functional as F
+        from torch import nn
+        from hf_fop import FOP
+        mode, steps, ckpt = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3))
+        opt = FOP(model, lr=0.1, momentum=0.9, weight_decay=1e-2, factor_interval=2, inverse_interval=4,
+                  adamw_lr=1e-2, adamw_weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+        start = 0
+        if mode == "resume":
+            blob = torch.load(ckpt, weights_only=True)
+            model.load_state_dict(blob["model"]); opt.load_state_dict(blob["opt"]); sched.load_state_dict(blob["sched"])
+            start = blob["step"]
+        data = torch.Generator().manual_seed(1)
+        batches = [(torch.randn(16, 6, generator=data), torch.randint(0, 3, (16,), generator=data)) for _ in range(steps)]
+        for step in range(start, steps):
+            x, y = batches[step]
+            for k in (0, 1):
+                with opt.sub_batch(k):
+                    F.cross_entropy(model(x[8 * k: 8 * k + 8]), y[8 * k: 8 * k + 8]).backward()
+            opt.step(); sched.step(); opt.zero_grad()
+            if mode == "save" and step + 1 == 5:
+                torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": 5}, ckpt)
+        torch.save(model.state_dict(), ckpt + "." + mode + ".final")
+        """
+    ))
+    ckpt = str(tmp_path / "ckpt.pt")
+    for mode in ("save", "resume"):
+        subprocess.run([sys.executable, str(script), mode, "11", ckpt], check=True, cwd=ROOT)
+    full = torch.load(ckpt + ".save.final", weights_only=True)
+    resumed = torch.load(ckpt + ".resume.final", weights_only=True)
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key
+
+
+def _plain(value):
+    if torch.is_tensor(value) or value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, (str, int)) and _plain(v) for k, v in value.items())
+    return False
+
+
+def test_state_dict_holds_only_tensors_and_plain_values_and_no_gradient_buffers():
+    model, (x1, y1), (x2, y2) = _lin_problem(6)
+    opt = FOP(model, momentum=0.5)
+    for k, (x_, y_) in enumerate(((x1, y1), (x2, y2))):
+        with opt.sub_batch(k):
+            _mse(model, x_, y_).backward()
+    opt.step()
+    state = opt.state_dict()
+    assert _plain(state)
+    keys = set(state["fop"]["layers"][""])
+    assert keys == {"A", "S", "q_a", "eig_a", "q_s", "eig_s", "eigh_failures_A", "eigh_failures_S"}
+    assert set(state["state"][0]) == {"momentum_buffer"}
+    with pytest.raises(ValueError, match="not written by hf_fop.FOP"):
+        opt.load_state_dict(torch.optim.SGD(model.parameters(), lr=0.1).state_dict())
+
+
+def test_model_without_manageable_layers_warns_and_runs_adamw():
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.LayerNorm(4), nn.Embedding(5, 4))
+    ref = nn.Sequential(nn.LayerNorm(4), nn.Embedding(5, 4))
+    ref.load_state_dict(model.state_dict())
+    with pytest.warns(UserWarning, match="no Linear, Conv2d or Conv1D layer"):
+        opt = FOP(model, lr=1e-2, adamw_weight_decay=0.1)
+    torch_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+    idx = torch.tensor([0, 3, 4])
+    for _ in range(5):
+        for m, o in ((model, opt), (ref, torch_opt)):
+            (m[1](idx) * m[0](torch.ones(3, 4))).pow(2).sum().backward()
+            o.step()
+            o.zero_grad()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert [g["kind"] for g in opt.param_groups] == ["adamw"]
+
+
+def test_lr_scheduler_scales_both_groups():
+    model, (x1, y1), _ = _lin_problem(8)
+    net = nn.Sequential(model, nn.LayerNorm(3))
+    opt = FOP(net, lr=0.2, adamw_lr=1e-3)
+    assert [g["kind"] for g in opt.param_groups] == ["kfac", "adamw"]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()"
+        sched.step()
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 5e-4]
+
+
+def test_momentum_and_decoupled_weight_decay_follow_their_formulas():
+    model, (x1, y1), _ = _lin_problem(9)
+    twin = nn.Linear(4, 3)
+    lr, mu, wd = 0.3, 0.8, 0.05
+    opt = FOP(model, lr=lr, momentum=mu, weight_decay=wd, mode="kfac")
+    plain = FOP(twin, lr=lr, mode="kfac")  # gives the raw direction d_t = (p - p') / lr
+    buf = None
+    for step in range(3):
+        twin.load_state_dict(model.state_dict())
+        p0 = model.weight.detach().clone()
+        for m, o in ((model, opt), (twin, plain)):
+            _mse(m, x1 * (1 + step), y1).backward()
+            o.step()
+            o.zero_grad()
+        d = (p0 - twin.weight.detach()) / lr
+        buf = d if buf is None else mu * buf + d
+        assert torch.allclose(model.weight, p0 * (1 - lr * wd) - lr * buf, atol=1e-6)
+
+
+def test_invalid_sub_batch_usage_raises_clear_errors():
+    model, (x1, y1), _ = _lin_problem(10)
+    opt = FOP(model)
+    with pytest.raises(ValueError, match="must be 0 .* or 1"):
+        with opt.sub_batch(2):
+            pass
+    with pytest.raises(RuntimeError, match="run sub_batch\\(0\\) first"):
+        opt.begin_sub_batch(1)
+    with opt.sub_batch(0):
+        _mse(model, x1, y1).backward()
+    with pytest.raises(RuntimeError, match="differ in shape"):
+        opt.set_dual_gradients({model.weight: torch.zeros(2, 2)})
+    opt.zero_grad()
+    _mse(model, x1, y1).backward()
+    with pytest.raises(RuntimeError, match="call zero_grad\\(\\) first"):
+        opt.begin_sub_batch(0)
+    with pytest.raises(TypeError, match="expects the model"):
+        FOP(list(model.parameters()))
+    with pytest.raises(TypeError, match="no field"):
+        FOP(model, learning_rate=0.1)
+
+
+def _load_example(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("mode", ["fop", "kfac"])
+def test_digits_training_reaches_test_accuracy(mode):
+    """Real data (scikit-learn digits), batch 512 split into two sub-batches: >= 95% test accuracy."""
+    demo = _load_example("digits_demo")
+    torch.manual_seed(0)
+    result = demo.train(mode, epochs=12, batch_size=512, lr=0.03, damping=1e-2)
+    assert result["test_accuracy"] >= 0.95, result
+
+
+def test_gpt2_conv1d_layers_train_and_report_per_layer_diagnostics():
+    torch.manual_seed(11)
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=40, n_positions=16, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(cfg)
+    opt = FOP(model, lr=0.02, damping=1e-2, adamw_lr=3e-3)
+    ids = torch.randint(0, 40, (8, 12))
+    ids[:, 1::2] = (ids[:, ::2] + 1) % 40  # every second token is predictable
+
+    def full_loss():
+        with torch.no_grad():
+            return float(model(ids, labels=ids).loss)
+
+    before = full_loss()
+    for _ in range(12):
+        for k in (0, 1):
+            with opt.sub_batch(k):
+                model(ids[4 * k : 4 * k + 4], labels=ids[4 * k : 4 * k + 4]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert full_loss() < 0.9 * before
+    diag = opt.diagnostics()
+    assert "transformer.h.0.attn.c_attn/beta" in diag and "lm_head/beta" not in diag
+    assert diag["managed_layers"] == 8.0 and diag["fallback_steps"] == 0.0
+    assert all(math.isfinite(v) for v in diag.values())
