@@ -1,7 +1,20 @@
 """hf_fop: the FOP optimizer (Fisher-Orthogonal Projection, Lu & Armour, AAAI 2026) for HuggingFace."""
 
+from typing import Any
+
 from .config import FOPConfig
 from .optimizer import FOP
 
-__all__ = ["FOP", "FOPConfig"]
+__all__ = ["FOP", "FOPConfig", "FOPTrainer", "FOPTrainingArguments"]
 __version__ = "0.1.0"
+
+_LAZY = {"FOPTrainer": ".trainer", "FOPTrainingArguments": ".arguments"}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the transformers-based classes on first use (keeps ``import hf_fop`` light)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,120 @@
+"""``FOPTrainingArguments``: ``TrainingArguments`` plus typed ``fop_*`` fields.
+
+Every field carries help text, so ``HfArgumentParser`` exposes it as a CLI
+flag (``--fop_damping 1e-3``). Invalid values raise ``ValueError`` at
+construction, naming the field and its valid range. The FOP learning rate
+eta0 is the Trainer's ``learning_rate`` (scheduled as usual); ``weight_decay``,
+``adam_beta1/2`` and ``adam_epsilon`` configure FOP's AdamW-managed parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from transformers import TrainingArguments
+
+from .config import FOPConfig
+
+OPTIMIZER_CHOICES = ("fop", "kfac", "trainer")
+
+
+@dataclass
+class FOPTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` with the FOP optimizer's hyperparameters as ``fop_*`` fields."""
+
+    fop_optimizer: str = field(
+        default="fop",
+        metadata={
+            "help": "Optimizer: 'fop' (Fisher-orthogonal projection), 'kfac' (K-FAC on the same engine) or "
+            "'trainer' (the Trainer's own optimizer selected by --optim, e.g. AdamW), so one script runs every baseline.",
+            "choices": list(OPTIMIZER_CHOICES),
+        },
+    )
+    fop_damping: float = field(default=1e-3, metadata={"help": "Damping lambda added to each layer's Kronecker Fisher; > 0."})
+    fop_fisher_type: str = field(
+        default="empirical",
+        metadata={"help": "Fisher for the S factor: 'empirical' (training labels) or 'mc' (labels sampled from the model).", "choices": ["empirical", "mc"]},
+    )
+    fop_momentum: float = field(default=0.0, metadata={"help": "Heavy-ball momentum of the managed layers' direction, in [0, 1)."})
+    fop_factor_decay: float = field(default=0.95, metadata={"help": "Running-average decay of the A and S factors, in [0, 1)."})
+    fop_factor_interval: int = field(default=1, metadata={"help": "Optimizer steps between factor (A, S) updates, >= 1."})
+    fop_inverse_interval: int = field(
+        default=10, metadata={"help": "Optimizer steps between eigendecompositions, a positive multiple of fop_factor_interval."}
+    )
+    fop_eps: float = field(default=1e-12, metadata={"help": "Epsilon of the projection coefficient's denominator (eq. 4), >= 0."})
+    fop_use_eta: bool = field(default=True, metadata={"help": "Scale each layer's step by eta* (eq. 17)."})
+    fop_use_beta: bool = field(default=True, metadata={"help": "Add beta* g_perp to the mean gradient (eq. 6)."})
+    fop_adamw_lr: Optional[float] = field(
+        default=None,
+        metadata={"help": "Peak learning rate of the AdamW-managed parameters (norms, embeddings); default: learning_rate. >= 0."},
+    )
+    fop_max_factor_dim: int = field(
+        default=8192, metadata={"help": "Layers with a factor side larger than this go to AdamW, >= 1."}
+    )
+    fop_exclude_modules: List[str] = field(
+        default_factory=list,
+        metadata={"help": "fnmatch patterns of module names left to AdamW (e.g. 'classifier' 'lm_head')."},
+    )
+    fop_max_eigh_failures: int = field(
+        default=3, metadata={"help": "Consecutive failed eigendecompositions of one factor before raising, >= 1."}
+    )
+    fop_log_per_layer: bool = field(
+        default=False, metadata={"help": "Also log per-layer beta/eta/s_proj/KL terms under fop/<layer>/... ."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.fop_optimizer not in OPTIMIZER_CHOICES:
+            raise ValueError(
+                f"FOPTrainingArguments.fop_optimizer={self.fop_optimizer!r} is invalid: expected one of {OPTIMIZER_CHOICES}."
+            )
+        self.fop_exclude_modules = list(self.fop_exclude_modules or [])
+        self.fop_config()  # validates every fop_* field
+
+    def fop_config(self) -> FOPConfig:
+        """The validated :class:`FOPConfig` these arguments describe (eta0 = ``learning_rate``)."""
+        values = dict(
+            lr=self.learning_rate,
+            damping=self.fop_damping,
+            mode="kfac" if self.fop_optimizer == "kfac" else "fop",
+            fisher_type=self.fop_fisher_type,
+            momentum=self.fop_momentum,
+            weight_decay=self.weight_decay,
+            factor_decay=self.fop_factor_decay,
+            factor_interval=self.fop_factor_interval,
+            inverse_interval=self.fop_inverse_interval,
+            eps=self.fop_eps,
+            use_eta=self.fop_use_eta,
+            use_beta=self.fop_use_beta,
+            adamw_lr=self.fop_adamw_lr,
+            adamw_betas=(self.adam_beta1, self.adam_beta2),
+            adamw_eps=self.adam_epsilon,
+            adamw_weight_decay=self.weight_decay,
+            max_factor_dim=self.fop_max_factor_dim,
+            exclude_modules=tuple(self.fop_exclude_modules),
+            max_eigh_failures=self.fop_max_eigh_failures,
+        )
+        try:
+            return FOPConfig(**values)
+        except ValueError as err:
+            raise ValueError(_rename_config_error(str(err))) from None
+
+
+_TRAINER_NAMES = {
+    "lr": "learning_rate",
+    "weight_decay": "weight_decay",
+    "adamw_weight_decay": "weight_decay",
+    "adamw_betas": "adam_beta1/adam_beta2",
+    "adamw_eps": "adam_epsilon",
+    "mode": "fop_optimizer",
+}
+
+
+def _rename_config_error(message: str) -> str:
+    """``FOPConfig.damping=...`` -> ``FOPTrainingArguments.fop_damping=...`` (the name the user typed)."""
+    prefix = "FOPConfig."
+    if not message.startswith(prefix):
+        return message
+    name = message[len(prefix) :].split("=", 1)[0]
+    return f"FOPTrainingArguments.{_TRAINER_NAMES.get(name, 'fop_' + name)}" + message[len(prefix) + len(name) :]

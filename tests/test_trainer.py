@@ -1,0 +1,348 @@
+"""FOPTrainer on one process: training, routing into sub-batches, logging, resume, precision, errors."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from typing import Callable, Dict, List
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from hf_fop import FOP, FOPTrainer
+from trainer_helpers import cls_text_dataset, digits_dataset, lm_dataset, make_args, tiny_bert, tiny_gpt2, tiny_vit
+
+
+class MeanLossMLP(nn.Module):
+    """A plain module whose loss is a per-call mean (no ``num_items_in_batch``): the Trainer's other loss path."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc1 = nn.Linear(64, 16)
+        self.fc2 = nn.Linear(16, 10)
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
+        logits = self.fc2(torch.tanh(self.fc1(pixel_values.flatten(1))))
+        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+class NoLossModel(MeanLossMLP):
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:  # type: ignore[override]
+        return {"logits": self.fc2(torch.tanh(self.fc1(pixel_values.flatten(1))))}
+
+
+class GradCapture(TrainerCallback):
+    """Records ``p.grad`` as the optimizer is about to step (after the Trainer's clipping)."""
+
+    def __init__(self) -> None:
+        self.grads: List[Dict[str, torch.Tensor]] = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+        self.grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+
+
+def _losses(trainer: Trainer) -> List[float]:
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+# ------------------------------------------------------------------ training
+@pytest.mark.parametrize(
+    "model_fn,data_fn,batch",
+    [(tiny_vit, lambda: digits_dataset(512), 64), (tiny_gpt2, lambda: lm_dataset(256), 16)],
+    ids=["vit", "gpt2"],
+)
+def test_training_decreases_loss_and_logs_fop_keys(tmp_path, model_fn, data_fn, batch):
+    args = make_args(tmp_path, max_steps=12, per_device_train_batch_size=batch, learning_rate=0.2, fop_damping=3e-2)
+    trainer = FOPTrainer(model=model_fn(), args=args, train_dataset=data_fn())
+    trainer.train()
+    losses = _losses(trainer)
+    assert len(losses) == 12
+    assert np.mean(losses[-3:]) < losses[0] - 0.1
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    for key in ("fop/beta", "fop/eta", "fop/s_proj", "fop/kl_base", "fop/kl_cross", "fop/kl_orth",
+                "fop/curvature_seconds", "fop/skipped_steps", "fop/fallback_fraction"):
+        assert all(key in h for h in logged), key
+    assert logged[-1]["fop/fallback_fraction"] == 0.0
+    assert isinstance(trainer.optimizer.optimizer, FOP)
+
+
+def test_kfac_mode_uses_plain_backward(tmp_path):
+    args = make_args(tmp_path, fop_optimizer="kfac", max_steps=3)
+    trainer = FOPTrainer(model=tiny_vit(), args=args, train_dataset=digits_dataset(128))
+    trainer.train()
+    assert trainer.fop_optimizer.config.mode == "kfac"
+    assert trainer.fop_optimizer.global_step == 3
+    assert all(h["fop/fallback_fraction"] == 0.0 for h in trainer.state.log_history if "loss" in h)
+
+
+def test_per_layer_logging(tmp_path):
+    args = make_args(tmp_path, max_steps=1, fop_log_per_layer=True)
+    trainer = FOPTrainer(model=tiny_vit(), args=args, train_dataset=digits_dataset(64))
+    trainer.train()
+    first = trainer.state.log_history[0]
+    assert "fop/classifier/beta" in first and "fop/classifier/kl_orth" in first
+
+
+def test_tensorboard_receives_fop_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = make_args(tmp_path, max_steps=2, report_to=["tensorboard"])
+    FOPTrainer(model=tiny_vit(), args=args, train_dataset=digits_dataset(64)).train()
+    events = glob.glob(str(tmp_path / "**" / "events.out.tfevents.*"), recursive=True)
+    assert events
+    acc = EventAccumulator(os.path.dirname(events[0]))
+    acc.Reload()
+    assert "train/fop/beta" in acc.Tags()["scalars"]
+    assert len(acc.Scalars("train/fop/beta")) == 2
+
+
+# ------------------------------------------------------------------- routing
+ROUTING_CASES = [
+    ("vit-ga1-halves", tiny_vit, lambda n: digits_dataset(n), 16, 1),
+    ("vit-ga2-microbatches", tiny_vit, lambda n: digits_dataset(n), 8, 2),
+    ("vit-ga3-deferred-halves", tiny_vit, lambda n: digits_dataset(n), 6, 3),
+    ("mean-loss-ga1-odd-batch", MeanLossMLP, lambda n: digits_dataset(n), 7, 1),
+    ("mean-loss-ga3", MeanLossMLP, lambda n: digits_dataset(n), 5, 3),
+    ("gpt2-ga2-tokens", tiny_gpt2, lambda n: lm_dataset(n), 4, 2),
+    ("gpt2-ga1-odd-batch", tiny_gpt2, lambda n: lm_dataset(n), 5, 1),
+]
+
+
+def _full_batch_gradient(model: nn.Module, data: Dataset, trainer: Trainer) -> Dict[str, torch.Tensor]:
+    """Gradient of the Trainer's loss on the whole batch in one forward (its own ``num_items_in_batch`` count)."""
+    batch = data[:]
+    if trainer.model_accepts_loss_kwargs:
+        batch["num_items_in_batch"] = trainer._get_num_items_in_batch([data[:]], torch.device("cpu"))
+    model.train()
+    model(**batch)["loss"].backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name,model_fn,data_fn,batch,accum", ROUTING_CASES, ids=[c[0] for c in ROUTING_CASES])
+def test_gradient_seen_by_fop_is_full_batch_mean(tmp_path, name, model_fn, data_fn, batch, accum):
+    data = data_fn(batch * accum)
+    capture = GradCapture()
+    args = make_args(
+        tmp_path, max_steps=1, per_device_train_batch_size=batch, gradient_accumulation_steps=accum, max_grad_norm=0.0
+    )
+    trainer = FOPTrainer(model=model_fn(), args=args, train_dataset=data, callbacks=[capture])
+    trainer.train()
+    expected = _full_batch_gradient(model_fn(), data, trainer)
+    got = capture.grads[0]
+    assert set(got) == set(expected)
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-4, atol=1e-6, msg=n)
+    norm = torch.stack([g.norm() for g in expected.values()]).norm().item()
+    assert trainer.state.log_history[0]["grad_norm"] == pytest.approx(norm, rel=1e-4)
+    assert trainer.state.log_history[0]["fop/fallback_fraction"] == 0.0  # a real two-sub-batch step
+    if name == "mean-loss-ga1-odd-batch":
+        assert trainer.fop_optimizer.w1 == pytest.approx(3 / 7)  # halves of 3 and 4 examples
+
+
+def test_clipping_acts_on_g_avg(tmp_path):
+    capture = GradCapture()
+    args = make_args(tmp_path, max_steps=1, per_device_train_batch_size=16, max_grad_norm=0.01)
+    trainer = FOPTrainer(model=tiny_vit(), args=args, train_dataset=digits_dataset(16), callbacks=[capture])
+    trainer.train()
+    clipped = torch.stack([g.norm() for g in capture.grads[0].values()]).norm().item()
+    assert clipped == pytest.approx(0.01, rel=1e-3)
+    assert trainer.state.log_history[0]["grad_norm"] > 0.1  # logged: the norm of g_avg before clipping
+
+
+def test_unsplittable_last_batch_falls_back_to_kfac(tmp_path):
+    args = make_args(tmp_path, max_steps=2, per_device_train_batch_size=16)
+    trainer = FOPTrainer(model=tiny_vit(), args=args, train_dataset=digits_dataset(17))
+    trainer.train()
+    assert trainer.fop_optimizer.counters["fallback_steps"] == 1
+    assert trainer.state.log_history[1]["fop/fallback_fraction"] == 0.5
+
+
+# ---------------------------------------------------------------- evaluation
+def test_evaluation_and_prediction_leave_curvature_untouched(tmp_path):
+    args = make_args(tmp_path, max_steps=2, fop_inverse_interval=2)
+    trainer = FOPTrainer(model=tiny_vit(), args=args, train_dataset=digits_dataset(64), eval_dataset=digits_dataset(32, 64))
+    trainer.train()
+    opt = trainer.fop_optimizer
+    before = opt.state_dict()
+    trainer.evaluate()
+    trainer.predict(digits_dataset(16, 100))
+    after = opt.state_dict()
+    assert all(layer.a_sum is None and not layer.s_sums for layer in opt.layers)
+    for name, entry in before["fop"]["layers"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, after["fop"]["layers"][name][key])
+    assert after["fop"]["global_step"] == 2
+
+
+def test_eval_steps_during_training(tmp_path):
+    args = make_args(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2)
+    trainer = FOPTrainer(model=tiny_vit(), args=args, train_dataset=digits_dataset(128), eval_dataset=digits_dataset(32, 200))
+    trainer.train()
+    assert len([h for h in trainer.state.log_history if "eval_loss" in h]) == 2
+    assert trainer.fop_optimizer.global_step == 4
+
+
+# --------------------------------------------------------------- other optimizers
+def test_user_optimizer_makes_a_plain_trainer(tmp_path, caplog):
+    model = tiny_vit()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    with caplog.at_level(logging.WARNING):
+        trainer = FOPTrainer(model=model, args=make_args(tmp_path, max_steps=2), train_dataset=digits_dataset(64), optimizers=(sgd, None))
+    assert trainer.fop_mode is None
+    assert sum("FOP is not used" in r.getMessage() for r in caplog.records) == 1
+    trainer.train()
+    assert trainer.optimizer.optimizer is sgd
+    assert not any("fop/beta" in h for h in trainer.state.log_history)
+
+
+def test_optimizer_cls_and_kwargs_makes_a_plain_trainer(tmp_path):
+    trainer = FOPTrainer(
+        model=tiny_vit(), args=make_args(tmp_path, max_steps=1), train_dataset=digits_dataset(32),
+        optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.1}),
+    )
+    trainer.train()
+    assert isinstance(trainer.optimizer.optimizer, torch.optim.SGD)
+
+
+def test_fop_optimizer_trainer_runs_the_trainers_adamw(tmp_path):
+    args = make_args(tmp_path, max_steps=2, fop_optimizer="trainer", learning_rate=1e-3)
+    trainer = FOPTrainer(model=tiny_vit(), args=args, train_dataset=digits_dataset(64))
+    trainer.train()
+    assert isinstance(trainer.optimizer.optimizer, torch.optim.AdamW)
+    assert trainer.fop_optimizer is None
+
+
+def test_lr_schedule_and_warmup_reach_fop_groups(tmp_path):
+    args = make_args(tmp_path, max_steps=4, lr_scheduler_type="linear", warmup_steps=2, learning_rate=0.1)
+    trainer = FOPTrainer(model=tiny_vit(), args=args, train_dataset=digits_dataset(128))
+    trainer.train()
+    lrs = [h["learning_rate"] for h in trainer.state.log_history if "loss" in h]
+    assert lrs == pytest.approx([0.0, 0.05, 0.1, 0.05])  # logged before each step's scheduler update
+    assert {g["kind"] for g in trainer.fop_optimizer.param_groups} == {"kfac", "adamw"}
+
+
+# -------------------------------------------------------------------- resume
+RESUME_CASES = [
+    ("vit", tiny_vit, lambda: digits_dataset(96), {}),
+    ("bert", tiny_bert, lambda: cls_text_dataset(96), {}),
+    ("gpt2", tiny_gpt2, lambda: lm_dataset(96), {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 8}),
+]
+
+
+@pytest.mark.parametrize("name,model_fn,data_fn,extra", RESUME_CASES, ids=[c[0] for c in RESUME_CASES])
+def test_resume_is_bitwise_identical(tmp_path, name, model_fn, data_fn, extra):
+    def run(out: str, seed: int, resume: str = None) -> FOPTrainer:
+        args = make_args(out, max_steps=4, save_strategy="steps", save_steps=2, fop_inverse_interval=2, fop_momentum=0.5, **extra)
+        trainer = FOPTrainer(model=model_fn(seed), args=args, train_dataset=data_fn())
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    full = run(str(tmp_path / "full"), seed=0)
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert state["fop"]["global_step"] == 2
+    resumed = run(str(tmp_path / "resumed"), seed=1, resume=str(checkpoint))  # other init: weights must be loaded
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    sa, sb = full.fop_optimizer.state_dict(), resumed.fop_optimizer.state_dict()
+    for layer, entry in sa["fop"]["layers"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, sb["fop"]["layers"][layer][key]), (layer, key)
+    assert _losses(full) == _losses(resumed)  # the resumed history holds steps 1-2 from the checkpoint
+
+
+# ------------------------------------------------------------------ precision
+def test_bf16_trains_with_float32_factors(tmp_path):
+    args = make_args(tmp_path, max_steps=3, bf16=True)
+    trainer = FOPTrainer(model=tiny_vit(), args=args, train_dataset=digits_dataset(128))
+    trainer.train()
+    assert trainer.accelerator.mixed_precision == "bf16"
+    assert all(np.isfinite(_losses(trainer)))
+    assert all(layer.A.dtype == torch.float32 and torch.isfinite(layer.S).all() for layer in trainer.fop_optimizer.layers)
+
+
+class _ScaledFOPTrainer(FOPTrainer):
+    """fp16 loss scaling through accelerate's real GradScaler path (accelerate creates no scaler on CPU)."""
+
+    scale = 2.0**10
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        self.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=self.scale)
+        self.accelerator.native_amp = True
+
+
+def test_grad_scaler_unscales_gradients_and_curvature(tmp_path):
+    results = []
+    for cls in (FOPTrainer, _ScaledFOPTrainer):
+        args = make_args(str(tmp_path / cls.__name__), max_steps=3, max_grad_norm=1.0, fp16=cls is _ScaledFOPTrainer)
+        trainer = cls(model=tiny_vit(), args=args, train_dataset=digits_dataset(128))
+        trainer.train()
+        results.append(trainer)
+    plain, scaled = results
+    assert scaled.accelerator.scaler.get_scale() == _ScaledFOPTrainer.scale
+    for la, lb in zip(plain.fop_optimizer.layers, scaled.fop_optimizer.layers):
+        # fp16 autocast changes the numbers slightly; an S left scaled would be off by scale**2 = 1e6
+        torch.testing.assert_close(la.S, lb.S, rtol=0.05, atol=0.02 * la.S.abs().max().item())
+    for (n, p), q in zip(plain.model.named_parameters(), scaled.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0.02, atol=2e-3, msg=n)
+    assert [h["grad_norm"] for h in plain.state.log_history[:3]] == pytest.approx(
+        [h["grad_norm"] for h in scaled.state.log_history[:3]], rel=1e-2
+    )
+
+
+def test_overflow_skips_the_step_cleanly(tmp_path):
+    x = digits_dataset(48)[:]["pixel_values"].numpy()
+    x[5, 0, 0, 0] = np.inf  # one example overflows: its batch's step must be skipped
+    data = Dataset.from_dict({"pixel_values": x, "labels": digits_dataset(48)[:]["labels"].numpy()}).with_format("torch")
+    args = make_args(tmp_path, max_steps=3, fp16=True)
+    trainer = _ScaledFOPTrainer(model=tiny_vit(), args=args, train_dataset=data)
+    trainer.train()
+    opt = trainer.fop_optimizer
+    assert opt.global_step == 2
+    assert trainer.accelerator.scaler.get_scale() == _ScaledFOPTrainer.scale / 2
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert all(torch.isfinite(layer.A).all() and torch.isfinite(layer.S).all() for layer in opt.layers)
+    trainer.log({"loss": 0.0})
+    assert trainer.state.log_history[-1]["fop/skipped_steps"] == 1.0
+
+
+# --------------------------------------------------------------------- errors
+def test_batch_of_one_is_rejected_with_a_fix(tmp_path):
+    args = make_args(tmp_path, per_device_train_batch_size=1)
+    with pytest.raises(ValueError, match="per_device_train_batch_size >= 2, or an even gradient_accumulation_steps"):
+        FOPTrainer(model=tiny_vit(), args=args, train_dataset=digits_dataset(8))
+    ok = make_args(tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=2, max_steps=1)
+    trainer = FOPTrainer(model=tiny_vit(), args=ok, train_dataset=digits_dataset(8))
+    trainer.train()
+    assert trainer.fop_optimizer.counters["fallback_steps"] == 0
+
+
+def test_iterable_dataset_without_max_steps_gets_trainers_error(tmp_path):
+    stream = digits_dataset(32).to_iterable_dataset()
+    args = make_args(tmp_path, max_steps=-1)
+    with pytest.raises(ValueError, match="max_steps"):
+        FOPTrainer(model=tiny_vit(), args=args, train_dataset=stream).train()
+
+
+def test_model_without_loss_gets_trainers_error(tmp_path):
+    trainer = FOPTrainer(model=NoLossModel(), args=make_args(tmp_path, max_steps=1), train_dataset=digits_dataset(32))
+    with pytest.raises(ValueError, match="did not return a loss"):
+        trainer.train()
+
+
+def test_plain_training_arguments_are_rejected(tmp_path):
+    from transformers import TrainingArguments
+
+    with pytest.raises(TypeError, match="FOPTrainingArguments"):
+        FOPTrainer(model=tiny_vit(), args=TrainingArguments(str(tmp_path), use_cpu=True), train_dataset=digits_dataset(8))

@@ -1,0 +1,98 @@
+"""Tiny models, datasets and arguments shared by the FOPTrainer tests (real libraries, no mocks)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict
+
+import numpy as np
+import torch
+from datasets import Dataset
+from sklearn.datasets import load_digits
+from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, ViTConfig, ViTForImageClassification
+
+from hf_fop import FOPTrainingArguments
+
+
+def tiny_vit(seed: int = 0) -> ViTForImageClassification:
+    """ViT on 8x8 one-channel images, 2x2... patches of 4x4, 1 layer, hidden 16, 10 classes."""
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=32, num_labels=10,
+    )
+    return ViTForImageClassification(config)
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    """GPT-2 with Conv1D layers: vocab 32, 1 layer, width 16, context 16."""
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config)
+
+
+def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=16, num_labels=2,
+    )
+    return BertForSequenceClassification(config)
+
+
+def digits_dataset(n: int = 256, offset: int = 0) -> Dataset:
+    """Real scikit-learn digits as ``pixel_values (1, 8, 8)`` in [0, 1] and ``labels``."""
+    x, y = load_digits(return_X_y=True)
+    x = (x[offset : offset + n] / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    return Dataset.from_dict({"pixel_values": x, "labels": y[offset : offset + n].astype(np.int64)}).with_format("torch")
+
+
+def lm_dataset(n: int = 64, length: int = 12, seed: int = 0) -> Dataset:
+    """Token sequences with a learnable rule (next token = previous + 1 mod 32); labels = input_ids."""
+    g = np.random.default_rng(seed)
+    start = g.integers(0, 32, size=(n, 1))
+    ids = (start + np.arange(length)[None, :]) % 32
+    return Dataset.from_dict({"input_ids": ids, "labels": ids.copy()}).with_format("torch")
+
+
+def cls_text_dataset(n: int = 64, length: int = 8, seed: int = 0) -> Dataset:
+    """Padded token sequences for BERT classification: label = whether token 5 occurs."""
+    g = np.random.default_rng(seed)
+    ids = g.integers(6, 32, size=(n, length))
+    lengths = g.integers(3, length + 1, size=n)
+    labels = g.integers(0, 2, size=n)
+    mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int64)
+    ids[labels == 1, 1] = 5
+    ids = ids * mask
+    return Dataset.from_dict({"input_ids": ids, "attention_mask": mask, "labels": labels}).with_format("torch")
+
+
+def make_args(output_dir: Any, **overrides: Any) -> FOPTrainingArguments:
+    """Small, deterministic CPU arguments (no reporting, no checkpoints unless asked)."""
+    values: Dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        report_to=[],
+        per_device_train_batch_size=16,
+        max_steps=4,
+        learning_rate=0.05,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        fop_damping=1e-2,
+        fop_inverse_interval=1,
+    )
+    values.update(overrides)
+    return FOPTrainingArguments(**values)
+
+
+def single_thread_env() -> Dict[str, str]:
+    """Environment for child processes: one BLAS thread, repo root on the path."""
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return env
