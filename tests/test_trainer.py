@@ -54,12 +54,15 @@ def _losses(trainer: Trainer) -> List[float]:
 
 # ------------------------------------------------------------------ training
 @pytest.mark.parametrize(
-    "model_fn,data_fn,batch",
-    [(tiny_vit, lambda: digits_dataset(512), 64), (tiny_gpt2, lambda: lm_dataset(256), 16)],
+    "model_fn,data_fn,batch,hyper",
+    [
+        (tiny_vit, lambda: digits_dataset(768), 64, dict(learning_rate=0.05, fop_damping=3e-3, fop_adamw_lr=1e-2)),
+        (tiny_gpt2, lambda: lm_dataset(256), 16, dict(learning_rate=0.05, fop_damping=3e-2, fop_adamw_lr=1e-2)),
+    ],
     ids=["vit", "gpt2"],
 )
-def test_training_decreases_loss_and_logs_fop_keys(tmp_path, model_fn, data_fn, batch):
-    args = make_args(tmp_path, max_steps=12, per_device_train_batch_size=batch, learning_rate=0.2, fop_damping=3e-2)
+def test_training_decreases_loss_and_logs_fop_keys(tmp_path, model_fn, data_fn, batch, hyper):
+    args = make_args(tmp_path, max_steps=12, per_device_train_batch_size=batch, **hyper)
     trainer = FOPTrainer(model=model_fn(), args=args, train_dataset=data_fn())
     trainer.train()
     losses = _losses(trainer)

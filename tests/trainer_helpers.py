@@ -96,3 +96,55 @@ def single_thread_env() -> Dict[str, str]:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+def run_worker(argv: Any = None) -> None:
+    """Entry point of the multi-process tests (started by torchrun / accelerate launch).
+
+    Trains a tiny ViT with FOPTrainer on digits and writes, per rank,
+    ``rank{r}.pt``: parameters, curvature state, log history, optimizer step.
+    """
+    import argparse
+    import json
+
+    import torch.distributed as dist
+
+    from hf_fop import FOPTrainer
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--accum", type=int, default=1)
+    parser.add_argument("--save_steps", type=int, default=0)
+    parser.add_argument("--resume", default=None)
+    parser.add_argument("--optimizer", default="fop")
+    parser.add_argument("--examples", type=int, default=96)
+    opts = parser.parse_args(argv)
+    save = dict(save_strategy="steps", save_steps=opts.save_steps) if opts.save_steps else {}
+    args = make_args(
+        opts.out, max_steps=opts.steps, per_device_train_batch_size=opts.batch, gradient_accumulation_steps=opts.accum,
+        train_sampling_strategy="sequential", fop_optimizer=opts.optimizer, fop_inverse_interval=2, fop_momentum=0.5,
+        **save,
+    )
+    trainer = FOPTrainer(model=tiny_vit(), args=args, train_dataset=digits_dataset(opts.examples))
+    trainer.train(resume_from_checkpoint=opts.resume)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    opt = trainer.fop_optimizer
+    record = {
+        "world_size": world_size,
+        "params": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+        "layers": opt.state_dict()["fop"]["layers"] if opt is not None else {},
+        "log": json.dumps(trainer.state.log_history),
+        "w1": opt.w1 if opt is not None else None,
+        "bytes_reduced": trainer.fop_reducer.bytes_reduced if trainer.fop_reducer is not None else 0,
+    }
+    torch.save(record, os.path.join(opts.out, f"rank{rank}.pt"))
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    run_worker()
