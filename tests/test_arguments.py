@@ -1,0 +1,64 @@
+"""FOPTrainingArguments: CLI flags through HfArgumentParser, validation, the derived FOPConfig."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from transformers import HfArgumentParser, TrainingArguments
+
+from hf_fop import FOPTrainingArguments
+
+
+def test_is_training_arguments_with_documented_fop_fields():
+    assert issubclass(FOPTrainingArguments, TrainingArguments)
+    fop_fields = [f for f in dataclasses.fields(FOPTrainingArguments) if f.name.startswith("fop_")]
+    assert len(fop_fields) >= 12
+    assert all(f.metadata.get("help") for f in fop_fields)
+
+
+def test_cli_flags_parse(tmp_path):
+    parser = HfArgumentParser(FOPTrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses([
+        "--output_dir", str(tmp_path), "--fop_damping", "3e-2", "--fop_optimizer", "kfac", "--fop_use_beta", "false",
+        "--fop_factor_interval", "2", "--fop_inverse_interval", "4", "--fop_exclude_modules", "classifier", "lm_head",
+        "--learning_rate", "0.2", "--fop_adamw_lr", "1e-3", "--fop_fisher_type", "mc",
+    ])
+    config = args.fop_config()
+    assert (config.damping, config.mode, config.use_beta) == (3e-2, "kfac", False)
+    assert (config.factor_interval, config.inverse_interval, config.fisher_type) == (2, 4, "mc")
+    assert config.exclude_modules == ("classifier", "lm_head")
+    assert (config.lr, config.adamw_lr) == (0.2, 1e-3)
+
+
+def test_trainer_fields_reach_the_config(tmp_path):
+    args = FOPTrainingArguments(str(tmp_path), weight_decay=0.1, adam_beta1=0.8, adam_epsilon=1e-6)
+    config = args.fop_config()
+    assert config.weight_decay == config.adamw_weight_decay == 0.1
+    assert config.adamw_betas == (0.8, 0.999) and config.adamw_eps == 1e-6
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("fop_damping", 0.0, r"fop_damping=0.0 is invalid: expected a number in \(0.0, inf\)"),
+        ("fop_factor_decay", 1.0, r"fop_factor_decay=1.0 is invalid: expected a number in \[0.0, 1.0\)"),
+        ("fop_momentum", -0.1, r"fop_momentum=-0.1 is invalid"),
+        ("fop_factor_interval", 0, r"fop_factor_interval=0 is invalid: expected an integer >= 1"),
+        ("fop_inverse_interval", 3, r"fop_inverse_interval=3 is invalid: expected a positive multiple of factor_interval=2"),
+        ("fop_fisher_type", "exact", r"fop_fisher_type='exact' is invalid"),
+        ("fop_optimizer", "sgd", r"fop_optimizer='sgd' is invalid: expected one of \('fop', 'kfac', 'trainer'\)"),
+        ("fop_adamw_lr", -1.0, r"fop_adamw_lr=-1.0 is invalid"),
+        ("fop_max_factor_dim", 0, r"fop_max_factor_dim=0 is invalid"),
+    ],
+)
+def test_invalid_values_fail_at_construction(tmp_path, field, value, message):
+    extra = {"fop_factor_interval": 2} if field == "fop_inverse_interval" else {}
+    with pytest.raises(ValueError, match=message):
+        FOPTrainingArguments(str(tmp_path), **{field: value}, **extra)
+
+
+def test_cli_rejects_unknown_choice(tmp_path):
+    parser = HfArgumentParser(FOPTrainingArguments)
+    with pytest.raises(SystemExit):
+        parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--fop_optimizer", "adam"])
