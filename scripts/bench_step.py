@@ -1,0 +1,509 @@
+"""Step time and memory of AdamW, K-FAC and FOP on a ViT (issues "Speed" and "Cost").
+
+One *step* is a whole training iteration on a batch of ``B`` images: forward
+and backward of two half batches of ``B/2`` (FOP's sub-batches) and
+``optimizer.step()``. Every optimizer gets the same two half-batch backward
+passes, so the ratios isolate what the optimizer adds (capture hooks,
+eigendecompositions, rotations, FOP math):
+
+* ``adamw``:  ``torch.optim.AdamW(foreach=True)``, the two half losses (each
+  halved) accumulated by plain ``backward()``;
+* ``kfac``:   ``FOP(mode="kfac")``, the same plain accumulated backward passes;
+* ``fop``:    ``FOP(mode="fop")``, one backward inside ``sub_batch(0)`` and one
+  inside ``sub_batch(1)``;
+* ``adamw_full`` (headline only): AdamW with one backward of the full batch,
+  to show what splitting the batch costs by itself.
+
+Curvature interval ``k`` means ``factor_interval = inverse_interval = k``. The
+reported step time of an optimizer is the median over curvature cycles of the
+mean step time within the cycle (``k`` consecutive steps), so the curvature
+step's capture and eigendecomposition are amortised into it; the plain
+per-step median (which at ``k > 1`` only sees non-curvature steps) is kept as
+``median_step_s``. Optimizers run round-robin, one step each, after one
+warm-up cycle, to share the drift of a busy machine.
+
+Subnormal floats are flushed to zero (``torch.set_flush_denormal``): after a
+few K-FAC/FOP steps on random labels the attention softmax underflows into
+subnormals, which x86 CPUs process about 100x slower; unflushed, that adds
+up to 30% to the forward/backward time of whichever model got there first.
+
+Memory: each optimizer trains in a fresh subprocess; peak memory is the peak
+resident set size above the interpreter's size after imports (CPU), or
+``torch.cuda.max_memory_allocated`` (CUDA). Optimizer-state bytes are the
+tensor bytes of ``optimizer.state_dict()`` (FOP: its AdamW moments, factors A
+and S, eigenbases).
+
+Ends by printing one JSON line (``fop_over_adamw``, ``fop_over_kfac``,
+``kfac_over_adamw`` at interval 10, ...). Usage::
+
+    python scripts/bench_step.py --quick            # headline only, < 2 min on 2 cores
+    python scripts/bench_step.py --sweep --plot docs/step_time_growth.png
+    python scripts/bench_step.py --device cuda --sweep   # GPU-sized defaults
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hf_fop import FOP  # noqa: E402
+
+OPTIMIZERS = ("adamw", "kfac", "fop")
+GOALS = {"fop_over_adamw": 1.15, "fop_over_kfac": 1.05, "peak_fop_over_adamw": 1.3}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """ViT size and batch of one measurement point (images are ``image x image``, 3 channels)."""
+
+    hidden: int
+    layers: int
+    batch: int
+    image: int = 32
+    patch: int = 4
+
+    def label(self) -> str:
+        return f"hidden={self.hidden} layers={self.layers} batch={self.batch} image={self.image}/{self.patch}"
+
+
+# Sizes per device: (headline shape, batch sweep, width sweep, steps knobs).
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "cpu": {
+        "shape": Shape(hidden=128, layers=4, batch=64),
+        "batches": (16, 32, 64, 128, 256),
+        "widths": (64, 96, 128, 192, 256),
+        "cycles": 8,
+        "sweep_cycles": 3,
+    },
+    "cuda": {
+        "shape": Shape(hidden=384, layers=6, batch=512),
+        "batches": (128, 256, 512, 1024, 2048),
+        "widths": (192, 384, 576, 768, 1024),
+        "cycles": 20,
+        "sweep_cycles": 6,
+    },
+}
+QUICK = {"cycles": 3}
+SMOKE = {"shape": Shape(hidden=32, layers=1, batch=8, image=16, patch=8), "cycles": 2, "interval": 2}
+
+
+def build_model(shape: Shape, device: torch.device, seed: int = 0) -> nn.Module:
+    """A randomly initialised ``ViTForImageClassification`` (10 classes), in train mode."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        image_size=shape.image,
+        patch_size=shape.patch,
+        num_channels=3,
+        hidden_size=shape.hidden,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=max(1, shape.hidden // 32),
+        intermediate_size=4 * shape.hidden,
+        num_labels=10,
+    )
+    return ViTForImageClassification(config).to(device).train()
+
+
+def make_batch(shape: Shape, device: torch.device, seed: int = 1) -> Tuple[Tensor, Tensor]:
+    """Synthetic images ``(B, 3, image, image)`` and labels ``(B,)`` (timing does not depend on content)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape.batch, 3, shape.image, shape.image, generator=gen)
+    y = torch.randint(0, 10, (shape.batch,), generator=gen)
+    return x.to(device), y.to(device)
+
+
+def make_optimizer(kind: str, model: nn.Module, interval: int) -> torch.optim.Optimizer:
+    """``adamw``/``adamw_full``: torch AdamW (foreach); ``kfac``/``fop``: :class:`FOP` at curvature interval."""
+    if kind in ("adamw", "adamw_full"):
+        return torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+    return FOP(
+        model, lr=1e-2, damping=1e-2, mode=kind, factor_interval=interval, inverse_interval=interval, adamw_lr=1e-3
+    )
+
+
+def _loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(model(pixel_values=x).logits, y)
+
+
+def make_step(kind: str, model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor) -> Callable[[], None]:
+    """The forward/backward passes of one step (the optimizer step is timed separately)."""
+    half = x.shape[0] // 2
+    halves = ((x[:half], y[:half]), (x[half:], y[half:]))
+    if kind == "adamw_full":
+        return lambda: _loss(model, x, y).backward()
+    if kind == "fop":
+        assert isinstance(opt, FOP)
+
+        def fop_passes() -> None:
+            for i, (xh, yh) in enumerate(halves):
+                with opt.sub_batch(i):
+                    _loss(model, xh, yh).backward()
+
+        return fop_passes
+
+    def accumulated_passes() -> None:
+        for xh, yh in halves:
+            (_loss(model, xh, yh) / 2).backward()
+
+    return accumulated_passes
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in ``opt.state_dict()`` (nested dicts and lists included)."""
+
+    def walk(obj: Any) -> int:
+        if isinstance(obj, Tensor):
+            return obj.numel() * obj.element_size()
+        if isinstance(obj, dict):
+            return sum(walk(v) for v in obj.values())
+        if isinstance(obj, (list, tuple)):
+            return sum(walk(v) for v in obj)
+        return 0
+
+    return walk(opt.state_dict())
+
+
+@dataclass
+class Runner:
+    """One optimizer on its own copy of the model, with its per-step timings."""
+
+    kind: str
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    passes: Callable[[], None]
+    passes_s: List[float] = field(default_factory=list)
+    step_s: List[float] = field(default_factory=list)
+    eigh_s: List[float] = field(default_factory=list)
+
+    def run_step(self, sync: Callable[[], None], record: bool) -> None:
+        sync()
+        t0 = time.perf_counter()
+        self.passes()
+        sync()
+        t1 = time.perf_counter()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        sync()
+        t2 = time.perf_counter()
+        if record:
+            self.passes_s.append(t1 - t0)
+            self.step_s.append(t2 - t1)
+
+
+def _timed_eigenbases(runner: Runner) -> None:
+    """Record the seconds of each eigendecomposition pass of a FOP runner (timing wrapper only)."""
+    engine = runner.opt.engine  # type: ignore[attr-defined]
+    original = engine.update_eigenbases
+
+    def timed(*args: Any, **kwargs: Any) -> None:
+        t0 = time.perf_counter()
+        original(*args, **kwargs)
+        runner.eigh_s.append(time.perf_counter() - t0)
+
+    engine.update_eigenbases = timed
+
+
+def _sync_fn(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def _cycle_means(values: Sequence[float], interval: int) -> List[float]:
+    return [sum(values[i : i + interval]) / interval for i in range(0, len(values) - interval + 1, interval)]
+
+
+def measure(
+    shape: Shape, kinds: Sequence[str], interval: int, cycles: int, device: torch.device
+) -> Dict[str, Dict[str, float]]:
+    """Round-robin timing of ``kinds`` on ``shape``: one warm-up cycle, then ``cycles`` cycles of ``interval`` steps."""
+    x, y = make_batch(shape, device)
+    runners = []
+    for kind in kinds:
+        model = build_model(shape, device)
+        opt = make_optimizer(kind, model, interval)
+        runner = Runner(kind, model, opt, make_step(kind, model, opt, x, y))
+        if isinstance(opt, FOP):
+            _timed_eigenbases(runner)
+        runners.append(runner)
+    sync = _sync_fn(device)
+    for step in range(interval * (cycles + 1)):
+        for runner in runners:
+            runner.run_step(sync, record=step >= interval)
+    out: Dict[str, Dict[str, float]] = {}
+    for r in runners:
+        totals = [a + b for a, b in zip(r.passes_s, r.step_s)]
+        res = {
+            "step_s": statistics.median(_cycle_means(totals, interval)),
+            "median_step_s": statistics.median(totals),
+            "passes_s": statistics.median(_cycle_means(r.passes_s, interval)),
+            "opt_step_s": statistics.median(_cycle_means(r.step_s, interval)),
+            "state_bytes": float(state_bytes(r.opt)),
+        }
+        if isinstance(r.opt, FOP):
+            # step k*interval captures factors; the others do not.
+            cap = [i for i in range(len(totals)) if i % interval == 0]
+            plain = [i for i in range(len(totals)) if i % interval != 0] or cap
+            res["passes_capture_s"] = statistics.median(r.passes_s[i] for i in cap)
+            res["passes_plain_s"] = statistics.median(r.passes_s[i] for i in plain)
+            res["opt_step_curvature_s"] = statistics.median(r.step_s[i] for i in cap)
+            res["opt_step_plain_s"] = statistics.median(r.step_s[i] for i in plain)
+            res["eigh_s"] = statistics.median(r.eigh_s[1:] or r.eigh_s)
+            diag = r.opt.diagnostics()
+            res["skipped_steps"] = diag["skipped_steps"]
+            res["inverse_updates"] = diag["inverse_updates"]
+        else:
+            res["passes_plain_s"] = statistics.median(r.passes_s)
+            res["opt_step_plain_s"] = statistics.median(r.step_s)
+        out[r.kind] = res
+    return out
+
+
+def ratios(point: Dict[str, Dict[str, float]]) -> Dict[str, float]:
+    t = {k: v["step_s"] for k, v in point.items()}
+    out = {
+        "fop_over_adamw": t["fop"] / t["adamw"],
+        "fop_over_kfac": t["fop"] / t["kfac"],
+        "kfac_over_adamw": t["kfac"] / t["adamw"],
+    }
+    if "adamw_full" in t:
+        out["fop_over_adamw_full"] = t["fop"] / t["adamw_full"]
+        out["adamw_halves_over_full"] = t["adamw"] / t["adamw_full"]
+    return out
+
+
+# ------------------------------------------------------------------ memory
+def _proc_status_bytes(field_name: str) -> int:
+    """``VmRSS`` / ``VmHWM`` of this process in bytes (per address space, unlike ``ru_maxrss``,
+    which Linux carries over from the parent across fork and exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field_name} not found in /proc/self/status")
+
+
+def memory_child(kind: str, shape: Shape, interval: int, device: torch.device) -> Dict[str, float]:
+    """Train ``kind`` for one curvature cycle plus two steps in this process; peak bytes and state bytes."""
+    base = _proc_status_bytes("VmRSS") if device.type == "cpu" else 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    x, y = make_batch(shape, device)
+    model = build_model(shape, device)
+    opt = make_optimizer(kind, model, interval)
+    passes = make_step(kind, model, opt, x, y)
+    for _ in range(interval + 2):
+        passes()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = _proc_status_bytes("VmHWM") - base
+    return {"peak_bytes": float(peak), "state_bytes": float(state_bytes(opt))}
+
+
+def measure_memory(shape: Shape, interval: int, device: torch.device, threads: int) -> Dict[str, Dict[str, float]]:
+    """Run :func:`memory_child` for each optimizer in a fresh interpreter."""
+    out = {}
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    for kind in OPTIMIZERS:
+        cmd = [
+            sys.executable, __file__, "--memory-child", kind, "--device", device.type, "--threads", str(threads),
+            "--hidden", str(shape.hidden), "--layers", str(shape.layers), "--batch", str(shape.batch),
+            "--image", str(shape.image), "--patch", str(shape.patch), "--interval", str(interval),
+        ]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"memory run of {kind} failed:\n{done.stderr[-2000:]}")
+        out[kind] = json.loads(done.stdout.strip().splitlines()[-1])
+    return out
+
+
+# -------------------------------------------------------------------- plot
+def plot_sweep(sweep: Dict[str, List[Dict[str, Any]]], intervals: Sequence[int], path: Path, title: str) -> None:
+    """Step time (ms) vs batch size and vs width, one panel per curvature interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    axes_of = {"batch": "batch size (images per step)", "hidden": "ViT hidden width"}
+    fig, axes = plt.subplots(2, len(intervals), figsize=(4.2 * len(intervals), 7), squeeze=False)
+    for row, (key, xlabel) in enumerate(axes_of.items()):
+        for col, k in enumerate(intervals):
+            ax = axes[row][col]
+            rows = [p for p in sweep[key] if p["interval"] == k]
+            xs = [p[key] for p in rows]
+            for kind, style in zip(OPTIMIZERS, ("o-", "s--", "^-")):
+                ax.plot(xs, [1e3 * p["times"][kind]["step_s"] for p in rows], style, label=kind)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xticks(xs, [str(v) for v in xs])
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("ms per step")
+            ax.set_title(f"curvature interval {k}")
+            ax.grid(True, which="both", alpha=0.3)
+            if row == 0 and col == 0:
+                ax.legend()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -------------------------------------------------------------------- main
+def _positive(name: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"--{name} must be an integer >= 1, got {text}")
+        return value
+
+    return parse
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--quick", action="store_true", help="headline point only, few cycles (< 2 min on 2 cores)")
+    p.add_argument("--smoke", action="store_true", help="tiny model, seconds; for tests")
+    p.add_argument("--sweep", action="store_true", help="also the growth curves over batch size and width")
+    p.add_argument("--intervals", type=_positive("intervals"), nargs="+", default=[1, 5, 10])
+    p.add_argument("--interval", type=_positive("interval"), default=10, help="curvature interval of the headline")
+    p.add_argument("--hidden", type=_positive("hidden"))
+    p.add_argument("--layers", type=_positive("layers"))
+    p.add_argument("--batch", type=_positive("batch"))
+    p.add_argument("--image", type=_positive("image"))
+    p.add_argument("--patch", type=_positive("patch"))
+    p.add_argument("--cycles", type=_positive("cycles"), help="timed curvature cycles per point")
+    p.add_argument("--threads", type=_positive("threads"), default=1, help="torch.set_num_threads")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--plot", type=Path, help="PNG of the sweep (needs --sweep)")
+    p.add_argument("--json-out", type=Path, help="also write the full results here")
+    p.add_argument("--memory-child", choices=OPTIMIZERS, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch.cuda.is_available() is False on this machine")
+    if args.batch is not None and args.batch % 2:
+        p.error(f"--batch must be even (two sub-batches), got {args.batch}")
+    if args.plot and not args.sweep:
+        p.error("--plot needs --sweep")
+    return args
+
+
+def resolve(args: argparse.Namespace) -> Tuple[Shape, int, int, int]:
+    """Headline shape, headline interval, cycles and sweep cycles after presets, --quick/--smoke and overrides."""
+    preset = dict(PRESETS[args.device])
+    interval = args.interval
+    if args.quick:
+        preset.update(QUICK)
+    if args.smoke:
+        preset.update(SMOKE)
+        interval = SMOKE["interval"]
+        preset["sweep_cycles"] = SMOKE["cycles"]
+    base: Shape = preset["shape"]
+    shape = Shape(
+        hidden=args.hidden or base.hidden,
+        layers=args.layers or base.layers,
+        batch=args.batch or base.batch,
+        image=args.image or base.image,
+        patch=args.patch or base.patch,
+    )
+    if shape.image % shape.patch:
+        raise SystemExit(f"--image ({shape.image}) must be a multiple of --patch ({shape.patch})")
+    return shape, interval, args.cycles or preset["cycles"], preset["sweep_cycles"]
+
+
+def _sweep_cycles(minimum: int, interval: int, smoke: bool) -> int:
+    """Cycles per sweep point: at least ``minimum`` and at least 20 timed steps (smoke: ``minimum``)."""
+    return minimum if smoke else max(minimum, -(-20 // interval))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    # Trained attention sharpens and its softmax underflows into subnormal floats, which
+    # x86 CPUs process ~100x slower; that would time the trajectory, not the optimizer.
+    torch.set_flush_denormal(True)
+    device = torch.device(args.device)
+    shape, interval, cycles, sweep_cycles = resolve(args)
+    if args.memory_child:
+        print(json.dumps(memory_child(args.memory_child, shape, interval, device)))
+        return {}
+    t_start = time.perf_counter()
+    machine = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads"
+    )
+    print(f"# {machine}; torch {torch.__version__}; {shape.label()}; interval {interval}", file=sys.stderr)
+    head = measure(shape, ("adamw", "adamw_full", "kfac", "fop"), interval, cycles, device)
+    result: Dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine,
+        "device": device.type,
+        "threads": args.threads,
+        "load_avg_1m": os.getloadavg()[0],
+        "torch": torch.__version__,
+        "shape": shape.__dict__,
+        "params": sum(p.numel() for p in build_model(shape, torch.device("cpu")).parameters()),
+        "interval": interval,
+        "cycles": cycles,
+        "times": head,
+    }
+    result.update(ratios(head))
+    for kind, res in head.items():
+        print(f"# {kind:10s} {1e3 * res['step_s']:8.1f} ms/step (passes {1e3 * res['passes_s']:.1f}, "
+              f"opt.step {1e3 * res['opt_step_s']:.1f})", file=sys.stderr)  # fmt: skip
+    if not args.no_memory:
+        mem = measure_memory(shape, interval, device, args.threads)
+        result["memory"] = mem
+        result["peak_fop_over_adamw"] = mem["fop"]["peak_bytes"] / mem["adamw"]["peak_bytes"]
+        result["peak_kfac_over_adamw"] = mem["kfac"]["peak_bytes"] / mem["adamw"]["peak_bytes"]
+        result["state_fop_over_adamw"] = mem["fop"]["state_bytes"] / mem["adamw"]["state_bytes"]
+    if args.sweep:
+        preset = PRESETS[args.device] if not args.smoke else {"batches": (4, 8), "widths": (16, 32)}
+        sweep: Dict[str, List[Dict[str, Any]]] = {"batch": [], "hidden": []}
+        for key, values in (("batch", preset["batches"]), ("hidden", preset["widths"])):
+            for value in values:
+                point_shape = Shape(**{**shape.__dict__, key: value})
+                for k in args.intervals:
+                    times = measure(point_shape, OPTIMIZERS, k, _sweep_cycles(sweep_cycles, k, args.smoke), device)
+                    sweep[key].append({key: value, "interval": k, "times": times, **ratios(times)})
+                    r = sweep[key][-1]
+                    print(f"# {key}={value} k={k}: fop/adamw {r['fop_over_adamw']:.3f} fop/kfac "
+                          f"{r['fop_over_kfac']:.3f} kfac/adamw {r['kfac_over_adamw']:.3f}", file=sys.stderr)  # fmt: skip
+        result["sweep"] = sweep
+        if args.plot:
+            plot_sweep(sweep, args.intervals, args.plot, f"{machine}; ViT {shape.layers} layers, {shape.image}px")
+    result["goals"] = {k: {"goal": v, "value": result[k], "met": result[k] <= v} for k, v in GOALS.items() if k in result}
+    result["seconds"] = time.perf_counter() - t_start
+    if args.json_out:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

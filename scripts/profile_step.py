@@ -1,0 +1,181 @@
+"""Where a K-FAC/FOP step's time goes: torch.profiler over one curvature cycle, split by phase.
+
+Phases (``record_function`` scopes put around the optimizer's own methods and
+hooks; nothing is replaced):
+
+* ``passes``: forward and backward of the two half batches, hooks excluded;
+* ``capture_forward`` / ``capture_backward``: the curvature hooks (``a a^T`` and ``s s^T`` sums);
+* ``sub_batch_bookkeeping``: ``end_sub_batch`` (g1, g1 - g2, g_avg, norms);
+* ``finalize_factors``: ``finalize_capture`` + ``update_factors`` (running averages);
+* ``eigendecomposition``: ``update_eigenbases``;
+* ``precondition``: the per-layer rotations and FOP/K-FAC math (``_kfac_group_step``);
+* ``adamw_part``: the AdamW update of the non-managed parameters;
+* ``checks``: ``_scaled_diffs`` + ``_all_finite``.
+
+Within each phase, self CPU (or CUDA) time is further split by operator class
+(``mm`` = matrix products: rotations and factor sums; ``eigh``; ``elementwise``;
+``other``). Prints a table and one JSON line; milliseconds are per step,
+averaged over one cycle of ``--interval`` steps after a warm-up cycle.
+
+    python scripts/profile_step.py --mode fop --interval 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_step import PRESETS, Shape, build_model, make_batch, make_optimizer, make_step  # noqa: E402
+
+from hf_fop import FOP  # noqa: E402
+
+PHASES = (
+    "capture_forward",
+    "capture_backward",
+    "sub_batch_bookkeeping",
+    "finalize_factors",
+    "eigendecomposition",
+    "precondition",
+    "adamw_part",
+    "checks",
+    "passes",
+)
+MM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::baddbmm"}
+EIGH_OPS = {"aten::linalg_eigh", "aten::_linalg_eigh"}
+ELEMENTWISE_OPS = {
+    "aten::mul", "aten::mul_", "aten::add", "aten::add_", "aten::sub", "aten::div", "aten::div_", "aten::sum",
+    "aten::outer", "aten::where", "aten::lerp_", "aten::addcmul_", "aten::addcdiv_", "aten::sqrt_", "aten::norm",
+    "aten::linalg_vector_norm", "aten::copy_", "aten::cat", "aten::clone", "aten::zeros_like", "aten::fill_",
+    "aten::_foreach_mul_", "aten::_foreach_add_", "aten::_foreach_lerp_", "aten::_foreach_addcmul_",
+    "aten::_foreach_addcdiv_", "aten::_foreach_sqrt", "aten::_foreach_div_", "aten::_foreach_add",
+    "aten::isfinite", "aten::stack", "aten::clamp_min", "aten::mm_backward",
+}  # fmt: skip
+
+
+def _scoped(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with record_function(name):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def label_phases(opt: FOP) -> None:
+    """Put ``record_function`` scopes around the optimizer's phases (behaviour unchanged)."""
+    engine = opt.engine
+    for obj, attr, name in (
+        (opt, "end_sub_batch", "sub_batch_bookkeeping"),
+        (engine, "finalize_capture", "finalize_factors"),
+        (engine, "update_factors", "finalize_factors"),
+        (engine, "update_eigenbases", "eigendecomposition"),
+        (engine, "_add_output_grad", "capture_backward"),
+        (opt, "_kfac_group_step", "precondition"),
+        (opt, "_adamw_group_step", "adamw_part"),
+        (opt, "_scaled_diffs", "checks"),
+        (opt, "_all_finite", "checks"),
+    ):
+        setattr(obj, attr, _scoped(name, getattr(obj, attr)))
+    engine.remove_hooks()  # re-register the engine's own forward hooks inside a scope
+    engine._handles = [
+        layer.module.register_forward_hook(_scoped("capture_forward", engine._make_forward_hook(layer)))
+        for layer in engine.layers
+    ]
+
+
+def _op_class(name: str) -> str:
+    if name in MM_OPS:
+        return "mm"
+    if name in EIGH_OPS:
+        return "eigh"
+    if name in ELEMENTWISE_OPS or name.startswith("aten::_foreach"):
+        return "elementwise"
+    return "other"
+
+
+def split_by_phase(prof: Any, steps: int, use_cuda: bool) -> Dict[str, Dict[str, float]]:
+    """``{phase: {op class: ms per step}}`` from the profiler's event tree (self times)."""
+    out: Dict[str, Dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for ev in prof.events():
+        if ev.name in PHASES or ev.name.startswith("ProfilerStep") or ev.name == "[memory]":
+            continue
+        phase, parent = "passes", ev.cpu_parent
+        while parent is not None:
+            if parent.name in PHASES:
+                phase = parent.name
+                break
+            parent = parent.cpu_parent
+        self_us = ev.self_device_time_total if use_cuda else ev.self_cpu_time_total
+        out[phase][_op_class(ev.name)] += self_us / 1e3 / steps
+    return {p: dict(v) for p, v in out.items()}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--mode", choices=("fop", "kfac"), default="fop")
+    p.add_argument("--interval", type=int, default=10, help="curvature interval (steps per profiled cycle)")
+    p.add_argument("--hidden", type=int)
+    p.add_argument("--layers", type=int)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    if args.interval < 1:
+        p.error(f"--interval must be >= 1, got {args.interval}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch.cuda.is_available() is False on this machine")
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    device = torch.device(args.device)
+    base: Shape = PRESETS[args.device]["shape"]
+    shape = Shape(hidden=args.hidden or base.hidden, layers=args.layers or base.layers, batch=args.batch or base.batch)
+    x, y = make_batch(shape, device)
+    model = build_model(shape, device)
+    opt = make_optimizer(args.mode, model, args.interval)
+    assert isinstance(opt, FOP)
+    label_phases(opt)
+    # K-FAC: plain accumulated backward passes, as in bench_step.py.
+    passes = make_step("fop" if args.mode == "fop" else "kfac", model, opt, x, y)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def step() -> None:
+        passes()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(args.interval):
+        step()
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.interval):
+            step()
+        sync()
+    table = split_by_phase(prof, args.interval, device.type == "cuda")
+    total = sum(sum(v.values()) for v in table.values())
+    classes = ("mm", "eigh", "elementwise", "other")
+    print(f"# {args.mode} on {shape.label()}, interval {args.interval}, {args.threads} thread(s); ms per step", file=sys.stderr)
+    print(f"# {'phase':24s}" + "".join(f"{c:>12s}" for c in classes) + f"{'total':>10s}{'share':>8s}", file=sys.stderr)
+    for phase in PHASES:
+        row = table.get(phase, {})
+        t = sum(row.values())
+        print(f"# {phase:24s}" + "".join(f"{row.get(c, 0.0):12.2f}" for c in classes)
+              + f"{t:10.2f}{100 * t / total:7.1f}%", file=sys.stderr)  # fmt: skip
+    result = {"mode": args.mode, "shape": shape.__dict__, "interval": args.interval, "ms_per_step": table,
+              "total_ms_per_step": total}  # fmt: skip
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
