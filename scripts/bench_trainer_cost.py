@@ -1,0 +1,209 @@
+"""Cost of FOPTrainer: communication per optimizer step (2 processes) and Trainer overhead (1 process).
+
+1. Bytes communicated per optimizer step with 2 CPU processes (gloo,
+   torchrun), same model and batch: FOP (dual-gradient all_gather + factor
+   averaging on factor-update steps) against the Trainer's AdamW (DDP gradient
+   buckets, counted with a DDP comm hook). "Sent" is the bytes each rank sends
+   under the ring model (all_reduce: 2(W-1)/W x payload, all_gather: (W-1) x
+   payload); "payload" is what is handed to the collectives. Goal: FOP <= 2x.
+2. Wall time per optimizer step of FOPTrainer against a plain PyTorch loop
+   that drives the same FOP optimizer directly on the same batches (1 process).
+   Goal: <= 1.05x.
+
+Usage (prints a Markdown table; the numbers in docs/trainer.md come from it):
+
+    OMP_NUM_THREADS=1 python scripts/bench_trainer_cost.py [--steps 30] [--factor_intervals 1 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List
+
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback, ViTConfig, ViTForImageClassification
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from hf_fop import FOP, FOPTrainer, FOPTrainingArguments  # noqa: E402
+
+
+def make_model(hidden: int) -> ViTForImageClassification:
+    """The example's ViT: 8x8 RGB digits, patches 2x2, 2 layers."""
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=8, patch_size=2, num_channels=3, hidden_size=hidden, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=2 * hidden, num_labels=10)
+    return ViTForImageClassification(config)
+
+
+def make_data(n: int) -> Dataset:
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = np.repeat((x[:n] / 8.0 - 1.0).astype(np.float32).reshape(-1, 1, 8, 8), 3, axis=1)
+    return Dataset.from_dict({"pixel_values": x, "labels": y[:n].astype(np.int64)}).with_format("torch")
+
+
+def make_args(out: str, optimizer: str, steps: int, batch: int, factor_interval: int, **extra: Any) -> FOPTrainingArguments:
+    values: Dict[str, Any] = dict(
+        output_dir=out, use_cpu=True, report_to=[], per_device_train_batch_size=batch, max_steps=steps,
+        learning_rate=0.02 if optimizer != "trainer" else 1e-3, lr_scheduler_type="constant", logging_steps=10**6,
+        save_strategy="no", seed=0, disable_tqdm=True, dataloader_num_workers=0, fop_optimizer=optimizer,
+        fop_damping=1e-2, fop_factor_interval=factor_interval, fop_inverse_interval=max(5, factor_interval),
+        train_sampling_strategy="sequential", max_grad_norm=1.0,
+    )
+    values.update(extra)
+    return FOPTrainingArguments(**values)
+
+
+class StepClock(TrainerCallback):
+    """Wall-clock time at the end of every optimizer step."""
+
+    def __init__(self) -> None:
+        self.times: List[float] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+        if not self.times:
+            self.times.append(time.perf_counter())
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        self.times.append(time.perf_counter())
+
+
+class DDPByteCounter(TrainerCallback):
+    """Registers a DDP comm hook that counts the gradient bytes DDP all-reduces."""
+
+    def __init__(self, trainer: FOPTrainer) -> None:
+        self.trainer = trainer
+        self.bytes = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        model = self.trainer.model_wrapped
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            def hook(state_, bucket):  # noqa: ANN001
+                self.bytes += bucket.buffer().numel() * bucket.buffer().element_size()
+                return allreduce_hook(state_, bucket)
+
+            model.register_comm_hook(None, hook)
+
+
+def worker(opts: argparse.Namespace) -> None:
+    """One rank of the 2-process communication measurement."""
+    import torch.distributed as dist
+
+    out = tempfile.mkdtemp()
+    result: Dict[str, float] = {}
+    for name, optimizer, fi in [("adamw", "trainer", 1)] + [(f"fop_fi{fi}", "fop", fi) for fi in opts.factor_intervals]:
+        args = make_args(out, optimizer, opts.steps, opts.batch, fi)
+        trainer = FOPTrainer(model=make_model(opts.hidden), args=args, train_dataset=make_data(opts.batch * 2 * opts.steps))
+        counter = DDPByteCounter(trainer)
+        trainer.add_callback(counter)
+        trainer.train()
+        world_size = dist.get_world_size()
+        reducer = trainer.fop_reducer
+        payload = counter.bytes + (reducer.bytes_reduced if reducer is not None else 0)
+        wire = 2 * (world_size - 1) / world_size * counter.bytes + (reducer.wire_bytes if reducer is not None else 0)
+        result[name] = wire / opts.steps
+        result[name + "_payload"] = payload / opts.steps
+        result[name + "_ddp"] = counter.bytes / opts.steps
+    if dist.get_rank() == 0:
+        with open(opts.result, "w") as f:
+            json.dump(result, f)
+
+
+def communication(opts: argparse.Namespace) -> Dict[str, float]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = os.path.join(tempfile.mkdtemp(), "comm.json")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", __file__,
+           "--worker", "--result", result, "--steps", str(opts.steps), "--batch", str(opts.batch),
+           "--hidden", str(opts.hidden), "--factor_intervals", *map(str, opts.factor_intervals)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+    with open(result) as f:
+        return json.load(f)
+
+
+def plain_loop_times(opts: argparse.Namespace, fi: int) -> List[float]:
+    """The same FOP steps without the Trainer: halves of each batch as the two sub-batches, clipping at 1.0."""
+    model = make_model(opts.hidden)
+    model.train()
+    args = make_args(tempfile.mkdtemp(), "fop", opts.steps, opts.batch, fi)
+    opt = FOP(model, args.fop_config())
+    loader = torch.utils.data.DataLoader(make_data(opts.batch * opts.steps), batch_size=opts.batch, shuffle=False)
+    times = [time.perf_counter()]
+    for batch in loader:
+        half = batch["labels"].shape[0] // 2
+        for index, part in enumerate((slice(0, half), slice(half, None))):
+            with opt.sub_batch(index):
+                model(pixel_values=batch["pixel_values"][part], labels=batch["labels"][part]).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter())
+    return times
+
+
+def trainer_times(opts: argparse.Namespace, fi: int) -> List[float]:
+    args = make_args(tempfile.mkdtemp(), "fop", opts.steps, opts.batch, fi)
+    clock = StepClock()
+    trainer = FOPTrainer(model=make_model(opts.hidden), args=args, train_dataset=make_data(opts.batch * opts.steps),
+                         callbacks=[clock])
+    trainer.train()
+    return clock.times
+
+
+def per_step(times: List[float], warmup: int) -> float:
+    """Median seconds per step after ``warmup`` steps."""
+    return float(np.median(np.diff(times)[warmup:]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--factor_intervals", type=int, nargs="+", default=[1, 5])
+    parser.add_argument("--repeats", type=int, default=3, help="alternating timing runs per variant")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    opts = parser.parse_args()
+    if opts.worker:
+        worker(opts)
+        return
+    torch.set_num_threads(1)
+    n_params = sum(p.numel() for p in make_model(opts.hidden).parameters())
+    print(f"# FOPTrainer cost: ViT hidden={opts.hidden} ({n_params:,} parameters), batch {opts.batch}, "
+          f"{opts.steps} steps, torch {torch.__version__}, {os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}")
+    comm = communication(opts)
+    print("\n| 2 processes | sent bytes / step per rank | ratio to AdamW | payload bytes / step | DDP bucket bytes |")
+    print("|---|---|---|---|---|")
+    for key, label in [("adamw", "Trainer AdamW (DDP)")] + [(f"fop_fi{fi}", f"FOP, factor_interval={fi}") for fi in opts.factor_intervals]:
+        print(f"| {label} | {comm[key]:,.0f} | {comm[key] / comm['adamw']:.2f} | {comm[key + '_payload']:,.0f} | "
+              f"{comm[key + '_ddp']:,.0f} |")
+    print("\n| 1 process | plain loop s/step | FOPTrainer s/step | ratio |\n|---|---|---|---|")
+    warmup = 3
+    for fi in opts.factor_intervals:
+        plain, trainer = [], []
+        for _ in range(opts.repeats):  # alternate to spread machine noise over both
+            plain.append(per_step(plain_loop_times(opts, fi), warmup))
+            trainer.append(per_step(trainer_times(opts, fi), warmup))
+        p, t = float(np.median(plain)), float(np.median(trainer))
+        print(f"| factor_interval={fi} | {p:.4f} | {t:.4f} | {t / p:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
