@@ -349,3 +349,12 @@ def test_plain_training_arguments_are_rejected(tmp_path):
 
     with pytest.raises(TypeError, match="FOPTrainingArguments"):
         FOPTrainer(model=tiny_vit(), args=TrainingArguments(str(tmp_path), use_cpu=True), train_dataset=digits_dataset(8))
+
+
+def test_mc_fisher_samples_labels_from_the_model(tmp_path):
+    args = make_args(tmp_path, max_steps=2, fop_fisher_type="mc")
+    trainer = FOPTrainer(model=tiny_vit(), args=args, train_dataset=digits_dataset(64))
+    trainer.train()
+    opt = trainer.fop_optimizer
+    assert opt.counters["factor_updates"] == 2
+    assert all(layer.S is not None and torch.isfinite(layer.S).all() for layer in opt.layers)
