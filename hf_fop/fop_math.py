@@ -61,6 +61,11 @@ def damped_eigenvalues(s: Tensor, a: Tensor, damping: float) -> Tensor:
     return torch.outer(s, a) + damping
 
 
+def _dot(x: Tensor, y: Tensor) -> Tensor:
+    """``(x * y).sum()`` for same-shaped tensors, without the temporary product."""
+    return torch.dot(x.reshape(-1), y.reshape(-1))
+
+
 def _zero_if_tiny(num: Tensor, den: Tensor, scale: Tensor) -> Tensor:
     """``num / den``, or 0 where ``den`` is rounding noise relative to ``scale``."""
     tiny = torch.finfo(den.dtype).eps ** 2 * scale + torch.finfo(den.dtype).tiny
@@ -84,42 +89,45 @@ def fop_direction_eigen(
     """
     f_hat = torch.outer(s, a)
     m_hat = f_hat + damping
-    s_proj = (g_diff_hat * g_avg_hat * m_hat).sum() / ((g_avg_hat * g_avg_hat * m_hat).sum() + eps)
-    g_perp = g_diff_hat - s_proj * g_avg_hat
-    u = g_avg_hat / m_hat  # M^-1 g_avg
-    w = g_perp / m_hat  # M^-1 g_perp
-    n_avg = (g_avg_hat * u).sum()
-    d = (g_avg_hat * w).sum()
-    e = (g_perp * w).sum()
+    m_inv = m_hat.reciprocal()  # one division pass, then products
+    m_avg = g_avg_hat * m_hat  # M g_avg
+    s_proj = _dot(g_diff_hat, m_avg) / (_dot(g_avg_hat, m_avg) + eps)
+    g_perp = torch.addcmul(g_diff_hat, g_avg_hat, s_proj, value=-1)
+    u = g_avg_hat * m_inv  # M^-1 g_avg
+    w = g_perp * m_inv  # M^-1 g_perp
+    n_avg = _dot(g_avg_hat, u)
+    d = _dot(g_avg_hat, w)
+    e = _dot(g_perp, w)
     zero = torch.zeros_like(n_avg)
-    beta = _zero_if_tiny(d, e, n_avg + (g_diff_hat * g_diff_hat / m_hat).sum()) if use_beta else zero
-    direction = u + beta * w
+    beta = _zero_if_tiny(d, e, n_avg + _dot(g_diff_hat, g_diff_hat * m_inv)) if use_beta else zero
+    direction = torch.addcmul(u, w, beta)
     if use_eta:
         eta = _zero_if_tiny(n_avg + beta * d, n_avg + 2 * beta * d + beta * beta * e, n_avg)
     else:
         eta = torch.ones_like(n_avg)
     eta2 = eta * eta
+    f_u, f_w = f_hat * u, f_hat * w
     stats = LayerStats(
         beta=beta,
         eta=eta,
         s_proj=s_proj,
-        kl_base=eta2 * (f_hat * u * u).sum(),
-        kl_cross=2 * eta2 * beta * (f_hat * u * w).sum(),
-        kl_orth=eta2 * beta * beta * (f_hat * w * w).sum(),
+        kl_base=eta2 * _dot(f_u, u),
+        kl_cross=2 * eta2 * beta * _dot(f_u, w),
+        kl_orth=eta2 * beta * beta * _dot(f_w, w),
     )
-    return eta * direction, stats
+    return direction.mul_(eta), stats
 
 
 def kfac_direction_eigen(g_avg_hat: Tensor, s: Tensor, a: Tensor, damping: float) -> Tuple[Tensor, LayerStats]:
     """K-FAC direction ``M^-1 g_avg`` in the eigenbasis, with the stats of beta = 0, eta = 1."""
     f_hat = torch.outer(s, a)
-    u = g_avg_hat / (f_hat + damping)
+    u = g_avg_hat * (f_hat + damping).reciprocal()  # the same u as fop_direction_eigen's, bit for bit
     zero = torch.zeros((), dtype=u.dtype, device=u.device)
     stats = LayerStats(
         beta=zero,
         eta=torch.ones_like(zero),
         s_proj=zero,
-        kl_base=(f_hat * u * u).sum(),
+        kl_base=_dot(f_hat * u, u),
         kl_cross=zero,
         kl_orth=zero,
     )

@@ -314,7 +314,8 @@ class FOP(torch.optim.Optimizer):
             q_a, a = layer.basis_a.q, layer.basis_a.eigenvalues
             g_hat = rotate(layer.grad_matrix(_grad(w), _grad(b)), q_s, q_a)
             if diffs is not None and (w in diffs or (b is not None and b in diffs)):
-                d_hat = rotate(layer.grad_matrix(diffs.get(w, torch.zeros_like(w)), diffs.get(b) if b is not None else None), q_s, q_a)
+                d_w = diffs[w] if w in diffs else torch.zeros_like(w)
+                d_hat = rotate(layer.grad_matrix(d_w, diffs.get(b) if b is not None else None), q_s, q_a)
                 dir_hat, st = fop_direction_eigen(
                     g_hat, d_hat, s, a, damping, self.config.eps, self.config.use_beta, self.config.use_eta
                 )
@@ -341,24 +342,33 @@ class FOP(torch.optim.Optimizer):
 
     def _adamw_group_step(self, group: Dict[str, Any]) -> None:
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        params, grads, avgs, sqs, ts = [], [], [], [], []
         for p in group["params"]:
             if p.grad is None:
                 continue
-            g = p.grad
             state = self.state[p]
             if not state:
                 state["step"] = torch.zeros((), dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["step"] += 1
-            t = state["step"].item()
-            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-            exp_avg.lerp_(g, 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denom = (exp_avg_sq / (1 - beta2**t)).sqrt_().add_(eps)
-            if wd > 0:
-                p.mul_(1 - lr * wd)
-            p.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**t))
+            state["step"] += 1  # a CPU scalar: reading it back does not synchronise a GPU
+            params.append(p)
+            grads.append(p.grad)
+            avgs.append(state["exp_avg"])
+            sqs.append(state["exp_avg_sq"])
+            ts.append(state["step"].item())
+        if not params:
+            return
+        # Same element-wise operations as the per-parameter form, batched with torch._foreach_*.
+        torch._foreach_lerp_(avgs, grads, 1 - beta1)
+        torch._foreach_mul_(sqs, beta2)
+        torch._foreach_addcmul_(sqs, grads, grads, value=1 - beta2)
+        denoms = torch._foreach_div(sqs, [1 - beta2**t for t in ts])
+        torch._foreach_sqrt_(denoms)
+        torch._foreach_add_(denoms, eps)
+        if wd > 0:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        torch._foreach_addcdiv_(params, avgs, denoms, [-lr / (1 - beta1**t) for t in ts])
 
     # ----------------------------------------------------------- diagnostics
     def diagnostics(self) -> Dict[str, float]:

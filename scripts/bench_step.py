@@ -86,17 +86,17 @@ class Shape:
 PRESETS: Dict[str, Dict[str, Any]] = {
     "cpu": {
         "shape": Shape(hidden=128, layers=4, batch=64),
-        "batches": (16, 32, 64, 128, 256),
-        "widths": (64, 96, 128, 192, 256),
+        "batches": (32, 64, 128, 256),
+        "widths": (64, 128, 192, 256),
         "cycles": 8,
-        "sweep_cycles": 3,
+        "sweep_cycles": 2,
     },
     "cuda": {
         "shape": Shape(hidden=384, layers=6, batch=512),
         "batches": (128, 256, 512, 1024, 2048),
         "widths": (192, 384, 576, 768, 1024),
         "cycles": 20,
-        "sweep_cycles": 6,
+        "sweep_cycles": 4,
     },
 }
 QUICK = {"cycles": 3}
@@ -435,8 +435,8 @@ def resolve(args: argparse.Namespace) -> Tuple[Shape, int, int, int]:
 
 
 def _sweep_cycles(minimum: int, interval: int, smoke: bool) -> int:
-    """Cycles per sweep point: at least ``minimum`` and at least 20 timed steps (smoke: ``minimum``)."""
-    return minimum if smoke else max(minimum, -(-20 // interval))
+    """Cycles per sweep point: at least ``minimum`` and at least 10 timed steps (smoke: ``minimum``)."""
+    return minimum if smoke else max(minimum, -(-10 // interval))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:

@@ -18,6 +18,7 @@ Within each phase, self CPU (or CUDA) time is further split by operator class
 averaged over one cycle of ``--interval`` steps after a warm-up cycle.
 
     python scripts/profile_step.py --mode fop --interval 10
+    python scripts/profile_step.py --compare-math REV   # + hf_fop/fop_math.py at git REV vs now
 """
 
 from __future__ import annotations
@@ -25,7 +26,11 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import statistics
+import subprocess
 import sys
+import time
+import types
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
@@ -120,6 +125,45 @@ def split_by_phase(prof: Any, steps: int, use_cuda: bool) -> Dict[str, Dict[str,
     return {p: dict(v) for p, v in out.items()}
 
 
+def compare_math(rev: str, opt: FOP, repeats: int = 30) -> Dict[str, Dict[str, float]]:
+    """ms per step of the FOP / K-FAC eigenbasis math over ``opt``'s layer shapes: git ``rev`` vs working tree.
+
+    Both versions run interleaved on the same random rotated gradients and eigenvalues (medians).
+    """
+    from hf_fop import fop_math
+
+    root = Path(__file__).resolve().parents[1]
+    source = subprocess.run(
+        ["git", "show", f"{rev}:hf_fop/fop_math.py"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout
+    old = types.ModuleType("fop_math_at_rev")
+    sys.modules[old.__name__] = old
+    exec(compile(source, f"{rev}:hf_fop/fop_math.py", "exec"), old.__dict__)
+    gen = torch.Generator().manual_seed(0)
+    cases = [
+        [torch.randn(layer.out_dim, layer.in_dim, generator=gen) for _ in range(2)]
+        + [torch.rand(layer.out_dim, generator=gen), torch.rand(layer.in_dim, generator=gen)]
+        for layer in opt.layers
+    ]
+    calls = {
+        "fop_direction_eigen": lambda m, c: m.fop_direction_eigen(c[0], c[1], c[2], c[3], 1e-2, 1e-12),
+        "kfac_direction_eigen": lambda m, c: m.kfac_direction_eigen(c[0], c[2], c[3], 1e-2),
+    }
+    out: Dict[str, Dict[str, float]] = {}
+    for name, call in calls.items():
+        times: Dict[str, list] = {rev: [], "working tree": []}
+        for i in range(repeats):  # alternate the order: the second one reuses the first one's freed memory
+            for label, module in ((rev, old), ("working tree", fop_math))[:: 1 if i % 2 else -1]:
+                t0 = time.perf_counter()
+                for case in cases:
+                    call(module, case)
+                times[label].append(time.perf_counter() - t0)
+        out[name] = {label: 1e3 * statistics.median(v) for label, v in times.items()}
+        print(f"# {name:22s} {rev}: {out[name][rev]:.2f} ms/step   working tree: {out[name]['working tree']:.2f} ms/step",
+              file=sys.stderr)  # fmt: skip
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -129,6 +173,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     p.add_argument("--layers", type=int)
     p.add_argument("--batch", type=int)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--compare-math", metavar="REV", help="also time hf_fop/fop_math.py at git REV against now")
     args = p.parse_args(argv)
     if args.interval < 1:
         p.error(f"--interval must be >= 1, got {args.interval}")
@@ -173,6 +218,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
               + f"{t:10.2f}{100 * t / total:7.1f}%", file=sys.stderr)  # fmt: skip
     result = {"mode": args.mode, "shape": shape.__dict__, "interval": args.interval, "ms_per_step": table,
               "total_ms_per_step": total}  # fmt: skip
+    if args.compare_math:
+        result["compare_math"] = compare_math(args.compare_math, opt)
     print(json.dumps(result))
     return result
 
