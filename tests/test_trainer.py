@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import sys
 from typing import Callable, Dict, List
 
 import numpy as np
@@ -358,3 +359,47 @@ def test_mc_fisher_samples_labels_from_the_model(tmp_path):
     opt = trainer.fop_optimizer
     assert opt.counters["factor_updates"] == 2
     assert all(layer.S is not None and torch.isfinite(layer.S).all() for layer in opt.layers)
+
+
+# ------------------------------------------------------------------- example
+def _load_example():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "train_vit_digits.py")
+    spec = importlib.util.spec_from_file_location("train_vit_digits", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_trains_on_digits_and_writes_tensorboard(tmp_path):
+    example = _load_example()
+    accuracy = example.main(["--output_dir", str(tmp_path), "--max_steps", "3", "--eval_strategy", "no", "--num_threads", "0"])
+    assert 0.0 <= accuracy <= 1.0
+    assert glob.glob(str(tmp_path / "runs" / "**" / "events.out.tfevents.*"), recursive=True)
+
+
+def test_example_loads_model_and_dataset_through_hub_code_paths(tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
+
+    from hf_fop.data import load_digits_images
+
+    model_dir, data_dir = tmp_path / "model", tmp_path / "data"
+    config = ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=32, num_labels=3)
+    ViTForImageClassification(config).save_pretrained(model_dir)
+    ViTImageProcessorPil(size={"height": 8, "width": 8}).save_pretrained(model_dir)
+    digits = load_digits_images()["train"]
+    for split, count in (("train", 40), ("test", 20)):
+        for i, example in enumerate(digits.select(range(count))):
+            folder = data_dir / split / str(example["label"])
+            folder.mkdir(parents=True, exist_ok=True)
+            example["image"].save(folder / f"{i}.png")
+    example = _load_example()
+    accuracy = example.main([
+        "--output_dir", str(tmp_path / "out"), "--model_name_or_path", str(model_dir), "--dataset_name", str(data_dir),
+        "--max_steps", "2", "--eval_strategy", "no", "--report_to", "none", "--per_device_train_batch_size", "8",
+        "--num_threads", "0",
+    ])
+    assert 0.0 <= accuracy <= 1.0
