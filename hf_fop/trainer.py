@@ -130,12 +130,12 @@ class FOPTrainer(Trainer):
     # ----------------------------------------------------------- validation
     def _check_supported(self) -> None:
         args = self.args
-        if self.is_fsdp_enabled or getattr(self, "is_fsdp_xla_enabled", False):
+        if self.is_fsdp_enabled or getattr(self, "is_fsdp_xla_enabled", False) or bool(getattr(args, "fsdp", None)):
             raise ValueError(
                 "FOPTrainer does not support FSDP yet: FOP needs each layer's full weight and gradient to build its "
                 "Kronecker factors. Remove the fsdp settings or use fop_optimizer='trainer'."
             )
-        if self.is_deepspeed_enabled:
+        if self.is_deepspeed_enabled or bool(getattr(args, "deepspeed", None)):
             raise ValueError(
                 "FOPTrainer does not support DeepSpeed yet: DeepSpeed owns the optimizer step and gradient reduction, "
                 "which FOP's dual-gradient reduction replaces. Remove the deepspeed config or use fop_optimizer='trainer'."

@@ -118,3 +118,13 @@ def test_accelerate_launch_two_cpu_processes_kfac(tmp_path):
     assert records[0]["world_size"] == 2
     _assert_replicas_identical(records)  # DDP averaged the gradients; the factor reducer the curvature
     assert records[0]["bytes_reduced"] > 0
+
+
+def test_fsdp_configuration_is_rejected(tmp_path):
+    out = tmp_path / "fsdp"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           HELPERS, "--out", str(out), "--steps", "1", "--fsdp"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=single_thread_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "FOPTrainer does not support FSDP yet" in proc.stderr + proc.stdout

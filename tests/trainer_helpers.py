@@ -120,8 +120,11 @@ def run_worker(argv: Any = None) -> None:
     parser.add_argument("--resume", default=None)
     parser.add_argument("--optimizer", default="fop")
     parser.add_argument("--examples", type=int, default=96)
+    parser.add_argument("--fsdp", action="store_true")
     opts = parser.parse_args(argv)
     save = dict(save_strategy="steps", save_steps=opts.save_steps) if opts.save_steps else {}
+    if opts.fsdp:
+        save["fsdp"] = "full_shard"
     args = make_args(
         opts.out, max_steps=opts.steps, per_device_train_batch_size=opts.batch, gradient_accumulation_steps=opts.accum,
         train_sampling_strategy="sequential", fop_optimizer=opts.optimizer, fop_inverse_interval=2, fop_momentum=0.5,
