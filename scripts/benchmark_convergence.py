@@ -462,7 +462,6 @@ def build_report(s: Settings, runs: List[Dict[str, Any]], device: torch.device, 
             )
     return {
         "meta": {
-            "command": "python " + " ".join(sys.argv),
             "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": machine_description(device),
             "torch": torch.__version__,
@@ -504,6 +503,41 @@ def write_markdown_section(path: str, key: str, body: str) -> None:
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     with open(path, "w") as f:
         f.write(text)
+
+
+PAIR_MARGIN = 1.0  # percentage points
+FAILED_ACC = 0.2  # a final test accuracy below this counts as a failed (diverged or stuck) run
+
+
+def paired_damping(report: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Per model and damping: FOP vs K-FAC grid runs paired on (batch, lr), final test accuracy differences."""
+    s = report["meta"]["settings"]
+    grid = {
+        (r["spec"]["model"], r["spec"]["batch"], r["spec"]["lr"], r["spec"]["damping"], r["spec"]["optimizer"]): r
+        for r in report["runs"]
+        if r["spec"]["phase"] == "grid" and r["spec"]["optimizer"] in CURVATURE_OPTIMIZERS
+    }
+    rows = []
+    for model in s["models"]:
+        for d in s["damping_grid"]:
+            diffs, both_failed = [], 0
+            for batch in s["batch_sizes"]:
+                for lr in s["lr_grid"]:
+                    k, f = grid[(model, batch, lr, d, "kfac")], grid[(model, batch, lr, d, "fop")]
+                    if max(k["final_test_acc"], f["final_test_acc"]) < FAILED_ACC:
+                        both_failed += 1
+                    else:
+                        diffs.append(100 * (f["final_test_acc"] - k["final_test_acc"]))
+            rows.append(
+                {"model": model, "damping": d, "pairs": len(diffs) + both_failed, "both_failed": both_failed,
+                 "mean_diff": statistics.fmean(diffs) if diffs else math.nan,
+                 "fop_better": sum(x > PAIR_MARGIN for x in diffs), "kfac_better": sum(x < -PAIR_MARGIN for x in diffs)}
+            )
+    return rows
+
+
+def _fmt_float(x: Optional[float]) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.3g}"
 
 
 def render_markdown(report: Dict[str, Any], files: Dict[str, str]) -> str:
@@ -563,7 +597,7 @@ def render_markdown(report: Dict[str, Any], files: Dict[str, str]) -> str:
     for a in report["ablations"]:
         lines.append(
             f"| {a['model']} | {names[a['variant']]} | {_fmt_reach(a)} | {_fmt_acc(a)} | "
-            f"{a['beta_mean']:.3g} | {a['eta_mean']:.3g} |"
+            f"{_fmt_float(a['beta_mean'])} | {_fmt_float(a['eta_mean'])} |"
         )
     lines += [
         "",
@@ -578,6 +612,22 @@ def render_markdown(report: Dict[str, Any], files: Dict[str, str]) -> str:
                 pts = [p for p in report["damping_sweep"] if p["model"] == model and p["batch"] == batch and p["optimizer"] == o]
                 cells = [f"{100 * p['final_test_acc']:.1f}" + (" (div.)" if p["diverged"] else "") for p in pts]
                 lines.append(f"| {model} | {batch} | {o} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "#### FOP minus K-FAC, same (lr, damping, seed 0), over the lr grid and all batch sizes",
+        "",
+        "Final test accuracy difference in percentage points; 'FOP better' / 'K-FAC better' count the pairs "
+        f"that differ by more than {PAIR_MARGIN:g} point(s) (one test example is {100 / 360:.2f} point); pairs where "
+        f"both runs end below {100 * FAILED_ACC:.0f}% (diverged or stuck) are counted apart and left out of the mean.",
+        "",
+        "| model | damping | pairs | both failed | mean FOP - K-FAC (others) | FOP better | K-FAC better |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in paired_damping(report):
+        lines.append(
+            f"| {row['model']} | {row['damping']:g} | {row['pairs']} | {row['both_failed']} | {row['mean_diff']:+.1f} | "
+            f"{row['fop_better']} | {row['kfac_better']} |"
+        )
     lines += ["", "Plots: " + ", ".join(f"`{os.path.basename(p)}`" for p in files.values()), ""]
     return "\n".join(lines)
 
@@ -645,9 +695,9 @@ def plot(report: Dict[str, Any], out_dir: str, suffix: str) -> Dict[str, str]:
 
 
 def _finite(obj: Any) -> Any:
-    """``obj`` with non-finite floats replaced by None (strict JSON)."""
+    """``obj`` with floats rounded to 6 significant digits and non-finite ones replaced by None (strict JSON)."""
     if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
+        return float(f"{obj:.6g}") if math.isfinite(obj) else None
     if isinstance(obj, dict):
         return {k: _finite(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -662,6 +712,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", default="docs", help="folder for the JSON and PNGs (default: docs)")
     p.add_argument("--markdown", default=None, help="markdown file to update (default: OUT/benchmarks.md)")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    p.add_argument("--from-json", default=None, help="only re-render the markdown and PNGs from a saved results JSON")
     args = p.parse_args(argv)
     if args.device not in ("cpu", "cuda"):
         p.error(f"--device {args.device!r} is invalid: expected 'cpu' or 'cuda'.")
@@ -677,14 +728,21 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     profile = "quick" if args.quick else ("cuda" if device.type == "cuda" else "full")
-    s = make_settings(profile)
     os.makedirs(args.out, exist_ok=True)
-    report = run_benchmark(s, device)
+    if args.from_json:
+        with open(args.from_json) as f:
+            report = json.load(f)
+        profile = report["meta"]["settings"]["profile"]
+    else:
+        report = run_benchmark(make_settings(profile), device)
+        given = list(sys.argv[1:] if argv is None else argv)
+        report["meta"]["command"] = " ".join(["python scripts/benchmark_convergence.py"] + given)
     suffix = "" if profile == "full" else f"_{profile}"
     files = plot(report, args.out, suffix)
-    json_path = os.path.join(args.out, f"convergence_results{suffix}.json")
-    with open(json_path, "w") as f:
-        json.dump(_finite(report), f, indent=1, allow_nan=False)
+    json_path = args.from_json or os.path.join(args.out, f"convergence_results{suffix}.json")
+    if not args.from_json:
+        with open(json_path, "w") as f:
+            json.dump(_finite(report), f, indent=1, allow_nan=False)
     md_path = args.markdown or os.path.join(args.out, "benchmarks.md")
     key = "convergence" if profile == "full" else f"convergence-{profile}"
     write_markdown_section(md_path, key, render_markdown(report, files))

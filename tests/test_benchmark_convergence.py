@@ -136,6 +136,21 @@ def test_kfac_plain_backward_matches_fop_without_beta_on_sub_batches():
     assert runs[1].diagnostics["beta_mean"] == 0.0
 
 
+def test_paired_damping_counts_and_leaves_out_failed_pairs():
+    settings = {"models": ["m"], "batch_sizes": [8], "lr_grid": [1.0, 2.0, 3.0], "damping_grid": [0.1]}
+
+    def run(opt, lr, acc):
+        return {"spec": {"phase": "grid", "model": "m", "batch": 8, "lr": lr, "damping": 0.1, "optimizer": opt},
+                "final_test_acc": acc, "diverged": acc < 0.2}
+
+    accs = {1.0: (0.85, 0.90), 2.0: (0.55, 0.50), 3.0: (0.10, 0.12)}  # (kfac, fop)
+    runs = [run("kfac", lr, k) for lr, (k, _) in accs.items()] + [run("fop", lr, f) for lr, (_, f) in accs.items()]
+    (row,) = bc.paired_damping({"meta": {"settings": settings}, "runs": runs})
+    assert row["pairs"] == 3 and row["both_failed"] == 1
+    assert row["fop_better"] == 1 and row["kfac_better"] == 1
+    assert row["mean_diff"] == pytest.approx(0.0, abs=1e-9)
+
+
 # ------------------------------------------------------------- smoke run
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
@@ -180,3 +195,14 @@ def test_quick_run_adamw_and_fop_learn(quick_run):
             assert row["final_test_acc_mean"] > 0.85, row
         if row["model"] == "vit" and row["optimizer"] in ("adamw", "fop"):
             assert row["final_test_acc_mean"] > chance + 0.2, row
+
+
+def test_from_json_rerenders_markdown_and_plots(quick_run, tmp_path):
+    out, _ = quick_run
+    bc.main(["--from-json", str(out / "convergence_results_quick.json"), "--out", str(tmp_path)])
+    again = (tmp_path / "benchmarks.md").read_text().splitlines()
+    first = (out / "benchmarks.md").read_text().splitlines()
+    assert len(again) == len(first)
+    assert [l for l in again if l.startswith("|")][:3] == [l for l in first if l.startswith("|")][:3]
+    assert (tmp_path / "convergence_time_quick.png").exists() and (tmp_path / "convergence_damping_quick.png").exists()
+    assert not (tmp_path / "convergence_results_quick.json").exists()  # the source JSON is not rewritten elsewhere
