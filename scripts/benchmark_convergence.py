@@ -585,6 +585,20 @@ def render_markdown(report: Dict[str, Any], files: Dict[str, str]) -> str:
                 setting = f"lr={r['lr']:g}" + (f", λ={r['damping']:g}" if r["damping"] is not None else "")
                 cells.append(f"{_fmt_acc(r)} ({setting})")
             lines.append(f"| {batch} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            f"#### {model}: training seconds of a whole run (mean over seeds; every optimizer runs the same epochs)",
+            "",
+            "| batch | " + " | ".join(OPTIMIZERS) + " | FOP / K-FAC | FOP / AdamW |",
+            "|---|" + "---|" * (len(OPTIMIZERS) + 2),
+        ]
+        for batch in s["batch_sizes"]:
+            rows = {r["optimizer"]: r for r in report["table"] if r["model"] == model and r["batch"] == batch}
+            sec = {o: rows[o]["total_seconds_mean"] for o in OPTIMIZERS}
+            lines.append(
+                f"| {batch} | " + " | ".join(f"{sec[o]:.2f}" for o in OPTIMIZERS)
+                + f" | {sec['fop'] / sec['kfac']:.2f} | {sec['fop'] / sec['adamw']:.2f} |"
+            )
         lines.append("")
     largest = max(s["batch_sizes"])
     lines += [
