@@ -36,7 +36,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -345,16 +345,8 @@ def _fmt_acc(summary: Dict[str, Any]) -> str:
     return f"{100 * summary['final_test_acc_mean']:.1f} ± {100 * summary['final_test_acc_std']:.1f}"
 
 
-def _fmt_setting(run: Dict[str, Any]) -> str:
-    sp = run["spec"]
-    text = f"lr={sp['lr']:g}"
-    if sp["damping"] is not None:
-        text += f", damping={sp['damping']:g}"
-    return text
-
-
 # ----------------------------------------------------------------- driver
-def run_benchmark(s: Settings, device: torch.device, log=print) -> Dict[str, Any]:
+def run_benchmark(s: Settings, device: torch.device, log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Grid (seed 0) -> choice on validation -> more seeds -> ablations. Returns the JSON-ready report."""
     data = load_digits_splits(s.split_seed).to(device)
     runs: List[Dict[str, Any]] = []
