@@ -167,6 +167,7 @@ class FOP(torch.optim.Optimizer):
         if g1 is not None:
             self._g1 = dict(g1)
         w1 = self.w1
+        params, firsts, seconds = [], [], []
         for p in self._all_params():
             a, b = self._g1.get(p), g2.get(p)
             if a is None and b is None:
@@ -178,10 +179,18 @@ class FOP(torch.optim.Optimizer):
                     f"g1 and g2 differ in shape for a parameter of shape {tuple(p.shape)}: "
                     f"{tuple(a.shape)} vs {tuple(b.shape)}."
                 )
-            self._g1[p] = a
-            self._diff[p] = a - b
-            p.grad = a * w1 + b * (1 - w1)
-        norms = [p.grad.detach().float().norm() for p in self._diff]
+            params.append(p)
+            firsts.append(a)
+            seconds.append(b)
+        if params:  # g1 - g2 and w1 g1 + (1 - w1) g2, batched with torch._foreach_*
+            diffs = torch._foreach_sub(firsts, seconds)
+            avgs = torch._foreach_mul(firsts, w1)
+            torch._foreach_add_(avgs, torch._foreach_mul(seconds, 1 - w1))
+            for p, a, d, g in zip(params, firsts, diffs, avgs):
+                self._g1[p] = a
+                self._diff[p] = d
+                p.grad = g
+        norms = torch._foreach_norm([p.grad.detach().float() for p in self._diff]) if self._diff else []
         self._avg_norm = torch.stack(norms).norm() if norms else None
         self._phase = _AFTER1
         if not keep_g1:
@@ -288,8 +297,8 @@ class FOP(torch.optim.Optimizer):
         """``g1 - g2`` scaled by whatever factor ``p.grad`` received since the sub-batches ended."""
         if self._avg_norm is None:
             return dict(self._diff)
-        grads = [p.grad.detach().float().norm() for p in self._diff if p.grad is not None]
-        now = torch.stack(grads).norm() if grads else self._avg_norm
+        grads = [p.grad.detach().float() for p in self._diff if p.grad is not None]
+        now = torch.stack(torch._foreach_norm(grads)).norm() if grads else self._avg_norm
         ratio = torch.where(self._avg_norm > 0, now / self._avg_norm.clamp_min(torch.finfo(torch.float32).tiny), 1.0)
         return {p: d * ratio.to(d.dtype) for p, d in self._diff.items()}
 

@@ -89,7 +89,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "batches": (32, 64, 128, 256),
         "widths": (64, 128, 192, 256),
         "cycles": 8,
-        "sweep_cycles": 2,
+        "sweep_cycles": 1,
     },
     "cuda": {
         "shape": Shape(hidden=384, layers=6, batch=512),
@@ -340,35 +340,80 @@ def measure_memory(shape: Shape, interval: int, device: torch.device, threads: i
 
 # -------------------------------------------------------------------- plot
 def plot_sweep(sweep: Dict[str, List[Dict[str, Any]]], intervals: Sequence[int], path: Path, title: str) -> None:
-    """Step time (ms) vs batch size and vs width, one panel per curvature interval."""
+    """Top: ms per step vs batch size and vs width at the largest interval. Bottom: FOP/AdamW and
+    FOP/K-FAC at every interval, with the goals as dotted lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     axes_of = {"batch": "batch size (images per step)", "hidden": "ViT hidden width"}
-    fig, axes = plt.subplots(2, len(intervals), figsize=(4.2 * len(intervals), 7), squeeze=False)
-    for row, (key, xlabel) in enumerate(axes_of.items()):
-        for col, k in enumerate(intervals):
-            ax = axes[row][col]
+    k_top = max(intervals)
+    fig, axes = plt.subplots(2, 2, figsize=(10, 8))
+    for col, (key, xlabel) in enumerate(axes_of.items()):
+        ax = axes[0][col]
+        rows = [p for p in sweep[key] if p["interval"] == k_top]
+        xs = [p[key] for p in rows]
+        for kind, style in zip(OPTIMIZERS, ("o-", "s--", "^-")):
+            ax.plot(xs, [1e3 * p["times"][kind]["step_s"] for p in rows], style, label=kind)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(xs, [str(v) for v in xs])
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"ms per step (interval {k_top})")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        ax = axes[1][col]
+        for k, color in zip(intervals, ("tab:red", "tab:orange", "tab:green", "tab:blue", "tab:purple")):
             rows = [p for p in sweep[key] if p["interval"] == k]
             xs = [p[key] for p in rows]
-            for kind, style in zip(OPTIMIZERS, ("o-", "s--", "^-")):
-                ax.plot(xs, [1e3 * p["times"][kind]["step_s"] for p in rows], style, label=kind)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xticks(xs, [str(v) for v in xs])
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("ms per step")
-            ax.set_title(f"curvature interval {k}")
-            ax.grid(True, which="both", alpha=0.3)
-            if row == 0 and col == 0:
-                ax.legend()
+            ax.plot(xs, [p["fop_over_adamw"] for p in rows], "o-", color=color, label=f"FOP/AdamW, interval {k}")
+            ax.plot(xs, [p["fop_over_kfac"] for p in rows], "s--", color=color, label=f"FOP/K-FAC, interval {k}")
+        for goal in (GOALS["fop_over_adamw"], GOALS["fop_over_kfac"]):
+            ax.axhline(goal, color="black", linestyle=":", linewidth=1)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(v) for v in xs])
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("step-time ratio (goals dotted: 1.15, 1.05)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------- markdown
+def markdown(result: Dict[str, Any]) -> str:
+    """Markdown tables of a result (headline, memory, sweep) as written in docs/performance.md."""
+    lines = [f"Headline: ViT {result['shape']}, {result['params']} parameters, curvature interval "
+             f"{result['interval']}, {result['cycles']} timed cycles; {result['machine']}; {result['date']}.", "",
+             "| optimizer | ms/step | fwd+bwd ms | opt.step ms | median single step ms | state MiB |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for kind, t in result["times"].items():
+        lines.append(f"| {kind} | {1e3 * t['step_s']:.1f} | {1e3 * t['passes_s']:.1f} | {1e3 * t['opt_step_s']:.1f} | "
+                     f"{1e3 * t['median_step_s']:.1f} | {t['state_bytes'] / 2**20:.2f} |")  # fmt: skip
+    lines += ["", "| ratio | value | goal | met |", "|---|---|---|---|"]
+    for key in ("fop_over_adamw", "fop_over_kfac", "kfac_over_adamw", "fop_over_adamw_full", "adamw_halves_over_full",
+                "peak_fop_over_adamw", "peak_kfac_over_adamw", "state_fop_over_adamw"):  # fmt: skip
+        if key in result:
+            goal = GOALS.get(key)
+            met = "" if goal is None else ("yes" if result[key] <= goal else f"no (+{100 * (result[key] / goal - 1):.0f}%)")
+            lines.append(f"| {key} | {result[key]:.3f} | {'' if goal is None else f'<= {goal}'} | {met} |")
+    if "memory" in result:
+        lines += ["", "| optimizer | peak MiB | state MiB |", "|---|---|---|"]
+        for kind, m in result["memory"].items():
+            lines.append(f"| {kind} | {m['peak_bytes'] / 2**20:.1f} | {m['state_bytes'] / 2**20:.2f} |")
+    for key, points in result.get("sweep", {}).items():
+        lines += ["", f"| {key} | interval | AdamW ms | K-FAC ms | FOP ms | FOP/AdamW | FOP/K-FAC | K-FAC/AdamW |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for pt in points:
+            t = pt["times"]
+            lines.append(f"| {pt[key]} | {pt['interval']} | {1e3 * t['adamw']['step_s']:.0f} | "
+                         f"{1e3 * t['kfac']['step_s']:.0f} | {1e3 * t['fop']['step_s']:.0f} | {pt['fop_over_adamw']:.3f} | "
+                         f"{pt['fop_over_kfac']:.3f} | {pt['kfac_over_adamw']:.3f} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 # -------------------------------------------------------------------- main
@@ -396,18 +441,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--image", type=_positive("image"))
     p.add_argument("--patch", type=_positive("patch"))
     p.add_argument("--cycles", type=_positive("cycles"), help="timed curvature cycles per point")
+    p.add_argument("--sweep-cycles", type=_positive("sweep-cycles"), help="minimum timed cycles per sweep point")
     p.add_argument("--threads", type=_positive("threads"), default=1, help="torch.set_num_threads")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--plot", type=Path, help="PNG of the sweep (needs --sweep)")
     p.add_argument("--json-out", type=Path, help="also write the full results here")
+    p.add_argument("--markdown", type=Path, metavar="JSON", help="print the tables of a saved --json-out and exit")
     p.add_argument("--memory-child", choices=OPTIMIZERS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch.cuda.is_available() is False on this machine")
     if args.batch is not None and args.batch % 2:
         p.error(f"--batch must be even (two sub-batches), got {args.batch}")
-    if args.plot and not args.sweep:
-        p.error("--plot needs --sweep")
+    if args.plot and not (args.sweep or args.markdown):
+        p.error("--plot needs --sweep (or --markdown JSON of a sweep)")
     return args
 
 
@@ -431,7 +478,13 @@ def resolve(args: argparse.Namespace) -> Tuple[Shape, int, int, int]:
     )
     if shape.image % shape.patch:
         raise SystemExit(f"--image ({shape.image}) must be a multiple of --patch ({shape.patch})")
-    return shape, interval, args.cycles or preset["cycles"], preset["sweep_cycles"]
+    return shape, interval, args.cycles or preset["cycles"], args.sweep_cycles or preset["sweep_cycles"]
+
+
+def _plot_title(result: Dict[str, Any]) -> str:
+    shape = result["shape"]
+    return (f"{result['machine']}; {result['date']}; ViT {shape['layers']} layers, {shape['image']}px images; "
+            f"batch sweep at width {shape['hidden']}, width sweep at batch {shape['batch']}")  # fmt: skip
 
 
 def _sweep_cycles(minimum: int, interval: int, smoke: bool) -> int:
@@ -441,6 +494,13 @@ def _sweep_cycles(minimum: int, interval: int, smoke: bool) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
+    if args.markdown:
+        saved = json.loads(args.markdown.read_text())
+        print(markdown(saved))
+        if args.plot and "sweep" in saved:
+            intervals = sorted({p["interval"] for p in saved["sweep"]["batch"]})
+            plot_sweep(saved["sweep"], intervals, args.plot, _plot_title(saved))
+        return {}
     torch.set_num_threads(args.threads)
     # Trained attention sharpens and its softmax underflows into subnormal floats, which
     # x86 CPUs process ~100x slower; that would time the trajectory, not the optimizer.
@@ -495,7 +555,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                           f"{r['fop_over_kfac']:.3f} kfac/adamw {r['kfac_over_adamw']:.3f}", file=sys.stderr)  # fmt: skip
         result["sweep"] = sweep
         if args.plot:
-            plot_sweep(sweep, args.intervals, args.plot, f"{machine}; ViT {shape.layers} layers, {shape.image}px")
+            plot_sweep(sweep, args.intervals, args.plot, _plot_title(result))
     result["goals"] = {k: {"goal": v, "value": result[k], "met": result[k] <= v} for k, v in GOALS.items() if k in result}
     result["seconds"] = time.perf_counter() - t_start
     if args.json_out:
