@@ -6,7 +6,7 @@ import glob
 import logging
 import os
 import sys
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import numpy as np
 import pytest
