@@ -338,26 +338,32 @@ class FOPTrainer(Trainer):
         super().log(logs, start_time)
 
     # ---------------------------------------------------------- checkpoints
+    def _needs_key_conversion(self, folder: str, target: nn.Module) -> bool:
+        """The checkpoint stores tensor names the in-memory model does not have (ViT in transformers 5.x)."""
+        keys = _checkpoint_keys(folder)
+        return (
+            isinstance(target, PreTrainedModel)
+            and not self.is_fsdp_enabled
+            and not self.is_deepspeed_enabled
+            and keys is not None
+            and not keys <= set(target.state_dict())
+        )
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the Trainer's loader, or the name-converting one when names differ."""
+        best = self.state.best_model_checkpoint
+        if best is not None and self._needs_key_conversion(best, self.model):
+            logger.info(f"Loading best model from {best} (score: {self.state.best_metric}), converting key names.")
+            self._load_from_checkpoint(best)
+            return
+        super()._load_best_model()
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[nn.Module] = None) -> None:
         """Load model weights; converts checkpoint key names like ``from_pretrained`` when they differ (ViT)."""
         target = self.model if model is None else model
-        keys = _checkpoint_keys(resume_from_checkpoint)
-        if (
-            isinstance(target, PreTrainedModel)
-            and not self.is_fsdp_enabled
-            and keys is not None
-            and not keys <= set(target.state_dict())
-        ):
+        if self._needs_key_conversion(resume_from_checkpoint, target):
             loaded = type(target).from_pretrained(resume_from_checkpoint, config=target.config)
-            state = loaded.state_dict()
-            missing = set(target.state_dict()) - set(state)
-            if missing:
-                raise RuntimeError(
-                    f"Checkpoint {resume_from_checkpoint} does not hold weights for {sorted(missing)[:5]} "
-                    f"({len(missing)} tensors) of {type(target).__name__}."
-                )
-            target.load_state_dict(state, strict=True)
-            del loaded
+            target.load_state_dict(loaded.state_dict(), strict=True)  # raises on any name still missing
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 

@@ -265,6 +265,22 @@ def test_resume_is_bitwise_identical(tmp_path, name, model_fn, data_fn, extra):
     assert _losses(full) == _losses(resumed)  # the resumed history holds steps 1-2 from the checkpoint
 
 
+def test_load_best_model_at_end_restores_vit_encoder(tmp_path):
+    from transformers import ViTForImageClassification
+
+    args = make_args(
+        tmp_path, max_steps=3, eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
+        load_best_model_at_end=True, metric_for_best_model="eval_loss", learning_rate=0.5, fop_damping=1e-3,
+    )
+    trainer = FOPTrainer(model=tiny_vit(), args=args, train_dataset=digits_dataset(64), eval_dataset=digits_dataset(32, 100))
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-3")  # the best is not the last: loading changes weights
+    expected = ViTForImageClassification.from_pretrained(best).state_dict()
+    for key, value in trainer.model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+
 # ------------------------------------------------------------------ precision
 def test_bf16_trains_with_float32_factors(tmp_path):
     args = make_args(tmp_path, max_steps=3, bf16=True)
