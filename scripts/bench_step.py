@@ -443,6 +443,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--cycles", type=_positive("cycles"), help="timed curvature cycles per point")
     p.add_argument("--sweep-cycles", type=_positive("sweep-cycles"), help="minimum timed cycles per sweep point")
     p.add_argument("--threads", type=_positive("threads"), default=1, help="torch.set_num_threads")
+    p.add_argument("--keep-denormals", action="store_true", help="do not flush subnormal floats (see the docstring)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--plot", type=Path, help="PNG of the sweep (needs --sweep)")
     p.add_argument("--json-out", type=Path, help="also write the full results here")
@@ -504,7 +505,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     torch.set_num_threads(args.threads)
     # Trained attention sharpens and its softmax underflows into subnormal floats, which
     # x86 CPUs process ~100x slower; that would time the trajectory, not the optimizer.
-    torch.set_flush_denormal(True)
+    torch.set_flush_denormal(not args.keep_denormals)
     device = torch.device(args.device)
     shape, interval, cycles, sweep_cycles = resolve(args)
     if args.memory_child:
