@@ -82,6 +82,17 @@ def test_two_processes_equal_one_process_fed_the_same_sub_batches(tmp_path):
     assert two[0]["w1"] == 0.5
 
 
+def test_two_processes_with_gradient_accumulation(tmp_path):
+    # 2 ranks x 2 micro-batches of 4: rank 0 takes batches 0 and 2 (g1), rank 1 batches 1 and 3 (g2). One process with
+    # 4 micro-batches routes the first two to g1: the data is reordered 0, 2, 1, 3 so it gets the same sub-batches.
+    two = torchrun(2, tmp_path / "two", "--steps", "3", "--batch", "4", "--accum", "2")
+    one = single(tmp_path / "one", "--steps", "3", "--batch", "4", "--accum", "4", "--interleave")
+    _assert_replicas_identical(two)
+    for k in one["params"]:
+        torch.testing.assert_close(two[0]["params"][k], one["params"][k], rtol=1e-4, atol=1e-5, msg=k)
+    assert _losses(two[0]) == pytest.approx(_losses(one), rel=1e-4)
+
+
 def test_two_process_resume_is_bitwise_identical(tmp_path):
     full = torchrun(2, tmp_path / "full", "--steps", "4", "--save_steps", "2")
     checkpoint = tmp_path / "full" / "checkpoint-2"

@@ -121,6 +121,10 @@ def run_worker(argv: Any = None) -> None:
     parser.add_argument("--optimizer", default="fop")
     parser.add_argument("--examples", type=int, default=96)
     parser.add_argument("--fsdp", action="store_true")
+    parser.add_argument(
+        "--interleave", action="store_true",
+        help="reorder each group of 4 batches as 0, 2, 1, 3 (one process then sees what 2 ranks x 2 micro-batches see)",
+    )
     opts = parser.parse_args(argv)
     save = dict(save_strategy="steps", save_steps=opts.save_steps) if opts.save_steps else {}
     if opts.fsdp:
@@ -130,7 +134,12 @@ def run_worker(argv: Any = None) -> None:
         train_sampling_strategy="sequential", fop_optimizer=opts.optimizer, fop_inverse_interval=2, fop_momentum=0.5,
         **save,
     )
-    trainer = FOPTrainer(model=tiny_vit(), args=args, train_dataset=digits_dataset(opts.examples))
+    data = digits_dataset(opts.examples)
+    if opts.interleave:
+        b = opts.batch
+        order = [i for start in range(0, opts.examples, 4 * b) for k in (0, 2, 1, 3) for i in range(start + k * b, start + (k + 1) * b)]
+        data = data.select(order)
+    trainer = FOPTrainer(model=tiny_vit(), args=args, train_dataset=data)
     trainer.train(resume_from_checkpoint=opts.resume)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world_size = dist.get_world_size() if dist.is_initialized() else 1
