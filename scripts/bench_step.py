@@ -399,7 +399,8 @@ def markdown(result: Dict[str, Any]) -> str:
                 "peak_fop_over_adamw", "peak_kfac_over_adamw", "state_fop_over_adamw"):  # fmt: skip
         if key in result:
             goal = GOALS.get(key)
-            met = "" if goal is None else ("yes" if result[key] <= goal else f"no (+{100 * (result[key] / goal - 1):.0f}%)")
+            over = f"no (+{100 * (result[key] / goal - 1):.0f}%)" if goal is not None else ""
+            met = "" if goal is None else ("yes" if result[key] <= goal else over)
             lines.append(f"| {key} | {result[key]:.3f} | {'' if goal is None else f'<= {goal}'} | {met} |")
     if "memory" in result:
         lines += ["", "| optimizer | peak MiB | state MiB |", "|---|---|---|"]
@@ -557,7 +558,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         result["sweep"] = sweep
         if args.plot:
             plot_sweep(sweep, args.intervals, args.plot, _plot_title(result))
-    result["goals"] = {k: {"goal": v, "value": result[k], "met": result[k] <= v} for k, v in GOALS.items() if k in result}
+    result["goals"] = {
+        k: {"goal": v, "value": result[k], "met": result[k] <= v} for k, v in GOALS.items() if k in result
+    }
     result["seconds"] = time.perf_counter() - t_start
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)

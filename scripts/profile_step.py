@@ -209,7 +209,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     table = split_by_phase(prof, args.interval, device.type == "cuda")
     total = sum(sum(v.values()) for v in table.values())
     classes = ("mm", "eigh", "elementwise", "other")
-    print(f"# {args.mode} on {shape.label()}, interval {args.interval}, {args.threads} thread(s); ms per step", file=sys.stderr)
+    print(f"# {args.mode} on {shape.label()}, interval {args.interval}, {args.threads} thread(s); ms per step",
+          file=sys.stderr)  # fmt: skip
     print(f"# {'phase':24s}" + "".join(f"{c:>12s}" for c in classes) + f"{'total':>10s}{'share':>8s}", file=sys.stderr)
     for phase in PHASES:
         row = table.get(phase, {})
