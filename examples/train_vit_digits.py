@@ -119,6 +119,8 @@ def main(argv: Optional[list] = None) -> float:
     accuracy = trainer.evaluate(data["test"], metric_key_prefix="test")["test_accuracy"]
     if trainer.is_world_process_zero():
         print(f"test accuracy: {accuracy:.4f} ({len(data['test'])} images, optimizer={args.fop_optimizer})")
+    if torch.distributed.is_initialized():  # clean gloo shutdown under torchrun / accelerate launch
+        torch.distributed.destroy_process_group()
     return accuracy
 
 

@@ -135,6 +135,8 @@ def worker(opts: argparse.Namespace) -> None:
     if dist.get_rank() == 0:
         with open(opts.result, "w") as f:
             json.dump(result, f)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def communication(opts: argparse.Namespace) -> Dict[str, float]:

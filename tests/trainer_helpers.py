@@ -153,6 +153,9 @@ def run_worker(argv: Any = None) -> None:
         "bytes_reduced": trainer.fop_reducer.bytes_reduced if trainer.fop_reducer is not None else 0,
     }
     torch.save(record, os.path.join(opts.out, f"rank{rank}.pt"))
+    if dist.is_initialized():  # tear gloo down before interpreter exit (avoids an abort in its threads)
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
