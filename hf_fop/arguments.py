@@ -64,6 +64,13 @@ class FOPTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        if self.deepspeed and self.fop_optimizer != "trainer":
+            # before TrainingArguments.__post_init__, which fails with an import error when deepspeed is missing
+            raise ValueError(
+                "FOPTrainingArguments.deepspeed is set, but FOP does not support DeepSpeed yet: DeepSpeed owns the "
+                "optimizer step and gradient reduction, which FOP's dual-gradient reduction replaces. Remove "
+                "deepspeed=... or set fop_optimizer='trainer'."
+            )
         super().__post_init__()
         if self.fop_optimizer not in OPTIMIZER_CHOICES:
             raise ValueError(

@@ -62,3 +62,11 @@ def test_cli_rejects_unknown_choice(tmp_path):
     parser = HfArgumentParser(FOPTrainingArguments)
     with pytest.raises(SystemExit):
         parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--fop_optimizer", "adam"])
+
+
+def test_deepspeed_configuration_is_rejected_with_the_limitation(tmp_path):
+    ds = {"train_batch_size": "auto", "zero_optimization": {"stage": 2}}
+    with pytest.raises(ValueError, match="FOPTrainingArguments.deepspeed is set, but FOP does not support DeepSpeed yet"):
+        FOPTrainingArguments(output_dir=str(tmp_path), deepspeed=ds, use_cpu=True)
+    with pytest.raises(ValueError, match="fop_optimizer='trainer'"):
+        FOPTrainingArguments(output_dir=str(tmp_path), deepspeed=ds, fop_optimizer="kfac", use_cpu=True)
