@@ -99,8 +99,9 @@ def main(argv: Optional[list] = None) -> float:
         output_dir="out/vit_digits", per_device_train_batch_size=128, per_device_eval_batch_size=256,
         num_train_epochs=60, learning_rate=0.005, fop_adamw_lr=3e-3, fop_damping=1e-3, warmup_steps=20,
         lr_scheduler_type="cosine", fop_inverse_interval=5, logging_steps=10, eval_strategy="epoch",
-        save_strategy="no", report_to=["tensorboard"], remove_unused_columns=False, use_cpu=True,
-        dataloader_num_workers=0, seed=0, disable_tqdm=True,
+        save_strategy="no", report_to=["tensorboard"], remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0, seed=0,
     )
     script, args = parser.parse_args_into_dataclasses(args=argv)
     if script.num_threads > 0:
