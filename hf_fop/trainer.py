@@ -11,13 +11,20 @@ step, normally ``gradient_accumulation_steps``) into FOP's two sub-batches:
 * several processes: each rank's micro-batches stay whole; even ranks give
   g1, odd ranks g2 (:mod:`hf_fop.distributed`), DDP's averaging is off.
 
-Loss scaling is the Trainer's (``num_items_in_batch``, gradient
-accumulation). Each sub-batch's loss is additionally divided by its share
-``w_j`` of the batch (``1/2`` for equal halves) so that it is the mean over
-the sub-batch, and ``opt.w1 = w_1`` makes ``g_avg = w_1 g1 + w_2 g2`` equal
-the gradient the Trainer would have used. Clipping (``max_grad_norm``) and
-the logged ``grad_norm`` therefore act on ``g_avg``; FOP scales ``g1 - g2``
-by the same factor.
+Loss scaling. Each piece's loss is the mean over its own loss items (the
+Trainer's count of ``num_items_in_batch``, or examples): the piece's count is
+passed as ``num_items_in_batch``, so models that honour it (ViT, GPT-2) and
+models that average per call (BERT sequence classification, plain modules)
+give the same value. Backward scales it by the piece's share of its
+sub-batch, so each sub-batch gradient is the mean over that sub-batch (what
+the curvature S needs), and ``opt.w1`` = sub-batch 1's share of the step's
+items makes ``g_avg = w_1 g1 + w_2 g2`` the mean gradient over all the step's
+items: the Trainer's gradient (for a model that ignores
+``num_items_in_batch`` with ``gradient_accumulation_steps > 1`` the plain
+Trainer's gradient is that many times larger; FOPTrainer keeps the mean).
+Clipping (``max_grad_norm``) and the logged ``grad_norm`` therefore act on
+``g_avg``; FOP scales ``g1 - g2`` by the same factor. K-FAC mode and
+multi-process pieces keep the Trainer's scaling unchanged.
 """
 
 from __future__ import annotations
@@ -56,12 +63,22 @@ _PER_LAYER_FIELDS = ("beta", "eta", "s_proj", "kl_base", "kl_cross", "kl_orth")
 
 @dataclass
 class _Piece:
-    """A forward/backward unit: (part of) a micro-batch routed to one sub-batch."""
+    """A forward/backward unit: (part of) a micro-batch routed to one sub-batch.
+
+    ``num_items is None``: the Trainer's own loss (its ``num_items_in_batch``
+    and gradient-accumulation scaling), backward as is. Otherwise the loss is
+    the mean over the piece's ``num_items`` loss items (passed to the model as
+    ``num_items_in_batch``, so models that honour it and models that average
+    per call agree), backward with ``loss_scale`` = piece items / sub-batch
+    items (each sub-batch gradient is its mean), and ``report_scale`` = piece
+    items / step items for the loss the Trainer logs.
+    """
 
     inputs: Mapping[str, Any]
     sub_batch: Optional[int]  # 0, 1, or None (plain backward: K-FAC, or a local multi-process batch)
-    trainer_factor: float  # share of its micro-batch's Trainer loss (halves of mean-reduced losses)
-    loss_scale: float  # 1 / share of its sub-batch in the whole batch
+    num_items: Optional[float] = None
+    loss_scale: float = 1.0
+    report_scale: float = 1.0
 
 
 @dataclass
@@ -206,12 +223,10 @@ class FOPTrainer(Trainer):
         n = len(batches)
         distributed = world()[1] > 1
         if self.fop_mode == "kfac" or distributed:
-            return _Plan([[_Piece(b, None, 1.0, 1.0)] for b in batches], 0.5, distributed)
-        scaled = self._loss_is_scaled(num_items_in_batch)
-        plain = _Plan([[_Piece(b, 0, 1.0, 1.0)] for b in batches], 1.0, False)  # K-FAC fallback (one sub-batch)
+            return _Plan([[_Piece(b, None)] for b in batches], 0.5, distributed)
+        plain = _Plan([[_Piece(b, 0)] for b in batches], 1.0, False)  # K-FAC fallback (one sub-batch)
         if n % 2 == 0:
             groups = [list(batches[: n // 2]), list(batches[n // 2 :])]
-            factors = [[1.0] * (n // 2), [1.0] * (n // 2)]
         else:
             sizes = [batch_size_of(b) for b in batches]
             if min(sizes) < 2:
@@ -222,26 +237,20 @@ class FOPTrainer(Trainer):
                 return plain
             halves = [split_batch(b, s // 2) for b, s in zip(batches, sizes)]
             groups = [[h[0] for h in halves], [h[1] for h in halves]]
-            factors = [[(s // 2) / s for s in sizes], [(s - s // 2) / s for s in sizes]]
-            if scaled:
-                factors = [[1.0] * n, [1.0] * n]
-        if scaled:
-            items = [self._items(g, device) for g in groups]
-            total = sum(items)
-            shares = [x / total if total > 0 else 0.0 for x in items]
-        else:
-            shares = [sum(f) / n for f in factors]
-        if min(shares) <= 0:
+        items = [[self._items([b], device) for b in group] for group in groups]
+        group_items = [sum(x) for x in items]
+        total = sum(group_items)
+        if min(min(x) for x in items) <= 0:
             return plain
         pieces = [
-            [_Piece(inp, j, f, 1.0 / shares[j]) for inp, f in zip(groups[j], factors[j])] for j in (0, 1)
+            [_Piece(b, j, k, k / group_items[j], k / total) for b, k in zip(groups[j], items[j])] for j in (0, 1)
         ]
         if n % 2 == 0:
             schedule = [[p] for p in pieces[0] + pieces[1]]
         else:
             schedule = [[p] for p in pieces[0]]
             schedule[-1] = schedule[-1] + pieces[1]
-        return _Plan(schedule, shares[0], False)
+        return _Plan(schedule, group_items[0] / total, False)
 
     # ------------------------------------------------------------- training
     def _account_skipped_step(self) -> None:
@@ -297,19 +306,21 @@ class FOPTrainer(Trainer):
             opt.begin_sub_batch(piece.sub_batch)
         try:
             with sync, opt.padding_mask(mask):
+                if piece.num_items is not None:
+                    num_items_in_batch = torch.tensor(piece.num_items, device=self.args.device)
                 with self.compute_loss_context_manager():
                     if mc:
                         loss, outputs = self.compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
                     else:
                         loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
-                if not self._loss_is_scaled(num_items_in_batch):
+                if piece.num_items is None and not self._loss_is_scaled(num_items_in_batch):
                     loss = loss / self.current_gradient_accumulation_steps
-                if piece.trainer_factor != 1.0:
-                    loss = loss * piece.trainer_factor
                 if mc:
                     logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[1]
                     opt.mc_backward(logits)
                 self.accelerator.backward(loss * piece.loss_scale if piece.loss_scale != 1.0 else loss)
+                if piece.report_scale != 1.0:
+                    loss = loss * piece.report_scale
         finally:
             if piece.sub_batch is not None:
                 opt.end_sub_batch(piece.sub_batch)

@@ -116,6 +116,10 @@ ROUTING_CASES = [
     ("mean-loss-ga3", MeanLossMLP, lambda n: digits_dataset(n), 5, 3),
     ("gpt2-ga2-tokens", tiny_gpt2, lambda n: lm_dataset(n), 4, 2),
     ("gpt2-ga1-odd-batch", tiny_gpt2, lambda n: lm_dataset(n), 5, 1),
+    # BERT's classification loss ignores num_items_in_batch (a per-call mean): halves must still average right
+    ("bert-ga1-halves", lambda: tiny_bert(dropout=0.0), lambda n: cls_text_dataset(n), 8, 1),
+    ("bert-ga2-microbatches", lambda: tiny_bert(dropout=0.0), lambda n: cls_text_dataset(n), 4, 2),
+    ("bert-ga3-deferred-halves", lambda: tiny_bert(dropout=0.0), lambda n: cls_text_dataset(n), 5, 3),
 ]
 
 
