@@ -99,7 +99,9 @@ def fop_direction_eigen(
     d = _dot(g_avg_hat, w)
     e = _dot(g_perp, w)
     zero = torch.zeros_like(n_avg)
-    beta = _zero_if_tiny(d, e, n_avg + _dot(g_diff_hat, g_diff_hat * m_inv)) if use_beta else zero
+    # ||g_diff||^2_{M^-1} = e + 2 s_proj d + s_proj^2 n_avg (g_diff = g_perp + s_proj g_avg): the scale of rounding noise
+    n_diff = e + 2 * s_proj * d + s_proj * s_proj * n_avg
+    beta = _zero_if_tiny(d, e, n_avg + n_diff) if use_beta else zero
     direction = torch.addcmul(u, w, beta)
     if use_eta:
         eta = _zero_if_tiny(n_avg + beta * d, n_avg + 2 * beta * d + beta * beta * e, n_avg)

@@ -87,7 +87,7 @@ class FOP(torch.optim.Optimizer):
         if not groups:
             raise ValueError(f"FOP got a model with no trainable parameter ({type(model).__name__}).")
         super().__init__(groups, {"lr": config.lr})
-        self._layer_of = {id(p): layer for layer in self.engine.layers for p in layer.params}
+        self._layer_params = [p for layer in self.engine.layers for p in layer.params]
         self.global_step = 0
         self.counters = {"factor_updates": 0, "inverse_updates": 0, "skipped_steps": 0, "fallback_steps": 0}
         self._phase = _IDLE
@@ -184,8 +184,7 @@ class FOP(torch.optim.Optimizer):
             seconds.append(b)
         if params:  # g1 - g2 and w1 g1 + (1 - w1) g2, batched with torch._foreach_*
             diffs = torch._foreach_sub(firsts, seconds)
-            avgs = torch._foreach_mul(firsts, w1)
-            torch._foreach_add_(avgs, torch._foreach_mul(seconds, 1 - w1))
+            avgs = torch._foreach_lerp(firsts, seconds, 1 - w1)  # g1 + (1 - w1)(g2 - g1), one pass
             for p, a, d, g in zip(params, firsts, diffs, avgs):
                 self._g1[p] = a
                 self._diff[p] = d
@@ -258,7 +257,8 @@ class FOP(torch.optim.Optimizer):
                 p.grad = g
             self._g1 = {}
         dual = self._phase == _AFTER1
-        diffs = self._scaled_diffs() if dual else {}
+        use_fop = self.config.mode == "fop" and dual
+        diffs = {p: self._diff[p] for p in self._layer_params if p in self._diff} if use_fop else {}
         t0 = time.perf_counter()
         new_factors = self.engine.finalize_capture() if self.engine.capture else {}
         if self.engine.capture and self.factor_reducer is not None:
@@ -279,13 +279,12 @@ class FOP(torch.optim.Optimizer):
         elif new_factors:
             self.engine.update_eigenbases(only_missing=True)
         self.engine.seconds += seconds_finalize
-        use_fop = self.config.mode == "fop" and dual
         self._last_fallback = self.config.mode == "fop" and not dual
         if self._last_fallback:
             self.counters["fallback_steps"] += 1
         for group in self.param_groups:
             if group["kind"] == "kfac":
-                self._kfac_group_step(group, diffs if use_fop else None)
+                self._kfac_group_step(group, diffs if use_fop else None, self._diff_ratio() if use_fop else None)
             else:
                 self._adamw_group_step(group)
         self.global_step += 1
@@ -293,14 +292,17 @@ class FOP(torch.optim.Optimizer):
         self._schedule_capture()
         return loss
 
-    def _scaled_diffs(self) -> Dict[Tensor, Tensor]:
-        """``g1 - g2`` scaled by whatever factor ``p.grad`` received since the sub-batches ended."""
+    def _diff_ratio(self) -> Optional[Tensor]:
+        """The factor ``p.grad`` (= g_avg) received since the sub-batches ended (clipping, fp16 unscaling).
+
+        ``||p.grad now|| / ||g_avg||`` over all parameters, a 0-dim tensor; FOP
+        applies it to ``g1 - g2``. ``None`` when there is nothing to compare.
+        """
         if self._avg_norm is None:
-            return dict(self._diff)
+            return None
         grads = [p.grad.detach().float() for p in self._diff if p.grad is not None]
         now = torch.stack(torch._foreach_norm(grads)).norm() if grads else self._avg_norm
-        ratio = torch.where(self._avg_norm > 0, now / self._avg_norm.clamp_min(torch.finfo(torch.float32).tiny), 1.0)
-        return {p: d * ratio.to(d.dtype) for p, d in self._diff.items()}
+        return torch.where(self._avg_norm > 0, now / self._avg_norm.clamp_min(torch.finfo(torch.float32).tiny), 1.0)
 
     def _all_finite(self, diffs: Dict[Tensor, Tensor], new_factors: Dict[str, Any]) -> bool:
         sums = [p.grad.float().sum() for p in self._all_params() if p.grad is not None]
@@ -308,7 +310,10 @@ class FOP(torch.optim.Optimizer):
         sums += [f.sum() for pair in new_factors.values() for f in pair]
         return bool(torch.isfinite(torch.stack(sums).sum())) if sums else True
 
-    def _kfac_group_step(self, group: Dict[str, Any], diffs: Optional[Dict[Tensor, Tensor]]) -> None:
+    def _kfac_group_step(
+        self, group: Dict[str, Any], diffs: Optional[Dict[Tensor, Tensor]], diff_ratio: Optional[Tensor]
+    ) -> None:
+        """Precondition and apply the managed layers' updates; ``diffs`` (g1 - g2, times ``diff_ratio``) selects FOP."""
         lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
         damping = self.config.damping
         in_group = {id(p) for p in group["params"]}
@@ -325,6 +330,8 @@ class FOP(torch.optim.Optimizer):
             if diffs is not None and (w in diffs or (b is not None and b in diffs)):
                 d_w = diffs[w] if w in diffs else torch.zeros_like(w)
                 d_hat = rotate(layer.grad_matrix(d_w, diffs.get(b) if b is not None else None), q_s, q_a)
+                if diff_ratio is not None:
+                    d_hat.mul_(diff_ratio)
                 dir_hat, st = fop_direction_eigen(
                     g_hat, d_hat, s, a, damping, self.config.eps, self.config.use_beta, self.config.use_eta
                 )

@@ -10,7 +10,7 @@ hooks; nothing is replaced):
 * ``eigendecomposition``: ``update_eigenbases``;
 * ``precondition``: the per-layer rotations and FOP/K-FAC math (``_kfac_group_step``);
 * ``adamw_part``: the AdamW update of the non-managed parameters;
-* ``checks``: ``_scaled_diffs`` + ``_all_finite``.
+* ``checks``: ``_diff_ratio`` + ``_all_finite``.
 
 Within each phase, self CPU (or CUDA) time is further split by operator class
 (``mm`` = matrix products: rotations and factor sums; ``eigh``; ``elementwise``;
@@ -87,7 +87,7 @@ def label_phases(opt: FOP) -> None:
         (engine, "_add_output_grad", "capture_backward"),
         (opt, "_kfac_group_step", "precondition"),
         (opt, "_adamw_group_step", "adamw_part"),
-        (opt, "_scaled_diffs", "checks"),
+        (opt, "_diff_ratio", "checks"),
         (opt, "_all_finite", "checks"),
     ):
         setattr(obj, attr, _scoped(name, getattr(obj, attr)))
