@@ -322,3 +322,33 @@ def test_layer_discovery_types_exclusions_and_tied_weights():
     assert [layer.kind for layer in layers3] == ["linear"] and skipped3["1"] == "excluded by type"
     grouped, why = find_layers(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), FOPConfig())
     assert grouped == [] and "grouped" in why["0"]
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_does_not_double_count(use_reentrant):
+    """Recomputed forwards (gradient_checkpointing) capture each input and output gradient once."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self, ckpt: bool):
+            super().__init__()
+            self.first, self.mid, self.head = nn.Linear(4, 4), nn.Linear(4, 5), nn.Linear(5, 3)
+            self.ckpt = ckpt
+
+        def forward(self, x):
+            x = self.first(x)
+            block = lambda t: torch.tanh(self.mid(t))  # noqa: E731
+            h = checkpoint(block, x, use_reentrant=use_reentrant) if self.ckpt else block(x)
+            return self.head(h)
+
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    factors = []
+    for ckpt in (False, True):
+        torch.manual_seed(10)
+        model = Net(ckpt)
+        opt = FOP(model, lr=0.0, factor_decay=0.0)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        factors.append([(layer.A, layer.S) for layer in opt.layers])
+    for (a0, s0), (a1, s1) in zip(*factors):
+        assert torch.allclose(a0, a1) and torch.allclose(s0, s1)
