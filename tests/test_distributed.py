@@ -138,3 +138,15 @@ def test_fsdp_configuration_is_rejected(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=single_thread_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "FOPTrainer does not support FSDP yet" in proc.stderr + proc.stdout
+
+
+def test_two_processes_train_on_a_streamed_dataset(tmp_path):
+    """load_dataset(..., streaming=True) under 2 processes: accelerate shards the stream, replicas stay identical."""
+    records = torchrun(2, tmp_path / "stream", "--steps", "3", "--stream")
+    _assert_replicas_identical(records)
+    assert all(r["world_size"] == 2 and r["w1"] == 0.5 for r in records)
+    log = json.loads(records[0]["log"])
+    steps = [h for h in log if "loss" in h]
+    assert len(steps) == 3 and all("fop/beta" in h and h["fop/fallback_fraction"] == 0.0 for h in steps)
+    assert all(h["fop/beta"] != 0.0 for h in steps)  # g1 != g2: the two ranks got different batches
+    assert all(torch.isfinite(v).all() for v in records[0]["params"].values())

@@ -121,6 +121,7 @@ def run_worker(argv: Any = None) -> None:
     parser.add_argument("--optimizer", default="fop")
     parser.add_argument("--examples", type=int, default=96)
     parser.add_argument("--fsdp", action="store_true")
+    parser.add_argument("--stream", action="store_true", help="train on the digits streamed from a local parquet file")
     parser.add_argument(
         "--interleave", action="store_true",
         help="reorder each group of 4 batches as 0, 2, 1, 3 (one process then sees what 2 ranks x 2 micro-batches see)",
@@ -139,6 +140,12 @@ def run_worker(argv: Any = None) -> None:
         b = opts.batch
         order = [i for start in range(0, opts.examples, 4 * b) for k in (0, 2, 1, 3) for i in range(start + k * b, start + (k + 1) * b)]
         data = data.select(order)
+    if opts.stream:
+        from datasets import load_dataset
+
+        path = os.path.join(opts.out, f"digits-{os.environ.get('RANK', '0')}.parquet")  # one file per process: no race
+        data.to_parquet(path)
+        data = load_dataset("parquet", data_files=path, split="train", streaming=True).with_format("torch")
     trainer = FOPTrainer(model=tiny_vit(), args=args, train_dataset=data)
     trainer.train(resume_from_checkpoint=opts.resume)
     rank = dist.get_rank() if dist.is_initialized() else 0
