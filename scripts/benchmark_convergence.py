@@ -545,8 +545,8 @@ def render_markdown(report: Dict[str, Any], files: Dict[str, str]) -> str:
         f"means the machine was shared); 1-min load average at start / end: {meta['loadavg_1min_start_end']}",
         f"- Grid (seed 0, chosen on validation accuracy after the last epoch): lr in {s['lr_grid']}, "
         f"damping (K-FAC, FOP) in {s['damping_grid']}; {s['seeds']} seeds for the chosen settings.",
-        f"- Targets (test accuracy): " + ", ".join(f"{m}: {100 * t:.0f}%" for m, t in s["targets"].items()),
-        f"- Epochs per run: " + "; ".join(
+        "- Targets (test accuracy): " + ", ".join(f"{m}: {100 * t:.0f}%" for m, t in s["targets"].items()),
+        "- Epochs per run: " + "; ".join(
             f"{m}: " + ", ".join(f"batch {b}: {e}" for b, e in eps.items()) for m, eps in s["epochs"].items()
         ),
         "",
