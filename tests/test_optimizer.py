@@ -272,7 +272,11 @@ def test_model_without_manageable_layers_warns_and_runs_adamw():
     ref.load_state_dict(model.state_dict())
     with pytest.warns(UserWarning, match="no Linear, Conv2d or Conv1D layer"):
         opt = FOP(model, lr=1e-2, adamw_weight_decay=0.1)
-    torch_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+    # the Trainer's rule: LayerNorm weight and bias get no decay, the embedding does
+    torch_opt = torch.optim.AdamW(
+        [{"params": [ref[1].weight], "weight_decay": 0.1}, {"params": list(ref[0].parameters()), "weight_decay": 0.0}],
+        lr=1e-2,
+    )
     idx = torch.tensor([0, 3, 4])
     for _ in range(5):
         for m, o in ((model, opt), (ref, torch_opt)):
