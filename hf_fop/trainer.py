@@ -57,6 +57,7 @@ _DIAG_AGGREGATES = {
     "skipped_steps": "skipped_steps",
     "factor_updates": "factor_updates",
     "inverse_updates": "inverse_updates",
+    "identity_layer_steps": "identity_layer_steps",
 }
 _PER_LAYER_FIELDS = ("beta", "eta", "s_proj", "kl_base", "kl_cross", "kl_orth")
 

@@ -16,6 +16,7 @@ import hf_fop.curvature as curvature
 from hf_fop import FOP, FOPConfig
 from hf_fop.curvature import find_layers
 from hf_fop.fop_math import kron_fisher, vec
+from sync_counter import SyncCounter
 
 
 def _ones_col(x: torch.Tensor) -> torch.Tensor:
@@ -560,34 +561,6 @@ def test_eigendecomposition_does_not_swallow_out_of_memory(monkeypatch):
     assert info.value is oom and calls == []  # propagated unchanged, no float64 retry
 
 
-class _SyncCounter:
-    """Counts the Tensor methods that read a value back to the host (a device synchronisation on GPU)."""
-
-    NAMES = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero", "cpu", "numpy")
-
-    def __init__(self, monkeypatch):
-        self.calls = []
-        for name in self.NAMES:
-            real = getattr(torch.Tensor, name)
-            monkeypatch.setattr(torch.Tensor, name, self._wrap(name, real))
-        real_getitem = torch.Tensor.__getitem__
-
-        def getitem(t, index):
-            parts = index if isinstance(index, tuple) else (index,)
-            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in parts):
-                self.calls.append("boolean-mask indexing")
-            return real_getitem(t, index)
-
-        monkeypatch.setattr(torch.Tensor, "__getitem__", getitem)
-
-    def _wrap(self, name, real):
-        def wrapped(t, *args, **kwargs):
-            self.calls.append(name)
-            return real(t, *args, **kwargs)
-
-        return wrapped
-
-
 def test_capture_hooks_with_a_padding_mask_do_not_synchronise(monkeypatch):
     torch.manual_seed(15)
     model = SeqModel()
@@ -595,7 +568,7 @@ def test_capture_hooks_with_a_padding_mask_do_not_synchronise(monkeypatch):
     mask = torch.ones(4, 5, dtype=torch.long)
     mask[1, 3:] = 0
     opt = FOP(model, lr=0.1)
-    counter = _SyncCounter(monkeypatch)
+    counter = SyncCounter(monkeypatch)
     for k in (0, 1):
         with opt.sub_batch(k), opt.padding_mask(mask[2 * k : 2 * k + 2]):
             _token_loss(model(x[2 * k : 2 * k + 2]), y[2 * k : 2 * k + 2]).backward()
