@@ -33,7 +33,7 @@ import time
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -636,7 +636,3 @@ class CurvatureEngine:
             layer.basis_s = EigenBasis(qs, es) if qs is not None else None
             layer.eigh_failures = {"A": int(entry.get("eigh_failures_A", 0)), "S": int(entry.get("eigh_failures_S", 0))}
             layer.clear_capture()
-
-    def iter_ready(self) -> Iterator[KFACLayer]:
-        """Layers with an eigenbasis (ready to precondition)."""
-        return (layer for layer in self.layers if layer.basis_a is not None and layer.basis_s is not None)

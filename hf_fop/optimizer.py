@@ -490,10 +490,11 @@ class FOP(torch.optim.Optimizer):
             names = list(self._last_stats)
             fields = ("beta", "eta", "s_proj", "kl_base", "kl_cross", "kl_orth")
             stacked = torch.stack([torch.stack([getattr(self._last_stats[n], f).float() for f in fields]) for n in names])
-            if self._diff_ratio is not None:  # the step paired c * g_avg with unscaled g1 - g2: beta was c x, s_proj 1/c x
-                c = self._diff_ratio.float()
-                correction = torch.stack([torch.where(c > 0, 1 / c, 1.0), c]).to(stacked.device)
-                stacked[:, :3] = stacked[:, :3] * torch.stack([correction[0], torch.ones_like(c), correction[1]])
+            if self._diff_ratio is not None:
+                # step() paired c g_avg with g1 - g2 as accumulated: its beta is c times, its s_proj 1/c times
+                # that of (c g1, c g2); eta and the KL terms are the same
+                c = self._diff_ratio.float().to(stacked.device)
+                stacked[:, :3] *= torch.stack([torch.where(c > 0, 1 / c, 1.0), torch.ones_like(c), c])
             stacked = stacked.cpu()
             for i, name in enumerate(names):
                 for j, f in enumerate(fields):
