@@ -57,6 +57,7 @@ _DIAG_AGGREGATES = {
     "skipped_steps": "skipped_steps",
     "factor_updates": "factor_updates",
     "inverse_updates": "inverse_updates",
+    "identity_layer_steps": "identity_layer_steps",
 }
 _PER_LAYER_FIELDS = ("beta", "eta", "s_proj", "kl_base", "kl_cross", "kl_orth")
 
@@ -181,7 +182,7 @@ class FOPTrainer(Trainer):
         if self.fop_mode is None:
             return super().create_optimizer(model)
         if self.optimizer is None:
-            opt = FOP(self.model, self.args.fop_config())
+            opt = FOP(self.model, self.args.fop_config(), decay_parameters=self.get_decay_parameter_names(self.model))
             _, world_size = world()
             if world_size > 1:
                 self.fop_reducer = DualGradientReducer(opt)
@@ -297,6 +298,7 @@ class FOPTrainer(Trainer):
         inputs = self._prepare_inputs(piece.inputs)
         mask = inputs.get("attention_mask")
         mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+        labels = inputs.get("labels")  # before compute_loss, which may pop it
         sync = self.accelerator.no_sync(model) if distributed and self.fop_mode == "fop" else contextlib.nullcontext()
         mc = opt.config.fisher_type == "mc" and opt.capturing
         scaler = self.accelerator.scaler
@@ -317,7 +319,7 @@ class FOPTrainer(Trainer):
                     loss = loss / self.current_gradient_accumulation_steps
                 if mc:
                     logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[1]
-                    opt.mc_backward(logits)
+                    opt.mc_backward(logits, labels=labels if isinstance(labels, Tensor) else None)
                 self.accelerator.backward(loss * piece.loss_scale if piece.loss_scale != 1.0 else loss)
                 if piece.report_scale != 1.0:
                     loss = loss * piece.report_scale
