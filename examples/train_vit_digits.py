@@ -32,7 +32,7 @@ from transformers import (
     ViTImageProcessorPil,
 )
 
-from hf_fop import FOPTrainer, FOPTrainingArguments
+from hf_fop import FOPTrainer, FOPTrainingArguments, parse_fop_args
 from hf_fop.data import ImageClassificationCollator, load_digits_images
 from hf_fop.metrics import compute_accuracy
 
@@ -103,7 +103,7 @@ def main(argv: Optional[list] = None) -> float:
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0, seed=0,
     )
-    script, args = parser.parse_args_into_dataclasses(args=argv)
+    script, args = parse_fop_args(parser, args=argv)  # bad fop_* values: one argparse error line
     if script.num_threads > 0:
         torch.set_num_threads(script.num_threads)
     data, labels = load_data(script)

@@ -104,7 +104,7 @@ class DualGradientReducer:
             self._all_reduce(sums)
         g1_flat = sums[0, :total] / self.n_even
         g2_flat = sums[1, :total] / self.n_odd
-        present = sums[:, total:].sum(0)
+        present = sums[:, total:].sum(0).tolist()  # the step's one host sync
         g1: Dict[Tensor, Tensor] = {}
         g2: Dict[Tensor, Tensor] = {}
         offset = 0
@@ -135,7 +135,7 @@ class DualGradientReducer:
         counts = torch.tensor([1.0 if layer.name in new else 0.0 for layer in layers], device=self.params[0].device)
         buf = torch.cat(pieces + [counts])
         self._all_reduce(buf)
-        counts = buf[-len(layers) :]
+        counts = buf[-len(layers) :].tolist()  # one host sync
         out: Dict[str, Tuple[Tensor, Tensor]] = {}
         offset = 0
         for i, layer in enumerate(layers):

@@ -150,3 +150,39 @@ def test_two_processes_train_on_a_streamed_dataset(tmp_path):
     assert len(steps) == 3 and all("fop/beta" in h and h["fop/fallback_fraction"] == 0.0 for h in steps)
     assert all(h["fop/beta"] != 0.0 for h in steps)  # g1 != g2: the two ranks got different batches
     assert all(torch.isfinite(v).all() for v in records[0]["params"].values())
+
+
+def test_two_processes_with_a_per_call_mean_loss_log_and_step_on_the_mean(tmp_path):
+    """BERT's classification loss ignores num_items_in_batch although its forward takes **kwargs, so transformers
+    5.24's compute_loss multiplies the per-call mean by num_processes (2x loss and gradient): FOPTrainer must not.
+    Step 1 captures no curvature: the glue reads from the device at most once there (the reducer's)."""
+    common = ("--model", "bert", "--steps", "2", "--batch", "8", "--examples", "64", "--factor_interval", "2", "--count_syncs")
+    two = torchrun(2, tmp_path / "two", *common)
+    one = single(tmp_path / "one", *common, "--accum", "2")
+    _assert_replicas_identical(two)
+    assert _losses(two[0]) == pytest.approx(_losses(one), rel=1e-4)
+    assert all(len(r["syncs"].get(1, [])) <= 1 for r in two + [one]), [r["syncs"] for r in two + [one]]
+    assert any("distributed.py" in s for s in two[0]["syncs"][1])  # the counter sees the reducer's read
+    for k in one["params"]:
+        torch.testing.assert_close(two[0]["params"][k], one["params"][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_two_processes_without_the_cpu_flag_stop_with_the_fix(tmp_path):
+    """torchrun on CPU with use_cpu=False: a process group the Trainer does not use (two unsharded copies)."""
+    out = tmp_path / "nocpu"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           HELPERS, "--out", str(out), "--steps", "1", "--no_cpu"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=single_thread_env(), capture_output=True, text=True, timeout=300)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "every process would train its own unsharded copy" in text
+    assert "use_cpu=True" in text and "--use_cpu" in text and "ACCELERATE_USE_CPU=1" in text
+    assert not list(out.glob("rank*.pt"))
+    # the environment variable the message names is a working fix
+    env = {**single_thread_env(), "ACCELERATE_USE_CPU": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert records[0]["world_size"] == 2
+    _assert_replicas_identical(records)
