@@ -117,6 +117,9 @@ class FOPTrainer(Trainer):
     ``optimizer_cls_and_kwargs=`` is given, it behaves as a plain ``Trainer``.
     """
 
+    use_ddp_comm_hook = True
+    """Multi-process FOP: reduce g1/g2 inside DDP's backward (:mod:`hf_fop.comm_hook`); ``False`` reduces after it."""
+
     def __init__(self, model: Any = None, args: Optional[FOPTrainingArguments] = None, *rest: Any, **kwargs: Any) -> None:
         if args is None:
             args = FOPTrainingArguments(output_dir="trainer_output")
@@ -143,6 +146,7 @@ class FOPTrainer(Trainer):
         self._plan: Optional[_Plan] = None
         self._micro = 0
         self._step_marker: Optional[Tuple[int, int]] = None
+        self._fop_hook_sync = False
 
     # ----------------------------------------------------------- validation
     def _check_supported(self) -> None:
@@ -188,7 +192,7 @@ class FOPTrainer(Trainer):
                 if self.fop_mode == "fop":
                     self.fop_reducer.install()
                 else:  # K-FAC: DDP averages the gradients; only the factors need averaging
-                    opt.factor_reducer = self.fop_reducer.reduce_factors
+                    self.fop_reducer.install_curvature()
             self.fop_optimizer = opt
             self.optimizer = opt
         return self.optimizer
@@ -284,20 +288,27 @@ class FOPTrainer(Trainer):
                 self.fop_optimizer.w1 = plan.w1
         model.train()
         self.optimizer.train()
+        self._fop_hook_sync = self._fop_uses_comm_hook(model, plan) and index == len(plan.schedule) - 1
         total: Optional[Tensor] = None
         for piece in plan.schedule[index]:
             loss = self._run_piece(model, piece, num_items_in_batch, plan.distributed)
             total = loss if total is None else total + loss
         if plan.distributed and self.fop_mode == "fop" and index == len(plan.schedule) - 1:
-            self.fop_reducer.reduce_gradients()
+            self.fop_reducer.hook.finish() if self._fop_hook_sync else self.fop_reducer.reduce_gradients()
         return total
+
+    def _fop_uses_comm_hook(self, model: nn.Module, plan: _Plan) -> bool:
+        """Multi-process FOP: reduce g1/g2 in a DDP comm hook during the last micro-batch's backward (if possible)."""
+        if not (plan.distributed and self.fop_mode == "fop" and self.use_ddp_comm_hook):
+            return False
+        return self.fop_reducer.attach_ddp(model)
 
     def _run_piece(self, model: nn.Module, piece: _Piece, num_items_in_batch: Any, distributed: bool) -> Tensor:
         opt = self.fop_optimizer
         inputs = self._prepare_inputs(piece.inputs)
         mask = inputs.get("attention_mask")
         mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
-        sync = self.accelerator.no_sync(model) if distributed and self.fop_mode == "fop" else contextlib.nullcontext()
+        sync = self.accelerator.no_sync(model) if distributed and self.fop_mode == "fop" and not self._fop_hook_sync else contextlib.nullcontext()
         mc = opt.config.fisher_type == "mc" and opt.capturing
         scaler = self.accelerator.scaler
         if scaler is not None:  # read by the forward hooks: set before the forward pass
@@ -349,6 +360,12 @@ class FOPTrainer(Trainer):
         super().log(logs, start_time)
 
     # ---------------------------------------------------------- checkpoints
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Average the ranks' factors first (a collective every rank enters; ``state_dict()`` runs on rank 0 only)."""
+        if self.fop_reducer is not None:
+            self.fop_reducer.sync_factors()
+        super()._save_checkpoint(model, trial)
+
     def _needs_key_conversion(self, folder: str, target: nn.Module) -> bool:
         """The checkpoint stores tensor names the in-memory model does not have (ViT in transformers 5.x)."""
         keys = _checkpoint_keys(folder)

@@ -121,6 +121,7 @@ def run_worker(argv: Any = None) -> None:
     parser.add_argument("--optimizer", default="fop")
     parser.add_argument("--examples", type=int, default=96)
     parser.add_argument("--fsdp", action="store_true")
+    parser.add_argument("--no_comm_hook", action="store_true", help="FOPTrainer.use_ddp_comm_hook = False")
     parser.add_argument("--stream", action="store_true", help="train on the digits streamed from a local parquet file")
     parser.add_argument(
         "--interleave", action="store_true",
@@ -147,11 +148,17 @@ def run_worker(argv: Any = None) -> None:
         data.to_parquet(path)
         data = load_dataset("parquet", data_files=path, split="train", streaming=True).with_format("torch")
     trainer = FOPTrainer(model=tiny_vit(), args=args, train_dataset=data)
+    trainer.use_ddp_comm_hook = not opts.no_comm_hook
     trainer.train(resume_from_checkpoint=opts.resume)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     opt = trainer.fop_optimizer
+    pending = trainer.fop_reducer is not None and trainer.fop_reducer.curvature.pending
+    if trainer.fop_reducer is not None:
+        trainer.fop_reducer.sync_factors()  # collective, every rank: local factor averages become the global ones
     record = {
+        "pending_before_sync": pending,
+        "comm_hook": trainer.fop_reducer is not None and trainer.fop_reducer.hook is not None,
         "world_size": world_size,
         "params": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
         "layers": opt.state_dict()["fop"]["layers"] if opt is not None else {},
