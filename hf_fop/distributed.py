@@ -154,8 +154,9 @@ class DualGradientReducer:
         if self.refused is model:
             return False
         self.refused = model
+        say = logger.warning if self.rank == 0 else logger.debug  # one line per run, not one per rank
         if not isinstance(model, nn.parallel.DistributedDataParallel):
-            logger.warning(
+            say(
                 f"FOP: the model is a {type(model).__name__}, not DistributedDataParallel; the dual-gradient "
                 "reduction runs after the backward pass."
             )
@@ -164,7 +165,7 @@ class DualGradientReducer:
         try:
             hook.register(model)
         except RuntimeError as err:
-            logger.warning(f"FOP: DDP refused the dual-gradient comm hook ({err}); the reduction runs after the backward pass.")
+            say(f"FOP: DDP refused the dual-gradient comm hook ({err}); the reduction runs after the backward pass.")
             return False
         self.hook, self.hooked, self.refused = hook, model, None
         return True

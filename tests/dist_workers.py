@@ -116,6 +116,12 @@ def worker(opts: argparse.Namespace) -> None:
         h_reducer.install()
         h_ddp = torch.nn.parallel.DistributedDataParallel(h_model, find_unused_parameters=True)
         assert h_reducer.attach_ddp(h_ddp)
+        # where the hook cannot be used, attach_ddp says so (one log line) and the caller keeps reduce_gradients
+        probe = DualGradientReducer(make_opt(MLP(), opts.mode, opts.inverse_interval, opts.scenario))
+        assert not probe.attach_ddp(MLP())  # not DistributedDataParallel
+        taken = torch.nn.parallel.DistributedDataParallel(MLP(), find_unused_parameters=True)
+        taken.register_comm_hook(None, lambda state, bucket: torch.futures.Future())  # DDP takes one hook only
+        assert not probe.attach_ddp(taken) and probe.hook is None
         hooked = (h_model, h_opt, h_reducer, h_ddp)
     bytes_per_step: List[int] = []
     pending: List[bool] = []
