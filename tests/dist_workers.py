@@ -88,6 +88,7 @@ def record(model: nn.Module, opt: FOP) -> Dict[str, Any]:
         "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "layers": opt.engine.state_dict(),
         "counters": dict(opt.counters),
+        "diagnostics": opt.diagnostics(),  # beta, s_proj, ... of the last step (signs depend on g1 - g2's)
     }
 
 
