@@ -357,6 +357,9 @@ class FOPTrainer(Trainer):
             self._account_skipped_step()  # log() runs between optimizer steps
             if "loss" in logs:
                 logs = {**logs, **self.fop_logs()}
+                if self.fop_reducer is not None:  # every rank logs training losses at the same steps
+                    peak, mean = self.fop_reducer.seconds_across_ranks(logs["fop/curvature_seconds"])
+                    logs["fop/curvature_seconds_max"], logs["fop/curvature_seconds_mean"] = peak, mean
         super().log(logs, start_time)
 
     # ---------------------------------------------------------- checkpoints

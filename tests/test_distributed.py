@@ -81,6 +81,11 @@ def test_two_processes_equal_one_process_fed_the_same_sub_batches(tmp_path):
     assert _losses(two[0]) == pytest.approx(_losses(one), rel=1e-4)
     assert two[0]["w1"] == 0.5
     assert two[0]["comm_hook"]  # FOPTrainer reduced g1/g2 inside DDP's backward
+    logs = [[h for h in json.loads(r["log"]) if "loss" in h] for r in two]
+    for step0, step1 in zip(*logs):  # each rank's own curvature seconds; max and mean over ranks, logged on both
+        own = [step0["fop/curvature_seconds"], step1["fop/curvature_seconds"]]
+        assert step0["fop/curvature_seconds_max"] == step1["fop/curvature_seconds_max"] == pytest.approx(max(own))
+        assert step0["fop/curvature_seconds_mean"] == pytest.approx(sum(own) / 2)
 
 
 def test_two_processes_with_gradient_accumulation(tmp_path):
