@@ -139,8 +139,11 @@ class FOP(torch.optim.Optimizer):
         """``||g_avg at step()|| / ||g_avg when the sub-batches ended||`` of the last FOP step (0-dim, on device)."""
         self.w1 = 0.5
         """Weight of g1 in ``g_avg = w1 g1 + (1 - w1) g2`` (0.5 unless groups are unequal)."""
-        self.factor_reducer: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None
-        """Distributed hook: maps this process's new factors ``{name: (A, S)}`` to the global ones."""
+        self.distributor: Optional[Any] = None
+        """Multi-process factor exchange (:class:`hf_fop.distributed.ReplicatedCurvature`); ``None``: one process.
+
+        ``exchange_factors(new) -> (factors to update with, all ranks finite)`` on factor steps and
+        ``sync_factors()`` before factors are read; both are collectives."""
         self._last_stats: Dict[str, LayerStats] = {}
         self._last_fallback = False
         self._schedule_capture()
@@ -238,6 +241,13 @@ class FOP(torch.optim.Optimizer):
         if not keep_g1:
             self._g1 = {}
 
+    def set_reduced_gradients(self, diffs: Dict[Tensor, Tensor]) -> None:
+        """Install ``g1 - g2`` (``{param: tensor}``) when ``p.grad`` already holds ``g_avg`` (the DDP comm hook)."""
+        self._g1 = {}
+        self._diff = dict(diffs)
+        self._avg_norm = self._managed_grad_norm() if self.config.mode == "fop" else None
+        self._phase = _AFTER1
+
     # ---------------------------------------------------------------- modes
     def train(self, mode: bool = True) -> None:
         """Enable curvature capture (the Trainer calls this when it trains)."""
@@ -330,10 +340,11 @@ class FOP(torch.optim.Optimizer):
         diffs = {p: self._diff[p] for p in self._layer_params if p in self._diff} if use_fop else {}
         t0 = time.perf_counter()
         new_factors = self.engine.finalize_capture() if self.engine.capture else {}
-        if self.engine.capture and self.factor_reducer is not None:
-            new_factors = self.factor_reducer(new_factors)
+        factors_finite = True
+        if self.engine.capture and self.distributor is not None:
+            new_factors, factors_finite = self.distributor.exchange_factors(new_factors)
         seconds_finalize = time.perf_counter() - t0
-        if not self._all_finite(diffs, new_factors):
+        if not factors_finite or not self._all_finite(diffs, new_factors):
             self.counters["skipped_steps"] += 1
             self._discard_step_buffers()
             self._schedule_capture()
@@ -343,9 +354,11 @@ class FOP(torch.optim.Optimizer):
             self.engine.update_factors(new_factors)
             self.counters["factor_updates"] += 1
         if self.global_step % self.config.inverse_interval == 0 and any(layer.A is not None for layer in self.engine.layers):
+            self._sync_factors()
             self.engine.update_eigenbases()
             self.counters["inverse_updates"] += 1
-        elif new_factors:
+        elif any(layer.A is not None and layer.basis_a is None for layer in self.engine.layers):
+            self._sync_factors()
             self.engine.update_eigenbases(only_missing=True)
         self.engine.seconds += seconds_finalize
         self._last_fallback = self.config.mode == "fop" and not dual
@@ -371,6 +384,11 @@ class FOP(torch.optim.Optimizer):
         if not grads:
             return torch.zeros(())
         return torch.stack([n.float() for n in torch._foreach_norm(grads)]).norm()
+
+    def _sync_factors(self) -> None:
+        """Make every rank's factors the global ones before they are read (no-op in one process)."""
+        if self.distributor is not None:
+            self.distributor.sync_factors()
 
     def _all_finite(self, diffs: Dict[Tensor, Tensor], new_factors: Dict[str, Any]) -> bool:
         """One fused max-abs reduction per dtype over gradients, differences and new factors; one host read."""
@@ -508,6 +526,14 @@ class FOP(torch.optim.Optimizer):
     # ----------------------------------------------------------------- state
     def state_dict(self) -> Dict[str, Any]:
         """Torch optimizer state plus ``"fop"``: step, counters and curvature (tensors and plain values only)."""
+        if self.distributor is not None and self.distributor.pending:
+            warnings.warn(
+                "FOP.state_dict(): the ranks' curvature factors were not averaged since the last update, so this state "
+                "holds this rank's local factors; call sync_factors() on every rank first (FOPTrainer does before "
+                "checkpoints).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         state = super().state_dict()
         state["fop"] = {
             "global_step": self.global_step,

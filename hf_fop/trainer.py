@@ -123,6 +123,9 @@ class FOPTrainer(Trainer):
     ``optimizer_cls_and_kwargs=`` is given, it behaves as a plain ``Trainer``.
     """
 
+    use_ddp_comm_hook = True
+    """Multi-process FOP: reduce g1/g2 inside DDP's backward (:mod:`hf_fop.comm_hook`); ``False`` reduces after it."""
+
     def __init__(self, model: Any = None, args: Optional[FOPTrainingArguments] = None, *rest: Any, **kwargs: Any) -> None:
         if args is None:
             args = FOPTrainingArguments(output_dir="trainer_output")
@@ -153,6 +156,7 @@ class FOPTrainer(Trainer):
         self._micro = 0
         self._step_marker: Optional[Tuple[int, int]] = None
         self._unsplittable_steps = 0
+        self._fop_hook_sync = False
 
     # ----------------------------------------------------------- validation
     def _check_process_group(self) -> None:
@@ -216,7 +220,7 @@ class FOPTrainer(Trainer):
                 if self.fop_mode == "fop":
                     self.fop_reducer.install()
                 else:  # K-FAC: DDP averages the gradients; only the factors need averaging
-                    opt.factor_reducer = self.fop_reducer.reduce_factors
+                    self.fop_reducer.install_curvature()
             self.fop_optimizer = opt
             self.optimizer = opt
         return self.optimizer
@@ -366,12 +370,13 @@ class FOPTrainer(Trainer):
                 self.fop_optimizer.set_grad_scale(scaler.get_scale())  # the scale changes only in optimizer steps
         model.train()
         self.optimizer.train()
+        self._fop_hook_sync = self._fop_uses_comm_hook(model, plan) and index == len(plan.schedule) - 1
         total: Optional[Tensor] = None
         for piece in plan.schedule[index]:
             loss = self._run_piece(model, piece, num_items_in_batch, plan.distributed)
             total = loss if total is None else total + loss
         if plan.distributed and self.fop_mode == "fop" and index == len(plan.schedule) - 1:
-            self.fop_reducer.reduce_gradients()
+            self.fop_reducer.hook.finish() if self._fop_hook_sync else self.fop_reducer.reduce_gradients()
         steps = self.args.torch_empty_cache_steps  # as Trainer.training_step: once per micro-batch on these steps
         if steps is not None and self.state.global_step % steps == 0:
             clear_device_cache()
@@ -379,13 +384,19 @@ class FOPTrainer(Trainer):
                 torch.mps.clear_graph_cache()
         return total
 
+    def _fop_uses_comm_hook(self, model: nn.Module, plan: _Plan) -> bool:
+        """Multi-process FOP: reduce g1/g2 in a DDP comm hook during the last micro-batch's backward (if possible)."""
+        if not (plan.distributed and self.fop_mode == "fop" and self.use_ddp_comm_hook):
+            return False
+        return self.fop_reducer.attach_ddp(model)
+
     def _run_piece(self, model: nn.Module, piece: _Piece, num_items_in_batch: Any, distributed: bool) -> Tensor:
         opt = self.fop_optimizer
         inputs = self._prepare_inputs(piece.inputs)
         mask = inputs.get("attention_mask")
         mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
         labels = inputs.get("labels")  # before compute_loss, which may pop it
-        sync = self.accelerator.no_sync(model) if distributed and self.fop_mode == "fop" else contextlib.nullcontext()
+        sync = self.accelerator.no_sync(model) if distributed and self.fop_mode == "fop" and not self._fop_hook_sync else contextlib.nullcontext()
         mc = opt.config.fisher_type == "mc" and opt.capturing
         own_count = piece.num_items is not None  # FOPTrainer scales the loss itself (see _Piece)
         if piece.sub_batch is not None:
@@ -433,9 +444,18 @@ class FOPTrainer(Trainer):
             self._account_skipped_step()  # log() runs between optimizer steps
             if "loss" in logs:
                 logs = {**logs, **self.fop_logs()}
+                if self.fop_reducer is not None:  # every rank logs training losses at the same steps
+                    peak, mean = self.fop_reducer.seconds_across_ranks(logs["fop/curvature_seconds"])
+                    logs["fop/curvature_seconds_max"], logs["fop/curvature_seconds_mean"] = peak, mean
         super().log(logs, start_time)
 
     # ---------------------------------------------------------- checkpoints
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Average the ranks' factors first (a collective every rank enters; ``state_dict()`` runs on rank 0 only)."""
+        if self.fop_reducer is not None:
+            self.fop_reducer.sync_factors()
+        super()._save_checkpoint(model, trial)
+
     def _needs_key_conversion(self, folder: str, target: nn.Module) -> bool:
         """The checkpoint stores tensor names the in-memory model does not have (ViT in transformers 5.x)."""
         keys = _checkpoint_keys(folder)

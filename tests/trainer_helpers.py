@@ -169,6 +169,7 @@ def run_worker(argv: Any = None) -> None:
     parser.add_argument("--no_cpu", action="store_true", help="leave use_cpu=False (a user script without the CPU flag)")
     parser.add_argument("--factor_interval", type=int, default=1)
     parser.add_argument("--count_syncs", action="store_true", help="record the glue's host syncs per step")
+    parser.add_argument("--no_comm_hook", action="store_true", help="FOPTrainer.use_ddp_comm_hook = False")
     parser.add_argument("--stream", action="store_true", help="train on the digits streamed from a local parquet file")
     parser.add_argument(
         "--interleave", action="store_true",
@@ -196,12 +197,18 @@ def run_worker(argv: Any = None) -> None:
         data = load_dataset("parquet", data_files=path, split="train", streaming=True).with_format("torch")
     model = tiny_vit() if opts.model == "vit" else tiny_bert(dropout=0.0)
     trainer = FOPTrainer(model=model, args=args, train_dataset=data)
+    trainer.use_ddp_comm_hook = not opts.no_comm_hook
     with count_glue_syncs(lambda: trainer.state.global_step) if opts.count_syncs else contextlib.nullcontext({}) as syncs:
         trainer.train(resume_from_checkpoint=opts.resume)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     opt = trainer.fop_optimizer
+    pending = trainer.fop_reducer is not None and trainer.fop_reducer.curvature.pending
+    if trainer.fop_reducer is not None:
+        trainer.fop_reducer.sync_factors()  # collective, every rank: local factor averages become the global ones
     record = {
+        "pending_before_sync": pending,
+        "comm_hook": trainer.fop_reducer is not None and trainer.fop_reducer.hook is not None,
         "world_size": world_size,
         "params": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
         "layers": opt.state_dict()["fop"]["layers"] if opt is not None else {},
@@ -217,7 +224,5 @@ def run_worker(argv: Any = None) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     run_worker()
