@@ -41,12 +41,18 @@ class FOP(torch.optim.Optimizer):
             K-FAC/FOP-managed; every other trainable parameter is updated by AdamW.
         config: a :class:`FOPConfig`; keyword arguments override its fields
             (``FOP(model, lr=0.1, damping=1e-3)``).
+        accelerator: an ``accelerate.Accelerator`` to train with in a plain
+            Accelerate loop: FOP then routes the accumulation window into its
+            sub-batches and reduces across processes by itself
+            (:mod:`hf_fop.accelerate_loop`). Not needed with ``FOPTrainer``.
 
     Param groups: ``param_groups[i]["kind"]`` is ``"kfac"`` (managed layers,
     ``lr`` = eta0) or ``"adamw"``; both carry ``lr`` for LR schedulers.
     """
 
-    def __init__(self, model: nn.Module, config: Optional[FOPConfig] = None, **overrides: Any) -> None:
+    def __init__(
+        self, model: nn.Module, config: Optional[FOPConfig] = None, *, accelerator: Any = None, **overrides: Any
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"FOP expects the model (a torch.nn.Module), got {type(model).__name__}.")
         config = (config or FOPConfig()).replace(**overrides) if overrides else (config or FOPConfig())
@@ -101,6 +107,12 @@ class FOP(torch.optim.Optimizer):
         self._last_stats: Dict[str, LayerStats] = {}
         self._last_fallback = False
         self._schedule_capture()
+        self.accelerate_router: Optional[Any] = None
+        """The :class:`hf_fop.accelerate_loop.AccelerateRouter` when built with ``accelerator=``."""
+        if accelerator is not None:
+            from .accelerate_loop import AccelerateRouter
+
+            self.accelerate_router = AccelerateRouter(self, model, accelerator)
 
     # ------------------------------------------------------------ sub-batches
     def _all_params(self) -> Iterator[Tensor]:
