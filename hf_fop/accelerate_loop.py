@@ -38,8 +38,12 @@ window ends, and what ``accelerator.clip_grad_norm_`` clips) is the mean
 gradient of the window: accelerate's gradient for a full window. Curvature S is
 captured with the same scaling divided out (and the GradScaler's scale, fp16).
 ``mode="kfac"`` keeps accelerate's gradient unchanged. The routing is the
-:class:`FOPTrainer`'s: the two front ends give the same parameters on the same
-sub-batches (``tests/test_accelerate_loop.py``).
+:class:`FOPTrainer`'s for even ``n``, for ``n = 1`` and for several processes,
+and the two front ends then give the same parameters on the same sub-batches
+(``tests/test_accelerate_loop.py``). For odd ``n >= 3`` the Trainer splits
+every micro-batch in halves; here whole micro-batches are routed (g1 gets the
+extra one, ``w1 = ceil(n/2) / n``), since accelerate hands over one micro-batch
+at a time.
 
 ``AcceleratedOptimizer.step``/``zero_grad`` act only when accelerate syncs
 (the window's last micro-batch), so FOP steps once per window. A window whose
