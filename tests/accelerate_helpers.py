@@ -77,6 +77,7 @@ def accelerate_loop(
                 done += 1
                 if done == save_at:
                     accelerator.save_state(checkpoint)
+                    accelerator.wait_for_everyone()
                 if done == steps:
                     break
     fop = opt.optimizer
@@ -101,13 +102,20 @@ def run_worker() -> None:
     parser.add_argument("--runs", default="fop:1", help="comma-separated MODE:ACCUM runs, one after the other")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--resume", action="store_true", help="also: FOP 4 steps vs 2 steps, save_state, load_state, 2 more")
     opts = parser.parse_args()
-    accelerator = Accelerator(cpu=True)
-    record: Dict[str, Any] = {"world_size": accelerator.num_processes}
+    record: Dict[str, Any] = {}
     for run in opts.runs.split(","):
         mode, accum = run.split(":")
-        accelerator.gradient_accumulation_steps = int(accum)
+        accelerator = Accelerator(cpu=True, gradient_accumulation_steps=int(accum))  # process group already up: reused
         record[run] = accelerate_loop(accelerator, FOPConfig(mode=mode, **CONFIG), opts.batch, opts.steps)
+    record["world_size"] = accelerator.num_processes
+    if opts.resume:
+        config = FOPConfig(mode="fop", **CONFIG)
+        ckpt = os.path.join(opts.out, "ckpt")
+        record["full"] = accelerate_loop(Accelerator(cpu=True), config, opts.batch, 4)
+        accelerate_loop(Accelerator(cpu=True), config, opts.batch, 2, checkpoint=ckpt, save_at=2)
+        record["resumed"] = accelerate_loop(Accelerator(cpu=True), config, opts.batch, 4, resume=ckpt)
     torch.save(record, os.path.join(opts.out, f"rank{accelerator.process_index}.pt"))
     if dist.is_initialized():
         dist.barrier()

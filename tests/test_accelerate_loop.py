@@ -248,8 +248,11 @@ def _torchrun(out: Path, *args: str) -> List[Dict]:
 
 def test_two_processes_equal_one_process_fed_the_same_sub_batches(tmp_path):
     """Rank r takes batches r, r + 2, ... One process sees the same sub-batches with 2-batch windows (accumulation 1
-    per rank), or with 4-batch windows over the batches reordered 0, 2, 1, 3, ... (accumulation 2 per rank)."""
-    records = _torchrun(tmp_path / "two", "--runs", "fop:1,kfac:1,fop:2", "--steps", str(STEPS), "--batch", str(BATCH))
+    per rank), or with 4-batch windows over the batches reordered 0, 2, 1, 3, ... (accumulation 2 per rank).
+    Also: resume under two processes is bitwise."""
+    records = _torchrun(
+        tmp_path / "two", "--runs", "fop:1,kfac:1,fop:2", "--steps", str(STEPS), "--batch", str(BATCH), "--resume"
+    )
     assert records[0]["world_size"] == 2
     data = digits_dataset(96)
     interleaved = data.select([i for b in (0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11) for i in range(b * BATCH, (b + 1) * BATCH)])
@@ -276,6 +279,10 @@ def test_two_processes_equal_one_process_fed_the_same_sub_batches(tmp_path):
     assert records[0]["fop:1"]["ddp_allreduced"] == 0 and records[1]["fop:2"]["ddp_allreduced"] == 0
     assert records[0]["kfac:1"]["ddp_allreduced"] > 0
     _assert_params_differ(records[0]["fop:1"]["params"], records[0]["kfac:1"]["params"])
+    for record in records:  # save_state / load_state under two processes: bitwise the uninterrupted run
+        assert record["resumed"]["global_step"] == 4
+        for k in record["full"]["params"]:
+            assert torch.equal(record["full"]["params"][k], record["resumed"]["params"][k]), k
 
 
 # ------------------------------------------------------------------ example
