@@ -286,11 +286,15 @@ def test_two_processes_equal_one_process_fed_the_same_sub_batches(tmp_path):
 
 
 # ------------------------------------------------------------------ example
-def test_example_no_trainer_smoke_reports_accuracy(tmp_path):
-    """Smoke test: the example script runs a few steps and prints a test accuracy."""
-    out = _run_example(tmp_path / "ex", "--max_train_steps", "3", "--checkpointing_steps", "2", "--with_tracking")
+@pytest.mark.parametrize("optimizer,accum", [("fop", 1), ("kfac", 2), ("adamw", 1)])
+def test_example_no_trainer_smoke_reports_accuracy(tmp_path, optimizer, accum):
+    """Smoke test: the example script runs a few steps with each optimizer and prints a test accuracy."""
+    out = _run_example(
+        tmp_path / "ex", "--max_train_steps", "3", "--checkpointing_steps", "2", "--with_tracking",
+        "--fop_optimizer", optimizer, "--gradient_accumulation_steps", str(accum),
+    )
     line = [ln for ln in out.splitlines() if ln.startswith("test accuracy:")]
-    assert line, out[-2000:]
+    assert line and f"optimizer={optimizer}, steps=3, processes=1" in line[0], out[-2000:]
     assert 0.0 <= float(line[0].split()[2]) <= 1.0
     assert (tmp_path / "ex" / "step_2").is_dir()
     assert any((tmp_path / "ex" / "runs").rglob("events.out.tfevents.*"))
@@ -299,7 +303,7 @@ def test_example_no_trainer_smoke_reports_accuracy(tmp_path):
 def _run_example(out: Path, *args: str) -> str:
     proc = subprocess.run(
         [sys.executable, "examples/run_image_classification_no_trainer.py", "--per_device_train_batch_size", "32",
-         "--gradient_accumulation_steps", "2", "--output_dir", str(out), *args],
+         "--output_dir", str(out), *args],
         cwd=ROOT, env=single_thread_env(), capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -309,8 +313,9 @@ def _run_example(out: Path, *args: str) -> str:
 def test_example_resumes_from_a_step_checkpoint_bitwise(tmp_path):
     from safetensors.torch import load_file
 
-    _run_example(tmp_path / "full", "--max_train_steps", "4", "--checkpointing_steps", "2")
-    out = _run_example(tmp_path / "resumed", "--max_train_steps", "4", "--resume_from_checkpoint", str(tmp_path / "full" / "step_2"))
+    common = ("--max_train_steps", "4", "--gradient_accumulation_steps", "2")
+    _run_example(tmp_path / "full", *common, "--checkpointing_steps", "2")
+    out = _run_example(tmp_path / "resumed", *common, "--resume_from_checkpoint", str(tmp_path / "full" / "step_2"))
     assert "Resumed from checkpoint" in out
     full = load_file(tmp_path / "full" / "model.safetensors")
     resumed = load_file(tmp_path / "resumed" / "model.safetensors")
