@@ -53,7 +53,9 @@ checkpoint FOP with the rest (its state is full and identical on every rank).
 
 Requirements: one training forward of the model per micro-batch (piece), and
 the window's last backward passes through the model's output. Evaluation
-(``model.eval()`` or ``torch.no_grad()``) is not routed.
+(``model.eval()`` or ``torch.no_grad()``) is not routed. ``fisher_type="mc"``:
+the router runs the sampled-label backward on the output's ``logits`` after
+each forward of a curvature step.
 """
 
 from __future__ import annotations
@@ -211,7 +213,11 @@ class AccelerateRouter:
         self._close_pending = last
 
     def _after_forward(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not (self._close_pending and self._routed(module)):
+        if not self._routed(module):
+            return
+        if self.opt.config.fisher_type == "mc" and self.opt.capturing:
+            self.opt.mc_backward(_logits(output))  # sampled-label backward for S, as FOPTrainer does
+        if not self._close_pending:
             return
         self._close_pending = False
         self._close_queued = False
@@ -284,6 +290,18 @@ class AccelerateRouter:
             n = int(self.accelerator.gradient_accumulation_steps)
             _scale_grads(opt, n / self._counts.get(-1, n))
             self.reducer.reduce_gradients()
+
+
+def _logits(output: Any) -> Tensor:
+    """The logits of a model output: ``output["logits"]`` (``ModelOutput``, dict) or the output tensor itself."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), Tensor):
+        return output["logits"]
+    raise TypeError(
+        f"fisher_type='mc' samples labels from the model's logits, but the output ({type(output).__name__}) is neither "
+        "a tensor nor has a 'logits' entry; use fisher_type='empirical' or return logits."
+    )
 
 
 def _tensors(output: Any) -> List[Tensor]:

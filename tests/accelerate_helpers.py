@@ -34,6 +34,7 @@ def accelerate_loop(
     clip: bool = False,
     scale: Optional[float] = None,
     data: Any = None,
+    seed: Optional[int] = None,
 ) -> Dict[str, Any]:
     """Train ``tiny_vit()`` on digits for ``steps`` optimizer steps; returns the parameters and FOP.
 
@@ -42,6 +43,7 @@ def accelerate_loop(
     ``scale``: a CPU ``GradScaler`` with this initial scale (what ``mixed_precision="fp16"`` sets up on a GPU).
     ``clip``: ``accelerator.clip_grad_norm_(..., MAX_GRAD_NORM)`` before each step.
     ``data``: a dataset instead of ``digits_dataset(examples)``.
+    ``seed``: ``torch.manual_seed(seed)`` just before the training loop (random draws: mc Fisher).
     """
     if scale is not None:
         accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
@@ -63,6 +65,8 @@ def accelerate_loop(
         done = opt.optimizer.global_step
         loader = accelerator.skip_first_batches(loader, done * accelerator.gradient_accumulation_steps)
     model.train()
+    if seed is not None:
+        torch.manual_seed(seed)
     while done < steps:
         for inputs in loader:
             with accelerator.accumulate(model):

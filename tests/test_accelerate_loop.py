@@ -5,12 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
+from torch.utils.data import DataLoader
 
 from accelerate_helpers import CONFIG, MAX_GRAD_NORM, accelerate_loop
 from hf_fop import FOP, FOPConfig, FOPTrainer
@@ -39,17 +40,33 @@ def _config(mode: str) -> FOPConfig:
     return FOPConfig(mode=mode, **CONFIG)
 
 
-def _plain_loop(mode: str, accum: int, steps: int = STEPS, clip: bool = False) -> Dict[str, torch.Tensor]:
-    """The oracle: explicit ``sub_batch(0)`` / ``sub_batch(1)`` (FOP) or plain backward (K-FAC), same batches."""
+def _plain_loop(
+    mode: str, accum: int, steps: int = STEPS, clip: bool = False, config: Optional[FOPConfig] = None,
+    seed: Optional[int] = None,
+) -> Dict[str, torch.Tensor]:
+    """The oracle: explicit ``sub_batch(0)`` / ``sub_batch(1)`` (FOP) or plain backward (K-FAC), same batches.
+
+    ``seed``: reseed, then start a DataLoader iterator (it draws one number, as the Accelerate loop's loader does).
+    """
     data = digits_dataset(96)
     model = tiny_vit()
-    opt = FOP(model, _config(mode))
+    opt = FOP(model, config or _config(mode))
+    if seed is not None:
+        torch.manual_seed(seed)
+        iter(DataLoader(data, batch_size=BATCH))
+
+    def backward(mb: Dict[str, torch.Tensor], scale: float) -> None:
+        out = model(**mb)
+        if opt.config.fisher_type == "mc":
+            opt.mc_backward(out.logits)
+        (out.loss * scale).backward()
+
     micro = [data[i * BATCH : (i + 1) * BATCH] for i in range(steps * accum)]
     for s in range(steps):
         window = micro[s * accum : (s + 1) * accum]
         if mode == "kfac":
             for mb in window:
-                (model(**mb).loss / accum).backward()
+                backward(mb, 1 / accum)
         else:
             if accum == 1:
                 halves = [[h] for h in split_batch(window[0], BATCH // 2)]
@@ -60,7 +77,7 @@ def _plain_loop(mode: str, accum: int, steps: int = STEPS, clip: bool = False) -
             for j, group in enumerate(halves):
                 with opt.sub_batch(j):
                     for mb in group:
-                        (model(**mb).loss / len(group)).backward()
+                        backward(mb, 1 / len(group))
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
         opt.step()
@@ -113,6 +130,16 @@ def test_clipping_acts_on_g_avg(accum):
     clipped = _plain_loop("fop", accum, clip=True)
     _assert_params_close(loop["params"], clipped)
     _assert_params_differ(clipped, _plain_loop("fop", accum))  # the clipping was active
+
+
+@pytest.mark.parametrize("accum", [2, 1])
+def test_mc_fisher_samples_labels_after_each_forward(accum):
+    """fisher_type='mc': the router runs opt.mc_backward(logits) where the plain loop calls it (same RNG draws)."""
+    config = _config("fop").replace(fisher_type="mc")
+    loop = accelerate_loop(Accelerator(cpu=True, gradient_accumulation_steps=accum), config, BATCH, STEPS, seed=1)
+    plain = _plain_loop("fop", accum, config=config, seed=1)
+    _assert_params_close(loop["params"], plain)
+    _assert_params_differ(plain, _plain_loop("fop", accum))  # the sampled Fisher is not the empirical one
 
 
 def test_fop_loop_differs_from_kfac_loop():
