@@ -51,6 +51,9 @@ step never ran (fp16 overflow) is discarded and counted in
 ``counters["skipped_steps"]``. ``accelerator.save_state``/``load_state``
 checkpoint FOP with the rest (its state is full and identical on every rank).
 
+An ``attention_mask`` keyword argument of the model call (``model(**batch)``)
+keeps padded tokens out of the curvature, as in FOPTrainer.
+
 Requirements: one training forward of the model per micro-batch (piece), and
 the window's last backward passes through the model's output. Evaluation
 (``model.eval()`` or ``torch.no_grad()``) is not routed. ``fisher_type="mc"``:
@@ -158,8 +161,8 @@ class AccelerateRouter:
         self._close_queued = False
         self._piece: Optional[Tuple[int, float, bool]] = None  # set by sub_batches: (index, examples, is last)
         self._handles = [
-            model.register_forward_pre_hook(self._before_forward),
-            model.register_forward_hook(self._after_forward),
+            model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            model.register_forward_hook(self._after_forward, with_kwargs=True),
             opt.register_step_pre_hook(lambda *_: self.close()),
             opt.register_step_post_hook(lambda *_: self._after_step()),
         ]
@@ -175,9 +178,11 @@ class AccelerateRouter:
     def _routed(self, module: nn.Module) -> bool:
         return module.training and torch.is_grad_enabled() and self.opt.engine.enabled
 
-    def _before_forward(self, module: nn.Module, args: Any) -> None:
+    def _before_forward(self, module: nn.Module, args: Any, kwargs: Dict[str, Any]) -> None:
         if not self._routed(module):
             return
+        mask = kwargs.get("attention_mask")  # padded tokens stay out of the curvature, as in FOPTrainer
+        self.opt.engine.padding_mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
         if self._state != "open":
             self._start_window()
         opt = self.opt
@@ -212,11 +217,12 @@ class AccelerateRouter:
         opt.engine.grad_scale = scale / n  # accelerator.backward divides the loss by n; the scaler multiplies it
         self._close_pending = last
 
-    def _after_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+    def _after_forward(self, module: nn.Module, args: Any, kwargs: Dict[str, Any], output: Any) -> None:
         if not self._routed(module):
             return
         if self.opt.config.fisher_type == "mc" and self.opt.capturing:
             self.opt.mc_backward(_logits(output))  # sampled-label backward for S, as FOPTrainer does
+        self.opt.engine.padding_mask = None  # the layers' backward hooks kept their own reference
         if not self._close_pending:
             return
         self._close_pending = False

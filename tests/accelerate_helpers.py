@@ -7,7 +7,7 @@ with gradient clipping (``clip=True``: the tests see that clipping acts on ``g_a
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from accelerate import Accelerator
@@ -35,8 +35,9 @@ def accelerate_loop(
     scale: Optional[float] = None,
     data: Any = None,
     seed: Optional[int] = None,
+    model_fn: Callable[[], torch.nn.Module] = tiny_vit,
 ) -> Dict[str, Any]:
-    """Train ``tiny_vit()`` on digits for ``steps`` optimizer steps; returns the parameters and FOP.
+    """Train ``model_fn()`` (on digits by default) for ``steps`` optimizer steps; returns the parameters and FOP.
 
     ``save_at``: ``accelerator.save_state(checkpoint)`` after that many steps.
     ``resume``: ``accelerator.load_state(resume)`` first, skipping the batches already used.
@@ -44,10 +45,11 @@ def accelerate_loop(
     ``clip``: ``accelerator.clip_grad_norm_(..., MAX_GRAD_NORM)`` before each step.
     ``data``: a dataset instead of ``digits_dataset(examples)``.
     ``seed``: ``torch.manual_seed(seed)`` just before the training loop (random draws: mc Fisher).
+    ``model_fn``: builds the model (default ``tiny_vit``).
     """
     if scale is not None:
         accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
-    model = tiny_vit()
+    model = model_fn()
     opt = FOP(model, config, accelerator=accelerator)
     loader = DataLoader(digits_dataset(examples) if data is None else data, batch_size=batch, shuffle=False)
     model, opt, loader = accelerator.prepare(model, opt, loader)

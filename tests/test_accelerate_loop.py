@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from hf_fop import FOP, FOPConfig, FOPTrainer
 from hf_fop.accelerate_loop import sub_batches
 from hf_fop.trainer import split_batch
 from test_distributed import _free_port, _run
-from trainer_helpers import digits_dataset, make_args, single_thread_env, tiny_vit
+from trainer_helpers import cls_text_dataset, digits_dataset, make_args, single_thread_env, tiny_bert, tiny_vit
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = str(Path(__file__).with_name("accelerate_helpers.py"))
@@ -85,17 +86,30 @@ def _plain_loop(
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _trainer(tmp_path: Path, mode: str, accum: int) -> Dict[str, torch.Tensor]:
+def _trainer(
+    tmp_path: Path, mode: str, accum: int, model_fn: Callable[[], torch.nn.Module] = tiny_vit, data: Any = None
+) -> Dict[str, Any]:
     args = make_args(
         tmp_path / f"trainer-{mode}-{accum}", per_device_train_batch_size=BATCH, gradient_accumulation_steps=accum,
         max_steps=STEPS, train_sampling_strategy="sequential", fop_optimizer=mode, learning_rate=CONFIG["lr"],
         fop_damping=CONFIG["damping"], fop_inverse_interval=CONFIG["inverse_interval"], fop_momentum=CONFIG["momentum"],
         max_grad_norm=0.0,
     )
-    trainer = FOPTrainer(model=tiny_vit(), args=args, train_dataset=digits_dataset(96))
+    trainer = FOPTrainer(model=model_fn(), args=args, train_dataset=digits_dataset(96) if data is None else data)
     trainer.train()
     assert trainer.fop_optimizer.config == _config(mode)
-    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    return {
+        "params": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+        "layers": trainer.fop_optimizer.state_dict()["fop"]["layers"],
+    }
+
+
+def _assert_factors_close(a: Dict[str, Any], b: Dict[str, Any]) -> None:
+    """Curvature factors A and S of every managed layer (the padding mask and the S scaling act here)."""
+    assert a.keys() == b.keys()
+    for name in a:
+        for key in ("A", "S"):
+            torch.testing.assert_close(a[name][key], b[name][key], rtol=1e-5, atol=1e-7, msg=f"{name} {key}")
 
 
 def _assert_params_close(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor], atol: float = 1e-6) -> None:
@@ -119,7 +133,9 @@ def test_loop_equals_plain_sub_batches_and_trainer(tmp_path, mode, accum):
     _assert_params_close(loop["params"], plain)
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    _assert_params_close(loop["params"], _trainer(tmp_path, mode, accum))
+    trainer = _trainer(tmp_path, mode, accum)
+    _assert_params_close(loop["params"], trainer["params"])
+    _assert_factors_close(loop["layers"], trainer["layers"])
     _assert_params_differ(loop["params"], {k: v for k, v in tiny_vit().state_dict().items()})
 
 
@@ -140,6 +156,21 @@ def test_mc_fisher_samples_labels_after_each_forward(accum):
     plain = _plain_loop("fop", accum, config=config, seed=1)
     _assert_params_close(loop["params"], plain)
     _assert_params_differ(plain, _plain_loop("fop", accum))  # the sampled Fisher is not the empirical one
+
+
+@pytest.mark.parametrize("accum", [2, 1])
+def test_padded_text_batches_equal_the_trainer(tmp_path, accum):
+    """BERT on padded batches: the model call's attention_mask keeps padding out of the curvature, as in FOPTrainer."""
+    model_fn = functools.partial(tiny_bert, dropout=0.0)
+    data = cls_text_dataset(64)
+    loop = accelerate_loop(
+        Accelerator(cpu=True, gradient_accumulation_steps=accum), _config("fop"), BATCH, STEPS, data=data, model_fn=model_fn
+    )
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    trainer = _trainer(tmp_path, "fop", accum, model_fn=model_fn, data=data)
+    _assert_params_close(loop["params"], trainer["params"])
+    _assert_factors_close(loop["layers"], trainer["layers"])
 
 
 def test_fop_loop_differs_from_kfac_loop():
