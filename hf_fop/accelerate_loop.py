@@ -47,8 +47,8 @@ at a time.
 
 ``AcceleratedOptimizer.step``/``zero_grad`` act only when accelerate syncs
 (the window's last micro-batch), so FOP steps once per window. A window whose
-step never ran (fp16 overflow) is discarded and counted in
-``counters["skipped_steps"]``. ``accelerator.save_state``/``load_state``
+step never ran (fp16 overflow; the loop's ``zero_grad`` discards it) is counted
+in ``counters["skipped_steps"]``. ``accelerator.save_state``/``load_state``
 checkpoint FOP with the rest (its state is full and identical on every rank).
 
 An ``attention_mask`` keyword argument of the model call (``model(**batch)``)
@@ -56,7 +56,9 @@ keeps padded tokens out of the curvature, as in FOPTrainer.
 
 Requirements: one training forward of the model per micro-batch (piece), and
 the window's last backward passes through the model's output. Evaluation
-(``model.eval()`` or ``torch.no_grad()``) is not routed. ``fisher_type="mc"``:
+(``model.eval()`` or ``torch.no_grad()``) is not routed. With DDP's averaging
+off, DDP does not broadcast module buffers either (BatchNorm running statistics
+stay per rank, as under FOPTrainer). ``fisher_type="mc"``:
 the router runs the sampled-label backward on the output's ``logits`` after
 each forward of a curvature step.
 """
