@@ -65,6 +65,7 @@ each forward of a curvature step.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
@@ -162,6 +163,7 @@ class AccelerateRouter:
         self._close_pending = False  # the window's last forward ran: close at the end of its backward
         self._close_queued = False
         self._piece: Optional[Tuple[int, float, bool]] = None  # set by sub_batches: (index, examples, is last)
+        self._mask_scope = contextlib.ExitStack()  # opt.padding_mask(...) from a forward's start to its end
         self._handles = [
             model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             model.register_forward_hook(self._after_forward, with_kwargs=True),
@@ -184,7 +186,9 @@ class AccelerateRouter:
         if not self._routed(module):
             return
         mask = kwargs.get("attention_mask")  # padded tokens stay out of the curvature, as in FOPTrainer
-        self.opt.engine.padding_mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+        self._mask_scope.close()  # a previous forward that raised left its mask set
+        mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+        self._mask_scope.enter_context(self.opt.padding_mask(mask))
         if self._state != "open":
             self._start_window()
         opt = self.opt
@@ -224,7 +228,7 @@ class AccelerateRouter:
             return
         if self.opt.config.fisher_type == "mc" and self.opt.capturing:
             self.opt.mc_backward(_logits(output))  # sampled-label backward for S, as FOPTrainer does
-        self.opt.engine.padding_mask = None  # the layers' backward hooks kept their own reference
+        self._mask_scope.close()  # the layers' backward hooks kept their own reference to the mask
         if not self._close_pending:
             return
         self._close_pending = False
