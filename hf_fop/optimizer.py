@@ -71,6 +71,10 @@ class FOP(torch.optim.Optimizer):
         decay_parameters: names (as in ``model.named_parameters()``) of the
             parameters that get weight decay; ``None`` applies the Trainer's
             rule (:func:`decay_parameter_names`: not biases, not normalisation weights).
+        accelerator: an ``accelerate.Accelerator`` to train with in a plain
+            Accelerate loop: FOP then routes the accumulation window into its
+            sub-batches and reduces across processes by itself
+            (:mod:`hf_fop.accelerate_loop`). Not needed with ``FOPTrainer``.
 
     Param groups: ``param_groups[i]["kind"]`` is ``"kfac"`` (managed layers,
     ``lr`` = eta0) or ``"adamw"``; both carry ``lr`` for LR schedulers.
@@ -82,6 +86,7 @@ class FOP(torch.optim.Optimizer):
         config: Optional[FOPConfig] = None,
         *,
         decay_parameters: Optional[Iterable[str]] = None,
+        accelerator: Any = None,
         **overrides: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -147,6 +152,12 @@ class FOP(torch.optim.Optimizer):
         self._last_stats: Dict[str, LayerStats] = {}
         self._last_fallback = False
         self._schedule_capture()
+        self.accelerate_router: Optional[Any] = None
+        """The :class:`hf_fop.accelerate_loop.AccelerateRouter` when built with ``accelerator=``."""
+        if accelerator is not None:
+            from .accelerate_loop import AccelerateRouter
+
+            self.accelerate_router = AccelerateRouter(self, model, accelerator)
 
     # ------------------------------------------------------------ sub-batches
     def _all_params(self) -> Iterator[Tensor]:
@@ -313,6 +324,8 @@ class FOP(torch.optim.Optimizer):
         ``FOP`` is built on the same model (which takes the hooks over).
         """
         self.engine.release()
+        if self.accelerate_router is not None:
+            self.accelerate_router.release()
         self._discard_step_buffers()
 
     def _discard_step_buffers(self) -> None:
