@@ -202,6 +202,16 @@ def test_accelerator_argument_must_be_an_accelerator():
         FOP(tiny_vit(), _config("fop"), accelerator=object())
 
 
+def test_release_removes_the_routers_model_and_step_hooks():
+    """FOP.release() leaves the model as it was: no forward (pre-)hook of the router, no step hook on the optimizer."""
+    model = tiny_vit()
+    opt = FOP(model, _config("fop"), accelerator=Accelerator(cpu=True))
+    assert model._forward_pre_hooks and model._forward_hooks and opt._optimizer_step_pre_hooks
+    opt.release()
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+
+
 def test_sub_batches_leaves_the_batch_whole_when_not_needed():
     """Window routing (accumulation 2), K-FAC, a non-FOP optimizer: the batch itself (no-op for the user)."""
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
