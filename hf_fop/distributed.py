@@ -172,9 +172,10 @@ class DualGradientReducer:
 
     def seconds_across_ranks(self, seconds: float) -> Tuple[float, float]:
         """``(max, mean)`` over ranks of each rank's ``seconds`` (one small ``all_gather``; collective, not counted)."""
-        out = torch.empty(self.world_size, dtype=torch.float64)
-        dist.all_gather_into_tensor(out, torch.tensor([seconds], dtype=torch.float64))
-        return float(out.max()), float(out.mean())
+        out = torch.empty(self.world_size, dtype=torch.float64, device=self.device)  # NCCL needs device tensors
+        dist.all_gather_into_tensor(out, torch.tensor([seconds], dtype=torch.float64, device=self.device))
+        peak, mean = torch.stack([out.max(), out.mean()]).tolist()  # one host read, on logging steps only
+        return peak, mean
 
     def install_curvature(self) -> None:
         """Hand the factor exchange to the optimizer (``opt.distributor``); FOP and K-FAC modes alike."""

@@ -103,10 +103,20 @@ def single_thread_env() -> Dict[str, str]:
 SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
 
 
+def _in_log(frame: Any) -> bool:
+    """Whether ``frame`` runs inside ``FOPTrainer.log`` (logging steps may read from the device)."""
+    while frame is not None:
+        if frame.f_code.co_name == "log" and frame.f_code.co_filename.endswith("trainer.py"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 @contextlib.contextmanager
 def count_glue_syncs(step: Callable[[], int]) -> Iterator[Dict[int, List[str]]]:
     """Record tensor-to-host reads (``Tensor.item``, ``tolist``, ``bool()``, ...) made from hf_fop/trainer.py and
-    hf_fop/distributed.py, as ``{step(): ["file:line method", ...]}``. A read inside torch (e.g. in
+    hf_fop/distributed.py outside ``FOPTrainer.log`` (logging steps are exempt), as
+    ``{step(): ["file:line method", ...]}``. A read inside torch (e.g. in
     ``GradScaler.get_scale``) is attributed to the first caller outside torch. Wraps the real methods."""
     import hf_fop
 
@@ -123,7 +133,7 @@ def count_glue_syncs(step: Callable[[], int]) -> Iterator[Dict[int, List[str]]]:
             frame = sys._getframe(1)
             while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(torch_dir):
                 frame = frame.f_back
-            if frame is not None and os.path.abspath(frame.f_code.co_filename) in glue:
+            if frame is not None and os.path.abspath(frame.f_code.co_filename) in glue and not _in_log(frame):
                 where = f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno} {name}"
                 syncs.setdefault(step(), []).append(where)
             return original(self, *a, **k)
