@@ -154,7 +154,7 @@ class AccelerateRouter:
             if opt.config.mode == "fop":
                 self.reducer.install()
             else:  # K-FAC: DDP averages the gradients; only the factors need averaging
-                opt.factor_reducer = self.reducer.reduce_factors
+                self.reducer.install_curvature()
         self._state = "idle"  # "idle" (no window), "open" (window running), "closed" (last backward done)
         self._open_group: Optional[int] = None  # sub-batch FOP currently accumulates into
         self._counts: Dict[int, int] = {}  # micro-batches (pieces) per gradient group of this window
@@ -170,6 +170,8 @@ class AccelerateRouter:
             opt.register_step_pre_hook(lambda *_: self.close()),
             opt.register_step_post_hook(lambda *_: self._after_step()),
         ]
+        if self.reducer is not None:  # every rank enters save_state: average the ranks' factors before it saves
+            self._handles.append(accelerator.register_save_state_pre_hook(lambda *_: self.reducer.sync_factors()))
 
     # -------------------------------------------------------------- queries
     def splits_batches(self) -> bool:

@@ -119,7 +119,10 @@ def run_worker() -> None:
     if opts.resume:
         config = FOPConfig(mode="fop", **CONFIG)
         ckpt = os.path.join(opts.out, "ckpt")
-        record["full"] = accelerate_loop(Accelerator(cpu=True), config, opts.batch, 4)
+        # The uninterrupted run saves too: under several processes save_state averages the ranks' local factor
+        # running sums (hf_fop.distributed.ReplicatedCurvature), which rounds differently from averaging them later.
+        full_ckpt = os.path.join(opts.out, "ckpt_full")
+        record["full"] = accelerate_loop(Accelerator(cpu=True), config, opts.batch, 4, checkpoint=full_ckpt, save_at=2)
         accelerate_loop(Accelerator(cpu=True), config, opts.batch, 2, checkpoint=ckpt, save_at=2)
         record["resumed"] = accelerate_loop(Accelerator(cpu=True), config, opts.batch, 4, resume=ckpt)
     torch.save(record, os.path.join(opts.out, f"rank{accelerator.process_index}.pt"))
