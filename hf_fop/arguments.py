@@ -62,6 +62,17 @@ class FOPTrainingArguments(TrainingArguments):
     fop_log_per_layer: bool = field(
         default=False, metadata={"help": "Also log per-layer beta/eta/s_proj/KL terms under fop/<layer>/... ."}
     )
+    fop_kl_clip: Optional[float] = field(
+        default=None,
+        metadata={"help": "Trust region: bound lr^2 * sum_l Delta_l^T M_l Delta_l of each step by this (e.g. 1e-3); > 0, or unset for none."},
+    )
+    fop_damping_mode: str = field(
+        default="absolute",
+        metadata={
+            "help": "'absolute' (lambda = fop_damping) or 'relative' (each layer's lambda = fop_damping * mean eigenvalue of its A (x) S).",
+            "choices": ["absolute", "relative"],
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.deepspeed and self.fop_optimizer != "trainer":
@@ -101,6 +112,8 @@ class FOPTrainingArguments(TrainingArguments):
             max_factor_dim=self.fop_max_factor_dim,
             exclude_modules=tuple(self.fop_exclude_modules),
             max_eigh_failures=self.fop_max_eigh_failures,
+            kl_clip=self.fop_kl_clip,
+            damping_mode=self.fop_damping_mode,
         )
         try:
             return FOPConfig(**values)

@@ -57,6 +57,9 @@ _DIAG_AGGREGATES = {
     "skipped_steps": "skipped_steps",
     "factor_updates": "factor_updates",
     "inverse_updates": "inverse_updates",
+    "kl_clip_scale": "kl_clip_scale",
+    "damping_min": "damping_min",
+    "damping_max": "damping_max",
 }
 _PER_LAYER_FIELDS = ("beta", "eta", "s_proj", "kl_base", "kl_cross", "kl_orth")
 

@@ -31,6 +31,19 @@ def test_cli_flags_parse(tmp_path):
     assert (config.lr, config.adamw_lr) == (0.2, 1e-3)
 
 
+def test_trust_region_and_damping_mode_flags_parse_and_validate(tmp_path):
+    parser = HfArgumentParser(FOPTrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--fop_kl_clip", "1e-3", "--fop_damping_mode", "relative"]
+    )
+    config = args.fop_config()
+    assert (config.kl_clip, config.damping_mode) == (1e-3, "relative")
+    with pytest.raises(ValueError, match=r"FOPTrainingArguments\.fop_kl_clip=-1.0 is invalid"):
+        FOPTrainingArguments(str(tmp_path), fop_kl_clip=-1.0)
+    with pytest.raises(ValueError, match=r"FOPTrainingArguments\.fop_damping_mode='scaled' is invalid"):
+        FOPTrainingArguments(str(tmp_path), fop_damping_mode="scaled")
+
+
 def test_trainer_fields_reach_the_config(tmp_path):
     args = FOPTrainingArguments(str(tmp_path), weight_decay=0.1, adam_beta1=0.8, adam_epsilon=1e-6)
     config = args.fop_config()

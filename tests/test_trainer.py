@@ -86,6 +86,15 @@ def test_kfac_mode_uses_plain_backward(tmp_path):
     assert all(h["fop/fallback_fraction"] == 0.0 for h in trainer.state.log_history if "loss" in h)
 
 
+def test_trust_region_and_relative_damping_are_logged(tmp_path):
+    args = make_args(tmp_path, max_steps=2, fop_kl_clip=1e-6, fop_damping_mode="relative", fop_damping=0.1)
+    trainer = FOPTrainer(model=tiny_vit(), args=args, train_dataset=digits_dataset(128))
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert all(0.0 < h["fop/kl_clip_scale"] < 1.0 for h in logged)  # a 1e-6 KL bound binds
+    assert all(0.0 < h["fop/damping_min"] < h["fop/damping_max"] for h in logged)  # per-layer lambda differ
+
+
 def test_per_layer_logging(tmp_path):
     args = make_args(tmp_path, max_steps=1, fop_log_per_layer=True)
     trainer = FOPTrainer(model=tiny_vit(), args=args, train_dataset=digits_dataset(64))
