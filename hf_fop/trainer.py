@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -61,6 +62,8 @@ _DIAG_AGGREGATES = {
     "damping_min": "damping_min",
     "damping_max": "damping_max",
 }
+DIVERGENCE_FACTOR = 10.0
+"""A logged training loss this many times the first one (or non-finite) triggers the divergence warning."""
 _PER_LAYER_FIELDS = ("beta", "eta", "s_proj", "kl_base", "kl_cross", "kl_orth")
 
 
@@ -349,7 +352,31 @@ class FOPTrainer(Trainer):
             self._account_skipped_step()  # log() runs between optimizer steps
             if "loss" in logs:
                 logs = {**logs, **self.fop_logs()}
+                self._warn_if_diverging(logs)
         super().log(logs, start_time)
+
+    def _warn_if_diverging(self, logs: Dict[str, float]) -> None:
+        """Warn once when the logged loss is non-finite or ``DIVERGENCE_FACTOR`` x the first logged loss.
+
+        Uses only values already read for logging (no extra host sync).
+        """
+        loss = float(logs["loss"])
+        first = getattr(self, "_fop_first_loss", None)
+        if first is None and math.isfinite(loss):
+            self._fop_first_loss = first = loss
+        if getattr(self, "_fop_divergence_warned", False):
+            return
+        if math.isfinite(loss) and (first is None or loss <= DIVERGENCE_FACTOR * max(first, 1e-8)):
+            return
+        self._fop_divergence_warned = True
+        args = self.args
+        clip = f"set fop_kl_clip (e.g. 1e-3; now {args.fop_kl_clip})" if args.fop_kl_clip is None else f"lower fop_kl_clip (now {args.fop_kl_clip})"
+        logger.warning(
+            f"FOP training looks divergent at step {self.state.global_step}: loss {loss:.4g} vs {first if first is not None else float('nan'):.4g} "
+            f"at the first log (KL terms per unit lr^2: {sum(logs.get(f'fop/{k}', 0.0) for k in ('kl_base', 'kl_cross', 'kl_orth')):.3g}). "
+            f"Lower learning_rate (now {args.learning_rate}), raise fop_damping (now {args.fop_damping}, "
+            f"mode {args.fop_damping_mode}), or {clip}."
+        )
 
     # ---------------------------------------------------------- checkpoints
     def _needs_key_conversion(self, folder: str, target: nn.Module) -> bool:

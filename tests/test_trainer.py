@@ -95,6 +95,18 @@ def test_trust_region_and_relative_damping_are_logged(tmp_path):
     assert all(0.0 < h["fop/damping_min"] < h["fop/damping_max"] for h in logged)  # per-layer lambda differ
 
 
+@pytest.mark.parametrize("lr,diverges", [(30.0, True), (0.05, False)], ids=["lr30", "lr0.05"])
+def test_divergence_is_reported_once_in_the_logs(tmp_path, caplog, lr, diverges):
+    args = make_args(tmp_path, max_steps=8, learning_rate=lr, fop_damping=1e-4, fop_adamw_lr=1e-3)
+    trainer = FOPTrainer(model=MeanLossMLP(), args=args, train_dataset=digits_dataset(128))
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    warned = [r.getMessage() for r in caplog.records if "looks divergent" in r.getMessage()]
+    assert len(warned) == (1 if diverges else 0), [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    if diverges:
+        assert "learning_rate (now 30.0)" in warned[0] and "fop_damping (now 0.0001" in warned[0] and "fop_kl_clip" in warned[0]
+
+
 def test_per_layer_logging(tmp_path):
     args = make_args(tmp_path, max_steps=1, fop_log_per_layer=True)
     trainer = FOPTrainer(model=tiny_vit(), args=args, train_dataset=digits_dataset(64))
