@@ -42,10 +42,10 @@ class FOPConfig:
     ``M = A (x) S + lambda * I`` in the units of the per-example Fisher.
     """
 
-    lr: float = 0.03
+    lr: float = 0.1
     """eta0: learning rate of the K-FAC/FOP-managed layers."""
     damping: float = 1e-2
-    """lambda added to the Kronecker Fisher of every managed layer."""
+    """lambda added to the Kronecker Fisher of every managed layer (see ``damping_mode``)."""
     mode: str = "fop"
     """``"fop"`` (Fisher-orthogonal projection) or ``"kfac"`` (plain K-FAC on the same engine)."""
     fisher_type: str = "empirical"
@@ -79,9 +79,10 @@ class FOPConfig:
     """Module classes left to AdamW."""
     max_eigh_failures: int = 3
     """Consecutive failed eigendecompositions of one factor before raising."""
-    kl_clip: Optional[float] = None
+    kl_clip: Optional[float] = 1e-3
     """Trust region (our addition, not in the paper): scale all managed layers' updates by
-    ``nu = min(1, sqrt(kl_clip / (lr^2 sum_l Delta_l^T M_l Delta_l)))`` before momentum; ``None`` disables it."""
+    ``nu = min(1, sqrt(kl_clip / (lr^2 sum_l Delta_l^T M_l Delta_l)))`` before momentum; ``None`` disables it
+    (the paper's setting)."""
     damping_mode: str = "absolute"
     """``"absolute"``: lambda = ``damping`` for every layer; ``"relative"``: each layer's lambda is
     ``damping * mean eigenvalue of A (x) S`` (= mean(eig A) * mean(eig S)) of its current eigendecomposition."""

@@ -370,7 +370,7 @@ class FOPTrainer(Trainer):
             return
         self._fop_divergence_warned = True
         args = self.args
-        clip = f"set fop_kl_clip (e.g. 1e-3; now {args.fop_kl_clip})" if args.fop_kl_clip is None else f"lower fop_kl_clip (now {args.fop_kl_clip})"
+        clip = "set fop_kl_clip (e.g. 1e-3; now 0: off)" if not args.fop_kl_clip else f"lower fop_kl_clip (now {args.fop_kl_clip})"
         logger.warning(
             f"FOP training looks divergent at step {self.state.global_step}: loss {loss:.4g} vs {first if first is not None else float('nan'):.4g} "
             f"at the first log (KL terms per unit lr^2: {sum(logs.get(f'fop/{k}', 0.0) for k in ('kl_base', 'kl_cross', 'kl_orth')):.3g}). "

@@ -81,7 +81,10 @@ VARIANTS = {
     "rel_clip": ("relative", True, "empirical"),
     "abs_mc": ("absolute", False, "mc"),
     "rel_clip_mc": ("relative", True, "mc"),
+    "abs_clip_mc": ("absolute", True, "mc"),
 }
+RESUMABLE_CHANGES = ("default", "variants", "core_variants")
+"""Settings a resumed run may change: they choose which runs to do, not how a run is done."""
 DIAMOND_CUTS = ("Fair", "Good", "Very Good", "Premium", "Ideal")
 
 
@@ -259,7 +262,7 @@ class Settings:
 
 def make_settings(profile: str, default: Dict[str, Any]) -> Settings:
     """``"full"`` (designed for < 60 min with 2 workers on 2 idle cores), ``"quick"`` (< 3 min) or ``"smoke"`` (tests)."""
-    all_variants = ["abs", "rel_clip", "abs_clip", "rel", "abs_mc", "rel_clip_mc"]
+    all_variants = ["abs", "abs_clip", "rel_clip", "rel", "abs_mc", "abs_clip_mc"]
     if profile == "full":
         return Settings(
             profile=profile,
@@ -278,7 +281,7 @@ def make_settings(profile: str, default: Dict[str, Any]) -> Settings:
             default=default,
             seeds=3,
             variants=all_variants,
-            core_variants=["abs", "rel_clip"],
+            core_variants=["abs", "abs_clip"],
             n_train={"digits": 1078, "diamonds": 20000},
         )
     if profile == "quick":
@@ -295,8 +298,8 @@ def make_settings(profile: str, default: Dict[str, Any]) -> Settings:
             kl_clip=1e-3,
             default=default,
             seeds=2,
-            variants=["abs", "rel_clip"],
-            core_variants=["abs", "rel_clip"],
+            variants=["abs", "abs_clip"],
+            core_variants=["abs", "abs_clip"],
             n_train={"digits": 1078, "diamonds": 2000},
             evals_per_run=10,
         )
@@ -314,8 +317,8 @@ def make_settings(profile: str, default: Dict[str, Any]) -> Settings:
             kl_clip=1e-3,
             default=default,
             seeds=2,
-            variants=["abs", "rel_clip", "rel_clip_mc"],
-            core_variants=["abs", "rel_clip"],
+            variants=["abs", "abs_clip", "abs_clip_mc"],
+            core_variants=["abs", "abs_clip"],
             n_train={"digits": 1078},
             evals_per_run=6,
         )
@@ -455,11 +458,11 @@ def reach(run: Dict[str, Any], target: float) -> Optional[Tuple[int, float]]:
 
 
 # ------------------------------------------------------------------- jobs
-def grid_specs(s: Settings, core: bool) -> List[RunSpec]:
+def grid_specs(s: Settings, core: bool, pairs: Sequence[Tuple[str, str]]) -> List[RunSpec]:
     """Grid at the largest batch, seed 0: SGD, AdamW and the core K-FAC/FOP variants (``core``), or the other variants."""
     specs: List[RunSpec] = []
     variants = s.core_variants if core else [v for v in s.variants if v not in s.core_variants]
-    for dataset, model in s.pairs:
+    for dataset, model in pairs:
         batch = s.batches[dataset][-1]
         epochs = s.epochs[dataset][model][batch]
         if core:
@@ -501,7 +504,7 @@ def cells(s: Settings, results: Dict[str, Dict[str, Any]], dataset: str, model: 
             b = select_best(grid, target)["spec"]
             out.append(("best", name, None, b["lr"], None))
     for name in CURVATURE:
-        for variant in ("abs", "rel_clip"):
+        for variant in s.core_variants:
             grid = _grid_runs(results, dataset, model, name, variant)
             if grid:
                 b = select_best(grid, target)["spec"]
@@ -511,9 +514,13 @@ def cells(s: Settings, results: Dict[str, Dict[str, Any]], dataset: str, model: 
     return out
 
 
-def seed_specs(s: Settings, results: Dict[str, Dict[str, Any]], batches: Callable[[str], Iterable[int]], phase: str) -> List[RunSpec]:
+def seed_specs(
+    s: Settings, results: Dict[str, Dict[str, Any]], batches: Callable[[str], Iterable[int]], phase: str,
+    pairs: Sequence[Tuple[str, str]],
+) -> List[RunSpec]:
+    """More seeds at the cells of :func:`cells`, at the batch sizes ``batches(dataset)``."""
     specs = []
-    for dataset, model in s.pairs:
+    for dataset, model in pairs:
         for batch in batches(dataset):
             epochs = s.epochs[dataset][model][batch]
             seen = set()
@@ -566,7 +573,9 @@ def run_benchmark(s: Settings, json_path: str, workers: int, progress: bool = Tr
     if os.path.exists(json_path):
         with open(json_path) as f:
             report = json.load(f)
-        if report["meta"].get("settings") != json.loads(json.dumps(_finite(asdict(s)))):
+        old = {k: v for k, v in report["meta"].get("settings", {}).items() if k not in RESUMABLE_CHANGES}
+        new = {k: v for k, v in json.loads(json.dumps(_finite(asdict(s)))).items() if k not in RESUMABLE_CHANGES}
+        if old != new:
             raise ValueError(f"{json_path} was written with other settings; use another --out or delete it.")
     report["meta"].update(
         settings=asdict(s), machine=machine_description(torch.device("cpu")), torch=torch.__version__, workers=workers
@@ -585,12 +594,12 @@ def run_benchmark(s: Settings, json_path: str, workers: int, progress: bool = Tr
         torch.set_num_threads(1)
     largest = lambda ds: [s.batches[ds][-1]]  # noqa: E731
     smaller = lambda ds: s.batches[ds][:-1]  # noqa: E731
-    phases: List[Tuple[str, Callable[[], List[RunSpec]]]] = [  # most important first: a partial run stays useful
-        ("grid", lambda: grid_specs(s, core=True)),
-        ("seeds", lambda: seed_specs(s, results, largest, "seeds")),
-        ("grid-variants", lambda: grid_specs(s, core=False)),
-        ("ladder", lambda: seed_specs(s, results, smaller, "ladder")),
-    ]
+    phases: List[Tuple[str, Callable[[], List[RunSpec]]]] = []  # most important first: a partial run stays useful
+    for pair in s.pairs:  # per (dataset, model): the core grid, then seeds at its best and default cells
+        phases.append((f"grid {pair[0]}/{pair[1]}", lambda pair=pair: grid_specs(s, True, [pair])))
+        phases.append((f"seeds {pair[0]}/{pair[1]}", lambda pair=pair: seed_specs(s, results, largest, "seeds", [pair])))
+    phases.append(("grid variants", lambda: grid_specs(s, False, s.pairs)))
+    phases.append(("ladder", lambda: seed_specs(s, results, smaller, "ladder", s.pairs)))
     try:
         for phase, make in phases:
             todo = [sp for sp in make() if sp.key() not in results]
@@ -629,49 +638,49 @@ def analyse(report: Dict[str, Any]) -> Dict[str, Any]:
     runs = list(report["runs"].values())
     areas, summaries = [], []
     for dataset, model in s["pairs"]:
-        if True:
-            target = s["targets"][dataset][model]
-            names = [("sgd", None), ("adamw", None)] + [(o, v) for v in s["variants"] for o in CURVATURE]
-            for name, variant in names:
-                grid = [
-                    r for r in runs if r["spec"]["phase"] == "grid" and r["spec"]["dataset"] == dataset
-                    and r["spec"]["model"] == model and r["spec"]["optimizer"] == name and r["spec"]["variant"] == variant
-                ]
-                if not grid:
+        target = s["targets"][dataset][model]
+        names = [("sgd", None), ("adamw", None)] + [(o, v) for v in s["variants"] for o in CURVATURE]
+        for name, variant in names:
+            grid = [
+                r for r in runs if r["spec"]["phase"] == "grid" and r["spec"]["dataset"] == dataset
+                and r["spec"]["model"] == model and r["spec"]["optimizer"] == name and r["spec"]["variant"] == variant
+            ]
+            if not grid:
+                continue
+            ok = [r for r in grid if reach(r, target) is not None]
+            diverged = [r for r in grid if r["diverged"]]
+            best = select_best(grid, target)
+            expected = len(s["lr_grid"]) * (1 if variant is None else len(s["damping_grid"]))
+            areas.append({
+                "dataset": dataset, "model": model, "optimizer": name, "variant": variant, "complete": len(grid) == expected,
+                "cells": len(grid), "reached": len(ok), "stable_area": len(ok) / len(grid), "diverged": len(diverged),
+                "best_lr": best["spec"]["lr"], "best_damping": best["spec"]["damping"],
+            })
+        for batch in s["batches"][dataset]:
+            groups: Dict[Tuple, List[Dict[str, Any]]] = {}
+            for r in runs:
+                sp = r["spec"]
+                if sp["phase"] == "grid" or sp["dataset"] != dataset or sp["model"] != model or sp["batch"] != batch:
                     continue
-                ok = [r for r in grid if reach(r, target) is not None]
-                diverged = [r for r in grid if r["diverged"]]
-                best = select_best(grid, target)
-                areas.append({
-                    "dataset": dataset, "model": model, "optimizer": name, "variant": variant,
-                    "cells": len(grid), "reached": len(ok), "stable_area": len(ok) / len(grid), "diverged": len(diverged),
-                    "best_lr": best["spec"]["lr"], "best_damping": best["spec"]["damping"],
-                })
-            for batch in s["batches"][dataset]:
-                groups: Dict[Tuple, List[Dict[str, Any]]] = {}
+                groups.setdefault((sp["optimizer"], sp["variant"], sp["lr"], sp["damping"]), []).append(r)
+            if batch == s["batches"][dataset][-1]:  # seed 0 of the grid is the first seed
                 for r in runs:
                     sp = r["spec"]
-                    if sp["phase"] == "grid" or sp["dataset"] != dataset or sp["model"] != model or sp["batch"] != batch:
-                        continue
-                    groups.setdefault((sp["optimizer"], sp["variant"], sp["lr"], sp["damping"]), []).append(r)
-                if batch == s["batches"][dataset][-1]:  # seed 0 of the grid is the first seed
-                    for r in runs:
-                        sp = r["spec"]
-                        key = (sp["optimizer"], sp["variant"], sp["lr"], sp["damping"])
-                        if sp["phase"] == "grid" and sp["dataset"] == dataset and sp["model"] == model and key in groups:
-                            groups[key].append(r)
-                d = s["default"]
-                for (name, variant, lr, damping), rs in sorted(groups.items(), key=lambda t: str(t[0])):
-                    hits = [reach(r, target) for r in rs]
-                    got = [h for h in hits if h is not None]
-                    summaries.append({
-                        "dataset": dataset, "model": model, "batch": batch, "optimizer": name, "variant": variant,
-                        "lr": lr, "damping": damping, "seeds": len(rs), "reached": len(got),
-                        "is_default": name in CURVATURE and variant == d["variant"] and lr == d["lr"] and damping == d["damping"],
-                        "epochs_to_target": _mean_std([h[0] for h in got]), "seconds_to_target": _mean_std([h[1] for h in got]),
-                        "final_test_acc": _mean_std([r["final_test_acc"] for r in rs]),
-                        "diverged": sum(r["diverged"] for r in rs),
-                    })
+                    key = (sp["optimizer"], sp["variant"], sp["lr"], sp["damping"])
+                    if sp["phase"] == "grid" and sp["dataset"] == dataset and sp["model"] == model and key in groups:
+                        groups[key].append(r)
+            d = s["default"]
+            for (name, variant, lr, damping), rs in sorted(groups.items(), key=lambda t: str(t[0])):
+                hits = [reach(r, target) for r in rs]
+                got = [h for h in hits if h is not None]
+                summaries.append({
+                    "dataset": dataset, "model": model, "batch": batch, "optimizer": name, "variant": variant,
+                    "lr": lr, "damping": damping, "seeds": len(rs), "reached": len(got),
+                    "is_default": name in CURVATURE and variant == d["variant"] and lr == d["lr"] and damping == d["damping"],
+                    "epochs_to_target": _mean_std([h[0] for h in got]), "seconds_to_target": _mean_std([h[1] for h in got]),
+                    "final_test_acc": _mean_std([r["final_test_acc"] for r in rs]),
+                    "diverged": sum(r["diverged"] for r in rs),
+                })
     return {"areas": areas, "summaries": summaries}
 
 
@@ -691,41 +700,40 @@ def plot_heatmaps(report: Dict[str, Any], out_dir: str, suffix: str) -> List[str
     runs = [r for r in report["runs"].values() if r["spec"]["phase"] == "grid"]
     paths = []
     for dataset, model in s["pairs"]:
-        if True:
-            target = s["targets"][dataset][model]
-            panels = [(o, v) for v in s["variants"] for o in CURVATURE]
-            panels = [p for p in panels if any(r["spec"]["dataset"] == dataset and r["spec"]["model"] == model and (r["spec"]["optimizer"], r["spec"]["variant"]) == p for r in runs)]
-            if not panels:
-                continue
-            cols = 2
-            rows = math.ceil(len(panels) / cols)
-            fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.6 * rows + 0.6), squeeze=False)
-            for ax in axes.flat[len(panels):]:
-                ax.axis("off")
-            for ax, (name, variant) in zip(axes.flat, panels):
-                grid = np.full((len(s["damping_grid"]), len(s["lr_grid"])), np.nan)
-                for r in runs:
-                    sp = r["spec"]
-                    if sp["dataset"] == dataset and sp["model"] == model and sp["optimizer"] == name and sp["variant"] == variant:
-                        grid[s["damping_grid"].index(sp["damping"]), s["lr_grid"].index(sp["lr"])] = r["final_test_acc"]
-                ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
-                for i in range(grid.shape[0]):
-                    for j in range(grid.shape[1]):
-                        if np.isfinite(grid[i, j]):
-                            mark = "*" if grid[i, j] >= target else ""
-                            ax.text(j, i, f"{grid[i, j]:.2f}{mark}", ha="center", va="center", fontsize=7,
-                                    color="white" if grid[i, j] < 0.6 else "black")
-                ax.set_xticks(range(len(s["lr_grid"])), [f"{v:g}" for v in s["lr_grid"]], fontsize=7)
-                ax.set_yticks(range(len(s["damping_grid"])), [f"{v:g}" for v in s["damping_grid"]], fontsize=7)
-                ax.set_xlabel("lr", fontsize=7)
-                ax.set_ylabel("damping", fontsize=7)
-                ax.set_title(_name(name, variant), fontsize=8)
-            fig.suptitle(f"{dataset} / {model}: final test accuracy, batch {s['batches'][dataset][-1]} (* reaches {target:.0%})", fontsize=9)
-            fig.tight_layout()
-            path = os.path.join(out_dir, f"sensitivity_{dataset}_{model}{suffix}.png")
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            paths.append(path)
+        target = s["targets"][dataset][model]
+        panels = [(o, v) for v in s["variants"] for o in CURVATURE]
+        panels = [p for p in panels if any(r["spec"]["dataset"] == dataset and r["spec"]["model"] == model and (r["spec"]["optimizer"], r["spec"]["variant"]) == p for r in runs)]
+        if not panels:
+            continue
+        cols = 2
+        rows = math.ceil(len(panels) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.6 * rows + 0.6), squeeze=False)
+        for ax in axes.flat[len(panels):]:
+            ax.axis("off")
+        for ax, (name, variant) in zip(axes.flat, panels):
+            grid = np.full((len(s["damping_grid"]), len(s["lr_grid"])), np.nan)
+            for r in runs:
+                sp = r["spec"]
+                if sp["dataset"] == dataset and sp["model"] == model and sp["optimizer"] == name and sp["variant"] == variant:
+                    grid[s["damping_grid"].index(sp["damping"]), s["lr_grid"].index(sp["lr"])] = r["final_test_acc"]
+            ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
+            for i in range(grid.shape[0]):
+                for j in range(grid.shape[1]):
+                    if np.isfinite(grid[i, j]):
+                        mark = "*" if grid[i, j] >= target else ""
+                        ax.text(j, i, f"{grid[i, j]:.2f}{mark}", ha="center", va="center", fontsize=7,
+                                color="white" if grid[i, j] < 0.6 else "black")
+            ax.set_xticks(range(len(s["lr_grid"])), [f"{v:g}" for v in s["lr_grid"]], fontsize=7)
+            ax.set_yticks(range(len(s["damping_grid"])), [f"{v:g}" for v in s["damping_grid"]], fontsize=7)
+            ax.set_xlabel("lr", fontsize=7)
+            ax.set_ylabel("damping", fontsize=7)
+            ax.set_title(_name(name, variant), fontsize=8)
+        fig.suptitle(f"{dataset} / {model}: final test accuracy, batch {s['batches'][dataset][-1]} (* reaches {target:.0%})", fontsize=9)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"sensitivity_{dataset}_{model}{suffix}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
     return paths
 
 
@@ -760,7 +768,7 @@ def render_markdown(report: Dict[str, Any], analysis: Dict[str, Any], pngs: Sequ
     for a in analysis["areas"]:
         lines.append(
             f"| {a['dataset']} | {a['model']} | {_name(a['optimizer'], a['variant'])} | {a['reached']}/{a['cells']} "
-            f"({a['stable_area']:.0%}) | {a['diverged']} | {a['best_lr']:g}, {a['best_damping'] if a['best_damping'] is None else format(a['best_damping'], 'g')} |"
+            f"({a['stable_area']:.0%}){'' if a['complete'] else ' (partial grid)'} | {a['diverged']} | {a['best_lr']:g}, {a['best_damping'] if a['best_damping'] is None else format(a['best_damping'], 'g')} |"
         )
     lines += [
         "",
@@ -792,9 +800,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--markdown", default=None, help="markdown file to update (default: OUT/benchmarks.md)")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes, 1 thread each (default 1)")
     p.add_argument("--from-json", default=None, help="only re-render markdown and PNGs from this results JSON")
-    p.add_argument("--default-lr", type=float, default=0.1, help="K-FAC/FOP default cell: lr")
-    p.add_argument("--default-damping", type=float, default=0.1, help="K-FAC/FOP default cell: damping")
-    p.add_argument("--default-variant", default="rel_clip", choices=sorted(VARIANTS), help="K-FAC/FOP default cell: variant")
+    p.add_argument("--default-lr", type=float, default=0.1, help="K-FAC/FOP default cell: lr (FOPConfig's default)")
+    p.add_argument("--default-damping", type=float, default=1e-2, help="K-FAC/FOP default cell: damping (FOPConfig's default)")
+    p.add_argument("--default-variant", default="abs_clip", choices=sorted(VARIANTS), help="K-FAC/FOP default cell: variant")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     args = p.parse_args(argv)
     if args.workers < 1:

@@ -38,6 +38,10 @@ def test_trust_region_and_damping_mode_flags_parse_and_validate(tmp_path):
     )
     config = args.fop_config()
     assert (config.kl_clip, config.damping_mode) == (1e-3, "relative")
+    defaults = FOPTrainingArguments(str(tmp_path)).fop_config()  # the shipped defaults: trust region on
+    assert (defaults.kl_clip, defaults.damping_mode, defaults.damping) == (1e-3, "absolute", 1e-2)
+    (paper,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--fop_kl_clip", "0"])
+    assert (paper.fop_config().kl_clip, paper.fop_config().damping_mode) == (None, "absolute")  # the paper's setting
     with pytest.raises(ValueError, match=r"FOPTrainingArguments\.fop_kl_clip=-1.0 is invalid"):
         FOPTrainingArguments(str(tmp_path), fop_kl_clip=-1.0)
     with pytest.raises(ValueError, match=r"FOPTrainingArguments\.fop_damping_mode='scaled' is invalid"):

@@ -89,10 +89,10 @@ def test_tiny_run_writes_json_pngs_markdown_and_resumes(tmp_path):
     n = len(report["runs"])
     assert report["meta"]["runs_this_session"] == n
     areas = {(a["optimizer"], a["variant"]): a for a in result["analysis"]["areas"]}
-    assert areas[("fop", "rel_clip")]["cells"] == 2 and ("kfac", "rel_clip_mc") in areas
+    assert areas[("fop", "abs_clip")]["cells"] == 2 and ("kfac", "abs_clip_mc") in areas
     assert os.path.getsize(os.path.join(out, "sensitivity_digits_mlp_smoke.png")) > 1000
     md = open(os.path.join(out, "benchmarks.md")).read()
-    assert "<!-- sensitivity-smoke:begin -->" in md and "fop[rel_clip] (default)" in md
+    assert "<!-- sensitivity-smoke:begin -->" in md and "fop[abs_clip] (default)" in md
     again = bs.main(["--profile", "smoke", "--out", out, "--no-progress"])  # resumable: nothing left to run
     assert again["report"]["meta"]["runs_this_session"] == 0 and len(again["report"]["runs"]) == n
     rerendered = bs.main(["--from-json", path, "--out", out])

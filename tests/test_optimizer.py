@@ -19,6 +19,7 @@ from hf_fop import FOP
 from hf_fop.fop_math import fop_direction_dense, kron_fisher, unvec, vec
 
 ROOT = Path(__file__).resolve().parents[1]
+PAPER = dict(damping_mode="absolute", kl_clip=None)  # the paper's FOP: absolute damping, no trust region
 
 
 def _ones_col(x):
@@ -62,7 +63,7 @@ def _dense_reference_update(model, batches, damping, lr, grad_factor=1.0):
 
 
 def _run_fop_step(model, batches, damping, lr, grad_factor=1.0):
-    opt = FOP(model, lr=lr, damping=damping, factor_decay=0.0)
+    opt = FOP(model, lr=lr, damping=damping, factor_decay=0.0, **PAPER)
     for k, (x_, y_) in enumerate(batches):
         with opt.sub_batch(k):
             _mse(model, x_, y_).backward()
@@ -358,7 +359,7 @@ def test_gpt2_conv1d_layers_train_and_report_per_layer_diagnostics():
     torch.manual_seed(11)
     cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=40, n_positions=16, bos_token_id=0, eos_token_id=0)
     model = GPT2LMHeadModel(cfg)
-    opt = FOP(model, lr=0.02, damping=1e-2, adamw_lr=3e-3)
+    opt = FOP(model, lr=0.02, damping=1e-2, adamw_lr=3e-3, **PAPER)
     ids = torch.randint(0, 40, (8, 12))
     ids[:, 1::2] = (ids[:, ::2] + 1) % 40  # every second token is predictable
 
