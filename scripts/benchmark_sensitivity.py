@@ -749,7 +749,7 @@ def render_markdown(report: Dict[str, Any], analysis: Dict[str, Any], pngs: Sequ
     m = report["meta"]
     d = s["default"]
     lines = [
-        f"## Sensitivity to lr and damping ({s['profile']} profile)",
+        f"### Generated tables and heat maps ({s['profile']} profile, written by the script)",
         "",
         f"Command: `{m.get('command', 'python scripts/benchmark_sensitivity.py')}`; machine: {m['machine']} "
         f"(shared by several jobs while it ran), torch {m['torch']}, {m['workers']} worker process(es) of 1 thread; "
