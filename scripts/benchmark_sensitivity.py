@@ -16,20 +16,23 @@ Datasets (both real, both offline):
 Models: the MLP and the small HF ViT of the convergence benchmark (the ViT reads
 the 22 diamond features as 11 patches of 1x2), and a small CNN with BatchNorm
 (its BatchNorm parameters go to FOP's AdamW). Optimizers: SGD (momentum 0.9),
-AdamW, and K-FAC / FOP in four variants: ``abs`` (absolute damping, no trust
-region: the paper's setting and this project's configuration before the trust
-region existed), ``abs_clip``, ``rel`` and ``rel_clip`` (relative damping with
-``kl_clip``), plus ``abs_mc`` / ``rel_clip_mc`` with the Monte-Carlo Fisher.
+AdamW, and K-FAC / FOP in these variants: ``abs`` (absolute damping, no trust
+region: the paper's setting and this project's configuration before issue 9),
+``abs_clip`` (absolute damping with ``kl_clip``: the shipped default), ``rel``
+and ``rel_clip`` (relative damping without / with ``kl_clip``), ``abs_mc`` and
+``abs_clip_mc`` (the Monte-Carlo Fisher, which the paper's ASDL K-FAC uses).
 
-Phases, in order of importance, so that a partial run is still useful:
+Phases, most important first, so that a partial run is still useful:
 
-1. ``grid``: every optimizer variant over the lr x damping grid (lr only for SGD
-   and AdamW) at the largest batch (the whole training split), seed 0. The
-   *stable area* is the fraction of grid cells whose test accuracy reaches the
-   target within the epoch budget.
-2. ``seeds``: more seeds at the best grid cell of every optimizer and at the
-   fixed *default cell* of K-FAC/FOP (``--default-*``, the shipped defaults).
-3. ``ladder``: the same cells at smaller batches (about 2% and 10% of the
+1. per (dataset, model), cheapest first: the *grid* of SGD, AdamW and the core
+   variants (``abs``, ``abs_clip``) over lr x damping (lr only for SGD/AdamW) at
+   the largest batch (the whole training split), seed 0; then more *seeds* at
+   each optimizer's best grid cell and at the fixed *default cell* of K-FAC/FOP
+   (``--default-*``: the shipped defaults). The *stable area* is the fraction
+   of grid cells whose test accuracy reaches the target within the epoch
+   budget without diverging.
+2. the grid of the other variants (relative damping, MC Fisher).
+3. the *ladder*: the seeded cells at smaller batches (about 2% and 10% of the
    training split).
 
 Every finished run is written to the JSON at once; a rerun with the same
