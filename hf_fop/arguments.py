@@ -33,7 +33,10 @@ class FOPTrainingArguments(TrainingArguments):
             "choices": list(OPTIMIZER_CHOICES),
         },
     )
-    fop_damping: float = field(default=1e-3, metadata={"help": "Damping lambda added to each layer's Kronecker Fisher; > 0."})
+    fop_damping: float = field(
+        default=1e-2,
+        metadata={"help": "Damping lambda added to each layer's Kronecker Fisher (times its mean eigenvalue with fop_damping_mode relative); > 0."},
+    )
     fop_fisher_type: str = field(
         default="empirical",
         metadata={"help": "Fisher for the S factor: 'empirical' (training labels) or 'mc' (labels sampled from the model).", "choices": ["empirical", "mc"]},
@@ -63,6 +66,17 @@ class FOPTrainingArguments(TrainingArguments):
     )
     fop_log_per_layer: bool = field(
         default=False, metadata={"help": "Also log per-layer beta/eta/s_proj/KL terms under fop/<layer>/... ."}
+    )
+    fop_kl_clip: float = field(
+        default=1e-3,
+        metadata={"help": "Trust region: bound lr^2 * sum_l Delta_l^T M_l Delta_l of each step by this; > 0, or 0 for none (the paper)."},
+    )
+    fop_damping_mode: str = field(
+        default="absolute",
+        metadata={
+            "help": "'absolute' (lambda = fop_damping) or 'relative' (each layer's lambda = fop_damping * mean eigenvalue of its A (x) S).",
+            "choices": ["absolute", "relative"],
+        },
     )
 
     def __post_init__(self) -> None:
@@ -103,6 +117,8 @@ class FOPTrainingArguments(TrainingArguments):
             max_factor_dim=self.fop_max_factor_dim,
             exclude_modules=tuple(self.fop_exclude_modules),
             max_eigh_failures=self.fop_max_eigh_failures,
+            kl_clip=None if self.fop_kl_clip == 0 else self.fop_kl_clip,
+            damping_mode=self.fop_damping_mode,
         )
         try:
             return FOPConfig(**values)

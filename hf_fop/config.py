@@ -12,6 +12,7 @@ from typing import Any, Optional, Tuple
 
 MODES = ("fop", "kfac")
 FISHER_TYPES = ("empirical", "mc")
+DAMPING_MODES = ("absolute", "relative")
 
 
 def _fail(name: str, value: Any, valid: str) -> None:
@@ -41,10 +42,10 @@ class FOPConfig:
     ``M = A (x) S + lambda * I`` in the units of the per-example Fisher.
     """
 
-    lr: float = 0.03
+    lr: float = 0.1
     """eta0: learning rate of the K-FAC/FOP-managed layers."""
     damping: float = 1e-2
-    """lambda added to the Kronecker Fisher of every managed layer."""
+    """lambda added to the Kronecker Fisher of every managed layer (see ``damping_mode``)."""
     mode: str = "fop"
     """``"fop"`` (Fisher-orthogonal projection) or ``"kfac"`` (plain K-FAC on the same engine)."""
     fisher_type: str = "empirical"
@@ -79,6 +80,13 @@ class FOPConfig:
     """Module classes left to AdamW."""
     max_eigh_failures: int = 3
     """Consecutive failed eigendecompositions of one factor before raising."""
+    kl_clip: Optional[float] = 1e-3
+    """Trust region (our addition, not in the paper): scale all managed layers' updates by
+    ``nu = min(1, sqrt(kl_clip / (lr^2 sum_l Delta_l^T M_l Delta_l)))`` before momentum; ``None`` disables it
+    (the paper's setting)."""
+    damping_mode: str = "absolute"
+    """``"absolute"``: lambda = ``damping`` for every layer; ``"relative"``: each layer's lambda is
+    ``damping * mean eigenvalue of A (x) S`` (= mean(eig A) * mean(eig S)) of its current eigendecomposition."""
 
     def __post_init__(self) -> None:
         _check_real("lr", self.lr, 0.0, math.inf, False, True)
@@ -125,6 +133,13 @@ class FOPConfig:
         if not all(isinstance(t, type) for t in self.exclude_types):
             _fail("exclude_types", self.exclude_types, "a sequence of module classes")
         _check_int("max_eigh_failures", self.max_eigh_failures, 1)
+        if self.kl_clip is not None:
+            try:
+                _check_real("kl_clip", self.kl_clip, 0.0, math.inf, True, True)
+            except ValueError:
+                _fail("kl_clip", self.kl_clip, "None (no trust region) or a number in (0, inf), e.g. 1e-3")
+        if self.damping_mode not in DAMPING_MODES:
+            _fail("damping_mode", self.damping_mode, f"one of {DAMPING_MODES}")
 
     @property
     def effective_adamw_lr(self) -> float:

@@ -150,6 +150,8 @@ class FOP(torch.optim.Optimizer):
         ``exchange_factors(new) -> (factors to update with, all ranks finite)`` on factor steps and
         ``sync_factors()`` before factors are read; both are collectives."""
         self._last_stats: Dict[str, LayerStats] = {}
+        self._last_dampings: Dict[str, Any] = {}
+        self._last_kl_clip_scale: Optional[Tensor] = None
         self._last_fallback = False
         self._schedule_capture()
         self.accelerate_router: Optional[Any] = None
@@ -418,12 +420,16 @@ class FOP(torch.optim.Optimizer):
     def _kfac_group_step(self, group: Dict[str, Any], diffs: Optional[Dict[Tensor, Tensor]]) -> None:
         """Precondition and apply the managed layers' updates; ``diffs`` (g1 - g2) selects FOP.
 
-        Layers without an eigenbasis yet take the identity-preconditioned step (their gradient).
+        Two passes: every layer's direction first, then the trust-region scale
+        (:meth:`_kl_clip_scale`), then momentum, weight decay and the update.
+        Layers without an eigenbasis yet take the identity-preconditioned step
+        (their gradient, outside the trust region: it has no curvature to measure).
         """
         lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
-        damping = self.config.damping
         in_group = {id(p) for p in group["params"]}
         stats: Dict[str, LayerStats] = {}
+        dampings: Dict[str, Any] = {}
+        directions: List[Any] = []
         for layer in self.engine.layers:
             if id(layer.weight) not in in_group:
                 continue
@@ -436,6 +442,7 @@ class FOP(torch.optim.Optimizer):
                 continue
             q_s, s = layer.basis_s.q, layer.basis_s.eigenvalues
             q_a, a = layer.basis_a.q, layer.basis_a.eigenvalues
+            damping = self._layer_damping(s, a)
             g_hat = rotate(layer.grad_matrix(_grad(w), _grad(b)), q_s, q_a)
             if diffs is not None and (w in diffs or (b is not None and b in diffs)):
                 d_w = diffs[w] if w in diffs else torch.zeros_like(w)
@@ -446,9 +453,55 @@ class FOP(torch.optim.Optimizer):
             else:
                 dir_hat, st = kfac_direction_eigen(g_hat, s, a, damping)
             stats[layer.name] = st
+            dampings[layer.name] = damping
+            directions.append((layer, dir_hat))
+        scale = self._kl_clip_scale(directions, stats, dampings, lr)
+        for layer, dir_hat in directions:
+            if scale is not None:
+                dir_hat = dir_hat * scale
+            q_s, q_a = layer.basis_s.q, layer.basis_a.q
             dw, db = layer.split_matrix(unrotate(dir_hat, q_s, q_a))
-            self._apply(((w, dw), (b, db)), lr, momentum, wd)
+            self._apply(((layer.weight, dw), (layer.bias, db)), lr, momentum, wd)
         self._last_stats = stats
+        self._last_dampings = dampings
+        self._last_kl_clip_scale = scale
+
+    # ------------------------------------------------- damping, trust region
+    def _layer_damping(self, s: Tensor, a: Tensor) -> Any:
+        """lambda of one layer: ``damping`` (absolute), or ``damping * mean(eig A) * mean(eig S)`` (relative).
+
+        ``s``, ``a``: eigenvalues of S ``(out,)`` and A ``(in,)``. The relative
+        value is a 0-dim tensor (no host sync), recomputed from the stored
+        eigenvalues, so it changes only at an eigendecomposition and a resumed
+        run sees the same bits. It is floored at the smallest normal float32
+        so that a layer whose factors are all zero still has ``M > 0``.
+        """
+        if self.config.damping_mode == "absolute":
+            return self.config.damping
+        mean_eig = (a.mean() * s.mean()).clamp_min(torch.finfo(torch.float32).tiny)
+        return self.config.damping * mean_eig
+
+    def _kl_clip_scale(
+        self, directions: List[Any], stats: Dict[str, LayerStats], dampings: Dict[str, Any], lr: float
+    ) -> Optional[Tensor]:
+        """Trust-region factor ``nu = min(1, sqrt(kl_clip / (lr^2 sum_l Delta_l^T M_l Delta_l)))`` or ``None``.
+
+        ``Delta_l`` is layer l's direction for lr = 1 (before momentum) and
+        ``M_l = A (x) S + lambda_l I`` the damped curvature that preconditions it
+        (as PyTorch K-FAC implementations do: their ``v . g`` is ``Delta^T M Delta``).
+        ``Delta^T M Delta = kl_base + kl_cross + kl_orth + lambda ||Delta||^2``: the
+        stats' KL terms plus one dot product per layer (the eigenbasis rotation
+        preserves the norm). A 0-dim tensor, no host sync.
+        """
+        if self.config.kl_clip is None or not directions:
+            return None
+        terms = []
+        for layer, dir_hat in directions:
+            st = stats[layer.name]
+            flat = dir_hat.reshape(-1)
+            terms.append(st.kl_base + st.kl_cross + st.kl_orth + dampings[layer.name] * torch.dot(flat, flat))
+        total = (torch.stack(terms).sum() * (lr * lr)).clamp_min(0.0)  # rounding cannot make it negative
+        return torch.clamp(torch.sqrt(self.config.kl_clip / total), max=1.0)
 
     def _apply(self, pairs: Any, lr: float, momentum: float, wd: float) -> None:
         """``p <- p (1 - lr wd [p decays]) - lr (momentum buffer of d)`` for each ``(p, d)`` (``p`` may be None)."""
@@ -503,7 +556,8 @@ class FOP(torch.optim.Optimizer):
     def diagnostics(self) -> Dict[str, float]:
         """Scalars of the last step: per layer ``{name}/beta`` etc., aggregates and counters.
 
-        ``beta``/``eta``/``s_proj`` aggregates are means over layers; ``kl_*``
+        ``beta``/``eta``/``s_proj`` aggregates are means over layers; ``damping_min``/``damping_max``
+        the range of the layers' lambda; ``kl_clip_scale`` the trust-region factor nu (with ``kl_clip``); ``kl_*``
         are sums over layers of the KL-norm split (per unit lr^2);
         ``fallback`` is 1.0 when the last step fell back to K-FAC (one sub-batch).
         ``beta`` and ``s_proj`` are those of the gradients ``step()`` used:
@@ -534,6 +588,20 @@ class FOP(torch.optim.Optimizer):
             sums = stacked.sum(0)
             for j, f in enumerate(fields):
                 out[f"{f}_mean" if j < 3 else f] = float(means[j] if j < 3 else sums[j])
+            out.update(self._damping_diagnostics())
+        return out
+
+    def _damping_diagnostics(self) -> Dict[str, float]:
+        """``damping_min``/``damping_max`` over layers of the last step and ``kl_clip_scale`` (with ``kl_clip``)."""
+        values = list(self._last_dampings.values())
+        out: Dict[str, float] = {}
+        if values and not any(torch.is_tensor(v) for v in values):
+            out["damping_min"], out["damping_max"] = min(values), max(values)
+        elif values:  # relative damping: 0-dim tensors on the device, read back in one transfer
+            lams = torch.stack(values).float()
+            out["damping_min"], out["damping_max"] = (float(v) for v in torch.stack([lams.min(), lams.max()]).cpu())
+        if self._last_kl_clip_scale is not None:
+            out["kl_clip_scale"] = float(self._last_kl_clip_scale)
         return out
 
     # ----------------------------------------------------------------- state
@@ -570,7 +638,7 @@ class FOP(torch.optim.Optimizer):
                 state["step"] = int(state["step"])
         self.engine.seconds = float(fop_state.get("curvature_seconds", 0.0))
         self._discard_step_buffers()
-        self._last_stats = {}
+        self._last_stats, self._last_dampings, self._last_kl_clip_scale = {}, {}, None
         self._diff_ratio = None
         self._schedule_capture()
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
@@ -63,7 +64,12 @@ _DIAG_AGGREGATES = {
     "factor_updates": "factor_updates",
     "inverse_updates": "inverse_updates",
     "identity_layer_steps": "identity_layer_steps",
+    "kl_clip_scale": "kl_clip_scale",
+    "damping_min": "damping_min",
+    "damping_max": "damping_max",
 }
+DIVERGENCE_FACTOR = 10.0
+"""A logged training loss this many times the first one (or non-finite) triggers the divergence warning."""
 _PER_LAYER_FIELDS = ("beta", "eta", "s_proj", "kl_base", "kl_cross", "kl_orth")
 
 
@@ -447,7 +453,31 @@ class FOPTrainer(Trainer):
                 if self.fop_reducer is not None:  # every rank logs training losses at the same steps
                     peak, mean = self.fop_reducer.seconds_across_ranks(logs["fop/curvature_seconds"])
                     logs["fop/curvature_seconds_max"], logs["fop/curvature_seconds_mean"] = peak, mean
+                self._warn_if_diverging(logs)
         super().log(logs, start_time)
+
+    def _warn_if_diverging(self, logs: Dict[str, float]) -> None:
+        """Warn once when the logged loss is non-finite or ``DIVERGENCE_FACTOR`` x the first logged loss.
+
+        Uses only values already read for logging (no extra host sync).
+        """
+        loss = float(logs["loss"])
+        first = getattr(self, "_fop_first_loss", None)
+        if first is None and math.isfinite(loss):
+            self._fop_first_loss = first = loss
+        if getattr(self, "_fop_divergence_warned", False):
+            return
+        if math.isfinite(loss) and (first is None or loss <= DIVERGENCE_FACTOR * max(first, 1e-8)):
+            return
+        self._fop_divergence_warned = True
+        args = self.args
+        clip = "set fop_kl_clip (e.g. 1e-3; now 0: off)" if not args.fop_kl_clip else f"lower fop_kl_clip (now {args.fop_kl_clip})"
+        logger.warning(
+            f"FOP training looks divergent at step {self.state.global_step}: loss {loss:.4g} vs {first if first is not None else float('nan'):.4g} "
+            f"at the first log (KL terms per unit lr^2: {sum(logs.get(f'fop/{k}', 0.0) for k in ('kl_base', 'kl_cross', 'kl_orth')):.3g}). "
+            f"Lower learning_rate (now {args.learning_rate}), raise fop_damping (now {args.fop_damping}, "
+            f"mode {args.fop_damping_mode}), or {clip}."
+        )
 
     # ---------------------------------------------------------- checkpoints
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:

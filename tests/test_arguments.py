@@ -31,6 +31,23 @@ def test_cli_flags_parse(tmp_path):
     assert (config.lr, config.adamw_lr) == (0.2, 1e-3)
 
 
+def test_trust_region_and_damping_mode_flags_parse_and_validate(tmp_path):
+    parser = HfArgumentParser(FOPTrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--fop_kl_clip", "1e-3", "--fop_damping_mode", "relative"]
+    )
+    config = args.fop_config()
+    assert (config.kl_clip, config.damping_mode) == (1e-3, "relative")
+    defaults = FOPTrainingArguments(str(tmp_path)).fop_config()  # the shipped defaults: trust region on
+    assert (defaults.kl_clip, defaults.damping_mode, defaults.damping) == (1e-3, "absolute", 1e-2)
+    (paper,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--fop_kl_clip", "0"])
+    assert (paper.fop_config().kl_clip, paper.fop_config().damping_mode) == (None, "absolute")  # the paper's setting
+    with pytest.raises(ValueError, match=r"FOPTrainingArguments\.fop_kl_clip=-1.0 is invalid"):
+        FOPTrainingArguments(str(tmp_path), fop_kl_clip=-1.0)
+    with pytest.raises(ValueError, match=r"FOPTrainingArguments\.fop_damping_mode='scaled' is invalid"):
+        FOPTrainingArguments(str(tmp_path), fop_damping_mode="scaled")
+
+
 def test_trainer_fields_reach_the_config(tmp_path):
     args = FOPTrainingArguments(str(tmp_path), weight_decay=0.1, adam_beta1=0.8, adam_epsilon=1e-6)
     config = args.fop_config()

@@ -32,6 +32,11 @@ INVALID = [
     ("exclude_modules", (1,), "fnmatch patterns"),
     ("exclude_types", ("Linear",), "module classes"),
     ("max_eigh_failures", 0, "integer >= 1"),
+    ("kl_clip", 0.0, r"None \(no trust region\) or a number in \(0, inf\)"),
+    ("kl_clip", -1e-3, r"None \(no trust region\) or a number in \(0, inf\)"),
+    ("kl_clip", float("inf"), r"None \(no trust region\) or a number in \(0, inf\)"),
+    ("kl_clip", "1e-3", r"None \(no trust region\) or a number"),
+    ("damping_mode", "scaled", "one of"),
 ]
 
 

@@ -21,6 +21,7 @@ from hf_fop.optimizer import decay_parameter_names
 from sync_counter import SyncCounter
 
 ROOT = Path(__file__).resolve().parents[1]
+PAPER = dict(damping_mode="absolute", kl_clip=None)  # the paper's FOP: absolute damping, no trust region
 
 
 def _ones_col(x):
@@ -64,7 +65,7 @@ def _dense_reference_update(model, batches, damping, lr, grad_factor=1.0):
 
 
 def _run_fop_step(model, batches, damping, lr, grad_factor=1.0):
-    opt = FOP(model, lr=lr, damping=damping, factor_decay=0.0)
+    opt = FOP(model, lr=lr, damping=damping, factor_decay=0.0, **PAPER)
     for k, (x_, y_) in enumerate(batches):
         with opt.sub_batch(k):
             _mse(model, x_, y_).backward()
@@ -205,19 +206,20 @@ def test_failed_eigendecomposition_retries_float64_then_keeps_last_basis(monkeyp
         one_step()
 
 
-def test_checkpoint_resume_is_bitwise_in_a_fresh_process(tmp_path):
+@pytest.mark.parametrize("extra", ["{}", '{"damping_mode": "relative", "kl_clip": 1e-4}'], ids=["default", "relative_klclip"])
+def test_checkpoint_resume_is_bitwise_in_a_fresh_process(tmp_path, extra):
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(
         """
-        import sys, torch
+        import json, sys, torch
         import torch.nn.functional as F
         from torch import nn
         from hf_fop import FOP
-        mode, steps, ckpt = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+        mode, steps, ckpt, extra = sys.argv[1], int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3))
         opt = FOP(model, lr=0.1, momentum=0.9, weight_decay=1e-2, factor_interval=2, inverse_interval=4,
-                  adamw_lr=1e-2, adamw_weight_decay=0.01)
+                  adamw_lr=1e-2, adamw_weight_decay=0.01, **extra)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
         start = 0
         if mode == "resume":
@@ -239,7 +241,7 @@ def test_checkpoint_resume_is_bitwise_in_a_fresh_process(tmp_path):
     ))
     ckpt = str(tmp_path / "ckpt.pt")
     for mode in ("save", "resume"):
-        subprocess.run([sys.executable, str(script), mode, "11", ckpt], check=True, cwd=ROOT)
+        subprocess.run([sys.executable, str(script), mode, "11", ckpt, extra], check=True, cwd=ROOT)
     full = torch.load(ckpt + ".save.final", weights_only=True)
     resumed = torch.load(ckpt + ".resume.final", weights_only=True)
     for key in full:
@@ -303,7 +305,7 @@ def test_lr_scheduler_scales_both_groups():
         net = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3))
         net[0].load_state_dict(model.state_dict())
         before = [p.detach().clone() for p in net.parameters()]
-        opt = FOP(net, lr=0.2, adamw_lr=1e-3)
+        opt = FOP(net, lr=0.2, adamw_lr=1e-3, **PAPER)  # no trust region: the update is linear in lr
         assert [g["kind"] for g in opt.param_groups] == ["kfac", "adamw"]
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: factor**s)
         with warnings.catch_warnings():
@@ -382,7 +384,7 @@ def test_smoke_gpt2_conv1d_layers_train_and_report_per_layer_diagnostics():
     torch.manual_seed(11)
     cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=40, n_positions=16, bos_token_id=0, eos_token_id=0)
     model = GPT2LMHeadModel(cfg)
-    opt = FOP(model, lr=0.02, damping=1e-2, adamw_lr=3e-3)
+    opt = FOP(model, lr=0.02, damping=1e-2, adamw_lr=3e-3, **PAPER)
     ids = torch.randint(0, 40, (8, 12))
     ids[:, 1::2] = (ids[:, ::2] + 1) % 40  # every second token is predictable
 
@@ -426,7 +428,7 @@ def test_fop_update_differs_from_kfac_by_the_beta_g_perp_term(use_eta):
     expected = unvec(lr * (eta * beta * minv_perp + (eta - 1) * minv_avg), (3, 5))
     w = []
     for net, mode in ((model, "fop"), (twin, "kfac")):
-        opt = FOP(net, lr=lr, damping=damping, factor_decay=0.0, mode=mode, use_eta=use_eta)
+        opt = FOP(net, lr=lr, damping=damping, factor_decay=0.0, mode=mode, use_eta=use_eta, **PAPER)
         for k, (x_, y_) in enumerate((b1, b2)):
             with opt.sub_batch(k):
                 _mse(net, x_, y_).backward()
@@ -544,3 +546,95 @@ def test_non_curvature_step_synchronises_with_the_host_at_most_once(monkeypatch)
     monkeypatch.undo()
     assert len(counter.calls) <= 1, counter.calls
     assert opt.global_step == 2 and opt.counters["skipped_steps"] == 0
+
+
+# ------------------------------------------------- trust region, relative damping
+def _two_layer_problem(seed=5):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    x1, x2 = torch.randn(8, 4), torch.randn(8, 4) + 0.5
+    y1, y2 = torch.randn(8, 2), torch.randn(8, 2)
+    return model, ((x1, y1), (x2, y2))
+
+
+def _layer_grad_matrices(model, x, y):
+    model.zero_grad()
+    _mse(model, x, y).backward()
+    out = [torch.cat([m.weight.grad, m.bias.grad[:, None]], 1).clone() for m in (model[0], model[2])]
+    model.zero_grad()
+    return out
+
+
+@pytest.mark.parametrize("mode", ["fop", "kfac"])
+@pytest.mark.parametrize("damping_mode", ["absolute", "relative"])
+def test_kl_clip_scale_and_step_match_a_dense_computation(mode, damping_mode):
+    """nu = min(1, sqrt(kl_clip / (lr^2 sum_l Delta_l^T M_l Delta_l))) from dense Kronecker Fishers, and W <- W - lr nu Delta."""
+    model, batches = _two_layer_problem()
+    lr, damping, kl_clip = 0.5, 0.05, 1e-3
+    before = [torch.cat([m.weight, m.bias[:, None]], 1).detach().double().clone() for m in (model[0], model[2])]
+    g1s = _layer_grad_matrices(model, *batches[0])
+    g2s = _layer_grad_matrices(model, *batches[1])
+    opt = FOP(model, lr=lr, damping=damping, factor_decay=0.0, kl_clip=kl_clip, mode=mode, damping_mode=damping_mode)
+    if mode == "fop":
+        for k, (x_, y_) in enumerate(batches):
+            with opt.sub_batch(k):
+                _mse(model, x_, y_).backward()
+    else:
+        x = torch.cat([batches[0][0], batches[1][0]])
+        y = torch.cat([batches[0][1], batches[1][1]])
+        _mse(model, x, y).backward()
+    opt.step()
+    total, deltas, lams = 0.0, [], []
+    for layer, g1, g2 in zip(opt.layers, g1s, g2s):
+        fisher = kron_fisher(layer.A, layer.S).double()  # the factors this step preconditioned with
+        lam = damping * torch.linalg.eigvalsh(fisher).mean() if damping_mode == "relative" else damping
+        lams.append(float(lam))
+        g1v, g2v = vec(g1).double(), vec(g2).double()
+        if mode == "kfac":
+            g2v = g1v = (g1v + g2v) / 2
+        delta, _ = fop_direction_dense(g1v, g2v, fisher, lam, 1e-12)
+        m = fisher + lam * torch.eye(len(fisher), dtype=torch.float64)
+        total += float(delta @ m @ delta)
+        deltas.append(unvec(delta, g1.shape))
+    nu = min(1.0, math.sqrt(kl_clip / (lr**2 * total)))
+    assert nu < 0.5  # the clip is active
+    diag = opt.diagnostics()
+    assert math.isclose(diag["kl_clip_scale"], nu, rel_tol=2e-3)
+    assert math.isclose(diag["damping_min"], min(lams), rel_tol=1e-4)
+    assert math.isclose(diag["damping_max"], max(lams), rel_tol=1e-4)
+    for m, w0, delta in zip((model[0], model[2]), before, deltas):
+        w1 = torch.cat([m.weight, m.bias[:, None]], 1).detach().double()
+        expected = w0 - lr * nu * delta
+        assert torch.allclose(w1, expected, rtol=1e-3, atol=1e-5 * (1 + expected.abs().max()))
+
+
+@pytest.mark.parametrize("mode", ["fop", "kfac"])
+def test_kl_clip_that_never_binds_leaves_the_step_bitwise_unchanged(mode):
+    runs = []
+    for kl_clip in (None, 1e30):
+        model, batches = _two_layer_problem(7)
+        opt = FOP(model, lr=0.3, momentum=0.9, weight_decay=1e-2, inverse_interval=2, mode=mode, kl_clip=kl_clip)
+        for _ in range(4):
+            for k, (x_, y_) in enumerate(batches):
+                with opt.sub_batch(k):
+                    _mse(model, x_, y_).backward()
+            opt.step(), opt.zero_grad()
+        runs.append((model, opt.diagnostics()))
+    (plain, d_plain), (clipped, d_clipped) = runs
+    assert all(torch.equal(p, q) for p, q in zip(plain.parameters(), clipped.parameters()))
+    assert "kl_clip_scale" not in d_plain and d_clipped["kl_clip_scale"] == 1.0
+
+
+def test_kl_clip_applies_before_momentum():
+    """The buffer accumulates clipped directions: a huge first step is clipped, its momentum stays bounded."""
+    model, batches = _two_layer_problem(8)
+    opt = FOP(model, lr=1.0, momentum=0.9, kl_clip=1e-6, damping=1e-3)
+    for k, (x_, y_) in enumerate(batches):
+        with opt.sub_batch(k):
+            _mse(model, x_, y_).backward()
+    w0 = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    nu = opt.diagnostics()["kl_clip_scale"]
+    assert nu < 1.0
+    for p, before in zip(model.parameters(), w0):
+        assert torch.allclose(opt.state[p]["momentum_buffer"], before - p.detach(), rtol=1e-4, atol=1e-6)

