@@ -72,6 +72,7 @@ class LMArguments:
     n_embd: int = field(default=64, metadata={"help": "Width of the from-scratch GPT-2."})
     n_layer: int = field(default=2, metadata={"help": "Depth of the from-scratch GPT-2."})
     n_head: int = field(default=4, metadata={"help": "Attention heads of the from-scratch GPT-2."})
+    dropout: float = field(default=0.1, metadata={"help": "Dropout (residual, embedding, attention) of the from-scratch GPT-2, in [0, 1)."})
 
 
 DEFAULTS: Dict[str, Any] = dict(
@@ -117,6 +118,8 @@ def build(argv: Optional[List[str]] = None):
     model_args, data, lm, args = parse_args((ModelArguments, DataArguments, LMArguments, FOPTrainingArguments), DEFAULTS, argv)
     if lm.block_size < 2:
         raise ValueError(f"--block_size={lm.block_size} is invalid: expected an integer >= 2.")
+    if not 0.0 <= lm.dropout < 1.0:
+        raise ValueError(f"--dropout={lm.dropout} is invalid: expected a probability in [0, 1).")
     if lm.bpe_vocab_size < 300 or lm.bpe_train_samples < 1:
         raise ValueError(
             f"--bpe_vocab_size={lm.bpe_vocab_size} / --bpe_train_samples={lm.bpe_train_samples} are invalid: expected "
@@ -131,6 +134,7 @@ def build(argv: Optional[List[str]] = None):
         config = GPT2Config(
             vocab_size=len(tokenizer), n_positions=lm.block_size, n_embd=lm.n_embd, n_layer=lm.n_layer, n_head=lm.n_head,
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            resid_pdrop=lm.dropout, embd_pdrop=lm.dropout, attn_pdrop=lm.dropout,
         )
         model = GPT2LMHeadModel(config)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []

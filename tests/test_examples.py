@@ -243,3 +243,52 @@ def test_clm_example_streams_local_text_files(tmp_path):
     ])
     assert trainer.state.global_step == 3
     assert np.isfinite(metrics["final_perplexity"]) and metrics["final_perplexity"] > 1.0
+
+
+# ------------------------------------------------------------------ two processes
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(cmd: List[str]) -> None:
+    proc = subprocess.run(cmd, cwd=ROOT, env=single_thread_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+ACCELERATE_2PROC = ["accelerate", "launch", "--config_file", str(ROOT / "examples" / "accelerate_cpu_2proc.yaml")]
+PROBE = str(ROOT / "tests" / "example_probe.py")
+
+
+@pytest.mark.slow
+def test_clm_example_streams_disjoint_examples_to_two_processes_and_matches_one(tmp_path):
+    """--streaming under 2 processes: each rank gets different blocks of each step, and the run equals one process
+    that takes the same two sub-batches as gradient-accumulation micro-batches (first -> g1, second -> g2)."""
+    dialogs = load_chatterbot_dialogs()
+    (tmp_path / "train.txt").write_text("\n".join(dialogs["train"]["text"][:300]))
+    (tmp_path / "val.txt").write_text("\n".join(dialogs["test"]["text"][:40]))
+    common = TINY_GPT2 + ["--train_file", str(tmp_path / "train.txt"), "--validation_file", str(tmp_path / "val.txt"),
+                          "--streaming", "--max_steps", "3", "--per_device_train_batch_size", "4", "--use_cpu", "True",
+                          "--report_to", "none", "--fop_inverse_interval", "2", "--dropout", "0"]
+    for folder in ("one", "two"):
+        (tmp_path / folder).mkdir()
+    _launch([sys.executable, PROBE, str(tmp_path / "one"), "run_clm", *common, "--output_dir", str(tmp_path / "one"),
+             "--gradient_accumulation_steps", "2"])
+    _launch(ACCELERATE_2PROC + ["--main_process_port", str(_free_port()), PROBE, str(tmp_path / "two"), "run_clm", *common,
+                                "--output_dir", str(tmp_path / "two")])
+    one = torch.load(tmp_path / "one" / "rank0.pt", weights_only=False)
+    ranks = [torch.load(tmp_path / "two" / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert one["world_size"] == 1 and all(r["world_size"] == 2 for r in ranks)
+    assert len(one["batches"]) == 6 and all(len(r["batches"]) == 3 for r in ranks)
+    for step in range(3):
+        first, second = ranks[0]["batches"][step], ranks[1]["batches"][step]
+        rows = {tuple(x) for x in first.tolist()}
+        assert not rows & {tuple(x) for x in second.tolist()}, step  # no block is used twice in a step
+        assert torch.equal(first, one["batches"][2 * step]) and torch.equal(second, one["batches"][2 * step + 1])
+    for name, value in one["params"].items():
+        assert torch.allclose(value, ranks[0]["params"][name], atol=1e-5, rtol=1e-4), name
+        assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), name
+    assert ranks[0]["metrics"]["final_loss"] == pytest.approx(one["metrics"]["final_loss"], rel=1e-5)
