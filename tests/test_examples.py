@@ -292,3 +292,32 @@ def test_clm_example_streams_disjoint_examples_to_two_processes_and_matches_one(
         assert torch.allclose(value, ranks[0]["params"][name], atol=1e-5, rtol=1e-4), name
         assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), name
     assert ranks[0]["metrics"]["final_loss"] == pytest.approx(one["metrics"]["final_loss"], rel=1e-5)
+
+
+def _readme_launch_lines() -> Dict[str, str]:
+    """The README's ``accelerate launch`` command of each example script, by script name."""
+    pattern = r"^OMP_NUM_THREADS=1 accelerate launch --config_file examples/accelerate_cpu_2proc\.yaml examples/(run_\w+)\.py .*$"
+    return {m.group(1): m.group(0) for m in re.finditer(pattern, (ROOT / "README.md").read_text(), flags=re.M)}
+
+
+_SMALL = {
+    "run_image_classification": TINY_VIT + ["--max_steps", "2", "--max_eval_samples", "64"],
+    "run_text_classification": ["--fop_max_factor_dim", "512", "--per_device_train_batch_size", "8", "--eval_strategy", "no",
+                                "--max_steps", "2", "--max_seq_length", "16", "--max_eval_samples", "16"],
+    "run_clm": TINY_GPT2 + ["--max_steps", "2"],
+}
+
+
+def test_readme_names_a_two_process_command_for_every_example():
+    assert sorted(_readme_launch_lines()) == sorted(_SMALL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(_SMALL))
+def test_readme_two_process_command_runs(tmp_path, script):
+    words = shlex.split(_readme_launch_lines()[script])
+    assert words[0] == "OMP_NUM_THREADS=1"  # single_thread_env sets it
+    launch = words[1:3] + ["--main_process_port", str(_free_port())] + words[3:]
+    _launch(launch + _SMALL[script] + ["--output_dir", str(tmp_path), "--report_to", "none"])
+    results = json.loads((tmp_path / "final_results.json").read_text())
+    assert np.isfinite(results["final_loss"]) and results["final_loss"] > 0
