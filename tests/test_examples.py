@@ -324,3 +324,14 @@ def test_readme_two_process_command_runs(tmp_path, script):
     _launch(launch + _SMALL[script] + ["--output_dir", str(tmp_path), "--report_to", "none"])
     results = json.loads((tmp_path / "final_results.json").read_text())
     assert np.isfinite(results["final_loss"]) and results["final_loss"] > 0
+
+
+def test_readme_large_batch_command_scales_lr_and_sets_the_curvature_schedule(tmp_path):
+    line = re.search(r"^python examples/run_text_classification\.py --output_dir out/text_large .*$",
+                     (ROOT / "README.md").read_text(), flags=re.M).group(0)
+    argv = shlex.split(line)[2:] + ["--output_dir", str(tmp_path), "--max_train_samples", "8", "--report_to", "none"]
+    trainer, _, args = load_script("run_text_classification").build(argv)
+    assert args.global_train_batch_size == 256
+    assert args.learning_rate == pytest.approx(1e-3 * 256 / 32)  # the script's default lr, scaled from batch 32
+    config = args.fop_config()
+    assert (config.lr, config.damping, config.factor_interval, config.inverse_interval) == (pytest.approx(8e-3), 1e-2, 1, 1)
