@@ -64,6 +64,20 @@ def _losses(trainer: Any) -> List[float]:
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
+@pytest.mark.parametrize("name, extra", [("run_image_classification", "ImageArguments"),
+                                         ("run_text_classification", "TextArguments"), ("run_clm", "LMArguments")])
+def test_every_script_flag_has_help_text(name, extra):
+    import dataclasses
+
+    from hf_fop.scripts_common import DataArguments, ModelArguments
+
+    module = load_script(name)
+    for cls in (ModelArguments, DataArguments, getattr(module, extra)):
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no --help text"
+    assert module.__doc__ and "Two CPU processes" in module.__doc__
+
+
 # ------------------------------------------------------------------ image classification
 def test_image_example_trains_checkpoints_and_resumes_exactly(tmp_path):
     argv = TINY_VIT + ["--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1"]
@@ -335,3 +349,10 @@ def test_readme_large_batch_command_scales_lr_and_sets_the_curvature_schedule(tm
     assert args.learning_rate == pytest.approx(1e-3 * 256 / 32)  # the script's default lr, scaled from batch 32
     config = args.fop_config()
     assert (config.lr, config.damping, config.factor_interval, config.inverse_interval) == (pytest.approx(8e-3), 1e-2, 1, 1)
+
+
+def test_offline_default_can_be_streamed(tmp_path):
+    trainer, metrics = run("run_clm", TINY_GPT2 + ["--output_dir", str(tmp_path), "--streaming", "--max_steps", "2",
+                                                   "--max_train_samples", "200"])
+    assert trainer.state.global_step == 2 and np.isfinite(metrics["final_perplexity"])
+    assert metrics["final_tokens"] > 0
