@@ -5,10 +5,10 @@ from typing import Any
 from .config import FOPConfig
 from .optimizer import FOP
 
-__all__ = ["FOP", "FOPConfig", "FOPTrainer", "FOPTrainingArguments"]
+__all__ = ["FOP", "FOPConfig", "FOPTrainer", "FOPTrainingArguments", "parse_fop_args"]
 __version__ = "0.1.0"
 
-_LAZY = {"FOPTrainer": ".trainer", "FOPTrainingArguments": ".arguments"}
+_LAZY = {"FOPTrainer": ".trainer", "FOPTrainingArguments": ".arguments", "parse_fop_args": ".arguments"}
 
 
 def __getattr__(name: str) -> Any:

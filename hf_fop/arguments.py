@@ -2,17 +2,19 @@
 
 Every field carries help text, so ``HfArgumentParser`` exposes it as a CLI
 flag (``--fop_damping 1e-3``). Invalid values raise ``ValueError`` at
-construction, naming the field and its valid range. The FOP learning rate
+construction, naming the field and its valid range; :func:`parse_fop_args`
+reports them on the command line as one argparse error line. The FOP learning rate
 eta0 is the Trainer's ``learning_rate`` (scheduled as usual); ``weight_decay``,
 ``adam_beta1/2`` and ``adam_epsilon`` configure FOP's AdamW-managed parameters.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional, Sequence, Tuple
 
-from transformers import TrainingArguments
+from transformers import HfArgumentParser, TrainingArguments
 
 from .config import FOPConfig
 
@@ -195,3 +197,21 @@ def paper_curvature_interval(global_batch: int) -> int:
     while global_batch >= 512 * 2**doublings and doublings < PAPER_MAX_CURVATURE_INTERVAL - 1:
         doublings += 1
     return 1 + doublings
+
+
+_FIELD_ERROR = re.compile(r"^FOPTrainingArguments\.([A-Za-z0-9_/]+)(.*)$", re.DOTALL)
+
+
+def parse_fop_args(parser: HfArgumentParser, args: Optional[Sequence[str]] = None, **kwargs: Any) -> Tuple[Any, ...]:
+    """``parser.parse_args_into_dataclasses(args, **kwargs)``, with invalid ``FOPTrainingArguments`` values reported
+    like argparse's own errors: one line ``<prog>: error: argument --fop_damping: ...`` on stderr and exit status 2
+    (a plain ``HfArgumentParser`` lets the ``ValueError`` from the dataclass surface as a traceback).
+    """
+    try:
+        return parser.parse_args_into_dataclasses(args, **kwargs)
+    except ValueError as err:
+        match = _FIELD_ERROR.match(str(err))
+        if match is None:
+            raise
+        name, rest = match.groups()
+        parser.exit(2, f"{parser.prog}: error: argument --{name}: {name}{rest}\n")

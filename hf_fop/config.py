@@ -52,7 +52,7 @@ class FOPConfig:
     momentum: float = 0.0
     """Heavy-ball momentum on the preconditioned direction of managed layers."""
     weight_decay: float = 0.0
-    """Decoupled weight decay of managed layers (multiplied by the lr)."""
+    """Decoupled weight decay of managed layers' weights (multiplied by the lr; biases get none)."""
     factor_decay: float = 0.95
     """Running-average decay of the A and S factors (0 keeps only the newest)."""
     factor_interval: int = 1
@@ -70,6 +70,7 @@ class FOPConfig:
     adamw_betas: Tuple[float, float] = (0.9, 0.999)
     adamw_eps: float = 1e-8
     adamw_weight_decay: float = 0.0
+    """Decoupled weight decay of the AdamW part, except biases and normalisation weights (the Trainer's rule)."""
     max_factor_dim: int = 8192
     """Layers whose A or S would be larger than this (per side) go to AdamW."""
     exclude_modules: Tuple[str, ...] = ()

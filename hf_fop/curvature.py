@@ -7,6 +7,14 @@ Conventions (FOP_SPEC, per managed layer with gradient matrix ``G`` of shape
   examples, and tokens / spatial positions of an example (K-FAC "expand",
   Eschenhagen et al. 2023). Rows excluded by a padding mask do not count.
   ``a`` carries a trailing 1 when the layer has a bias.
+* Padding masks (``(B, T)``, nonzero = real token) apply to 3-D ``(B, T, d)``
+  activations of Linear / Conv1D layers and must match their ``(B, T)``
+  exactly (a mismatch raises naming both shapes); 2-D activations (pooled
+  heads) and Conv2d count every row. They are applied by multiplying rows
+  by the mask (no host synchronisation). Encoder-decoder models
+  (``config.is_encoder_decoder``): the mask applies to the modules inside
+  ``model.get_encoder()`` only; decoder modules (cross-attention included)
+  count every position.
 * ``S = E_n[sum_r s_nr s_nr^T]``, ``s_nr`` the gradient of example ``n``'s
   loss w.r.t. the layer output at position ``r``. The engine sees gradients
   of a *mean* loss, so within one gradient group (a sub-batch, or one
@@ -23,8 +31,9 @@ from __future__ import annotations
 import fnmatch
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -62,10 +71,12 @@ class KFACLayer:
     eigh_failures: Dict[str, int] = field(default_factory=lambda: {"A": 0, "S": 0})
     # capture accumulators of the current step (transient, never saved)
     a_sum: Optional[Tensor] = None
-    a_rows: int = 0
+    a_rows: Union[int, Tensor] = 0  # a 0-dim tensor once a padding mask counted the rows
     s_sums: Dict[int, Tensor] = field(default_factory=dict)
     s_examples: Dict[int, int] = field(default_factory=dict)
     outputs: List[Tuple[Tensor, int, Optional[Tensor]]] = field(default_factory=list)
+    masked: bool = True
+    """Whether padding masks apply to this layer (False for decoder modules of encoder-decoder models)."""
 
     @property
     def weight(self) -> nn.Parameter:
@@ -159,36 +170,68 @@ def find_layers(model: nn.Module, config: FOPConfig) -> Tuple[List[KFACLayer], D
     return layers, skipped
 
 
-def _input_rows(layer: KFACLayer, x: Tensor, mask: Optional[Tensor]) -> Tensor:
-    """Layer input as float32 rows ``(rows, in)`` (expand convention), bias column appended."""
+class PaddingMask:
+    """A ``(B, T)`` padding mask prepared once for all layers: float weights and the real-row count."""
+
+    def __init__(self, mask: Tensor) -> None:
+        if not isinstance(mask, Tensor) or mask.dim() != 2:
+            shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(f"padding_mask: expected a (B, T) tensor (1 = real token, 0 = padding), got {shape}.")
+        self.shape = tuple(mask.shape)
+        self.weights = (mask != 0).to(torch.float32)
+        """``(B, T)`` float32, 1.0 for real tokens."""
+        self.count = self.weights.sum()
+        """Number of real tokens, a 0-dim device tensor (never read on the host)."""
+
+
+def _check_mask(layer: KFACLayer, t: Tensor, mask: PaddingMask) -> None:
+    if tuple(t.shape[:2]) != mask.shape:
+        raise ValueError(
+            f"padding mask of shape {mask.shape} does not match the (B, T) = {tuple(t.shape[:2])} of layer "
+            f"{layer.name!r}'s activation of shape {tuple(t.shape)}; pass the attention mask of the sequences this "
+            "forward pass processes (or none)."
+        )
+
+
+def _rows(layer: KFACLayer, t: Tensor, mask: Optional[PaddingMask]) -> Tensor:
+    """``(..., d)`` to float32 rows ``(rows, d)``; a mask zeroes the padded rows of a ``(B, T, d)`` tensor."""
+    rows = t.reshape(-1, t.shape[-1]).float()
+    if mask is not None and t.dim() == 3:
+        _check_mask(layer, t, mask)
+        rows = rows * mask.weights.reshape(-1, 1)
+    return rows
+
+
+def _input_rows(layer: KFACLayer, x: Tensor, mask: Optional[PaddingMask]) -> Tuple[Tensor, Union[int, Tensor]]:
+    """Layer input as float32 rows ``(rows, in)`` (expand convention, bias column appended) and the real-row count.
+
+    Padded rows are zero (bias column included), so they add nothing to ``rows^T rows``.
+    """
     module = layer.module
+    masked = mask is not None and layer.kind != "conv2d" and x.dim() == 3
     if layer.kind == "conv2d":
         if x.dim() == 3:
             x = x.unsqueeze(0)
         patches = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
-        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1]).float()
     else:
-        rows = _masked_rows(x, mask)
-    rows = rows.float()
+        rows = x.reshape(-1, x.shape[-1]).float()
+        if masked:
+            _check_mask(layer, x, mask)
     if module.bias is not None:
         rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-    return rows
+    if masked:
+        return rows * mask.weights.reshape(-1, 1), mask.count
+    return rows, rows.shape[0]
 
 
-def _masked_rows(t: Tensor, mask: Optional[Tensor]) -> Tensor:
-    """``(..., d)`` to ``(rows, d)``; a ``(B, T)`` mask drops padded positions of ``(B, T, d)``."""
-    if mask is not None and t.dim() == 3 and tuple(t.shape[:2]) == tuple(mask.shape):
-        return t[mask.to(torch.bool)]
-    return t.reshape(-1, t.shape[-1])
-
-
-def _output_rows(layer: KFACLayer, g: Tensor, mask: Optional[Tensor]) -> Tensor:
-    """Output gradient as float32 rows ``(rows, out)``."""
+def _output_rows(layer: KFACLayer, g: Tensor, mask: Optional[PaddingMask]) -> Tensor:
+    """Output gradient as float32 rows ``(rows, out)`` (padded rows zeroed)."""
     if layer.kind == "conv2d":
         if g.dim() == 3:
             g = g.unsqueeze(0)
         return g.permute(0, 2, 3, 1).reshape(-1, g.shape[1]).float()
-    return _masked_rows(g, mask).float()
+    return _rows(layer, g, mask)
 
 
 def _gram(rows: Tensor) -> Tensor:
@@ -202,6 +245,22 @@ def _batch_size(t: Tensor) -> int:
     return t.shape[0] if t.dim() >= 2 else 1
 
 
+def _grad_hook(
+    engine_ref: "weakref.ReferenceType[CurvatureEngine]", layer: KFACLayer, group: int, mask: Optional[PaddingMask], scale: float
+) -> Callable:
+    """Tensor hook on a layer output: adds the output gradient to S (holds the engine weakly)."""
+
+    def hook(grad: Tensor) -> None:
+        engine = engine_ref()
+        if engine is None or engine.released is not None:
+            return
+        t0 = time.perf_counter()
+        engine._add_output_grad(layer, grad, group, mask, scale)
+        engine.seconds += time.perf_counter() - t0
+
+    return hook
+
+
 def eigh_float32(mat: Tensor) -> Tuple[Tensor, Tensor]:
     """``torch.linalg.eigh`` in float32: ``(eigenvalues (n,), eigenvectors (n, n))``."""
     return torch.linalg.eigh(mat.float())
@@ -213,63 +272,172 @@ def eigh_float64(mat: Tensor) -> Tuple[Tensor, Tensor]:
     return vals.float(), vecs.float()
 
 
+_OWNERS: "weakref.WeakKeyDictionary[nn.Module, weakref.ReferenceType]" = weakref.WeakKeyDictionary()
+"""Managed module -> weak reference to the engine whose hooks it carries."""
+
+
+def _encoder_modules(model: nn.Module) -> Optional[set]:
+    """``id``s of the encoder's modules for an encoder-decoder transformers model, else ``None``."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "is_encoder_decoder", False):
+        return None
+    get_encoder = getattr(model, "get_encoder", None)
+    if not callable(get_encoder):
+        raise ValueError(
+            f"{type(model).__name__} is an encoder-decoder model (config.is_encoder_decoder=True) without "
+            "get_encoder(): FOP cannot tell which layers the encoder's padding mask belongs to."
+        )
+    return {id(m) for m in get_encoder().modules()}
+
+
+def _label_shift(model: nn.Module) -> int:
+    """1 when the model shifts ``labels`` inside its loss (transformers' causal-LM loss), else 0."""
+    if not hasattr(model, "loss_type"):  # not a transformers PreTrainedModel
+        return 0
+    custom = getattr(model, "_loss_function", None)
+    if custom is not None:
+        return int(getattr(custom, "__name__", "") == "ForCausalLMLoss")
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    loss_type = model.loss_type  # same resolution as PreTrainedModel.loss_function (None -> ForCausalLM)
+    return int(loss_type is None or loss_type not in LOSS_MAPPING or loss_type == "ForCausalLM")
+
+
+def _forward_hook(engine_ref: "weakref.ReferenceType[CurvatureEngine]", index: int) -> Callable:
+    """Forward hook of managed layer ``index``; holds the engine weakly (a collected engine captures nothing)."""
+
+    def hook(module: nn.Module, inputs: Tuple[Tensor, ...], output: Tensor) -> None:
+        engine = engine_ref()
+        if engine is not None:
+            engine._on_forward(engine.layers[index], module, inputs, output)
+
+    return hook
+
+
+def _remove_handles(handles: List[torch.utils.hooks.RemovableHandle]) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+
+
 class CurvatureEngine:
     """Hooks on the managed layers, capture of A and S, running averages, eigenbases.
 
     The optimizer drives it: it sets :attr:`capture` before the forward
     passes of a curvature step, and calls :meth:`finalize_capture`,
     :meth:`update_factors` and :meth:`update_eigenbases` in ``step()``.
+
+    Hook lifetime: the hooks hold the engine by weak reference and are removed
+    by :meth:`release` or when the engine is garbage-collected. A new engine on
+    modules that still carry a live engine's hooks takes them over: the old
+    engine is released (with a warning) and raises if used again.
     """
 
     def __init__(self, model: nn.Module, config: FOPConfig) -> None:
         self.config = config
         self.layers, self.skipped = find_layers(model, config)
+        encoder = _encoder_modules(model)
+        self.encoder_decoder = encoder is not None
+        """Encoder-decoder model: padding masks apply to encoder modules only, never to the logits."""
+        for layer in self.layers:
+            layer.masked = encoder is None or id(layer.module) in encoder
+        self.label_shift = _label_shift(model)
+        """Logit position t is scored against ``labels[:, t + label_shift]`` (1 for causal LMs)."""
         self.capture = False
         """Set by the optimizer: the coming forward/backward passes belong to a curvature step."""
         self.enabled = True
         """False in evaluation mode (``FOP.eval()``): nothing is captured."""
         self.group = -1
         """Index of the gradient group being captured (sub-batch 0/1; -1 outside ``sub_batch``)."""
-        self.padding_mask: Optional[Tensor] = None
-        """``(B, T)`` mask of real (1) vs padded (0) tokens for the next forward/backward."""
+        self.padding_mask: Optional[PaddingMask] = None
+        """Mask of real (1) vs padded (0) tokens for the next forward/backward (see :meth:`set_padding_mask`)."""
         self.grad_scale = 1.0
         """Loss scale of the coming backward passes (fp16 GradScaler); divided out of the captured gradients."""
         self.seconds = 0.0
         """Host wall-clock seconds spent in capture, factor updates and eigendecompositions."""
-        self._handles = [layer.module.register_forward_hook(self._make_forward_hook(layer)) for layer in self.layers]
+        self.released: Optional[str] = None
+        """Why the engine's hooks were removed (``None`` while it is live)."""
+        self._take_over()
+        self._handles: List[torch.utils.hooks.RemovableHandle] = []
+        self._finalizer = weakref.finalize(self, _remove_handles, self._handles)
+        self._install_hooks()
+
+    # ------------------------------------------------------------ lifetime
+    def _take_over(self) -> None:
+        previous = []
+        for layer in self.layers:
+            ref = _OWNERS.get(layer.module)
+            engine = ref() if ref is not None else None
+            if engine is not None and engine.released is None and engine not in previous:
+                previous.append(engine)
+        for engine in previous:
+            engine.release("a newer FOP optimizer on the same model took over its layers")
+        if previous:
+            warnings.warn(
+                "FOP: the model's layers carried the hooks of another live FOP optimizer; that optimizer is released "
+                "(it no longer captures curvature and raises if stepped). Call opt.release() on an optimizer you are "
+                "done with to avoid this warning.",
+                UserWarning,
+                stacklevel=4,
+            )
+        for layer in self.layers:
+            _OWNERS[layer.module] = weakref.ref(self)
+
+    def _install_hooks(self, wrap: Optional[Callable[[Callable], Callable]] = None) -> None:
+        """Register the forward hooks (``wrap`` decorates each one, e.g. for profiling)."""
+        ref = weakref.ref(self)
+        for index, layer in enumerate(self.layers):
+            hook = _forward_hook(ref, index)
+            self._handles.append(layer.module.register_forward_hook(wrap(hook) if wrap is not None else hook))
+
+    def _remove_hooks(self) -> None:
+        _remove_handles(self._handles)
+
+    def release(self, reason: str = "release() was called") -> None:
+        """Remove every hook and drop pending captures; the engine cannot capture again."""
+        if self.released is not None:
+            return
+        self._finalizer()
+        self.released = reason
+        self.clear_capture()
+        for layer in self.layers:
+            ref = _OWNERS.get(layer.module)
+            if ref is not None and ref() is self:
+                del _OWNERS[layer.module]
+
+    def check_live(self) -> None:
+        """Raise when the engine was released."""
+        if self.released is not None:
+            raise RuntimeError(
+                f"This FOP optimizer was released ({self.released}): its hooks are removed and it cannot capture "
+                "curvature or step. Create a new FOP for the model."
+            )
 
     # ----------------------------------------------------------------- hooks
+    def set_padding_mask(self, mask: Optional[Tensor]) -> None:
+        """``(B, T)`` mask (nonzero = real token) for the coming forward/backward passes; ``None`` clears it."""
+        self.padding_mask = None if mask is None else PaddingMask(mask)
+
     def _active(self, module: nn.Module) -> bool:
         return self.capture and self.enabled and module.training and torch.is_grad_enabled()
 
-    def _make_forward_hook(self, layer: KFACLayer) -> Callable:
-        def hook(module: nn.Module, inputs: Tuple[Tensor, ...], output: Tensor) -> None:
-            if not self._active(module) or not output.requires_grad:
-                return
-            t0 = time.perf_counter()
-            mask = self.padding_mask
-            rows = _input_rows(layer, inputs[0].detach(), mask)
-            contrib = _gram(rows)
-            layer.a_sum = contrib if layer.a_sum is None else layer.a_sum + contrib
-            layer.a_rows += rows.shape[0]
-            group = self.group
-            if self.config.fisher_type == "mc":
-                layer.outputs.append((output, group, mask))
-            else:
-                output.register_hook(self._make_grad_hook(layer, group, mask, self.grad_scale))
-            self.seconds += time.perf_counter() - t0
+    def _on_forward(self, layer: KFACLayer, module: nn.Module, inputs: Tuple[Tensor, ...], output: Tensor) -> None:
+        if not self._active(module) or not output.requires_grad:
+            return
+        t0 = time.perf_counter()
+        mask = self.padding_mask if layer.masked else None
+        rows, count = _input_rows(layer, inputs[0].detach(), mask)
+        contrib = _gram(rows)
+        layer.a_sum = contrib if layer.a_sum is None else layer.a_sum + contrib
+        layer.a_rows = layer.a_rows + count
+        group = self.group
+        if self.config.fisher_type == "mc":
+            layer.outputs.append((output, group, mask))
+        else:
+            output.register_hook(_grad_hook(weakref.ref(self), layer, group, mask, self.grad_scale))
+        self.seconds += time.perf_counter() - t0
 
-        return hook
-
-    def _make_grad_hook(self, layer: KFACLayer, group: int, mask: Optional[Tensor], scale: float) -> Callable:
-        def hook(grad: Tensor) -> None:
-            t0 = time.perf_counter()
-            self._add_output_grad(layer, grad, group, mask, scale)
-            self.seconds += time.perf_counter() - t0
-
-        return hook
-
-    def _add_output_grad(self, layer: KFACLayer, grad: Tensor, group: int, mask: Optional[Tensor], scale: float) -> None:
+    def _add_output_grad(self, layer: KFACLayer, grad: Tensor, group: int, mask: Optional[PaddingMask], scale: float) -> None:
         rows = _output_rows(layer, grad.detach(), mask)
         if scale != 1.0:
             rows = rows / scale
@@ -277,27 +445,69 @@ class CurvatureEngine:
         layer.s_sums[group] = contrib if group not in layer.s_sums else layer.s_sums[group] + contrib
         layer.s_examples[group] = layer.s_examples.get(group, 0) + _batch_size(grad)
 
-    def mc_backward(self, logits: Tensor, generator: Optional[torch.Generator] = None) -> None:
+    def _position_weights(self, logits: Tensor, labels: Optional[Tensor], label_shift: int) -> Optional[Tensor]:
+        """Weights ``logits.shape[:-1]`` (1 = position counts in the sampled loss), or ``None`` (all count)."""
+        positions = tuple(logits.shape[:-1])
+        weights: Optional[Tensor] = None
+        mask = None if self.encoder_decoder else self.padding_mask  # the encoder's mask is not the logits'
+        if mask is not None and logits.dim() == 3:
+            if mask.shape != positions:
+                raise ValueError(
+                    f"mc_backward: padding mask of shape {mask.shape} does not match the logits' (B, T) = {positions}."
+                )
+            weights = mask.weights
+        if labels is not None and not labels.is_floating_point() and not labels.is_complex():
+            if tuple(labels.shape) != positions:
+                raise ValueError(
+                    f"mc_backward: labels of shape {tuple(labels.shape)} do not match the logits' positions {positions} "
+                    f"(logits of shape {tuple(logits.shape)})."
+                )
+            valid = labels != -100
+            if label_shift and valid.dim() == 2:  # causal LM: position t predicts labels[:, t + 1]
+                valid = F.pad(valid[:, label_shift:], (0, label_shift), value=False)
+            valid = valid.to(torch.float32)
+            weights = valid if weights is None else weights * valid
+        return weights
+
+    def mc_backward(
+        self,
+        logits: Tensor,
+        generator: Optional[torch.Generator] = None,
+        labels: Optional[Tensor] = None,
+        label_shift: Optional[int] = None,
+    ) -> None:
         """Monte-Carlo Fisher: sample labels from ``softmax(logits)`` and capture S from them.
 
         ``logits``: ``(B, C)`` or ``(B, T, C)``. The sampled loss is the sum of
-        cross-entropies over positions, averaged over the ``B`` examples.
-        Parameter gradients are not touched. No-op outside curvature steps or
-        when ``fisher_type != "mc"``.
+        cross-entropies over the *real* positions, averaged over the ``B``
+        examples. Real positions: those of the current padding mask (for
+        ``(B, T, C)`` logits; not for encoder-decoder models, whose mask is
+        the encoder's), and, when integer ``labels`` of shape ``logits.shape[:-1]``
+        are given, those whose label is not ``-100``. ``label_shift`` (default:
+        1 for models with transformers' causal-LM loss, which shifts labels
+        inside, else 0) pairs position ``t`` with ``labels[:, t + label_shift]``.
+        Labels are drawn at every position (so a fixed ``generator`` gives the
+        same draws with or without a mask). Parameter gradients are not
+        touched. No-op outside curvature steps or when ``fisher_type != "mc"``.
         """
+        self.check_live()
         if self.config.fisher_type != "mc" or not self.capture or not self.enabled:
             return
+        t0 = time.perf_counter()
+        weights = self._position_weights(logits, labels, self.label_shift if label_shift is None else label_shift)
         pending = [(layer, out, group, mask) for layer in self.layers for (out, group, mask) in layer.outputs]
         for layer in self.layers:
             layer.outputs = []
         if not pending:
             return
-        t0 = time.perf_counter()
         with torch.no_grad():
             probs = torch.softmax(logits.detach().float().reshape(-1, logits.shape[-1]), dim=-1)
             sampled = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         flat = logits.float().reshape(-1, logits.shape[-1])
-        loss = F.cross_entropy(flat, sampled, reduction="sum") / _batch_size(logits)
+        per_position = F.cross_entropy(flat, sampled, reduction="none")
+        if weights is not None:
+            per_position = per_position * weights.reshape(-1)
+        loss = per_position.sum() / _batch_size(logits)
         grads = torch.autograd.grad(loss, [out for _, out, _, _ in pending], retain_graph=True, allow_unused=True)
         for (layer, out, group, mask), grad in zip(pending, grads):
             if grad is not None:
@@ -313,7 +523,7 @@ class CurvatureEngine:
         """
         new: Dict[str, Tuple[Tensor, Tensor]] = {}
         for layer in self.layers:
-            if layer.a_sum is None or layer.a_rows == 0:
+            if layer.a_sum is None:
                 continue
             if not layer.s_sums:
                 if self.config.fisher_type == "mc":
@@ -325,7 +535,8 @@ class CurvatureEngine:
                 continue
             total = sum(layer.s_examples.values())
             s_new = sum(layer.s_sums[g] * (layer.s_examples[g] ** 2) for g in layer.s_sums) / total
-            new[layer.name] = (layer.a_sum / layer.a_rows, s_new)
+            rows = layer.a_rows.clamp_min(1) if isinstance(layer.a_rows, Tensor) else max(layer.a_rows, 1)
+            new[layer.name] = (layer.a_sum / rows, s_new)
         return new
 
     def clear_capture(self) -> None:
@@ -365,7 +576,7 @@ class CurvatureEngine:
         for solver in (eigh_float32, eigh_float64):
             try:
                 vals, vecs = solver(mat)
-            except RuntimeError:
+            except torch.linalg.LinAlgError:  # anything else (out of memory, device errors) propagates
                 continue
             if torch.isfinite(vals).all() and torch.isfinite(vecs).all():
                 layer.eigh_failures[which] = 0
@@ -425,12 +636,3 @@ class CurvatureEngine:
             layer.basis_s = EigenBasis(qs, es) if qs is not None else None
             layer.eigh_failures = {"A": int(entry.get("eigh_failures_A", 0)), "S": int(entry.get("eigh_failures_S", 0))}
             layer.clear_capture()
-
-    def iter_ready(self) -> Iterator[KFACLayer]:
-        """Layers with an eigenbasis (ready to precondition)."""
-        return (layer for layer in self.layers if layer.basis_a is not None and layer.basis_s is not None)
-
-    def remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []

@@ -14,20 +14,31 @@ all-reduce ``2 (W - 1) / W n``); above that, one ``all_reduce`` of a ``(2, n)``
 buffer with rank ``r`` writing row ``r % 2`` (2x DDP). Every rank sums the
 same tensors in the same order, so replicas stay bitwise identical.
 
-New curvature factors are averaged over all ranks (upper triangles only, one
-``all_reduce``) so every rank holds identical optimizer state (the Trainer
-saves rank 0's and every rank loads it). Default process group throughout.
+Under DDP the same reduction runs per gradient bucket inside the backward
+pass (:mod:`hf_fop.comm_hook`, :meth:`DualGradientReducer.attach_ddp`);
+:meth:`DualGradientReducer.reduce_gradients` is the post-backward path, kept
+where the hook cannot be used.
+
+Curvature factors (:class:`ReplicatedCurvature`, ``opt.distributor``): each
+rank keeps running averages of its own factors; they are averaged over ranks
+(upper triangles, one ``all_reduce``) only before they are read, i.e. before
+eigendecompositions and checkpoints, so every rank holds identical optimizer
+state where it matters (the Trainer saves rank 0's and every rank loads it).
+Default process group throughout.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+import logging
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from .optimizer import FOP
+
+logger = logging.getLogger(__name__)
 
 
 def world() -> Tuple[int, int]:
@@ -45,10 +56,12 @@ def group_sizes(world_size: int) -> Tuple[int, int]:
 
 
 class DualGradientReducer:
-    """All-reduces local gradients into FOP's g1/g2 and averages curvature factors.
+    """Reduces local gradients into FOP's g1/g2; owns the curvature exchange (:attr:`curvature`).
 
-    ``install(opt)`` sets ``opt.factor_reducer``; after the last local
-    backward of a step call :meth:`reduce_gradients`.
+    :meth:`install` (FOP) or :meth:`install_curvature` (K-FAC, DDP averages the
+    gradients) sets ``opt.distributor``; in FOP mode call
+    :meth:`reduce_gradients` after the last local backward of a step, and
+    :meth:`sync_factors` on every rank before reading or saving the factors.
     """
 
     def __init__(self, opt: FOP) -> None:
@@ -60,9 +73,17 @@ class DualGradientReducer:
         """Payload bytes this process handed to collectives so far (gradients and factors)."""
         self.wire_bytes = 0.0
         """Bytes this process sent so far under the ring model (all_reduce: 2(W-1)/W x payload; all_gather: (W-1) x)."""
+        self.device = self.params[0].device
+        self.hook: Optional[Any] = None
+        """The :class:`hf_fop.comm_hook.DualGradientCommHook` registered by :meth:`attach_ddp`, if any."""
+        self.hooked: Optional[nn.Module] = None
+        self.refused: Optional[nn.Module] = None
+        self.curvature = ReplicatedCurvature(self)
+        """The factor exchange (``opt.distributor``), installed by :meth:`install` / :meth:`install_curvature`."""
 
     def install(self) -> None:
-        self.opt.factor_reducer = self.reduce_factors
+        """FOP mode: the optimizer gets g1/g2 from :meth:`reduce_gradients` and factors from :attr:`curvature`."""
+        self.install_curvature()
         self.opt.w1 = self.n_even / self.world_size
 
     def _all_reduce(self, buf: Tensor) -> None:
@@ -104,7 +125,7 @@ class DualGradientReducer:
             self._all_reduce(sums)
         g1_flat = sums[0, :total] / self.n_even
         g2_flat = sums[1, :total] / self.n_odd
-        present = sums[:, total:].sum(0)
+        present = sums[:, total:].sum(0).tolist()  # one host read
         g1: Dict[Tensor, Tensor] = {}
         g2: Dict[Tensor, Tensor] = {}
         offset = 0
@@ -117,39 +138,131 @@ class DualGradientReducer:
         self.opt.w1 = self.n_even / self.world_size
         self.opt.set_dual_gradients(g2, g1=g1)
 
-    def reduce_factors(self, new: Dict[str, Tuple[Tensor, Tensor]]) -> Dict[str, Tuple[Tensor, Tensor]]:
-        """Average each layer's new ``(A, S)`` over the ranks that captured it (one ``all_reduce`` of upper triangles).
+    def attach_ddp(self, model: nn.Module) -> bool:
+        """Reduce g1/g2 inside DDP's backward (:mod:`hf_fop.comm_hook`) when ``model`` allows it.
 
-        The factors are symmetric; the result is exactly symmetric.
+        Returns whether the hook runs; otherwise logs one line saying why and
+        the caller keeps :meth:`reduce_gradients` (every micro-batch under
+        ``no_sync``). Not possible: ``model`` is not a
+        ``DistributedDataParallel`` module, or DDP already has a comm hook
+        (e.g. accelerate's ``DistributedDataParallelKwargs(comm_hook=...)``).
         """
-        layers = self.opt.engine.layers
+        from .comm_hook import DualGradientCommHook
+
+        if self.hooked is model:
+            return True
+        if self.refused is model:
+            return False
+        self.refused = model
+        say = logger.warning if self.rank == 0 else logger.debug  # one line per run, not one per rank
+        if not isinstance(model, nn.parallel.DistributedDataParallel):
+            say(
+                f"FOP: the model is a {type(model).__name__}, not DistributedDataParallel; the dual-gradient "
+                "reduction runs after the backward pass."
+            )
+            return False
+        hook = DualGradientCommHook(self)
+        try:
+            hook.register(model)
+        except RuntimeError as err:
+            say(f"FOP: DDP refused the dual-gradient comm hook ({err}); the reduction runs after the backward pass.")
+            return False
+        self.hook, self.hooked, self.refused = hook, model, None
+        return True
+
+    def seconds_across_ranks(self, seconds: float) -> Tuple[float, float]:
+        """``(max, mean)`` over ranks of each rank's ``seconds`` (one small ``all_gather``; collective, not counted)."""
+        out = torch.empty(self.world_size, dtype=torch.float64)
+        dist.all_gather_into_tensor(out, torch.tensor([seconds], dtype=torch.float64))
+        return float(out.max()), float(out.mean())
+
+    def install_curvature(self) -> None:
+        """Hand the factor exchange to the optimizer (``opt.distributor``); FOP and K-FAC modes alike."""
+        self.opt.distributor = self.curvature
+
+    def sync_factors(self) -> None:
+        """Average the factors over ranks now (collective: every rank must call it). See :class:`ReplicatedCurvature`."""
+        self.curvature.sync_factors()
+
+
+class ReplicatedCurvature:
+    """Every rank keeps every factor; they meet only where they are read (factor traffic on inverse steps only).
+
+    Each rank runs the running average on its *local* new factors,
+    ``X_r <- d X_r + (1 - d) w_r X_new_r``, and the factors are averaged over
+    ranks (``X = mean_r X_r``, upper triangles, one ``all_reduce``) only
+    before they are read: eigendecompositions (:meth:`sync_factors`, called by
+    ``FOP.step``) and checkpoints (FOPTrainer calls it before saving). The
+    average is linear, so ``mean_r X_r`` equals the running average of the
+    per-step rank means that a per-step exchange gives (up to rounding: the
+    sums run in another order, so allclose, not bitwise). ``w_r = W c_r / n``
+    with ``c_r`` = 1 when this rank captured the layer this step and ``n`` the
+    number of ranks that did, so a layer unused on some ranks is weighted as
+    the per-step mean over the ranks that saw it (a rank that did not see it
+    decays its copy with a zero contribution).
+
+    Per factor step one small ``all_reduce`` of ``L + 1`` floats (``L``
+    managed layers) gives ``n`` and a global finiteness flag, so every rank
+    takes the same skip-step decision.
+    """
+
+    def __init__(self, reducer: "DualGradientReducer") -> None:
+        self.reducer = reducer
+        self.engine = reducer.opt.engine
+        self.pending = False
+        """True when the ranks' factors may differ (local updates since the last sync)."""
+
+    def exchange_factors(self, new: Dict[str, Tuple[Tensor, Tensor]]) -> Tuple[Dict[str, Tuple[Tensor, Tensor]], bool]:
+        """``(factors for engine.update_factors, every rank's new factors are finite)`` from this rank's ``new``."""
+        layers = self.engine.layers
+        device = self.reducer.device
+        local = [f.sum() for pair in new.values() for f in pair]
+        nonfinite = (~torch.isfinite(torch.stack(local).sum())).float().reshape(1) if local else torch.zeros(1, device=device)
+        present = torch.tensor([1.0 if layer.name in new else 0.0 for layer in layers], device=device)
+        flags = torch.cat([present.to(nonfinite.device), nonfinite])
+        self.reducer._all_reduce(flags)
+        values = flags.tolist()  # one host read per factor step
+        if values[-1] > 0:
+            return {}, False
+        world_size = self.reducer.world_size
+        out: Dict[str, Tuple[Tensor, Tensor]] = {}
+        for layer, count in zip(layers, values[:-1]):
+            if count == 0:
+                continue
+            pair = new.get(layer.name)
+            if pair is None:  # seen elsewhere only: decay this rank's copy with a zero contribution
+                zeros = [torch.zeros(d, d, device=layer.weight.device) for d in (layer.in_dim, layer.out_dim)]
+                pair = (zeros[0], zeros[1])
+            elif count != world_size:
+                pair = (pair[0] * (world_size / count), pair[1] * (world_size / count))
+            out[layer.name] = pair
+        if out:
+            self.pending = True
+        return out, True
+
+    def sync_factors(self) -> None:
+        """Replace every rank's factors by their mean over ranks (one ``all_reduce`` of upper triangles); collective."""
+        if not self.pending:
+            return
+        layers = [layer for layer in self.engine.layers if layer.A is not None]
         pieces: List[Tensor] = []
         for layer in layers:
-            pair: Optional[Tuple[Tensor, Tensor]] = new.get(layer.name)
-            for k, dim in enumerate((layer.in_dim, layer.out_dim)):
-                rows, cols = _triu(dim, layer.weight.device)
-                if pair is None:
-                    pieces.append(torch.zeros(rows.numel(), device=layer.weight.device))
-                else:
-                    pieces.append(pair[k].float()[rows, cols])
-        counts = torch.tensor([1.0 if layer.name in new else 0.0 for layer in layers], device=self.params[0].device)
-        buf = torch.cat(pieces + [counts])
-        self._all_reduce(buf)
-        counts = buf[-len(layers) :]
-        out: Dict[str, Tuple[Tensor, Tensor]] = {}
-        offset = 0
-        for i, layer in enumerate(layers):
-            mats = []
-            for dim in (layer.in_dim, layer.out_dim):
-                rows, cols = _triu(dim, layer.weight.device)
-                mat = torch.zeros(dim, dim, device=buf.device)
-                mat[rows, cols] = buf[offset : offset + rows.numel()]
-                mat[cols, rows] = buf[offset : offset + rows.numel()]
-                mats.append(mat)
-                offset += rows.numel()
-            if counts[i] > 0:
-                out[layer.name] = (mats[0] / counts[i], mats[1] / counts[i])
-        return out
+            for mat in (layer.A, layer.S):
+                rows, cols = _triu(mat.shape[0], mat.device)
+                pieces.append(mat[rows, cols])
+        if pieces:
+            buf = torch.cat(pieces)
+            self.reducer._all_reduce(buf)
+            buf /= self.reducer.world_size
+            offset = 0
+            for layer in layers:
+                for mat in (layer.A, layer.S):
+                    rows, cols = _triu(mat.shape[0], mat.device)
+                    part = buf[offset : offset + rows.numel()]
+                    mat[rows, cols] = part
+                    mat[cols, rows] = part
+                    offset += rows.numel()
+        self.pending = False
 
 
 def _ordered_sum(parts: List[Tensor]) -> Tensor:

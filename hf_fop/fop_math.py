@@ -72,6 +72,16 @@ def _zero_if_tiny(num: Tensor, den: Tensor, scale: Tensor) -> Tensor:
     return torch.where(den > tiny, num / torch.where(den > tiny, den, torch.ones_like(den)), torch.zeros_like(den))
 
 
+def m_projection_eigen(g_avg_hat: Tensor, g_diff_hat: Tensor, m_hat: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    """Eq. (4)-(5) in the eigenbasis: ``(s_proj, g_perp_hat)`` with ``M`` diagonal (``m_hat``, shape ``(out, in)``).
+
+    Lemma 1: ``<g_perp, g_avg>_M = eps * s_proj``.
+    """
+    m_avg = g_avg_hat * m_hat  # M g_avg
+    s_proj = _dot(g_diff_hat, m_avg) / (_dot(g_avg_hat, m_avg) + eps)
+    return s_proj, torch.addcmul(g_diff_hat, g_avg_hat, s_proj, value=-1)
+
+
 def fop_direction_eigen(
     g_avg_hat: Tensor,
     g_diff_hat: Tensor,
@@ -90,9 +100,7 @@ def fop_direction_eigen(
     f_hat = torch.outer(s, a)
     m_hat = f_hat + damping
     m_inv = m_hat.reciprocal()  # one division pass, then products
-    m_avg = g_avg_hat * m_hat  # M g_avg
-    s_proj = _dot(g_diff_hat, m_avg) / (_dot(g_avg_hat, m_avg) + eps)
-    g_perp = torch.addcmul(g_diff_hat, g_avg_hat, s_proj, value=-1)
+    s_proj, g_perp = m_projection_eigen(g_avg_hat, g_diff_hat, m_hat, eps)
     u = g_avg_hat * m_inv  # M^-1 g_avg
     w = g_perp * m_inv  # M^-1 g_perp
     n_avg = _dot(g_avg_hat, u)

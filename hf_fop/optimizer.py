@@ -11,8 +11,26 @@ Usage (plain PyTorch)::
 
 After ``sub_batch(1)`` ends, ``p.grad`` holds ``g_avg = (g1 + g2) / 2`` for
 every parameter, so gradient clipping and grad-norm logging see the mean
-gradient. A factor applied to ``p.grad`` between the backward passes and
-``step()`` (clipping, fp16 unscaling) is applied to ``g1 - g2`` as well.
+gradient. A factor ``c`` applied to ``p.grad`` between the backward passes and
+``step()`` (clipping, fp16 unscaling) gives exactly the update of ``c g1`` and
+``c g2``: FOP's direction ``eta* M^-1 (g_avg + beta* g_perp)`` does not depend
+on the scale of ``g1 - g2`` (``beta* g_perp`` and ``eta*`` are invariant to it),
+so ``g1 - g2`` is used as accumulated and only the logged ``beta``/``s_proj``
+are corrected by ``c`` (two norms per step on device, read when logged).
+
+Weight decay (decoupled, ``lr * weight_decay * p``) follows the ``Trainer``'s
+rule (``get_decay_parameter_names``): biases and normalisation weights get
+none, in the K-FAC part (where a layer's bias is the last column of its
+matrix: the decay applies to the weight only) and in the AdamW part alike.
+
+A managed layer without an eigenbasis yet (first used on a step that captured
+no curvature) takes an identity-preconditioned step: ``lr`` times its mean
+gradient, with momentum and weight decay as usual, counted in
+``counters["identity_layer_steps"]`` (one per layer and step).
+
+Release: ``opt.release()`` removes the curvature hooks from the model (also
+done when the optimizer is garbage-collected); a new ``FOP`` on a model whose
+layers carry a live optimizer's hooks takes them over and releases that one.
 """
 
 from __future__ import annotations
@@ -21,16 +39,25 @@ import contextlib
 import math
 import time
 import warnings
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 import torch
 from torch import Tensor, nn
+from transformers.trainer_pt_utils import get_parameter_names
 
 from .config import FOPConfig
 from .curvature import CurvatureEngine, KFACLayer
 from .fop_math import LayerStats, fop_direction_eigen, kfac_direction_eigen, rotate, unrotate
 
 _IDLE, _IN0, _AFTER0, _IN1, _AFTER1 = "idle", "in0", "after0", "in1", "after1"
+_COUNTERS = ("factor_updates", "inverse_updates", "skipped_steps", "fallback_steps", "identity_layer_steps")
+# transformers 5.24, Trainer.get_decay_parameter_names: no decay for LayerNorm modules and these names
+_NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+
+
+def decay_parameter_names(model: nn.Module) -> List[str]:
+    """Names of the parameters that get weight decay: the rule of ``Trainer.get_decay_parameter_names``."""
+    return get_parameter_names(model, [nn.LayerNorm], _NO_DECAY_PATTERNS)
 
 
 class FOP(torch.optim.Optimizer):
@@ -41,12 +68,27 @@ class FOP(torch.optim.Optimizer):
             K-FAC/FOP-managed; every other trainable parameter is updated by AdamW.
         config: a :class:`FOPConfig`; keyword arguments override its fields
             (``FOP(model, lr=0.1, damping=1e-3)``).
+        decay_parameters: names (as in ``model.named_parameters()``) of the
+            parameters that get weight decay; ``None`` applies the Trainer's
+            rule (:func:`decay_parameter_names`: not biases, not normalisation weights).
+        accelerator: an ``accelerate.Accelerator`` to train with in a plain
+            Accelerate loop: FOP then routes the accumulation window into its
+            sub-batches and reduces across processes by itself
+            (:mod:`hf_fop.accelerate_loop`). Not needed with ``FOPTrainer``.
 
     Param groups: ``param_groups[i]["kind"]`` is ``"kfac"`` (managed layers,
     ``lr`` = eta0) or ``"adamw"``; both carry ``lr`` for LR schedulers.
     """
 
-    def __init__(self, model: nn.Module, config: Optional[FOPConfig] = None, **overrides: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: Optional[FOPConfig] = None,
+        *,
+        decay_parameters: Optional[Iterable[str]] = None,
+        accelerator: Any = None,
+        **overrides: Any,
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"FOP expects the model (a torch.nn.Module), got {type(model).__name__}.")
         config = (config or FOPConfig()).replace(**overrides) if overrides else (config or FOPConfig())
@@ -88,19 +130,34 @@ class FOP(torch.optim.Optimizer):
             raise ValueError(f"FOP got a model with no trainable parameter ({type(model).__name__}).")
         super().__init__(groups, {"lr": config.lr})
         self._layer_params = [p for layer in self.engine.layers for p in layer.params]
+        names = set(decay_parameter_names(model) if decay_parameters is None else decay_parameters)
+        self._decay = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if name in names}
+        """``id``s of the parameters that get weight decay."""
         self.global_step = 0
-        self.counters = {"factor_updates": 0, "inverse_updates": 0, "skipped_steps": 0, "fallback_steps": 0}
+        self.counters = dict.fromkeys(_COUNTERS, 0)
         self._phase = _IDLE
         self._g1: Dict[Tensor, Tensor] = {}
         self._diff: Dict[Tensor, Tensor] = {}
         self._avg_norm: Optional[Tensor] = None
+        """Norm of the managed layers' g_avg when the sub-batches ended (FOP mode; for the logged values)."""
+        self._diff_ratio: Optional[Tensor] = None
+        """``||g_avg at step()|| / ||g_avg when the sub-batches ended||`` of the last FOP step (0-dim, on device)."""
         self.w1 = 0.5
         """Weight of g1 in ``g_avg = w1 g1 + (1 - w1) g2`` (0.5 unless groups are unequal)."""
-        self.factor_reducer: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None
-        """Distributed hook: maps this process's new factors ``{name: (A, S)}`` to the global ones."""
+        self.distributor: Optional[Any] = None
+        """Multi-process factor exchange (:class:`hf_fop.distributed.ReplicatedCurvature`); ``None``: one process.
+
+        ``exchange_factors(new) -> (factors to update with, all ranks finite)`` on factor steps and
+        ``sync_factors()`` before factors are read; both are collectives."""
         self._last_stats: Dict[str, LayerStats] = {}
         self._last_fallback = False
         self._schedule_capture()
+        self.accelerate_router: Optional[Any] = None
+        """The :class:`hf_fop.accelerate_loop.AccelerateRouter` when built with ``accelerator=``."""
+        if accelerator is not None:
+            from .accelerate_loop import AccelerateRouter
+
+            self.accelerate_router = AccelerateRouter(self, model, accelerator)
 
     # ------------------------------------------------------------ sub-batches
     def _all_params(self) -> Iterator[Tensor]:
@@ -118,6 +175,7 @@ class FOP(torch.optim.Optimizer):
 
     def begin_sub_batch(self, index: int) -> None:
         """Start (or continue) sub-batch ``index``; see :meth:`sub_batch`."""
+        self.engine.check_live()
         if index not in (0, 1) or isinstance(index, bool):
             raise ValueError(f"sub_batch index must be 0 (gives g1) or 1 (gives g2), got {index!r}.")
         if index == 0 and self._phase not in (_IDLE, _AFTER0):
@@ -189,11 +247,17 @@ class FOP(torch.optim.Optimizer):
                 self._g1[p] = a
                 self._diff[p] = d
                 p.grad = g
-        norms = torch._foreach_norm([p.grad.detach().float() for p in self._diff]) if self._diff else []
-        self._avg_norm = torch.stack(norms).norm() if norms else None
+        self._avg_norm = self._managed_grad_norm() if self.config.mode == "fop" else None
         self._phase = _AFTER1
         if not keep_g1:
             self._g1 = {}
+
+    def set_reduced_gradients(self, diffs: Dict[Tensor, Tensor]) -> None:
+        """Install ``g1 - g2`` (``{param: tensor}``) when ``p.grad`` already holds ``g_avg`` (the DDP comm hook)."""
+        self._g1 = {}
+        self._diff = dict(diffs)
+        self._avg_norm = self._managed_grad_norm() if self.config.mode == "fop" else None
+        self._phase = _AFTER1
 
     # ---------------------------------------------------------------- modes
     def train(self, mode: bool = True) -> None:
@@ -204,15 +268,31 @@ class FOP(torch.optim.Optimizer):
         """Disable curvature capture (the Trainer calls this before evaluation)."""
         self.train(False)
 
-    def mc_backward(self, logits: Tensor, generator: Optional[torch.Generator] = None) -> None:
-        """``fisher_type="mc"``: sampled-label backward for S (see :meth:`CurvatureEngine.mc_backward`)."""
-        self.engine.mc_backward(logits, generator)
+    def mc_backward(
+        self,
+        logits: Tensor,
+        generator: Optional[torch.Generator] = None,
+        labels: Optional[Tensor] = None,
+        label_shift: Optional[int] = None,
+    ) -> None:
+        """``fisher_type="mc"``: sampled-label backward for S over real positions only.
+
+        Call it inside :meth:`padding_mask` (when there is padding) after the
+        forward pass; ``labels`` (optional) excludes positions labelled ``-100``.
+        See :meth:`CurvatureEngine.mc_backward`.
+        """
+        self.engine.mc_backward(logits, generator, labels, label_shift)
 
     @contextlib.contextmanager
     def padding_mask(self, mask: Optional[Tensor]) -> Iterator[None]:
-        """Forward and backward passes inside exclude padded tokens (``mask``: ``(B, T)``, 1 = real)."""
+        """Forward and backward passes inside exclude padded tokens (``mask``: ``(B, T)``, nonzero = real).
+
+        The mask applies to every managed layer's 3-D ``(B, T, d)`` activation,
+        whose ``(B, T)`` must equal the mask's (else ``ValueError``); for
+        encoder-decoder models to the encoder's layers only.
+        """
         previous = self.engine.padding_mask
-        self.engine.padding_mask = mask
+        self.engine.set_padding_mask(mask)
         try:
             yield
         finally:
@@ -237,6 +317,17 @@ class FOP(torch.optim.Optimizer):
         super().zero_grad(set_to_none=set_to_none)
         self._discard_step_buffers()
 
+    def release(self) -> None:
+        """Remove the curvature hooks from the model; the optimizer cannot step afterwards.
+
+        Also happens when the optimizer is garbage-collected, or when a new
+        ``FOP`` is built on the same model (which takes the hooks over).
+        """
+        self.engine.release()
+        if self.accelerate_router is not None:
+            self.accelerate_router.release()
+        self._discard_step_buffers()
+
     def _discard_step_buffers(self) -> None:
         self._g1, self._diff, self._avg_norm = {}, {}, None
         self._phase = _IDLE
@@ -246,6 +337,7 @@ class FOP(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         """One FOP (or K-FAC) update of managed layers and AdamW update of the rest."""
+        self.engine.check_live()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -261,10 +353,11 @@ class FOP(torch.optim.Optimizer):
         diffs = {p: self._diff[p] for p in self._layer_params if p in self._diff} if use_fop else {}
         t0 = time.perf_counter()
         new_factors = self.engine.finalize_capture() if self.engine.capture else {}
-        if self.engine.capture and self.factor_reducer is not None:
-            new_factors = self.factor_reducer(new_factors)
+        factors_finite = True
+        if self.engine.capture and self.distributor is not None:
+            new_factors, factors_finite = self.distributor.exchange_factors(new_factors)
         seconds_finalize = time.perf_counter() - t0
-        if not self._all_finite(diffs, new_factors):
+        if not factors_finite or not self._all_finite(diffs, new_factors):
             self.counters["skipped_steps"] += 1
             self._discard_step_buffers()
             self._schedule_capture()
@@ -274,17 +367,23 @@ class FOP(torch.optim.Optimizer):
             self.engine.update_factors(new_factors)
             self.counters["factor_updates"] += 1
         if self.global_step % self.config.inverse_interval == 0 and any(layer.A is not None for layer in self.engine.layers):
+            self._sync_factors()
             self.engine.update_eigenbases()
             self.counters["inverse_updates"] += 1
-        elif new_factors:
+        elif any(layer.A is not None and layer.basis_a is None for layer in self.engine.layers):
+            self._sync_factors()
             self.engine.update_eigenbases(only_missing=True)
         self.engine.seconds += seconds_finalize
         self._last_fallback = self.config.mode == "fop" and not dual
         if self._last_fallback:
             self.counters["fallback_steps"] += 1
+        self._diff_ratio = None
+        if use_fop and self._avg_norm is not None:  # read only by diagnostics(): no host sync here
+            now = self._managed_grad_norm()
+            self._diff_ratio = torch.where(self._avg_norm > 0, now / self._avg_norm.clamp_min(torch.finfo(now.dtype).tiny), 1.0)
         for group in self.param_groups:
             if group["kind"] == "kfac":
-                self._kfac_group_step(group, diffs if use_fop else None, self._diff_ratio() if use_fop else None)
+                self._kfac_group_step(group, diffs if use_fop else None)
             else:
                 self._adamw_group_step(group)
         self.global_step += 1
@@ -292,37 +391,48 @@ class FOP(torch.optim.Optimizer):
         self._schedule_capture()
         return loss
 
-    def _diff_ratio(self) -> Optional[Tensor]:
-        """The factor ``p.grad`` (= g_avg) received since the sub-batches ended (clipping, fp16 unscaling).
+    def _managed_grad_norm(self) -> Tensor:
+        """Euclidean norm of the managed layers' ``p.grad`` (0-dim float32 tensor on device; no host sync)."""
+        grads = [p.grad for p in self._layer_params if p.grad is not None]
+        if not grads:
+            return torch.zeros(())
+        return torch.stack([n.float() for n in torch._foreach_norm(grads)]).norm()
 
-        ``||p.grad now|| / ||g_avg||`` over all parameters, a 0-dim tensor; FOP
-        applies it to ``g1 - g2``. ``None`` when there is nothing to compare.
-        """
-        if self._avg_norm is None:
-            return None
-        grads = [p.grad.detach().float() for p in self._diff if p.grad is not None]
-        now = torch.stack(torch._foreach_norm(grads)).norm() if grads else self._avg_norm
-        return torch.where(self._avg_norm > 0, now / self._avg_norm.clamp_min(torch.finfo(torch.float32).tiny), 1.0)
+    def _sync_factors(self) -> None:
+        """Make every rank's factors the global ones before they are read (no-op in one process)."""
+        if self.distributor is not None:
+            self.distributor.sync_factors()
 
     def _all_finite(self, diffs: Dict[Tensor, Tensor], new_factors: Dict[str, Any]) -> bool:
-        sums = [p.grad.float().sum() for p in self._all_params() if p.grad is not None]
-        sums += [d.float().sum() for d in diffs.values()]
-        sums += [f.sum() for pair in new_factors.values() for f in pair]
-        return bool(torch.isfinite(torch.stack(sums).sum())) if sums else True
+        """One fused max-abs reduction per dtype over gradients, differences and new factors; one host read."""
+        by_dtype: Dict[torch.dtype, List[Tensor]] = {}
+        tensors = [p.grad for p in self._all_params() if p.grad is not None] + list(diffs.values())
+        tensors += [f for pair in new_factors.values() for f in pair]
+        for t in tensors:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        if not by_dtype:
+            return True
+        maxima = [torch.stack(torch._foreach_norm(ts, float("inf"))).max().float() for ts in by_dtype.values()]
+        return bool(torch.isfinite(torch.stack(maxima).max()))  # NaN propagates through max: one sync per step
 
-    def _kfac_group_step(
-        self, group: Dict[str, Any], diffs: Optional[Dict[Tensor, Tensor]], diff_ratio: Optional[Tensor]
-    ) -> None:
-        """Precondition and apply the managed layers' updates; ``diffs`` (g1 - g2, times ``diff_ratio``) selects FOP."""
+    def _kfac_group_step(self, group: Dict[str, Any], diffs: Optional[Dict[Tensor, Tensor]]) -> None:
+        """Precondition and apply the managed layers' updates; ``diffs`` (g1 - g2) selects FOP.
+
+        Layers without an eigenbasis yet take the identity-preconditioned step (their gradient).
+        """
         lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
         damping = self.config.damping
         in_group = {id(p) for p in group["params"]}
         stats: Dict[str, LayerStats] = {}
-        for layer in self.engine.iter_ready():
+        for layer in self.engine.layers:
             if id(layer.weight) not in in_group:
                 continue
             w, b = layer.weight, layer.bias
             if w.grad is None and (b is None or b.grad is None):
+                continue
+            if layer.basis_a is None or layer.basis_s is None:
+                self.counters["identity_layer_steps"] += 1
+                self._apply(((w, _grad(w)), (b, _grad(b))), lr, momentum, wd)
                 continue
             q_s, s = layer.basis_s.q, layer.basis_s.eigenvalues
             q_a, a = layer.basis_a.q, layer.basis_a.eigenvalues
@@ -330,8 +440,6 @@ class FOP(torch.optim.Optimizer):
             if diffs is not None and (w in diffs or (b is not None and b in diffs)):
                 d_w = diffs[w] if w in diffs else torch.zeros_like(w)
                 d_hat = rotate(layer.grad_matrix(d_w, diffs.get(b) if b is not None else None), q_s, q_a)
-                if diff_ratio is not None:
-                    d_hat.mul_(diff_ratio)
                 dir_hat, st = fop_direction_eigen(
                     g_hat, d_hat, s, a, damping, self.config.eps, self.config.use_beta, self.config.use_eta
                 )
@@ -339,22 +447,26 @@ class FOP(torch.optim.Optimizer):
                 dir_hat, st = kfac_direction_eigen(g_hat, s, a, damping)
             stats[layer.name] = st
             dw, db = layer.split_matrix(unrotate(dir_hat, q_s, q_a))
-            for p, d in ((w, dw), (b, db)):
-                if p is None:
-                    continue
-                d = d.to(p.dtype)
-                if momentum > 0:
-                    state = self.state[p]
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        state["momentum_buffer"] = buf = d.clone()
-                    else:
-                        buf.mul_(momentum).add_(d)
-                    d = buf
-                if wd > 0:
-                    p.mul_(1 - lr * wd)
-                p.add_(d, alpha=-lr)
+            self._apply(((w, dw), (b, db)), lr, momentum, wd)
         self._last_stats = stats
+
+    def _apply(self, pairs: Any, lr: float, momentum: float, wd: float) -> None:
+        """``p <- p (1 - lr wd [p decays]) - lr (momentum buffer of d)`` for each ``(p, d)`` (``p`` may be None)."""
+        for p, d in pairs:
+            if p is None:
+                continue
+            d = d.to(p.dtype)
+            if momentum > 0:
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    state["momentum_buffer"] = buf = d.clone()
+                else:
+                    buf.mul_(momentum).add_(d)
+                d = buf
+            if wd > 0 and id(p) in self._decay:
+                p.mul_(1 - lr * wd)
+            p.add_(d, alpha=-lr)
 
     def _adamw_group_step(self, group: Dict[str, Any]) -> None:
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
@@ -364,15 +476,15 @@ class FOP(torch.optim.Optimizer):
                 continue
             state = self.state[p]
             if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["step"] = 0  # a Python int: no tensor to read back
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["step"] += 1  # a CPU scalar: reading it back does not synchronise a GPU
+            state["step"] += 1
             params.append(p)
             grads.append(p.grad)
             avgs.append(state["exp_avg"])
             sqs.append(state["exp_avg_sq"])
-            ts.append(state["step"].item())
+            ts.append(state["step"])
         if not params:
             return
         # Same element-wise operations as the per-parameter form, batched with torch._foreach_*.
@@ -382,8 +494,9 @@ class FOP(torch.optim.Optimizer):
         denoms = torch._foreach_div(sqs, [1 - beta2**t for t in ts])
         torch._foreach_sqrt_(denoms)
         torch._foreach_add_(denoms, eps)
-        if wd > 0:
-            torch._foreach_mul_(params, 1 - lr * wd)
+        decayed = [p for p in params if id(p) in self._decay]
+        if wd > 0 and decayed:
+            torch._foreach_mul_(decayed, 1 - lr * wd)
         torch._foreach_addcdiv_(params, avgs, denoms, [-lr / (1 - beta1**t) for t in ts])
 
     # ----------------------------------------------------------- diagnostics
@@ -393,6 +506,9 @@ class FOP(torch.optim.Optimizer):
         ``beta``/``eta``/``s_proj`` aggregates are means over layers; ``kl_*``
         are sums over layers of the KL-norm split (per unit lr^2);
         ``fallback`` is 1.0 when the last step fell back to K-FAC (one sub-batch).
+        ``beta`` and ``s_proj`` are those of the gradients ``step()`` used:
+        when ``p.grad`` was scaled by ``c`` after the backward passes (clipping,
+        fp16 unscaling), of ``c g1`` and ``c g2``.
         """
         out: Dict[str, float] = {
             "step": float(self.global_step),
@@ -404,7 +520,13 @@ class FOP(torch.optim.Optimizer):
         if self._last_stats:
             names = list(self._last_stats)
             fields = ("beta", "eta", "s_proj", "kl_base", "kl_cross", "kl_orth")
-            stacked = torch.stack([torch.stack([getattr(self._last_stats[n], f).float() for f in fields]) for n in names]).cpu()
+            stacked = torch.stack([torch.stack([getattr(self._last_stats[n], f).float() for f in fields]) for n in names])
+            if self._diff_ratio is not None:
+                # step() paired c g_avg with g1 - g2 as accumulated: its beta is c times, its s_proj 1/c times
+                # that of (c g1, c g2); eta and the KL terms are the same
+                c = self._diff_ratio.float().to(stacked.device)
+                stacked[:, :3] *= torch.stack([torch.where(c > 0, 1 / c, 1.0), torch.ones_like(c), c])
+            stacked = stacked.cpu()
             for i, name in enumerate(names):
                 for j, f in enumerate(fields):
                     out[f"{name}/{f}"] = float(stacked[i, j])
@@ -417,6 +539,14 @@ class FOP(torch.optim.Optimizer):
     # ----------------------------------------------------------------- state
     def state_dict(self) -> Dict[str, Any]:
         """Torch optimizer state plus ``"fop"``: step, counters and curvature (tensors and plain values only)."""
+        if self.distributor is not None and self.distributor.pending:
+            warnings.warn(
+                "FOP.state_dict(): the ranks' curvature factors were not averaged since the last update, so this state "
+                "holds this rank's local factors; call sync_factors() on every rank first (FOPTrainer does before "
+                "checkpoints).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         state = super().state_dict()
         state["fop"] = {
             "global_step": self.global_step,
@@ -434,10 +564,14 @@ class FOP(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self.engine.load_state_dict(fop_state["layers"])
         self.global_step = int(fop_state["global_step"])
-        self.counters = {k: int(v) for k, v in fop_state["counters"].items()}
+        self.counters = {**dict.fromkeys(_COUNTERS, 0), **{k: int(v) for k, v in fop_state["counters"].items()}}
+        for state in self.state.values():  # checkpoints of earlier versions hold the AdamW step as a tensor
+            if torch.is_tensor(state.get("step")):
+                state["step"] = int(state["step"])
         self.engine.seconds = float(fop_state.get("curvature_seconds", 0.0))
         self._discard_step_buffers()
         self._last_stats = {}
+        self._diff_ratio = None
         self._schedule_capture()
 
     @property

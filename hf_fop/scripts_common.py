@@ -23,7 +23,7 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, IterableDataset, load_dataset
 from transformers import HfArgumentParser, set_seed
 
-from .arguments import FOPTrainingArguments
+from .arguments import FOPTrainingArguments, parse_fop_args
 
 AnyDataset = Union[Dataset, IterableDataset]
 
@@ -103,7 +103,7 @@ def parse_args(
     """
     parser = HfArgumentParser(tuple(dataclass_types))
     parser.set_defaults(**defaults)
-    parsed = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
+    parsed = parse_fop_args(parser, args=list(argv) if argv is not None else None)  # bad fop_* value: argparse error
     for obj in parsed:
         if isinstance(obj, ModelArguments) and obj.num_threads > 0:
             torch.set_num_threads(obj.num_threads)

@@ -23,8 +23,12 @@ items: the Trainer's gradient (for a model that ignores
 ``num_items_in_batch`` with ``gradient_accumulation_steps > 1`` the plain
 Trainer's gradient is that many times larger; FOPTrainer keeps the mean).
 Clipping (``max_grad_norm``) and the logged ``grad_norm`` therefore act on
-``g_avg``; FOP scales ``g1 - g2`` by the same factor. K-FAC mode and
-multi-process pieces keep the Trainer's scaling unchanged.
+``g_avg``; FOP scales ``g1 - g2`` by the same factor. One-process K-FAC mode
+keeps the Trainer's scaling. With ``W`` processes each rank's micro-batch
+backpropagates its mean loss times ``W k_b / N`` (``k_b`` its items, ``N``
+the step's items on all ranks): the mean over ranks is the global mean
+gradient and loss, also for models whose loss ignores ``num_items_in_batch``
+(transformers 5.24's ``compute_loss`` multiplies those by ``num_processes``).
 """
 
 from __future__ import annotations
@@ -33,12 +37,13 @@ import contextlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
+from accelerate.utils.memory import clear_device_cache
 from torch import Tensor, nn
 from transformers import PreTrainedModel, Trainer
-from transformers.utils import logging
+from transformers.utils import is_sagemaker_mp_enabled, logging
 
 from .arguments import FOPTrainingArguments
 from .distributed import DualGradientReducer, world
@@ -57,6 +62,7 @@ _DIAG_AGGREGATES = {
     "skipped_steps": "skipped_steps",
     "factor_updates": "factor_updates",
     "inverse_updates": "inverse_updates",
+    "identity_layer_steps": "identity_layer_steps",
 }
 _PER_LAYER_FIELDS = ("beta", "eta", "s_proj", "kl_base", "kl_cross", "kl_orth")
 
@@ -76,9 +82,9 @@ class _Piece:
 
     inputs: Mapping[str, Any]
     sub_batch: Optional[int]  # 0, 1, or None (plain backward: K-FAC, or a local multi-process batch)
-    num_items: Optional[float] = None
-    loss_scale: float = 1.0
-    report_scale: float = 1.0
+    num_items: Union[None, float, Tensor] = None  # a 0-dim tensor on several processes (no host sync)
+    loss_scale: Union[float, Tensor] = 1.0
+    report_scale: Union[float, Tensor] = 1.0
 
 
 @dataclass
@@ -117,6 +123,9 @@ class FOPTrainer(Trainer):
     ``optimizer_cls_and_kwargs=`` is given, it behaves as a plain ``Trainer``.
     """
 
+    use_ddp_comm_hook = True
+    """Multi-process FOP: reduce g1/g2 inside DDP's backward (:mod:`hf_fop.comm_hook`); ``False`` reduces after it."""
+
     def __init__(self, model: Any = None, args: Optional[FOPTrainingArguments] = None, *rest: Any, **kwargs: Any) -> None:
         if args is None:
             args = FOPTrainingArguments(output_dir="trainer_output")
@@ -125,7 +134,10 @@ class FOPTrainer(Trainer):
                 f"FOPTrainer needs args=FOPTrainingArguments(...) (got {type(args).__name__}); it has the same fields "
                 "as TrainingArguments plus the fop_* ones."
             )
+        if args.fop_optimizer != "trainer":
+            _check_parallelism_config(args.parallelism_config, "args.parallelism_config")
         super().__init__(model, args, *rest, **kwargs)
+        self._check_process_group()
         user_optimizer = self.optimizer is not None or self.optimizer_cls_and_kwargs is not None
         self.fop_mode: Optional[str] = None
         """``"fop"``, ``"kfac"``, or ``None`` when the Trainer's own optimizer is used."""
@@ -143,10 +155,30 @@ class FOPTrainer(Trainer):
         self._plan: Optional[_Plan] = None
         self._micro = 0
         self._step_marker: Optional[Tuple[int, int]] = None
+        self._unsplittable_steps = 0
+        self._fop_hook_sync = False
 
     # ----------------------------------------------------------- validation
+    def _check_process_group(self) -> None:
+        """Refuse a process group the Trainer does not use (each process would train its own unsharded copy)."""
+        rank, world_size = world()
+        if world_size > 1 and self.args.world_size != world_size:
+            raise ValueError(
+                f"FOPTrainer: this is process {rank} of a torch.distributed process group of {world_size} processes "
+                f"(torchrun / accelerate launch), but the Trainer runs as a single process (args.parallel_mode="
+                f"{self.args.parallel_mode.value}, args.world_size={self.args.world_size}): every process would train its "
+                "own unsharded copy of the model. On CPU set use_cpu=True in the training arguments (CLI: --use_cpu, or "
+                "ACCELERATE_USE_CPU=1 in the environment); on GPUs give each process its own device."
+            )
+
     def _check_supported(self) -> None:
         args = self.args
+        _check_parallelism_config(getattr(self.accelerator, "parallelism_config", None), "the accelerator's parallelism_config")
+        if is_sagemaker_mp_enabled():
+            raise ValueError(
+                "FOPTrainer does not support SageMaker model parallelism: it runs forward and backward itself "
+                "(smp_forward_backward), which FOP's sub-batch routing replaces. Use fop_optimizer='trainer'."
+            )
         if self.is_fsdp_enabled or getattr(self, "is_fsdp_xla_enabled", False) or bool(getattr(args, "fsdp", None)):
             raise ValueError(
                 "FOPTrainer does not support FSDP yet: FOP needs each layer's full weight and gradient to build its "
@@ -181,14 +213,14 @@ class FOPTrainer(Trainer):
         if self.fop_mode is None:
             return super().create_optimizer(model)
         if self.optimizer is None:
-            opt = FOP(self.model, self.args.fop_config())
+            opt = FOP(self.model, self.args.fop_config(), decay_parameters=self.get_decay_parameter_names(self.model))
             _, world_size = world()
             if world_size > 1:
                 self.fop_reducer = DualGradientReducer(opt)
                 if self.fop_mode == "fop":
                     self.fop_reducer.install()
                 else:  # K-FAC: DDP averages the gradients; only the factors need averaging
-                    opt.factor_reducer = self.fop_reducer.reduce_factors
+                    self.fop_reducer.install_curvature()
             self.fop_optimizer = opt
             self.optimizer = opt
         return self.optimizer
@@ -196,7 +228,15 @@ class FOPTrainer(Trainer):
     def train(self, *args: Any, **kwargs: Any) -> Any:
         self._step_marker = None
         self._plan = None
-        return super().train(*args, **kwargs)
+        self._unsplittable_steps = 0
+        result = super().train(*args, **kwargs)
+        if self._unsplittable_steps:
+            logger.warning(
+                f"FOPTrainer: {self._unsplittable_steps} optimizer step(s) of this run had a micro-batch of size 1 that "
+                "cannot be split into two sub-batches and were K-FAC steps (see fop/fallback_fraction); use batches of "
+                "at least 2 (e.g. dataloader_drop_last=True) to avoid it."
+            )
+        return result
 
     # -------------------------------------------------------------- routing
     def _loss_is_scaled(self, num_items_in_batch: Any) -> bool:
@@ -205,12 +245,28 @@ class FOPTrainer(Trainer):
             return bool(self.loss_is_scaled_for_ga)
         return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None)
 
-    def _items(self, batches: List[Mapping[str, Any]], device: torch.device) -> float:
-        """Loss items of ``batches`` counted as the Trainer counts ``num_items_in_batch`` (examples if it does not)."""
-        count = self._get_num_items_in_batch(list(batches), device)
-        if count is None:
-            return float(sum(batch_size_of(b) for b in batches))
-        return float(count.sum()) if isinstance(count, Tensor) else float(count)
+    @contextlib.contextmanager
+    def _local_item_counts(self) -> Iterator[None]:
+        """Within: the Trainer counts loss items on this process only and ``compute_loss`` does not multiply by
+        ``num_processes`` (``average_tokens_across_devices`` off); FOPTrainer scales each piece itself."""
+        saved = self.args.average_tokens_across_devices
+        self.args.average_tokens_across_devices = False
+        try:
+            yield
+        finally:
+            self.args.average_tokens_across_devices = saved
+
+    def _piece_counts(self, batches: List[Mapping[str, Any]], device: torch.device) -> Union[List[float], Tensor]:
+        """Loss items of each batch, counted as the Trainer counts ``num_items_in_batch`` (examples if it does not).
+
+        A host list of batch sizes when the Trainer does not count items, otherwise a float tensor ``(len(batches),)``
+        on ``device`` (no host sync).
+        """
+        with self._local_item_counts():
+            counts = [self._get_num_items_in_batch([b], device) for b in batches]
+        if any(c is None for c in counts):
+            return [float(batch_size_of(b)) for b in batches]
+        return torch.stack([torch.as_tensor(c, device=device).float().reshape(()) for c in counts])
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> Tuple[list, Any]:
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
@@ -221,23 +277,25 @@ class FOPTrainer(Trainer):
 
     def _make_plan(self, batches: List[Mapping[str, Any]], num_items_in_batch: Any, device: torch.device) -> _Plan:
         n = len(batches)
-        distributed = world()[1] > 1
-        if self.fop_mode == "kfac" or distributed:
-            return _Plan([[_Piece(b, None)] for b in batches], 0.5, distributed)
+        world_size = world()[1]
+        if world_size > 1:
+            return self._multi_process_plan(batches, num_items_in_batch, device, world_size)
+        if self.fop_mode == "kfac":
+            return _Plan([[_Piece(b, None)] for b in batches], 0.5, False)
         plain = _Plan([[_Piece(b, 0)] for b in batches], 1.0, False)  # K-FAC fallback (one sub-batch)
         if n % 2 == 0:
             groups = [list(batches[: n // 2]), list(batches[n // 2 :])]
         else:
             sizes = [batch_size_of(b) for b in batches]
             if min(sizes) < 2:
-                logger.warning(
-                    f"FOPTrainer: a micro-batch of size {min(sizes)} cannot be split into two sub-batches; this step is a "
-                    "K-FAC step (counted in fop/fallback_fraction)."
-                )
+                self._unsplittable_steps += 1  # reported once, at the end of train()
                 return plain
             halves = [split_batch(b, s // 2) for b, s in zip(batches, sizes)]
             groups = [[h[0] for h in halves], [h[1] for h in halves]]
-        items = [[self._items([b], device) for b in group] for group in groups]
+        counts = self._piece_counts(groups[0] + groups[1], device)
+        if isinstance(counts, Tensor):
+            counts = counts.tolist()  # the one host sync of the step
+        items = [counts[: len(groups[0])], counts[len(groups[0]) :]]
         group_items = [sum(x) for x in items]
         total = sum(group_items)
         if min(min(x) for x in items) <= 0:
@@ -251,6 +309,31 @@ class FOPTrainer(Trainer):
             schedule = [[p] for p in pieces[0]]
             schedule[-1] = schedule[-1] + pieces[1]
         return _Plan(schedule, group_items[0] / total, False)
+
+    def _multi_process_plan(
+        self, batches: List[Mapping[str, Any]], num_items_in_batch: Any, device: torch.device, world_size: int
+    ) -> _Plan:
+        """Whole micro-batches; piece ``b`` backpropagates ``W * sum_b / N`` (``N``: the step's items on all ranks).
+
+        Each piece's loss is its mean (its count passed as ``num_items_in_batch``) times ``W k_b / N``, so the mean of
+        the ranks' gradients is the global mean gradient and the mean of the logged losses the global mean loss,
+        whether or not the model honours ``num_items_in_batch``. ``N`` is the Trainer's gathered count
+        (``average_tokens_across_devices``), else ``W`` times this rank's count (each rank normalised by its own).
+        Counts stay tensors: no host sync.
+        """
+        counts = self._piece_counts(batches, device)
+        if isinstance(counts, Tensor):
+            gathered = (
+                isinstance(num_items_in_batch, Tensor) and num_items_in_batch.dim() == 0
+                and self.args.average_tokens_across_devices
+            )
+            total = num_items_in_batch.float() if gathered else counts.sum() * world_size
+            scales = counts * world_size / total.clamp_min(1.0)
+            pieces = [_Piece(b, None, counts[i].clamp_min(1.0), scales[i], scales[i]) for i, b in enumerate(batches)]
+        else:
+            total = sum(counts) * world_size
+            pieces = [_Piece(b, None, k, k * world_size / total, k * world_size / total) for b, k in zip(batches, counts)]
+        return _Plan([[p] for p in pieces], 0.5, True)
 
     # ------------------------------------------------------------- training
     def _account_skipped_step(self) -> None:
@@ -282,32 +365,47 @@ class FOPTrainer(Trainer):
             self._begin_step()
             if not plan.distributed:  # multi-process: DualGradientReducer sets w1
                 self.fop_optimizer.w1 = plan.w1
+            scaler = self.accelerator.scaler
+            if scaler is not None and self.fop_optimizer.capturing:  # S is unscaled in the hooks: capture steps only
+                self.fop_optimizer.set_grad_scale(scaler.get_scale())  # the scale changes only in optimizer steps
         model.train()
         self.optimizer.train()
+        self._fop_hook_sync = self._fop_uses_comm_hook(model, plan) and index == len(plan.schedule) - 1
         total: Optional[Tensor] = None
         for piece in plan.schedule[index]:
             loss = self._run_piece(model, piece, num_items_in_batch, plan.distributed)
             total = loss if total is None else total + loss
         if plan.distributed and self.fop_mode == "fop" and index == len(plan.schedule) - 1:
-            self.fop_reducer.reduce_gradients()
+            self.fop_reducer.hook.finish() if self._fop_hook_sync else self.fop_reducer.reduce_gradients()
+        steps = self.args.torch_empty_cache_steps  # as Trainer.training_step: once per micro-batch on these steps
+        if steps is not None and self.state.global_step % steps == 0:
+            clear_device_cache()
+            if torch.backends.mps.is_available() and hasattr(torch.mps, "clear_graph_cache"):
+                torch.mps.clear_graph_cache()
         return total
+
+    def _fop_uses_comm_hook(self, model: nn.Module, plan: _Plan) -> bool:
+        """Multi-process FOP: reduce g1/g2 in a DDP comm hook during the last micro-batch's backward (if possible)."""
+        if not (plan.distributed and self.fop_mode == "fop" and self.use_ddp_comm_hook):
+            return False
+        return self.fop_reducer.attach_ddp(model)
 
     def _run_piece(self, model: nn.Module, piece: _Piece, num_items_in_batch: Any, distributed: bool) -> Tensor:
         opt = self.fop_optimizer
         inputs = self._prepare_inputs(piece.inputs)
         mask = inputs.get("attention_mask")
         mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
-        sync = self.accelerator.no_sync(model) if distributed and self.fop_mode == "fop" else contextlib.nullcontext()
+        labels = inputs.get("labels")  # before compute_loss, which may pop it
+        sync = self.accelerator.no_sync(model) if distributed and self.fop_mode == "fop" and not self._fop_hook_sync else contextlib.nullcontext()
         mc = opt.config.fisher_type == "mc" and opt.capturing
-        scaler = self.accelerator.scaler
-        if scaler is not None:  # read by the forward hooks: set before the forward pass
-            opt.set_grad_scale(float(scaler.get_scale()))
+        own_count = piece.num_items is not None  # FOPTrainer scales the loss itself (see _Piece)
         if piece.sub_batch is not None:
             opt.begin_sub_batch(piece.sub_batch)
         try:
-            with sync, opt.padding_mask(mask):
-                if piece.num_items is not None:
-                    num_items_in_batch = torch.tensor(piece.num_items, device=self.args.device)
+            with sync, opt.padding_mask(mask), self._local_item_counts() if own_count else contextlib.nullcontext():
+                if own_count:
+                    count = piece.num_items
+                    num_items_in_batch = count if isinstance(count, Tensor) else torch.tensor(count, device=self.args.device)
                 with self.compute_loss_context_manager():
                     if mc:
                         loss, outputs = self.compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
@@ -317,9 +415,9 @@ class FOPTrainer(Trainer):
                     loss = loss / self.current_gradient_accumulation_steps
                 if mc:
                     logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[1]
-                    opt.mc_backward(logits)
-                self.accelerator.backward(loss * piece.loss_scale if piece.loss_scale != 1.0 else loss)
-                if piece.report_scale != 1.0:
+                    opt.mc_backward(logits, labels=labels if isinstance(labels, Tensor) else None)
+                self.accelerator.backward(loss * piece.loss_scale if _scales(piece.loss_scale) else loss)
+                if _scales(piece.report_scale):
                     loss = loss * piece.report_scale
         finally:
             if piece.sub_batch is not None:
@@ -346,9 +444,18 @@ class FOPTrainer(Trainer):
             self._account_skipped_step()  # log() runs between optimizer steps
             if "loss" in logs:
                 logs = {**logs, **self.fop_logs()}
+                if self.fop_reducer is not None:  # every rank logs training losses at the same steps
+                    peak, mean = self.fop_reducer.seconds_across_ranks(logs["fop/curvature_seconds"])
+                    logs["fop/curvature_seconds_max"], logs["fop/curvature_seconds_mean"] = peak, mean
         super().log(logs, start_time)
 
     # ---------------------------------------------------------- checkpoints
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Average the ranks' factors first (a collective every rank enters; ``state_dict()`` runs on rank 0 only)."""
+        if self.fop_reducer is not None:
+            self.fop_reducer.sync_factors()
+        super()._save_checkpoint(model, trial)
+
     def _needs_key_conversion(self, folder: str, target: nn.Module) -> bool:
         """The checkpoint stores tensor names the in-memory model does not have (ViT in transformers 5.x)."""
         keys = _checkpoint_keys(folder)
@@ -377,6 +484,49 @@ class FOPTrainer(Trainer):
             target.load_state_dict(loaded.state_dict(), strict=True)  # raises on any name still missing
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        """The Trainer's missing/unexpected-keys warning, without tied weights (GPT-2's ``lm_head.weight``).
+
+        ``save_pretrained`` stores a tied tensor once (``transformer.wte.weight``); loading that one restores both
+        names, which share the tensor, so the second name "missing" from the file is not lost.
+        """
+        tied = set(_tied_missing_keys(self.model, list(load_result.missing_keys)))
+        if tied:
+            load_result = load_result._replace(missing_keys=[k for k in load_result.missing_keys if k not in tied])
+        super()._issue_warnings_after_load(load_result)
+
+
+def _tied_missing_keys(model: nn.Module, missing: List[str]) -> List[str]:
+    """Names in ``missing`` that share their tensor with a name that was loaded (tied weights, e.g. GPT-2's lm_head)."""
+    aliases: Dict[int, List[str]] = {}
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    for name, tensor in named:
+        aliases.setdefault(id(tensor), []).append(name)
+    group_of = {name: aliases[id(tensor)] for name, tensor in named}
+    lost = set(missing)
+    return [k for k in missing if any(other not in lost for other in group_of.get(k, []))]
+
+
+def _scales(factor: Union[float, Tensor]) -> bool:
+    """Whether multiplying by ``factor`` can change a value (a tensor always may: comparing it would sync)."""
+    return isinstance(factor, Tensor) or factor != 1.0
+
+
+def _check_parallelism_config(config: Any, where: str) -> None:
+    """Refuse context, sequence, tensor parallelism and FSDP-style sharding from accelerate's ``ParallelismConfig``."""
+    if config is None:
+        return
+    sizes = {name: int(getattr(config, f"{name}_size", 1) or 1) for name in ("cp", "sp", "tp", "dp_shard")}
+    used = {name: size for name, size in sizes.items() if size > 1}
+    if used:
+        what = ", ".join(f"{name}_size={size}" for name, size in used.items())
+        raise ValueError(
+            f"FOPTrainer does not support {where} with {what} (context / sequence / tensor parallelism or sharded "
+            "data parallelism): FOP needs each layer's whole weight, gradient and input sequence on one process to "
+            "build its Kronecker factors. Remove these sizes from parallelism_config (plain data parallelism works) "
+            "or use fop_optimizer='trainer'."
+        )
 
 
 def _checkpoint_keys(folder: str) -> Optional[set]:

@@ -10,7 +10,7 @@ hooks; nothing is replaced):
 * ``eigendecomposition``: ``update_eigenbases``;
 * ``precondition``: the per-layer rotations and FOP/K-FAC math (``_kfac_group_step``);
 * ``adamw_part``: the AdamW update of the non-managed parameters;
-* ``checks``: ``_diff_ratio`` + ``_all_finite``.
+* ``checks``: ``_managed_grad_norm`` (for the logged beta/s_proj) + ``_all_finite``.
 
 Within each phase, self CPU (or CUDA) time is further split by operator class
 (``mm`` = matrix products: rotations and factor sums; ``eigh``; ``elementwise``;
@@ -87,15 +87,12 @@ def label_phases(opt: FOP) -> None:
         (engine, "_add_output_grad", "capture_backward"),
         (opt, "_kfac_group_step", "precondition"),
         (opt, "_adamw_group_step", "adamw_part"),
-        (opt, "_diff_ratio", "checks"),
+        (opt, "_managed_grad_norm", "checks"),
         (opt, "_all_finite", "checks"),
     ):
         setattr(obj, attr, _scoped(name, getattr(obj, attr)))
-    engine.remove_hooks()  # re-register the engine's own forward hooks inside a scope
-    engine._handles = [
-        layer.module.register_forward_hook(_scoped("capture_forward", engine._make_forward_hook(layer)))
-        for layer in engine.layers
-    ]
+    engine._remove_hooks()  # re-register the engine's own forward hooks inside a scope
+    engine._install_hooks(wrap=lambda hook: _scoped("capture_forward", hook))
 
 
 def _op_class(name: str) -> str:

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 from transformers import HfArgumentParser, TrainingArguments
 
-from hf_fop import FOPTrainingArguments
+from hf_fop import FOPTrainingArguments, parse_fop_args
 
 
 def test_is_training_arguments_with_documented_fop_fields():
@@ -114,3 +114,44 @@ def test_fixed_curvature_schedule_keeps_the_given_intervals(tmp_path):
 def test_large_batch_fields_are_validated(tmp_path, field, value, message):
     with pytest.raises(ValueError, match=message):
         FOPTrainingArguments(str(tmp_path), use_cpu=True, **{field: value})
+
+
+PARSE_SCRIPT = """
+import sys
+from transformers import HfArgumentParser
+from hf_fop import FOPTrainingArguments, parse_fop_args
+(args,) = parse_fop_args(HfArgumentParser(FOPTrainingArguments), sys.argv[1:])
+print("parsed", args.fop_damping)
+"""
+
+
+@pytest.mark.parametrize(
+    "flags,line",
+    [
+        (["--fop_damping", "0"], "error: argument --fop_damping: fop_damping=0.0 is invalid: expected a number in (0.0, inf)"),
+        (["--fop_factor_interval", "2", "--fop_inverse_interval", "3"],
+         "error: argument --fop_inverse_interval: fop_inverse_interval=3 is invalid: expected a positive multiple"),
+    ],
+)
+def test_parse_fop_args_reports_a_range_error_in_one_line(tmp_path, flags, line):
+    """A real HfArgumentParser in a child process: argparse's exit status 2 and one error line, no traceback."""
+    import subprocess
+    import sys
+
+    from trainer_helpers import single_thread_env
+
+    cmd = [sys.executable, "-c", PARSE_SCRIPT, "--output_dir", str(tmp_path), "--use_cpu", *flags]
+    proc = subprocess.run(cmd, env=single_thread_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and line in lines[0], proc.stderr[-2000:]
+    ok = subprocess.run(cmd[:-len(flags)] + ["--fop_damping", "0.5"], env=single_thread_env(), capture_output=True,
+                        text=True, timeout=120)
+    assert ok.returncode == 0 and "parsed 0.5" in ok.stdout, ok.stderr[-2000:]
+
+
+def test_parse_fop_args_keeps_other_errors(tmp_path):
+    """Errors that are not FOPTrainingArguments' own validation propagate unchanged."""
+    parser = HfArgumentParser(FOPTrainingArguments)
+    with pytest.raises(ValueError, match="torch_empty_cache_steps"):
+        parse_fop_args(parser, ["--output_dir", str(tmp_path), "--use_cpu", "--torch_empty_cache_steps", "-1"])

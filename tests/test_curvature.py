@@ -1,5 +1,7 @@
 """K-FAC factors against hand-computed A and S, and the Kronecker Fisher against torch.func where K-FAC is exact."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,9 +9,14 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
+import gc
+import weakref
+
+import hf_fop.curvature as curvature
 from hf_fop import FOP, FOPConfig
 from hf_fop.curvature import find_layers
 from hf_fop.fop_math import kron_fisher, vec
+from sync_counter import SyncCounter
 
 
 def _ones_col(x: torch.Tensor) -> torch.Tensor:
@@ -102,48 +109,108 @@ def test_conv1d_factors_equal_hand_computed_and_gradient_matrix_is_transposed():
 
 
 class SeqModel(nn.Module):
-    """Token-wise Linear, masked mean pooling, classifier."""
+    """Token-wise Linear and a token-level classifier: every position, padded or not, gets a gradient."""
 
     def __init__(self):
         super().__init__()
         self.proj = nn.Linear(3, 4)
         self.head = nn.Linear(4, 2)
 
-    def forward(self, x, mask):
+    def forward(self, x):
         h = self.proj(x)
         self.h = h
         if h.requires_grad:
             h.retain_grad()
-        pooled = (torch.tanh(h) * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        return self.head(pooled)
+        return self.head(torch.tanh(h))  # (B, T, 2)
+
+
+def _token_loss(logits, y, reduction="mean"):
+    """Cross-entropy summed over all T positions of an example (padded ones too), mean or sum over examples."""
+    per_example = F.cross_entropy(logits.transpose(1, 2), y, reduction="none").sum(1)
+    return per_example.mean() if reduction == "mean" else per_example.sum()
 
 
 def test_sequence_inputs_with_padding_mask():
     torch.manual_seed(3)
     model = SeqModel()
-    x, y = torch.randn(5, 6, 3), torch.randint(0, 2, (5,))
-    mask = torch.ones(5, 6)
+    x, y = torch.randn(5, 6, 3), torch.randint(0, 2, (5, 6))
+    mask = torch.ones(5, 6, dtype=torch.long)
     mask[0, 4:] = 0
     mask[2, 1:] = 0
     mask[4, 5:] = 0
     opt = FOP(model, lr=0.0, factor_decay=0.0)
     with opt.padding_mask(mask):
-        F.cross_entropy(model(x, mask), y).backward()
+        _token_loss(model(x), y).backward()
     opt.step()
     a_fac, s_fac = _factors(opt, "proj")
     real = mask.bool()
     a_rows = _ones_col(x[real])
     assert torch.allclose(a_fac, a_rows.T @ a_rows / real.sum(), atol=1e-6)
     model.zero_grad()
-    F.cross_entropy(model(x, mask), y, reduction="sum").backward()
+    _token_loss(model(x), y, reduction="sum").backward()
+    assert model.h.grad[~real].abs().min() > 0  # padded positions do get a gradient: only the mask drops them
     assert torch.allclose(s_fac, _oracle_S(model.h.grad[real], 5), atol=1e-7, rtol=1e-5)
     # without a mask every token counts (K-FAC expand over all positions)
+    opt.release()
     opt2 = FOP(model, lr=0.0, factor_decay=0.0)
     model.zero_grad()
-    F.cross_entropy(model(x, mask), y).backward()
+    _token_loss(model(x), y).backward()
     opt2.step()
     all_rows = _ones_col(x.reshape(-1, 3))
     assert torch.allclose(_factors(opt2, "proj")[0], all_rows.T @ all_rows / 30, atol=1e-6)
+    model.zero_grad()
+    _token_loss(model(x), y, reduction="sum").backward()
+    assert torch.allclose(_factors(opt2, "proj")[1], _oracle_S(model.h.grad.reshape(-1, 4), 5), atol=1e-7, rtol=1e-5)
+
+
+def test_padding_mask_of_the_wrong_shape_raises_naming_both_shapes():
+    model = SeqModel()
+    opt = FOP(model)
+    x, y = torch.randn(5, 6, 3), torch.randint(0, 2, (5, 6))
+    with pytest.raises(ValueError, match=r"padding mask of shape \(5, 5\) does not match the \(B, T\) = \(5, 6\) of layer 'proj'"):
+        with opt.padding_mask(torch.ones(5, 5)):
+            _token_loss(model(x), y).backward()
+    opt.zero_grad()
+    with pytest.raises(ValueError, match=r"expected a \(B, T\) tensor"):
+        with opt.padding_mask(torch.ones(5, 6, 1)):
+            pass
+
+
+def test_encoder_decoder_mask_applies_to_encoder_layers_only():
+    """T5 with equal encoder and decoder lengths: the encoder's mask must not reach decoder activations."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(12)
+    cfg = T5Config(vocab_size=30, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_decoder_layers=1, num_heads=2,
+                   dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)
+    model = T5ForConditionalGeneration(cfg)
+    ids, labels = torch.randint(1, 30, (3, 5)), torch.randint(1, 30, (3, 5))
+    mask = torch.ones(3, 5, dtype=torch.long)
+    mask[0, 3:] = 0
+    mask[2, 2:] = 0
+    names = {
+        "enc_q": "encoder.block.0.layer.0.SelfAttention.q",
+        "dec_q": "decoder.block.0.layer.0.SelfAttention.q",
+        "cross_k": "decoder.block.0.layer.1.EncDecAttention.k",
+    }
+    inputs = {}
+    modules = dict(model.named_modules())
+    handles = [modules[n].register_forward_pre_hook(lambda m, a, key=key: inputs.__setitem__(key, a[0].detach()))
+               for key, n in names.items()]
+    opt = FOP(model, lr=0.0, adamw_lr=0.0, factor_decay=0.0)
+    with opt.padding_mask(mask):
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    opt.step()
+    for h in handles:
+        h.remove()
+    real = mask.bool()
+    layers = {layer.name: layer for layer in opt.layers}
+    enc_rows = inputs["enc_q"][real]
+    assert torch.allclose(layers[names["enc_q"]].A, enc_rows.T @ enc_rows / real.sum(), atol=1e-6)
+    for key in ("dec_q", "cross_k"):  # decoder modules, cross-attention included: every position counts
+        rows = inputs[key].reshape(-1, 8)
+        assert inputs[key].shape[:2] == mask.shape
+        assert torch.allclose(layers[names[key]].A, rows.T @ rows / 15, atol=1e-6), key
 
 
 def test_factors_do_not_depend_on_micro_batch_or_sub_batch_split():
@@ -155,6 +222,7 @@ def test_factors_do_not_depend_on_micro_batch_or_sub_batch_split():
     F.cross_entropy(model(x), y).backward()
     ref.step()
     a_ref, s_ref = _factors(ref, "first")
+    ref.release()
     model.zero_grad()
     # unequal sub-batches (6 and 10 examples), each accumulated over micro-batches of unequal size;
     # each sub-batch's loss is the mean over that sub-batch (sum over micro-batches / its size)
@@ -171,25 +239,34 @@ def test_factors_do_not_depend_on_micro_batch_or_sub_batch_split():
 
 
 def test_bf16_autocast_keeps_float32_factors():
+    """Under bf16 autocast the second Linear's input is bf16: A and S are still exact float32 sums of those values."""
     torch.manual_seed(5)
-    model = TwoLayer(nn.Linear(8, 6), 6)
+    model = TwoLayer(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 6)), 6)
+    second = model.first[1]
+    seen = {}
+    second.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0].detach()))
     x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
-    ref = FOP(model, lr=0.0, factor_decay=0.0)
+    ref = FOP(model, lr=0.0, adamw_lr=0.0, factor_decay=0.0)
     F.cross_entropy(model(x), y).backward()
     ref.step()
-    a_ref, s_ref = [t.clone() for t in _factors(ref, "first")]
+    a_ref, s_ref = [t.clone() for t in _factors(ref, "first.1")]
+    ref.release()
     model.zero_grad()
-    opt = FOP(model, lr=0.0, factor_decay=0.0)
+    opt = FOP(model, lr=0.0, adamw_lr=0.0, factor_decay=0.0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = F.cross_entropy(model(x), y)
-    assert model.h.dtype == torch.bfloat16
+    assert seen["x"].dtype == torch.bfloat16 and model.h.dtype == torch.bfloat16
     loss.backward()
     opt.step()
-    a_fac, s_fac = _factors(opt, "first")
+    a_fac, s_fac = _factors(opt, "first.1")
     assert a_fac.dtype == torch.float32 and s_fac.dtype == torch.float32
-    layer = next(layer for layer in opt.layers if layer.name == "first")
+    layer = next(layer for layer in opt.layers if layer.name == "first.1")
     assert layer.basis_a.q.dtype == torch.float32
-    assert torch.allclose(a_fac, a_ref, rtol=3e-2, atol=3e-2)
+    # A: the exact (float64) second moment of the bf16 input values; a bf16 product would be off by ~1e-2
+    rows = _ones_col(seen["x"].double())
+    exact = (rows.T @ rows / 32).float()
+    assert torch.allclose(a_fac, exact, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(a_fac, a_ref, rtol=5e-2, atol=5e-2)
     assert torch.allclose(s_fac, s_ref, rtol=5e-2, atol=5e-2 * s_ref.abs().max())
 
 
@@ -280,6 +357,9 @@ def test_capture_only_in_training_curvature_steps():
     model(x)
     assert layer.a_sum is None, "captured outside training"
     opt.train()
+    model(x)
+    assert layer.a_sum is not None  # the same forward captures once every guard is off
+    opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
     opt.step()
     opt.zero_grad()
@@ -352,3 +432,145 @@ def test_activation_checkpointing_does_not_double_count(use_reentrant):
         factors.append([(layer.A, layer.S) for layer in opt.layers])
     for (a0, s0), (a1, s1) in zip(*factors):
         assert torch.allclose(a0, a1) and torch.allclose(s0, s1)
+
+
+def _tiny_gpt2(seed=13):
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=11, n_positions=8,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg)
+
+
+def test_mc_fisher_samples_only_real_positions():
+    """Right-padded GPT-2 batch, labels -100 on padding and on a prompt: S from the sampled loss over real positions."""
+    model = _tiny_gpt2()
+    ids = torch.randint(1, 11, (3, 6))
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[0, 4:] = 0
+    mask[2, 2:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[1, :2] = -100  # a prompt that is not scored
+    name = "transformer.h.0.attn.c_attn"
+    opt = FOP(model, lr=0.0, adamw_lr=0.0, factor_decay=0.0, fisher_type="mc")
+    assert opt.engine.label_shift == 1  # GPT-2 shifts its labels inside the loss
+    with opt.padding_mask(mask):
+        out = model(ids, attention_mask=mask, labels=labels)
+        opt.mc_backward(out.logits, generator=torch.Generator().manual_seed(3), labels=labels)
+        out.loss.backward()
+    opt.step()
+    s_fac = next(layer for layer in opt.layers if layer.name == name).S
+
+    # by hand: the same draws, the loss of example n = sum over its scored positions (labels shifted by one)
+    module = dict(model.named_modules())[name]
+    kept = {}
+
+    def keep(m, a, output):
+        output.retain_grad()
+        kept["h"] = output
+
+    handle = module.register_forward_hook(keep)
+    logits = model(ids, attention_mask=mask).logits
+    handle.remove()
+    probs = torch.softmax(logits.detach().reshape(-1, 11), -1)
+    sampled = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(3)).squeeze(1)
+    scored = torch.zeros(3, 6)
+    scored[:, :-1] = (labels[:, 1:] != -100).float()
+    scored = scored * mask
+    ce = F.cross_entropy(logits.reshape(-1, 11), sampled, reduction="none").reshape(3, 6)
+    (ce * scored).sum().backward()
+    rows = kept["h"].grad[mask.bool()]
+    expected = rows.T @ rows / 3
+    assert torch.allclose(s_fac, expected, rtol=1e-4, atol=1e-6 * expected.abs().max())
+
+
+def test_mc_backward_rejects_labels_or_mask_that_do_not_fit_the_logits():
+    model = _tiny_gpt2()
+    ids = torch.randint(1, 11, (2, 5))
+    opt = FOP(model, fisher_type="mc")
+    out = model(ids)
+    with pytest.raises(ValueError, match=r"labels of shape \(2, 4\) do not match the logits' positions \(2, 5\)"):
+        opt.mc_backward(out.logits, labels=ids[:, :4])
+    with pytest.raises(ValueError, match=r"padding mask of shape \(2, 4\) does not match the logits' \(B, T\) = \(2, 5\)"):
+        with opt.padding_mask(torch.ones(2, 4)):
+            opt.mc_backward(out.logits)
+
+
+def _hook_count(module):
+    return len(module._forward_hooks)
+
+
+def test_second_fop_on_the_same_model_takes_over_the_hooks():
+    torch.manual_seed(14)
+    model = TwoLayer(nn.Linear(3, 4), 4)
+    x, y = torch.randn(6, 3), torch.randint(0, 3, (6,))
+    first = FOP(model, lr=0.1)
+    with pytest.warns(UserWarning, match="hooks of another live FOP optimizer; that optimizer is released"):
+        second = FOP(model, lr=0.1)
+    assert _hook_count(model.first) == 1 and _hook_count(model.head) == 1
+    F.cross_entropy(model(x), y).backward()
+    assert all(layer.a_sum is None for layer in first.layers)  # the first one no longer captures
+    assert all(layer.a_sum is not None for layer in second.layers)
+    second.step()
+    with pytest.raises(RuntimeError, match="was released .*took over"):
+        first.step()
+    with pytest.raises(RuntimeError, match="was released"):
+        first.begin_sub_batch(0)
+
+
+def test_garbage_collected_fop_stops_capturing():
+    model = TwoLayer(nn.Linear(3, 4), 4)
+    opt = FOP(model)
+    engine = weakref.ref(opt.engine)
+    del opt
+    gc.collect()
+    assert engine() is None  # the hooks do not keep the engine alive
+    assert _hook_count(model.first) == 0 and _hook_count(model.head) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing live to take over
+        FOP(model)
+
+
+def test_release_removes_hooks_and_forbids_further_use():
+    model = TwoLayer(nn.Linear(3, 4), 4)
+    opt = FOP(model)
+    opt.release()
+    assert _hook_count(model.first) == 0
+    model(torch.randn(2, 3)).sum().backward()
+    assert all(layer.a_sum is None for layer in opt.layers)
+    with pytest.raises(RuntimeError, match=r"was released \(release\(\) was called\)"):
+        opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FOP(model)
+
+
+def test_eigendecomposition_does_not_swallow_out_of_memory(monkeypatch):
+    model = TwoLayer(nn.Linear(3, 4), 4)
+    opt = FOP(model)
+    calls = []
+    oom = torch.OutOfMemoryError("injected: out of memory")
+
+    def no_memory(mat):
+        raise oom
+
+    monkeypatch.setattr(curvature, "eigh_float32", no_memory)
+    monkeypatch.setattr(curvature, "eigh_float64", lambda m: calls.append(1))
+    F.cross_entropy(model(torch.randn(4, 3)), torch.zeros(4, dtype=torch.long)).backward()
+    with pytest.raises(torch.OutOfMemoryError) as info:
+        opt.step()
+    assert info.value is oom and calls == []  # propagated unchanged, no float64 retry
+
+
+def test_capture_hooks_with_a_padding_mask_do_not_synchronise(monkeypatch):
+    torch.manual_seed(15)
+    model = SeqModel()
+    x, y = torch.randn(4, 5, 3), torch.randint(0, 2, (4, 5))
+    mask = torch.ones(4, 5, dtype=torch.long)
+    mask[1, 3:] = 0
+    opt = FOP(model, lr=0.1)
+    counter = SyncCounter(monkeypatch)
+    for k in (0, 1):
+        with opt.sub_batch(k), opt.padding_mask(mask[2 * k : 2 * k + 2]):
+            _token_loss(model(x[2 * k : 2 * k + 2]), y[2 * k : 2 * k + 2]).backward()
+    assert opt.capturing and all(layer.a_sum is not None and layer.s_sums for layer in opt.layers)
+    assert counter.calls == []

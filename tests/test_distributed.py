@@ -80,6 +80,12 @@ def test_two_processes_equal_one_process_fed_the_same_sub_batches(tmp_path):
         torch.testing.assert_close(two[0]["layers"][layer]["S"], entry["S"], rtol=1e-4, atol=1e-6)
     assert _losses(two[0]) == pytest.approx(_losses(one), rel=1e-4)
     assert two[0]["w1"] == 0.5
+    assert two[0]["comm_hook"]  # FOPTrainer reduced g1/g2 inside DDP's backward
+    logs = [[h for h in json.loads(r["log"]) if "loss" in h] for r in two]
+    for step0, step1 in zip(*logs):  # each rank's own curvature seconds; max and mean over ranks, logged on both
+        own = [step0["fop/curvature_seconds"], step1["fop/curvature_seconds"]]
+        assert step0["fop/curvature_seconds_max"] == step1["fop/curvature_seconds_max"] == pytest.approx(max(own))
+        assert step0["fop/curvature_seconds_mean"] == pytest.approx(sum(own) / 2)
 
 
 def test_two_processes_with_gradient_accumulation(tmp_path):
@@ -91,6 +97,16 @@ def test_two_processes_with_gradient_accumulation(tmp_path):
     for k in one["params"]:
         torch.testing.assert_close(two[0]["params"][k], one["params"][k], rtol=1e-4, atol=1e-5, msg=k)
     assert _losses(two[0]) == pytest.approx(_losses(one), rel=1e-4)
+
+
+def test_trainer_comm_hook_equals_post_backward_reduction_bitwise(tmp_path):
+    """FOPTrainer with the DDP comm hook (default) and with ``use_ddp_comm_hook = False``: the same bits."""
+    hooked = torchrun(2, tmp_path / "hook", "--steps", "3", "--batch", "4", "--accum", "2")
+    plain = torchrun(2, tmp_path / "plain", "--steps", "3", "--batch", "4", "--accum", "2", "--no_comm_hook")
+    assert hooked[0]["comm_hook"] and not plain[0]["comm_hook"]
+    _assert_replicas_identical(hooked)
+    _assert_replicas_identical([hooked[0], plain[0]])
+    assert _losses(hooked[0]) == _losses(plain[0])
 
 
 def test_two_process_resume_is_bitwise_identical(tmp_path):
@@ -105,6 +121,28 @@ def test_two_process_resume_is_bitwise_identical(tmp_path):
         for key, value in entry.items():
             if isinstance(value, torch.Tensor):
                 assert torch.equal(value, resumed[0]["layers"][layer][key]), (layer, key)
+
+
+def test_checkpoints_resume_across_world_sizes(tmp_path):
+    """A 2-process checkpoint resumes in 1 process (and back) and continues as the uninterrupted run (allclose).
+
+    The checkpoint after step 2 falls between inverse steps (inverse_interval 2: global steps 0 and 2), when each rank
+    holds only its local factor averages: FOPTrainer averages them before saving, so the file holds the global
+    factors whatever the world size. 1 process with 2 micro-batches of 8 sees what 2 ranks with batch 8 see.
+    """
+    two = torchrun(2, tmp_path / "two", "--steps", "4", "--batch", "8", "--save_steps", "2")
+    one = single(tmp_path / "one", "--steps", "4", "--batch", "8", "--accum", "2", "--save_steps", "2")
+    one_from_two = single(tmp_path / "one_from_two", "--steps", "4", "--batch", "8", "--accum", "2",
+                          "--resume", str(tmp_path / "two" / "checkpoint-2"))
+    two_from_one = torchrun(2, tmp_path / "two_from_one", "--steps", "4", "--batch", "8",
+                            "--resume", str(tmp_path / "one" / "checkpoint-2"))
+    _assert_replicas_identical(two_from_one)
+    for resumed, full in ((one_from_two, two[0]), (two_from_one[0], one)):
+        for k in full["params"]:
+            torch.testing.assert_close(resumed["params"][k], full["params"][k], rtol=1e-4, atol=1e-5, msg=k)
+        for layer, entry in full["layers"].items():
+            for key in ("A", "S"):
+                torch.testing.assert_close(resumed["layers"][layer][key], entry[key], rtol=1e-4, atol=1e-6)
 
 
 def test_three_processes_weight_the_unequal_groups(tmp_path):
@@ -150,3 +188,135 @@ def test_two_processes_train_on_a_streamed_dataset(tmp_path):
     assert len(steps) == 3 and all("fop/beta" in h and h["fop/fallback_fraction"] == 0.0 for h in steps)
     assert all(h["fop/beta"] != 0.0 for h in steps)  # g1 != g2: the two ranks got different batches
     assert all(torch.isfinite(v).all() for v in records[0]["params"].values())
+
+
+def test_two_processes_with_a_per_call_mean_loss_log_and_step_on_the_mean(tmp_path):
+    """BERT's classification loss ignores num_items_in_batch although its forward takes **kwargs, so transformers
+    5.24's compute_loss multiplies the per-call mean by num_processes (2x loss and gradient): FOPTrainer must not.
+    Step 1 captures no curvature: the glue reads from the device at most once there (the reducer's)."""
+    common = ("--model", "bert", "--steps", "2", "--batch", "8", "--examples", "64", "--factor_interval", "2", "--count_syncs")
+    two = torchrun(2, tmp_path / "two", *common)
+    one = single(tmp_path / "one", *common, "--accum", "2")
+    _assert_replicas_identical(two)
+    assert _losses(two[0]) == pytest.approx(_losses(one), rel=1e-4)
+    assert all(len(r["syncs"].get(1, [])) <= 1 for r in two + [one]), [r["syncs"] for r in two + [one]]
+    assert any("distributed.py" in s for s in two[0]["syncs"][1])  # the counter sees the reducer's read
+    for k in one["params"]:
+        torch.testing.assert_close(two[0]["params"][k], one["params"][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_two_processes_without_the_cpu_flag_stop_with_the_fix(tmp_path):
+    """torchrun on CPU with use_cpu=False: a process group the Trainer does not use (two unsharded copies)."""
+    out = tmp_path / "nocpu"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           HELPERS, "--out", str(out), "--steps", "1", "--no_cpu"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=single_thread_env(), capture_output=True, text=True, timeout=300)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "every process would train its own unsharded copy" in text
+    assert "use_cpu=True" in text and "--use_cpu" in text and "ACCELERATE_USE_CPU=1" in text
+    assert not list(out.glob("rank*.pt"))
+    # the environment variable the message names is a working fix
+    env = {**single_thread_env(), "ACCELERATE_USE_CPU": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert records[0]["world_size"] == 2
+    _assert_replicas_identical(records)
+
+
+# ------------------------------------------------ plain-PyTorch FOP on real gloo processes (tests/dist_workers.py)
+WORKERS = str(Path(__file__).with_name("dist_workers.py"))
+
+
+def plain_torchrun(nproc: int, out: Path, *worker_args: str) -> List[Dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    _run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
+          WORKERS, "--out", str(out), *worker_args])
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
+
+
+def _assert_plain_replicas_identical(records: List[Dict]) -> None:
+    for other in records[1:]:
+        for k, v in records[0]["params"].items():
+            assert torch.equal(v, other["params"][k]), k
+        for layer, entry in records[0]["layers"].items():
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor):
+                    assert torch.equal(value, other["layers"][layer][key]), (layer, key)
+
+
+def _assert_matches_single(records: List[Dict], single_record: Dict) -> None:
+    for k, v in single_record["params"].items():
+        torch.testing.assert_close(records[0]["params"][k], v, rtol=1e-4, atol=1e-6, msg=k)
+    for layer, entry in single_record["layers"].items():
+        for key in ("A", "S", "eig_a", "eig_s"):
+            if key in entry:
+                torch.testing.assert_close(records[0]["layers"][layer][key], entry[key], rtol=1e-4, atol=1e-6,
+                                           msg=f"{layer} {key}")
+            else:
+                assert key not in records[0]["layers"][layer]
+
+
+@pytest.mark.parametrize(
+    "nproc,mode,accum,scenario",
+    [(2, "fop", 1, "plain"), (3, "fop", 2, "unused"), (3, "kfac", 2, "plain")],
+)
+def test_factors_meet_only_on_inverse_steps_and_match_one_process(tmp_path, nproc, mode, accum, scenario):
+    """Local factor running averages, averaged over ranks only before eigendecompositions, equal the per-step average.
+
+    6 steps, inverse_interval 3: steps 0 and 3 eigendecompose; between them the ranks' factors differ (pending) and
+    only the gradients and an (L + 1)-float flag cross the wire. Parameters, factors and eigenvalues match one process
+    fed the same sub-batches (allclose: the sums run in another order); replicas stay bitwise identical.
+    """
+    from dist_workers import single_process
+
+    steps, inverse_interval = 6, 3
+    records = plain_torchrun(nproc, tmp_path / "run", "--mode", mode, "--steps", str(steps), "--accum", str(accum),
+                             "--inverse_interval", str(inverse_interval), "--scenario", scenario)
+    _assert_plain_replicas_identical(records)
+    _assert_matches_single(records, single_process(nproc, mode, steps, accum, inverse_interval, scenario))
+    assert records[0]["counters"]["inverse_updates"] == 2 and records[0]["counters"]["factor_updates"] == steps
+    assert records[0]["pending"] == [step % inverse_interval != 0 for step in range(steps)]
+    sent = records[0]["bytes_per_step"]
+    flags = 4 * (3 + 1)  # one count per managed layer (fc1, extra, fc2) and the finiteness flag
+    n_params = sum(v.numel() for v in records[0]["params"].values())
+    grads = 4 * (n_params + 7) if mode == "fop" else 0  # all_gather of local gradients + 7 presence flags; K-FAC: DDP
+    dims = {"fc1": (7, 8), "fc2": (8, 4), "extra": (9, 8)}
+    names = ["fc1", "extra", "fc2"] if scenario == "unused" else ["fc1", "fc2"]  # layers holding factors
+    triu = 4 * sum(d * (d + 1) // 2 for n in names for d in dims[n])
+    assert sent == [grads + flags + (triu if step % inverse_interval == 0 else 0) for step in range(steps)]
+
+
+def test_a_rank_with_nonfinite_factors_makes_every_rank_skip(tmp_path):
+    """Step 1: only the last rank's A overflows (its gradients stay finite); the one-element flag skips it everywhere."""
+    records = plain_torchrun(2, tmp_path / "run", "--steps", "3", "--scenario", "nonfinite")
+    _assert_plain_replicas_identical(records)
+    assert [r["counters"]["skipped_steps"] for r in records] == [1, 1]
+    assert all(r["counters"]["factor_updates"] == 2 for r in records)
+    assert all(torch.isfinite(v).all() for v in records[0]["params"].values())
+
+
+@pytest.mark.parametrize("nproc,accum,scenario", [(2, 2, "plain"), (3, 1, "unused")])
+def test_comm_hook_equals_post_backward_reduction_bitwise(tmp_path, nproc, accum, scenario):
+    """g1/g2 reduced per DDP bucket inside the backward pass give the post-backward path's bits.
+
+    Each rank trains two copies on the same batches: one through ``reduce_gradients`` (every micro-batch local), one
+    DDP-wrapped with the comm hook (``no_sync`` on all micro-batches but the last). The worker asserts ``p.grad``
+    (g_avg) bitwise equal every step, including ``None`` for the never-used layer (``plain``) and gradients only some
+    ranks produce (``unused``); here parameters and factors after 4 steps are compared bitwise.
+    """
+    records = plain_torchrun(nproc, tmp_path / "run", "--steps", "4", "--accum", str(accum), "--scenario", scenario,
+                             "--compare_hook")
+    for rec in records:
+        for k, v in rec["params"].items():
+            assert torch.equal(v, rec["hook"]["params"][k]), k
+        for layer, entry in rec["layers"].items():
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor):
+                    assert torch.equal(value, rec["hook"]["layers"][layer][key]), (layer, key)
+        assert rec["hook"]["counters"] == rec["counters"]
+        timeless = [{k: v for k, v in d.items() if k != "curvature_seconds"} for d in (rec["hook"]["diagnostics"], rec["diagnostics"])]
+        assert timeless[0] == timeless[1] and "beta_mean" in timeless[0]  # beta*, s_proj flip sign with g1 - g2
+    _assert_plain_replicas_identical([r["hook"] for r in records])

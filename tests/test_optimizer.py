@@ -17,6 +17,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import hf_fop.curvature as curvature
 from hf_fop import FOP
 from hf_fop.fop_math import fop_direction_dense, kron_fisher, unvec, vec
+from hf_fop.optimizer import decay_parameter_names
+from sync_counter import SyncCounter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,11 +89,16 @@ def test_fop_step_equals_dense_reference(damping):
 
 
 def test_gradient_scaling_after_backward_applies_to_both_sub_batch_gradients():
-    """Clipping p.grad (= g_avg) by c before step() makes FOP use c*g1 and c*g2; curvature is unaffected."""
+    """Clipping p.grad (= g_avg) by c before step(): the update and the logged beta*/s_proj are those of c*g1, c*g2."""
     model, b1, b2 = _lin_problem(3)
-    expected, _, _ = _dense_reference_update(model, (b1, b2), 0.1, lr=0.7, grad_factor=0.25)
-    _, w1, _ = _run_fop_step(model, (b1, b2), 0.1, lr=0.7, grad_factor=0.25)
+    expected, ref_stats, _ = _dense_reference_update(model, (b1, b2), 0.1, lr=0.7, grad_factor=0.25)
+    opt, w1, _ = _run_fop_step(model, (b1, b2), 0.1, lr=0.7, grad_factor=0.25)
     assert torch.allclose(w1.double(), expected, rtol=1e-4, atol=1e-5 * (1 + expected.abs().max()))
+    diag = opt.diagnostics()
+    assert abs(float(ref_stats.beta)) > 1e-2  # beta* and s_proj would be off by 4x without the correction
+    assert math.isclose(diag["/beta"], float(ref_stats.beta), rel_tol=1e-3)
+    assert math.isclose(diag["/s_proj"], float(ref_stats.s_proj), rel_tol=1e-3)
+    assert math.isclose(diag["/eta"], float(ref_stats.eta), rel_tol=1e-4)
 
 
 def test_equal_sub_batches_give_exactly_the_kfac_step():
@@ -272,7 +279,11 @@ def test_model_without_manageable_layers_warns_and_runs_adamw():
     ref.load_state_dict(model.state_dict())
     with pytest.warns(UserWarning, match="no Linear, Conv2d or Conv1D layer"):
         opt = FOP(model, lr=1e-2, adamw_weight_decay=0.1)
-    torch_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+    # the Trainer's rule: LayerNorm weight and bias get no decay, the embedding does
+    torch_opt = torch.optim.AdamW(
+        [{"params": [ref[1].weight], "weight_decay": 0.1}, {"params": list(ref[0].parameters()), "weight_decay": 0.0}],
+        lr=1e-2,
+    )
     idx = torch.tensor([0, 3, 4])
     for _ in range(5):
         for m, o in ((model, opt), (ref, torch_opt)):
@@ -285,15 +296,28 @@ def test_model_without_manageable_layers_warns_and_runs_adamw():
 
 
 def test_lr_scheduler_scales_both_groups():
-    model, (x1, y1), _ = _lin_problem(8)
-    net = nn.Sequential(model, nn.LayerNorm(3))
-    opt = FOP(net, lr=0.2, adamw_lr=1e-3)
-    assert [g["kind"] for g in opt.param_groups] == ["kfac", "adamw"]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()"
-        sched.step()
-    assert [g["lr"] for g in opt.param_groups] == [0.1, 5e-4]
+    """A scheduler that halves both groups' lr halves the parameter update of both (same batch, twin models)."""
+    model, (x1, y1), (x2, y2) = _lin_problem(8)
+    deltas = []
+    for factor in (1.0, 0.5):
+        net = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3))
+        net[0].load_state_dict(model.state_dict())
+        before = [p.detach().clone() for p in net.parameters()]
+        opt = FOP(net, lr=0.2, adamw_lr=1e-3)
+        assert [g["kind"] for g in opt.param_groups] == ["kfac", "adamw"]
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: factor**s)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()"
+            sched.step()
+        assert [g["lr"] for g in opt.param_groups] == [0.2 * factor, 1e-3 * factor]
+        for k, (x_, y_) in enumerate(((x1, y1), (x2, y2))):
+            with opt.sub_batch(k):
+                _mse(net, x_, y_).backward()
+        opt.step()
+        deltas.append([p.detach() - b for p, b in zip(net.parameters(), before)])
+    for name, full, half in zip(("kfac weight", "kfac bias", "adamw weight", "adamw bias"), *deltas):
+        assert full.abs().max() > 1e-5, name
+        assert torch.allclose(half, 0.5 * full, rtol=1e-4, atol=1e-7), name
 
 
 def test_momentum_and_decoupled_weight_decay_follow_their_formulas():
@@ -345,15 +369,16 @@ def _load_example(name):
 
 
 @pytest.mark.parametrize("mode", ["fop", "kfac"])
-def test_digits_training_reaches_test_accuracy(mode):
-    """Real data (scikit-learn digits), batch 512 split into two sub-batches: >= 95% test accuracy."""
+def test_smoke_digits_training_reaches_test_accuracy(mode):
+    """Smoke test (K-FAC meets the same bar): real data (scikit-learn digits), batch 512 split into two sub-batches: >= 95% test accuracy."""
     demo = _load_example("digits_demo")
     torch.manual_seed(0)
     result = demo.train(mode, epochs=12, batch_size=512, lr=0.03, damping=1e-2)
     assert result["test_accuracy"] >= 0.95, result
 
 
-def test_gpt2_conv1d_layers_train_and_report_per_layer_diagnostics():
+def test_smoke_gpt2_conv1d_layers_train_and_report_per_layer_diagnostics():
+    """Smoke test: GPT-2's Conv1D layers are managed, the loss falls, diagnostics are finite."""
     torch.manual_seed(11)
     cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=40, n_positions=16, bos_token_id=0, eos_token_id=0)
     model = GPT2LMHeadModel(cfg)
@@ -377,3 +402,145 @@ def test_gpt2_conv1d_layers_train_and_report_per_layer_diagnostics():
     assert "transformer.h.0.attn.c_attn/beta" in diag and "lm_head/beta" not in diag
     assert diag["managed_layers"] == 8.0 and diag["fallback_steps"] == 0.0
     assert all(math.isfinite(v) for v in diag.values())
+
+
+@pytest.mark.parametrize("use_eta", [True, False])
+def test_fop_update_differs_from_kfac_by_the_beta_g_perp_term(use_eta):
+    """Same batch, same factors: FOP's update minus K-FAC's is lr (eta* beta* M^-1 g_perp + (eta* - 1) M^-1 g_avg)."""
+    model, b1, b2 = _lin_problem(12)
+    twin = nn.Linear(4, 3)
+    twin.load_state_dict(model.state_dict())
+    (x1, y1), (x2, y2) = b1, b2
+    g1, g2 = _full_grad(model, x1, y1).double(), _full_grad(model, x2, y2).double()
+    x = torch.cat([x1, x2])
+    r = torch.cat([model(x1) - y1, model(x2) - y2]).detach()
+    a_fac, s_fac = _ones_col(x).T @ _ones_col(x) / len(x), r.T @ r / len(x)
+    damping, lr = 1e-2, 0.3
+    m = kron_fisher(a_fac, s_fac).double() + damping * torch.eye(15, dtype=torch.float64)
+    g_avg, g_diff = vec((g1 + g2) / 2), vec(g1 - g2)
+    g_perp = g_diff - (g_diff @ m @ g_avg) / (g_avg @ m @ g_avg) * g_avg
+    minv_avg, minv_perp = torch.linalg.solve(m, g_avg), torch.linalg.solve(m, g_perp)
+    beta = (g_avg @ minv_perp) / (g_perp @ minv_perp)
+    g_comb = g_avg + beta * g_perp
+    eta = (g_avg @ torch.linalg.solve(m, g_comb)) / (g_comb @ torch.linalg.solve(m, g_comb)) if use_eta else 1.0
+    expected = unvec(lr * (eta * beta * minv_perp + (eta - 1) * minv_avg), (3, 5))
+    w = []
+    for net, mode in ((model, "fop"), (twin, "kfac")):
+        opt = FOP(net, lr=lr, damping=damping, factor_decay=0.0, mode=mode, use_eta=use_eta)
+        for k, (x_, y_) in enumerate((b1, b2)):
+            with opt.sub_batch(k):
+                _mse(net, x_, y_).backward()
+        opt.step()
+        w.append(torch.cat([net.weight, net.bias[:, None]], 1).detach().double())
+    kfac_minus_fop = w[1] - w[0]
+    assert expected.abs().max() > 1e-2 * (w[1] - torch.cat([model.weight, model.bias[:, None]], 1).double()).abs().max()
+    assert torch.allclose(kfac_minus_fop, expected, rtol=1e-3, atol=1e-4 * expected.abs().max())
+
+
+def test_layer_without_eigenbasis_takes_an_identity_preconditioned_step():
+    """A layer first used on a step without curvature capture moves by lr * its gradient (momentum, decay as usual)."""
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 2), nn.Linear(3, 2)
+
+        def forward(self, x, use_b):
+            return self.a(x) + (self.b(x) if use_b else 0)
+
+    torch.manual_seed(16)
+    model = Branchy()
+    lr, mu, wd = 0.2, 0.5, 0.1
+    opt = FOP(model, lr=lr, momentum=mu, weight_decay=wd, factor_interval=2, inverse_interval=2)
+    x, y = torch.randn(8, 3), torch.randn(8, 2)
+
+    def step(use_b):
+        for k in (0, 1):
+            with opt.sub_batch(k):
+                F.mse_loss(model(x[4 * k : 4 * k + 4], use_b), y[4 * k : 4 * k + 4]).backward()
+        grads = (model.b.weight.grad.clone(), model.b.bias.grad.clone()) if use_b else None
+        before = (model.b.weight.detach().clone(), model.b.bias.detach().clone())
+        opt.step()
+        opt.zero_grad()
+        return grads, before
+
+    step(False)  # step 0 captures curvature for `a` only
+    assert opt.layers[1].basis_a is None and not opt.capturing
+    (gw, gb), (w0, b0) = step(True)  # step 1: `b` has gradients but no eigenbasis
+    assert torch.allclose(model.b.weight, w0 * (1 - lr * wd) - lr * gw, atol=1e-7)
+    assert torch.allclose(model.b.bias, b0 - lr * gb, atol=1e-7)  # biases get no weight decay
+    assert opt.diagnostics()["identity_layer_steps"] == 1.0
+    step(True)  # step 2 captures `b` and decomposes: preconditioned from now on
+    assert opt.layers[1].basis_a is not None
+    step(True)
+    assert opt.diagnostics()["identity_layer_steps"] == 1.0
+
+
+class _Scaled(nn.Module):
+    """Linear, LayerNorm, a free parameter (AdamW, decays) and a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.ln, self.fc2 = nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 2)
+        self.scale = nn.Parameter(torch.ones(5))
+
+    def forward(self, x):
+        return self.fc2(self.ln(self.fc1(x)) * self.scale)
+
+
+def test_weight_decay_follows_the_trainer_rule():
+    """Decay hits fc1/fc2 weights (K-FAC) and `scale` (AdamW), never biases or LayerNorm parameters."""
+    torch.manual_seed(17)
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    lr, adamw_lr, wd, adamw_wd = 0.1, 0.05, 0.2, 0.3
+    nets = []
+    for decay in (True, False):
+        torch.manual_seed(18)
+        net = _Scaled()
+        opt = FOP(net, lr=lr, adamw_lr=adamw_lr, mode="kfac", weight_decay=wd if decay else 0.0,
+                  adamw_weight_decay=adamw_wd if decay else 0.0)
+        p0 = {n: p.detach().clone() for n, p in net.named_parameters()}
+        F.mse_loss(net(x), y).backward()
+        opt.step()
+        nets.append(dict(net.named_parameters()))
+    decayed = {"fc1.weight": lr * wd, "fc2.weight": lr * wd, "scale": adamw_lr * adamw_wd}
+    assert sorted(decay_parameter_names(_Scaled())) == sorted(decayed)
+    for name, p in nets[0].items():
+        expected = nets[1][name] - decayed.get(name, 0.0) * p0[name]
+        assert torch.allclose(p, expected, atol=1e-7), name
+
+
+def test_decay_rule_is_the_trainers():
+    from transformers import Trainer
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=20, n_positions=8))
+    for m in (model, _Scaled()):
+        assert decay_parameter_names(m) == Trainer.get_decay_parameter_names(None, m)
+    opt = FOP(model)
+    ours = {n for n, p in model.named_parameters() if id(p) in opt._decay}
+    assert ours == {n for n in decay_parameter_names(model) if n != "lm_head.weight"}  # tied: listed once
+    assert not any(n.endswith("bias") or ".ln_" in n for n in ours)
+
+
+def test_non_curvature_step_synchronises_with_the_host_at_most_once(monkeypatch):
+    """The finiteness check is the only value read back per step (no curvature, no logging)."""
+    torch.manual_seed(19)
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 2))
+    opt = FOP(model, lr=0.05, momentum=0.9, weight_decay=0.01, adamw_weight_decay=0.01,
+              factor_interval=2, inverse_interval=2)
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+
+    def step():
+        for k in (0, 1):
+            with opt.sub_batch(k):
+                F.mse_loss(model(x[4 * k : 4 * k + 4]), y[4 * k : 4 * k + 4]).backward()
+        opt.step()
+        opt.zero_grad()
+
+    step()  # step 0: curvature
+    assert not opt.capturing
+    counter = SyncCounter(monkeypatch)
+    step()
+    monkeypatch.undo()
+    assert len(counter.calls) <= 1, counter.calls
+    assert opt.global_step == 2 and opt.counters["skipped_steps"] == 0

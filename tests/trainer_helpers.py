@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Dict
+import sys
+from typing import Any, Callable, Dict, Iterator, List
 
 import numpy as np
 import torch
@@ -98,6 +100,48 @@ def single_thread_env() -> Dict[str, str]:
     return env
 
 
+SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
+
+
+@contextlib.contextmanager
+def count_glue_syncs(step: Callable[[], int]) -> Iterator[Dict[int, List[str]]]:
+    """Record tensor-to-host reads (``Tensor.item``, ``tolist``, ``bool()``, ...) made from hf_fop/trainer.py and
+    hf_fop/distributed.py, as ``{step(): ["file:line method", ...]}``. A read inside torch (e.g. in
+    ``GradScaler.get_scale``) is attributed to the first caller outside torch. Wraps the real methods."""
+    import hf_fop
+
+    package = os.path.dirname(os.path.abspath(hf_fop.__file__))
+    glue = {os.path.join(package, name) for name in ("trainer.py", "distributed.py")}
+    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
+    syncs: Dict[int, List[str]] = {}
+    originals = {name: torch.Tensor.__dict__.get(name) for name in SYNC_METHODS}
+
+    def counting(name: str) -> Callable:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, **k):  # noqa: ANN001, ANN202
+            frame = sys._getframe(1)
+            while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(torch_dir):
+                frame = frame.f_back
+            if frame is not None and os.path.abspath(frame.f_code.co_filename) in glue:
+                where = f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno} {name}"
+                syncs.setdefault(step(), []).append(where)
+            return original(self, *a, **k)
+
+        return counted
+
+    for name in SYNC_METHODS:
+        setattr(torch.Tensor, name, counting(name))
+    try:
+        yield syncs
+    finally:
+        for name, original in originals.items():
+            if original is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, original)
+
+
 def run_worker(argv: Any = None) -> None:
     """Entry point of the multi-process tests (started by torchrun / accelerate launch).
 
@@ -121,6 +165,11 @@ def run_worker(argv: Any = None) -> None:
     parser.add_argument("--optimizer", default="fop")
     parser.add_argument("--examples", type=int, default=96)
     parser.add_argument("--fsdp", action="store_true")
+    parser.add_argument("--model", choices=["vit", "bert"], default="vit", help="bert: a loss that ignores num_items_in_batch")
+    parser.add_argument("--no_cpu", action="store_true", help="leave use_cpu=False (a user script without the CPU flag)")
+    parser.add_argument("--factor_interval", type=int, default=1)
+    parser.add_argument("--count_syncs", action="store_true", help="record the glue's host syncs per step")
+    parser.add_argument("--no_comm_hook", action="store_true", help="FOPTrainer.use_ddp_comm_hook = False")
     parser.add_argument("--stream", action="store_true", help="train on the digits streamed from a local parquet file")
     parser.add_argument(
         "--interleave", action="store_true",
@@ -133,9 +182,9 @@ def run_worker(argv: Any = None) -> None:
     args = make_args(
         opts.out, max_steps=opts.steps, per_device_train_batch_size=opts.batch, gradient_accumulation_steps=opts.accum,
         train_sampling_strategy="sequential", fop_optimizer=opts.optimizer, fop_inverse_interval=2, fop_momentum=0.5,
-        **save,
+        use_cpu=not opts.no_cpu, fop_factor_interval=opts.factor_interval, **save,
     )
-    data = digits_dataset(opts.examples)
+    data = digits_dataset(opts.examples) if opts.model == "vit" else cls_text_dataset(opts.examples)
     if opts.interleave:
         b = opts.batch
         order = [i for start in range(0, opts.examples, 4 * b) for k in (0, 2, 1, 3) for i in range(start + k * b, start + (k + 1) * b)]
@@ -146,18 +195,27 @@ def run_worker(argv: Any = None) -> None:
         path = os.path.join(opts.out, f"digits-{os.environ.get('RANK', '0')}.parquet")  # one file per process: no race
         data.to_parquet(path)
         data = load_dataset("parquet", data_files=path, split="train", streaming=True).with_format("torch")
-    trainer = FOPTrainer(model=tiny_vit(), args=args, train_dataset=data)
-    trainer.train(resume_from_checkpoint=opts.resume)
+    model = tiny_vit() if opts.model == "vit" else tiny_bert(dropout=0.0)
+    trainer = FOPTrainer(model=model, args=args, train_dataset=data)
+    trainer.use_ddp_comm_hook = not opts.no_comm_hook
+    with count_glue_syncs(lambda: trainer.state.global_step) if opts.count_syncs else contextlib.nullcontext({}) as syncs:
+        trainer.train(resume_from_checkpoint=opts.resume)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     opt = trainer.fop_optimizer
+    pending = trainer.fop_reducer is not None and trainer.fop_reducer.curvature.pending
+    if trainer.fop_reducer is not None:
+        trainer.fop_reducer.sync_factors()  # collective, every rank: local factor averages become the global ones
     record = {
+        "pending_before_sync": pending,
+        "comm_hook": trainer.fop_reducer is not None and trainer.fop_reducer.hook is not None,
         "world_size": world_size,
         "params": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
         "layers": opt.state_dict()["fop"]["layers"] if opt is not None else {},
         "log": json.dumps(trainer.state.log_history),
         "w1": opt.w1 if opt is not None else None,
         "bytes_reduced": trainer.fop_reducer.bytes_reduced if trainer.fop_reducer is not None else 0,
+        "syncs": syncs,
     }
     torch.save(record, os.path.join(opts.out, f"rank{rank}.pt"))
     if dist.is_initialized():  # tear gloo down before interpreter exit (avoids an abort in its threads)
@@ -166,7 +224,5 @@ def run_worker(argv: Any = None) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     run_worker()

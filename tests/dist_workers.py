@@ -1,0 +1,180 @@
+"""Plain-PyTorch multi-process FOP runs (real gloo processes, started by torchrun) and their 1-process references.
+
+Model: a small MLP on synthetic data; each (step, rank, micro-batch) has its own
+deterministic batch, so one process can be fed exactly the sub-batches the
+ranks see: sub-batch 1 (g1) = the even ranks' batches, sub-batch 2 (g2) = the
+odd ranks'. Used by tests/test_distributed.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from typing import Any, Dict, List
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from hf_fop import FOP  # noqa: E402
+
+BATCH = 6
+
+
+class MLP(nn.Module):
+    """``6 -> 8 -> (8 -> 8 when use_extra) -> 4`` with a LayerNorm (AdamW-managed) in between."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc1 = nn.Linear(6, 8)
+        self.norm = nn.LayerNorm(8)
+        self.extra = nn.Linear(8, 8)
+        self.fc2 = nn.Linear(8, 4, bias=False)
+
+    def forward(self, x: Tensor, use_extra: bool = False) -> Tensor:
+        h = torch.tanh(self.norm(self.fc1(x)))
+        if use_extra:
+            h = h + torch.tanh(self.extra(h))
+        return self.fc2(h)
+
+
+def batch(step: int, rank: int, micro: int) -> tuple:
+    """The batch rank ``rank`` sees at micro-batch ``micro`` of step ``step``: ``x (BATCH, 6)``, ``y (BATCH,)``."""
+    g = torch.Generator().manual_seed(10_000 * step + 100 * rank + micro)
+    x = torch.randn(BATCH, 6, generator=g)
+    y = torch.randint(0, 4, (BATCH,), generator=g)
+    return x, y
+
+
+def make_opt(model: nn.Module, mode: str, inverse_interval: int, scenario: str = "plain") -> FOP:
+    """``scenario="unused"`` fixes beta* = 0: a layer only one group uses has g1 - g2 parallel to g_avg, so g_perp
+    is rounding noise and beta* = D / E amplifies it (the runs would differ by noise, not by a bug)."""
+    return FOP(model, lr=0.05, damping=0.05, mode=mode, momentum=0.5, factor_interval=1,
+               inverse_interval=inverse_interval, factor_decay=0.8, use_beta=scenario != "unused")
+
+
+def uses_extra(scenario: str, rank: int) -> bool:
+    """``scenario="unused"``: layer ``extra`` runs on even ranks only (g1's side)."""
+    return scenario == "unused" and rank % 2 == 0
+
+
+def single_process(world_size: int, mode: str, steps: int, accum: int, inverse_interval: int, scenario: str) -> Dict[str, Any]:
+    """One process fed the ranks' batches: even ranks' in sub-batch 1, odd ranks' in sub-batch 2 (FOP), all (K-FAC)."""
+    model = MLP()
+    opt = make_opt(model, mode, inverse_interval, scenario)
+    opt.w1 = ((world_size + 1) // 2) / world_size
+    for step in range(steps):
+        groups = [list(range(0, world_size, 2)), list(range(1, world_size, 2))] if mode == "fop" else [list(range(world_size))]
+        for index, ranks in enumerate(groups):
+            ctx = opt.sub_batch(index) if mode == "fop" else contextlib.nullcontext()
+            with ctx:
+                for micro in range(accum):
+                    parts = [batch(step, r, micro) for r in ranks]
+                    x = torch.cat([p[0] for p in parts])
+                    y = torch.cat([p[1] for p in parts])
+                    (F.cross_entropy(model(x, uses_extra(scenario, ranks[0])), y) / accum).backward()
+        opt.step()
+        opt.zero_grad()
+    return record(model, opt)
+
+
+def record(model: nn.Module, opt: FOP) -> Dict[str, Any]:
+    return {
+        "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "layers": opt.engine.state_dict(),
+        "counters": dict(opt.counters),
+        "diagnostics": opt.diagnostics(),  # beta, s_proj, ... of the last step (signs depend on g1 - g2's)
+    }
+
+
+def worker(opts: argparse.Namespace) -> None:
+    """One rank: trains, records parameters, factors (after a final sync) and bytes handed to collectives per step."""
+    import torch.distributed as dist
+
+    from hf_fop.distributed import DualGradientReducer
+
+    dist.init_process_group("gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    model = MLP()
+    opt = make_opt(model, opts.mode, opts.inverse_interval, opts.scenario)
+    reducer = DualGradientReducer(opt)
+    if opts.mode == "fop":
+        reducer.install()
+    else:
+        reducer.install_curvature()
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if opts.mode == "kfac" else None
+    net = ddp if ddp is not None else model
+    hooked = None  # --compare_hook: a second FOP model reduced by the DDP comm hook, fed the same batches
+    if opts.compare_hook:
+        h_model = MLP()
+        h_opt = make_opt(h_model, opts.mode, opts.inverse_interval, opts.scenario)
+        h_reducer = DualGradientReducer(h_opt)
+        h_reducer.install()
+        h_ddp = torch.nn.parallel.DistributedDataParallel(h_model, find_unused_parameters=True)
+        assert h_reducer.attach_ddp(h_ddp)
+        # where the hook cannot be used, attach_ddp says so (one log line) and the caller keeps reduce_gradients
+        probe = DualGradientReducer(make_opt(MLP(), opts.mode, opts.inverse_interval, opts.scenario))
+        assert not probe.attach_ddp(MLP())  # not DistributedDataParallel
+        taken = torch.nn.parallel.DistributedDataParallel(MLP(), find_unused_parameters=True)
+        taken.register_comm_hook(None, lambda state, bucket: torch.futures.Future())  # DDP takes one hook only
+        assert not probe.attach_ddp(taken) and probe.hook is None
+        hooked = (h_model, h_opt, h_reducer, h_ddp)
+    bytes_per_step: List[int] = []
+    pending: List[bool] = []
+    for step in range(opts.steps):
+        before = reducer.bytes_reduced
+        for micro in range(opts.accum):
+            x, y = batch(step, rank, micro)
+            if opts.scenario == "nonfinite" and step == 1 and rank == world_size - 1:
+                x = x.clone()
+                x[0, 0] = 3e19  # A overflows on this rank only; LayerNorm keeps the gradients finite
+            sync = ddp.no_sync() if ddp is not None and micro < opts.accum - 1 else contextlib.nullcontext()
+            with sync:
+                (F.cross_entropy(net(x, uses_extra(opts.scenario, rank)), y) / opts.accum).backward()
+            if hooked is not None:  # DDP syncs (the hook runs) on the last micro-batch only
+                h_sync = hooked[3].no_sync() if micro < opts.accum - 1 else contextlib.nullcontext()
+                with h_sync:
+                    (F.cross_entropy(hooked[3](x, uses_extra(opts.scenario, rank)), y) / opts.accum).backward()
+        if opts.mode == "fop":
+            reducer.reduce_gradients()
+        if hooked is not None:
+            hooked[2].hook.finish()
+            for p, q in zip(model.parameters(), hooked[0].parameters()):  # g_avg bitwise, before clipping/steps
+                assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad))
+            hooked[1].step()
+            hooked[1].zero_grad()
+        opt.step()
+        opt.zero_grad()
+        bytes_per_step.append(reducer.bytes_reduced - before)
+        pending.append(reducer.curvature.pending)
+    out = {"pending": pending, "bytes_per_step": bytes_per_step}
+    reducer.sync_factors()
+    out.update(record(model, opt))
+    if hooked is not None:
+        hooked[2].sync_factors()
+        out["hook"] = record(hooked[0], hooked[1])
+        out["hook"]["bytes"] = hooked[2].bytes_reduced
+    torch.save(out, os.path.join(opts.out, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main(argv: Any = None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--mode", default="fop", choices=["fop", "kfac"])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--accum", type=int, default=1)
+    parser.add_argument("--inverse_interval", type=int, default=3)
+    parser.add_argument("--scenario", default="plain", choices=["plain", "unused", "nonfinite"])
+    parser.add_argument("--compare_hook", action="store_true", help="also train a copy through the DDP comm hook")
+    worker(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
