@@ -9,7 +9,6 @@ from __future__ import annotations
 import glob
 import importlib.util
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -20,7 +19,7 @@ from typing import Any, Dict, List
 import numpy as np
 import pytest
 import torch
-from datasets import ClassLabel, Dataset, Features, Value
+from datasets import Dataset
 
 from hf_fop.data import load_chatterbot_dialogs, load_chatterbot_topics, load_digits_images
 from hf_fop.scripts_common import train_and_report
@@ -173,6 +172,10 @@ def test_text_example_streams_local_csv_with_string_labels_and_pairs(tmp_path):
     ])
     assert trainer.state.global_step == 3
     assert 0.0 <= metrics["final_accuracy"] <= 1.0 and np.isfinite(metrics["final_loss"])
+    batch = next(iter(trainer.get_eval_dataloader()))  # dynamic padding: to the longest pair of the batch
+    mask = batch["attention_mask"]
+    assert mask.shape[1] == int(mask.sum(1).max()) < 64 and (mask == 0).any()  # what FOPTrainer hands to padding_mask
+    assert "token_type_ids" in batch  # the pair was encoded as two segments
 
 
 def _write_csv(path: Path, rows: Dict[str, list]) -> str:
