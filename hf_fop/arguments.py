@@ -19,6 +19,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from .config import FOPConfig
 
 OPTIMIZER_CHOICES = ("fop", "kfac", "trainer")
+CURVATURE_SCHEDULES = ("fixed", "paper")
 
 
 @dataclass
@@ -78,6 +79,23 @@ class FOPTrainingArguments(TrainingArguments):
             "choices": ["absolute", "relative"],
         },
     )
+    fop_scale_lr_with_batch: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Linear learning-rate scaling (Goyal et al. 2017): learning_rate (and fop_adamw_lr) are multiplied "
+            "once, at construction, by global_batch / this base batch, global_batch = per_device_train_batch_size * "
+            "gradient_accumulation_steps * world_size. >= 1; default: no scaling."
+        },
+    )
+    fop_curvature_schedule: str = field(
+        default="fixed",
+        metadata={
+            "help": "'fixed': fop_factor_interval / fop_inverse_interval as given. 'paper': both set from the global "
+            "batch, growing with it up to the paper's limit of one curvature update every 5 steps (table: "
+            "hf_fop.arguments.paper_curvature_interval).",
+            "choices": list(CURVATURE_SCHEDULES),
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.deepspeed and self.fop_optimizer != "trainer":
@@ -93,7 +111,37 @@ class FOPTrainingArguments(TrainingArguments):
                 f"FOPTrainingArguments.fop_optimizer={self.fop_optimizer!r} is invalid: expected one of {OPTIMIZER_CHOICES}."
             )
         self.fop_exclude_modules = list(self.fop_exclude_modules or [])
+        self._apply_large_batch_recipe()
         self.fop_config()  # validates every fop_* field
+
+    @property
+    def global_train_batch_size(self) -> int:
+        """Examples per optimizer step over all processes: per_device * gradient_accumulation_steps * world_size."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
+
+    def _apply_large_batch_recipe(self) -> None:
+        """``fop_scale_lr_with_batch`` and ``fop_curvature_schedule='paper'`` (validated, applied once)."""
+        base = self.fop_scale_lr_with_batch
+        if base is not None and (isinstance(base, bool) or not isinstance(base, int) or base < 1):
+            raise ValueError(
+                f"FOPTrainingArguments.fop_scale_lr_with_batch={base!r} is invalid: expected an integer >= 1 (the batch "
+                "size the learning rate was tuned at), or None for no scaling."
+            )
+        if self.fop_curvature_schedule not in CURVATURE_SCHEDULES:
+            raise ValueError(
+                f"FOPTrainingArguments.fop_curvature_schedule={self.fop_curvature_schedule!r} is invalid: expected one "
+                f"of {CURVATURE_SCHEDULES}."
+            )
+        batch = self.global_train_batch_size
+        if base is not None:
+            factor = batch / base
+            self.learning_rate = self.learning_rate * factor
+            if self.fop_adamw_lr is not None:
+                self.fop_adamw_lr = self.fop_adamw_lr * factor
+        if self.fop_curvature_schedule == "paper":
+            interval = paper_curvature_interval(batch)
+            self.fop_factor_interval = interval
+            self.fop_inverse_interval = interval
 
     def fop_config(self) -> FOPConfig:
         """The validated :class:`FOPConfig` these arguments describe (eta0 = ``learning_rate``)."""
@@ -143,6 +191,28 @@ def _rename_config_error(message: str) -> str:
         return message
     name = message[len(prefix) :].split("=", 1)[0]
     return f"FOPTrainingArguments.{_TRAINER_NAMES.get(name, 'fop_' + name)}" + message[len(prefix) + len(name) :]
+
+
+PAPER_MAX_CURVATURE_INTERVAL = 5
+"""The paper's limit: curvature (factors and inverse) refreshed at least once every 5 optimizer steps."""
+
+
+def paper_curvature_interval(global_batch: int) -> int:
+    """Curvature interval (steps) of the ``paper`` schedule for a global batch (examples per step).
+
+    The interval grows by one step per doubling of the batch from 512 on and stops at the paper's limit of 5:
+
+    ============  =====  =====  ======  ======  =======
+    global batch  <=511  <1024  <2048   <4096   >=4096
+    interval        1      2      3       4       5
+    ============  =====  =====  ======  ======  =======
+    """
+    if isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1:
+        raise ValueError(f"global_batch={global_batch!r} is invalid: expected an integer >= 1 (examples per step).")
+    doublings = 0
+    while global_batch >= 512 * 2**doublings and doublings < PAPER_MAX_CURVATURE_INTERVAL - 1:
+        doublings += 1
+    return 1 + doublings
 
 
 _FIELD_ERROR = re.compile(r"^FOPTrainingArguments\.([A-Za-z0-9_/]+)(.*)$", re.DOTALL)

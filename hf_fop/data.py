@@ -7,6 +7,8 @@
   ``remove_unused_columns=False`` so the Trainer keeps the image column.
 * :func:`load_digits_images`: scikit-learn's 8x8 digits (real data shipped with
   the package) as a ``DatasetDict`` of PIL images, for offline examples.
+* :func:`load_chatterbot_topics` / :func:`load_chatterbot_dialogs`: real human-written
+  dialog text (ChatterBot corpus, BSD-3) for the offline text and language-model examples.
 * :func:`prepare_stream`: a streamed ``IterableDataset`` mapped to model
   inputs in torch format (streaming datasets have no ``with_transform``).
 """
@@ -17,7 +19,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, IterableDataset
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, IterableDataset, Value
 from PIL import Image as PILImage
 from transformers import ViTImageProcessorPil
 
@@ -111,3 +113,72 @@ def prepare_stream(
         remove_columns = list(stream.column_names or [])
     mapped = stream.map(transform, batched=True, batch_size=batch_size, remove_columns=list(remove_columns))
     return mapped.with_format("torch")
+
+
+# ------------------------------------------------------------- real text shipped in a package
+CHATTERBOT_TOPICS = ("food", "history", "literature", "money", "movies", "politics", "science", "sports")
+"""Topic files of the ChatterBot English corpus used as classes by the text-classification example."""
+CHATTERBOT_EXCLUDED = ("coding", "tech_support")
+"""Files left out of the language-modelling corpus: code listings and a large, recently added support log."""
+
+
+def _chatterbot_conversations(language: str = "english") -> Dict[str, List[List[str]]]:
+    """``{file stem: [conversation: [line, ...]]}`` of the ChatterBot corpus (package ``chatterbot-corpus``)."""
+    import glob
+    import os
+
+    import yaml
+
+    try:
+        import chatterbot_corpus
+    except ImportError as err:
+        raise ImportError(
+            "The offline text example needs the ChatterBot corpus: pip install chatterbot-corpus (or pip install -e '.[test]')."
+        ) from err
+    folder = os.path.join(os.path.dirname(chatterbot_corpus.__file__), "data", language)
+    out: Dict[str, List[List[str]]] = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*.yml"))):
+        with open(path, encoding="utf-8") as f:
+            content = yaml.safe_load(f)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        out[stem] = [[str(line).strip() for line in conv if str(line).strip()] for conv in content["conversations"]]
+    return out
+
+
+def load_chatterbot_topics(categories: Sequence[str] = CHATTERBOT_TOPICS, test_size: float = 0.2, seed: int = 0) -> DatasetDict:
+    """Topic classification on the ChatterBot English corpus: ``{"train", "test"}`` with ``text`` and ``label``.
+
+    Source: the ChatterBot dialog corpus (Gunther Cox and contributors, BSD-3-Clause licence), shipped by the PyPI
+    package ``chatterbot-corpus``: short human-written dialog lines filed by the corpus authors under a topic
+    (``food.yml``, ``sports.yml``...). Each distinct line is an example, its file is the label; a line filed under
+    several topics is dropped (ambiguous). The split is stratified by label.
+    """
+    if not 0.0 < test_size < 1.0:
+        raise ValueError(f"test_size={test_size!r} is invalid: expected a fraction in (0, 1).")
+    corpus = _chatterbot_conversations()
+    unknown = sorted(set(categories) - set(corpus))
+    if unknown:
+        raise ValueError(f"ChatterBot categories {unknown} do not exist; available: {sorted(corpus)}.")
+    seen: Dict[str, set] = {}
+    for label, name in enumerate(categories):
+        for conversation in corpus[name]:
+            for line in conversation:
+                seen.setdefault(line, set()).add(label)
+    rows = sorted((text, next(iter(labels))) for text, labels in seen.items() if len(labels) == 1)
+    features = Features({"text": Value("string"), "label": ClassLabel(names=list(categories))})
+    ds = Dataset.from_dict({"text": [t for t, _ in rows], "label": [y for _, y in rows]}, features=features)
+    return ds.train_test_split(test_size=test_size, seed=seed, stratify_by_column="label")
+
+
+def load_chatterbot_dialogs(test_size: float = 0.1, seed: int = 0) -> DatasetDict:
+    """The ChatterBot English corpus as language-modelling text: ``{"train", "test"}`` with a ``text`` column.
+
+    One record per conversation (its lines joined by newlines), every topic file except
+    :data:`CHATTERBOT_EXCLUDED`. Source and licence: see :func:`load_chatterbot_topics`.
+    """
+    if not 0.0 < test_size < 1.0:
+        raise ValueError(f"test_size={test_size!r} is invalid: expected a fraction in (0, 1).")
+    corpus = _chatterbot_conversations()
+    texts = ["\n".join(conv) for name in sorted(corpus) if name not in CHATTERBOT_EXCLUDED for conv in corpus[name] if conv]
+    return Dataset.from_dict({"text": texts}).train_test_split(test_size=test_size, seed=seed)
+

@@ -89,6 +89,50 @@ def test_deepspeed_configuration_is_rejected_with_the_limitation(tmp_path):
         FOPTrainingArguments(output_dir=str(tmp_path), deepspeed=ds, fop_optimizer="kfac", use_cpu=True)
 
 
+# ------------------------------------------------------------------ large-batch recipe
+def test_lr_scales_linearly_with_the_global_batch(tmp_path):
+    parser = HfArgumentParser(FOPTrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses([
+        "--output_dir", str(tmp_path), "--use_cpu", "True", "--learning_rate", "0.01", "--fop_adamw_lr", "1e-3",
+        "--per_device_train_batch_size", "64", "--gradient_accumulation_steps", "4", "--fop_scale_lr_with_batch", "128",
+    ])
+    assert args.global_train_batch_size == 256  # 64 x 4 x 1 process
+    assert args.learning_rate == pytest.approx(0.02) and args.fop_adamw_lr == pytest.approx(2e-3)
+    assert args.fop_config().lr == pytest.approx(0.02)
+    plain = FOPTrainingArguments(str(tmp_path), use_cpu=True, learning_rate=0.01, per_device_train_batch_size=64)
+    assert plain.learning_rate == 0.01 and plain.fop_adamw_lr is None
+
+
+@pytest.mark.parametrize("batch, interval", [(32, 1), (511, 1), (512, 2), (1024, 3), (2048, 4), (4095, 4), (4096, 5), (65536, 5)])
+def test_paper_curvature_schedule_grows_with_batch_up_to_five(tmp_path, batch, interval):
+    from hf_fop.arguments import paper_curvature_interval
+
+    assert paper_curvature_interval(batch) == interval
+    args = FOPTrainingArguments(str(tmp_path), use_cpu=True, per_device_train_batch_size=batch,
+                                fop_curvature_schedule="paper", fop_inverse_interval=50)
+    assert args.fop_factor_interval == args.fop_inverse_interval == interval
+    config = args.fop_config()
+    assert config.factor_interval == config.inverse_interval == interval
+
+
+def test_fixed_curvature_schedule_keeps_the_given_intervals(tmp_path):
+    args = FOPTrainingArguments(str(tmp_path), use_cpu=True, per_device_train_batch_size=4096, fop_inverse_interval=50)
+    assert (args.fop_factor_interval, args.fop_inverse_interval) == (1, 50)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("fop_scale_lr_with_batch", 0, r"fop_scale_lr_with_batch=0 is invalid: expected an integer >= 1"),
+        ("fop_scale_lr_with_batch", 1.5, r"fop_scale_lr_with_batch=1.5 is invalid"),
+        ("fop_curvature_schedule", "linear", r"fop_curvature_schedule='linear' is invalid: expected one of \('fixed', 'paper'\)"),
+    ],
+)
+def test_large_batch_fields_are_validated(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        FOPTrainingArguments(str(tmp_path), use_cpu=True, **{field: value})
+
+
 PARSE_SCRIPT = """
 import sys
 from transformers import HfArgumentParser

@@ -76,3 +76,32 @@ def test_streamed_json_tokens_train_with_fop(tmp_path):
 def test_prepare_stream_rejects_map_style():
     with pytest.raises(TypeError, match="IterableDataset"):
         prepare_stream(Dataset.from_dict({"a": [1]}), lambda b: b)
+
+
+def test_chatterbot_topics_are_real_lines_labelled_by_their_topic_file():
+    import os
+
+    import chatterbot_corpus
+    import yaml
+
+    from hf_fop.data import CHATTERBOT_TOPICS, load_chatterbot_topics
+
+    data = load_chatterbot_topics()
+    assert data["train"].features["label"].names == list(CHATTERBOT_TOPICS)
+    assert len(data["train"]) + len(data["test"]) > 300
+    folder = os.path.join(os.path.dirname(chatterbot_corpus.__file__), "data", "english")
+    for example in data["test"].select(range(20)):
+        topic = CHATTERBOT_TOPICS[example["label"]]
+        with open(os.path.join(folder, f"{topic}.yml"), encoding="utf-8") as f:
+            lines = {str(x).strip() for conv in yaml.safe_load(f)["conversations"] for x in conv}
+        assert example["text"] in lines  # the text is a line of the file its label names
+    assert not set(data["train"]["text"]) & set(data["test"]["text"])
+
+
+def test_chatterbot_dialogs_leave_out_code_and_support_logs():
+    from hf_fop.data import load_chatterbot_dialogs
+
+    data = load_chatterbot_dialogs()
+    texts = list(data["train"]["text"]) + list(data["test"]["text"])
+    assert 500 < len(texts) < 1500 and all(t.strip() for t in texts)
+    assert not any("def quicksort" in t for t in texts)

@@ -506,8 +506,8 @@ def test_mc_fisher_samples_labels_from_the_model(tmp_path):
 def _load_example():
     import importlib.util
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "train_vit_digits.py")
-    spec = importlib.util.spec_from_file_location("train_vit_digits", path)
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "run_image_classification.py")
+    spec = importlib.util.spec_from_file_location("run_image_classification", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
     spec.loader.exec_module(module)
