@@ -220,9 +220,10 @@ class AccelerateRouter:
             self._open_group = group
         self._counts[group] = self._counts.get(group, 0) + 1
         self._weights[group] = self._weights.get(group, 0.0) + weight
-        scaler = getattr(self.accelerator, "scaler", None)
-        scale = float(scaler.get_scale()) if scaler is not None else 1.0
-        opt.engine.grad_scale = scale / n  # accelerator.backward divides the loss by n; the scaler multiplies it
+        if opt.capturing:  # read only by the curvature hooks: no host read of the scale on other steps
+            scaler = getattr(self.accelerator, "scaler", None)
+            scale = float(scaler.get_scale()) if scaler is not None else 1.0
+            opt.engine.grad_scale = scale / n  # accelerator.backward divides the loss by n; the scaler multiplies it
         self._close_pending = last
 
     def _after_forward(self, module: nn.Module, args: Any, kwargs: Dict[str, Any], output: Any) -> None:

@@ -163,6 +163,9 @@ class FOPTrainer(Trainer):
         self._step_marker: Optional[Tuple[int, int]] = None
         self._unsplittable_steps = 0
         self._fop_hook_sync = False
+        self._fop_first_loss: Optional[float] = None
+        """First finite logged training loss (the divergence warning's reference)."""
+        self._fop_divergence_warned = False
 
     # ----------------------------------------------------------- validation
     def _check_process_group(self) -> None:
@@ -462,10 +465,10 @@ class FOPTrainer(Trainer):
         Uses only values already read for logging (no extra host sync).
         """
         loss = float(logs["loss"])
-        first = getattr(self, "_fop_first_loss", None)
+        first = self._fop_first_loss
         if first is None and math.isfinite(loss):
             self._fop_first_loss = first = loss
-        if getattr(self, "_fop_divergence_warned", False):
+        if self._fop_divergence_warned:
             return
         if math.isfinite(loss) and (first is None or loss <= DIVERGENCE_FACTOR * max(first, 1e-8)):
             return

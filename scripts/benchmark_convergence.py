@@ -702,14 +702,14 @@ def plot(report: Dict[str, Any], out_dir: str, suffix: str) -> Dict[str, str]:
     return {"time": time_path, "damping": damping_path}
 
 
-def _finite(obj: Any) -> Any:
+def finite_json(obj: Any) -> Any:
     """``obj`` with floats rounded to 6 significant digits and non-finite ones replaced by None (strict JSON)."""
     if isinstance(obj, float):
         return float(f"{obj:.6g}") if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: finite_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [finite_json(v) for v in obj]
     return obj
 
 
@@ -750,7 +750,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     json_path = args.from_json or os.path.join(args.out, f"convergence_results{suffix}.json")
     if not args.from_json:
         with open(json_path, "w") as f:
-            json.dump(_finite(report), f, indent=1, allow_nan=False)
+            json.dump(finite_json(report), f, indent=1, allow_nan=False)
     md_path = args.markdown or os.path.join(args.out, "benchmarks.md")
     key = "convergence" if profile == "full" else f"convergence-{profile}"
     write_markdown_section(md_path, key, render_markdown(report, files))

@@ -70,7 +70,7 @@ from torch import Tensor, nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmark_convergence import lr_factor, machine_description, write_markdown_section  # noqa: E402
+from benchmark_convergence import finite_json, lr_factor, machine_description, write_markdown_section  # noqa: E402
 from convergence_models import load_digits_splits  # noqa: E402
 
 from hf_fop import FOP  # noqa: E402
@@ -556,18 +556,8 @@ def _run_one(spec: RunSpec) -> Dict[str, Any]:
 def _save(path: str, report: Dict[str, Any]) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(_finite(report), f, indent=0, allow_nan=False)
+        json.dump(finite_json(report), f, indent=0, allow_nan=False)
     os.replace(tmp, path)
-
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return float(f"{obj:.6g}") if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def run_benchmark(s: Settings, json_path: str, workers: int, progress: bool = True) -> Dict[str, Any]:
@@ -577,7 +567,7 @@ def run_benchmark(s: Settings, json_path: str, workers: int, progress: bool = Tr
         with open(json_path) as f:
             report = json.load(f)
         old = {k: v for k, v in report["meta"].get("settings", {}).items() if k not in RESUMABLE_CHANGES}
-        new = {k: v for k, v in json.loads(json.dumps(_finite(asdict(s)))).items() if k not in RESUMABLE_CHANGES}
+        new = {k: v for k, v in json.loads(json.dumps(finite_json(asdict(s)))).items() if k not in RESUMABLE_CHANGES}
         if old != new:
             raise ValueError(f"{json_path} was written with other settings; use another --out or delete it.")
     report["meta"].update(
