@@ -91,7 +91,8 @@ def test_two_processes_equal_one_process_fed_the_same_sub_batches(tmp_path):
 def test_two_processes_with_gradient_accumulation(tmp_path):
     # 2 ranks x 2 micro-batches of 4: rank 0 takes batches 0 and 2 (g1), rank 1 batches 1 and 3 (g2). One process with
     # 4 micro-batches routes the first two to g1: the data is reordered 0, 2, 1, 3 so it gets the same sub-batches.
-    two = torchrun(2, tmp_path / "two", "--steps", "3", "--batch", "4", "--accum", "2")
+    # FOPTrainer with curvature specialists (each rank decomposes and preconditions its own layers).
+    two = torchrun(2, tmp_path / "two", "--steps", "3", "--batch", "4", "--accum", "2", "--sharding", "specialists")
     one = single(tmp_path / "one", "--steps", "3", "--batch", "4", "--accum", "4", "--interleave")
     _assert_replicas_identical(two)
     for k in one["params"]:
@@ -129,8 +130,9 @@ def test_checkpoints_resume_across_world_sizes(tmp_path):
     The checkpoint after step 2 falls between inverse steps (inverse_interval 2: global steps 0 and 2), when each rank
     holds only its local factor averages: FOPTrainer averages them before saving, so the file holds the global
     factors whatever the world size. 1 process with 2 micro-batches of 8 sees what 2 ranks with batch 8 see.
+    The 2-process run uses curvature specialists: FOPTrainer's save path gathers their state (factors, owners' bases).
     """
-    two = torchrun(2, tmp_path / "two", "--steps", "4", "--batch", "8", "--save_steps", "2")
+    two = torchrun(2, tmp_path / "two", "--steps", "4", "--batch", "8", "--save_steps", "2", "--sharding", "specialists")
     one = single(tmp_path / "one", "--steps", "4", "--batch", "8", "--accum", "2", "--save_steps", "2")
     one_from_two = single(tmp_path / "one_from_two", "--steps", "4", "--batch", "8", "--accum", "2",
                           "--resume", str(tmp_path / "two" / "checkpoint-2"))
