@@ -24,6 +24,8 @@ rank keeps running averages of its own factors; they are averaged over ranks
 (upper triangles, one ``all_reduce``) only before they are read, i.e. before
 eigendecompositions and checkpoints, so every rank holds identical optimizer
 state where it matters (the Trainer saves rank 0's and every rank loads it).
+``FOPConfig.curvature_sharding="specialists"`` installs
+:class:`hf_fop.specialists.SpecialistCurvature` instead (same interface).
 Default process group throughout.
 """
 
