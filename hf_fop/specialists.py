@@ -202,6 +202,8 @@ class SpecialistCurvature:
     # ----------------------------------------------------------- directions
     def share_results(self, layers: List[KFACLayer], results: Dict[str, Optional[LayerResult]]) -> Dict[str, Optional[LayerResult]]:
         """Every layer's stats, damping and KL term on every rank (one exact ``all_reduce`` of a float64 table)."""
+        if not layers:  # no managed gradient this step on any rank (gradients are reduced in full)
+            return {}
         table = torch.zeros(len(layers), _COLUMNS, dtype=torch.float64, device=self.reducer.device)
         for i, layer in enumerate(layers):
             result = results.get(layer.name)
@@ -212,7 +214,7 @@ class SpecialistCurvature:
             table[i] = torch.stack([v.to(device=table.device, dtype=torch.float64).reshape(()) for v in values])
         self.reducer.all_reduce(table)
         rows = table.to(torch.float32)  # exact: each value is a float32 (or the float damping) summed with zeros
-        present = table[:, 0].tolist() if layers else []  # one host read per step
+        present = table[:, 0].tolist()  # one host read per step
         relative = self.opt.config.damping_mode == "relative"
         shared: Dict[str, Optional[LayerResult]] = {}
         for i, layer in enumerate(layers):
