@@ -64,13 +64,13 @@ def uses_extra(scenario: str, rank: int) -> bool:
 
 
 def single_process(world_size: int, mode: str, steps: int, accum: int, inverse_interval: int, scenario: str,
-                   resume: str = "", save: str = "", save_at: int = -1) -> Dict[str, Any]:
+                   resume: str = "", save: str = "", save_at: int = -1, **extra: Any) -> Dict[str, Any]:
     """One process fed the ranks' batches: even ranks' in sub-batch 1, odd ranks' in sub-batch 2 (FOP), all (K-FAC).
 
     ``resume``: start from a checkpoint file written by :func:`save_checkpoint`; ``save``: write one after
-    ``save_at`` steps."""
+    ``save_at`` steps; ``extra``: more FOP options (:func:`job_options`)."""
     model = MLP()
-    opt = make_opt(model, mode, inverse_interval, scenario)
+    opt = make_opt(model, mode, inverse_interval, scenario, **extra)
     start = load_checkpoint(resume, model, opt) if resume else 0
     opt.w1 = ((world_size + 1) // 2) / world_size
     for step in range(start, steps):
@@ -88,6 +88,15 @@ def single_process(world_size: int, mode: str, steps: int, accum: int, inverse_i
         opt.step()
         opt.zero_grad()
     return record(model, opt)
+
+
+def job_options(text: str) -> Dict[str, Any]:
+    """``"damping_mode=relative;kl_clip=none"`` -> FOP keyword arguments (``none`` -> ``None``)."""
+    out: Dict[str, Any] = {}
+    for item in filter(None, text.split(";")):
+        key, value = item.split("=")
+        out[key] = None if value == "none" else value
+    return out
 
 
 def save_checkpoint(path: str, model: nn.Module, opt: FOP) -> None:
@@ -185,11 +194,12 @@ def worker(opts: argparse.Namespace) -> None:
 
 
 def specialist_runs(opts: argparse.Namespace) -> None:
-    """Several runs in one launch (``--job name,mode,sharding,scenario,resume,save_at``), then ``--eigh_failure``.
+    """Several runs in one launch (``--job name,mode,sharding,scenario,resume,save_at[,options]``), then
+    ``--eigh_failure``.
 
     ``resume``: ``-`` (from scratch) or a checkpoint path (``{out}`` is replaced by ``--out``); ``save_at``: ``-`` or
     the step before which rank 0 writes ``{out}/{name}_{step}.pt`` (after the collective that gathers the full
-    state on every rank). Each run records parameters, factors, bytes per step and the owner assignment.
+    state on every rank); ``options``: :func:`job_options`. Each run records parameters, factors, bytes per step and the owner assignment.
     """
     import datetime
 
@@ -201,9 +211,10 @@ def specialist_runs(opts: argparse.Namespace) -> None:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     out: Dict[str, Any] = {}
     for spec in opts.job:
-        name, mode, sharding, scenario, resume, save_at = spec.split(",")
+        name, mode, sharding, scenario, resume, save_at, *more = spec.split(",")
         model = MLP()
-        opt = make_opt(model, mode, opts.inverse_interval, scenario, curvature_sharding=sharding)
+        opt = make_opt(model, mode, opts.inverse_interval, scenario, curvature_sharding=sharding,
+                       **job_options(more[0] if more else ""))
         reducer = DualGradientReducer(opt)
         reducer.install() if mode == "fop" else reducer.install_curvature()
         ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if mode == "kfac" else None
@@ -304,7 +315,7 @@ def main(argv: Any = None) -> None:
     parser.add_argument("--inverse_interval", type=int, default=3)
     parser.add_argument("--scenario", default="plain", choices=["plain", "unused", "nonfinite"])
     parser.add_argument("--compare_hook", action="store_true", help="also train a copy through the DDP comm hook")
-    parser.add_argument("--job", action="append", default=[], help="name,mode,sharding,scenario,resume,save_at")
+    parser.add_argument("--job", action="append", default=[], help="name,mode,sharding,scenario,resume,save_at[,options]")
     parser.add_argument("--eigh_failure", action="store_true", help="after the runs: a forced eigh failure on one owner")
     opts = parser.parse_args(argv)
     specialist_runs(opts) if opts.job else worker(opts)

@@ -410,15 +410,19 @@ def test_specialists_two_processes_match_one_process_resume_across_modes_and_sur
 
 
 def test_specialists_three_processes_fop_kfac_and_resume_from_one_process(tmp_path):
-    """One launch, 3 processes, accumulation 2: FOP with a layer only the even ranks use (each rank owns one layer),
-    K-FAC (DDP averages the gradients), and FOP resumed from a one-process checkpoint taken before step 3."""
+    """One launch, 3 processes, accumulation 2: FOP with a layer only the even ranks use (each rank owns one layer)
+    and no trust region, K-FAC (DDP averages the gradients) with relative damping, and FOP resumed from a
+    one-process checkpoint taken before step 3."""
     from dist_workers import single_process
 
     fop = single_process(3, "fop", 6, 2, 3, "unused", save=str(tmp_path / "one_3.pt"), save_at=3)
-    kfac = single_process(3, "kfac", 6, 2, 3, "plain")
+    fop_plain = single_process(3, "fop", 6, 2, 3, "unused", kl_clip=None)
+    kfac = single_process(3, "kfac", 6, 2, 3, "plain", damping_mode="relative")
     records = plain_torchrun(3, tmp_path / "run", "--steps", "6", "--accum", "2", "--inverse_interval", "3",
-                             "--job", "fop,fop,specialists,unused,-,-", "--job", "kfac,kfac,specialists,plain,-,-",
+                             "--job", "fop,fop,specialists,unused,-,-,kl_clip=none",
+                             "--job", "kfac,kfac,specialists,plain,-,-,damping_mode=relative",
                              "--job", f"resumed,fop,specialists,unused,{tmp_path / 'one_3.pt'},-")
     assert sorted(records[0]["fop"]["owners"].values()) == [0, 1, 2]
-    for name, reference in (("fop", fop), ("kfac", kfac), ("resumed", fop)):
+    assert "kl_clip_scale" not in records[0]["fop"]["diagnostics"]
+    for name, reference in (("fop", fop_plain), ("kfac", kfac), ("resumed", fop)):
         _assert_run_matches(records, name, reference)
