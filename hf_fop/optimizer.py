@@ -442,24 +442,24 @@ class FOP(torch.optim.Optimizer):
             for layer in self.engine.layers
             if id(layer.weight) in in_group and (layer.weight.grad is not None or (layer.bias is not None and layer.bias.grad is not None))
         ]
-        dist_ = self.distributor
+        distributor = self.distributor
         results: Dict[str, Optional[LayerResult]] = {}
         dir_hats: Dict[str, Tensor] = {}
         for layer in layers:
-            if dist_ is None or dist_.computes(layer):
+            if distributor is None or distributor.computes(layer):
                 results[layer.name], dir_hat = self._layer_result(layer, diffs)
                 if dir_hat is not None:
                     dir_hats[layer.name] = dir_hat
-        if dist_ is not None:
-            results = dist_.share_results(layers, results)
+        if distributor is not None:
+            results = distributor.share_results(layers, results)
         scale = self._kl_clip_scale([r.kl for r in results.values() if r is not None], lr)
         deltas: Dict[str, Tensor] = {}
         for layer in layers:
             if layer.name in dir_hats:
                 dir_hat = dir_hats[layer.name] if scale is None else dir_hats[layer.name] * scale
                 deltas[layer.name] = unrotate(dir_hat, layer.basis_s.q, layer.basis_a.q)
-        if dist_ is not None:
-            deltas = dist_.share_directions([layer for layer in layers if results[layer.name] is not None], deltas)
+        if distributor is not None:
+            deltas = distributor.share_directions([layer for layer in layers if results[layer.name] is not None], deltas)
         for layer in layers:
             w, b = layer.weight, layer.bias
             if results[layer.name] is None:
