@@ -82,15 +82,37 @@ class DualGradientReducer:
         """The :class:`hf_fop.comm_hook.DualGradientCommHook` registered by :meth:`attach_ddp`, if any."""
         self.hooked: Optional[nn.Module] = None
         self.refused: Optional[nn.Module] = None
+        self.owner_gradients = False
+        """Curvature specialists, FOP mode: :meth:`reduce_gradients` sends each managed layer's g1 and g2 to its
+        owner only (:meth:`hf_fop.specialists.SpecialistCurvature.reduce_gradients`); ``p.grad`` of the layers
+        other ranks own stays ``None``, so clip with :meth:`clip_grad_norm_` (FOPTrainer does). Set by
+        :meth:`install` when the curvature is sharded and ``owner_gradients=True``."""
         self.curvature: Any = (
             SpecialistCurvature(self) if opt.config.curvature_sharding == "specialists" else ReplicatedCurvature(self)
         )
         """The curvature distribution (``opt.distributor``), installed by :meth:`install` / :meth:`install_curvature`."""
 
-    def install(self) -> None:
-        """FOP mode: the optimizer gets g1/g2 from :meth:`reduce_gradients` and factors from :attr:`curvature`."""
+    def install(self, owner_gradients: bool = False) -> None:
+        """FOP mode: the optimizer gets g1/g2 from :meth:`reduce_gradients` and factors from :attr:`curvature`.
+
+        ``owner_gradients`` (curvature specialists only): see :attr:`owner_gradients`.
+        """
         self.install_curvature()
         self.opt.w1 = self.n_even / self.world_size
+        self.owner_gradients = owner_gradients and isinstance(self.curvature, SpecialistCurvature)
+
+    def clip_grad_norm_(self, max_norm: float) -> Tensor:
+        """Clip every rank's gradients by the global norm of ``g_avg`` (collective); returns that norm (0-dim).
+
+        The ``torch.nn.utils.clip_grad_norm_`` rule (``min(1, max_norm / (norm + 1e-6))``); with
+        :attr:`owner_gradients` the norm comes from the owners' gradients, else from ``p.grad`` (every rank holds it).
+        """
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = self.curvature.grad_norm() if self.owner_gradients else _norm(grads, self.device)
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        if grads:
+            torch._foreach_mul_(grads, coef.to(grads[0].device))
+        return norm
 
     def _count(self, buf: Tensor, wire_factor: float) -> None:
         size = buf.numel() * buf.element_size()
@@ -137,6 +159,9 @@ class DualGradientReducer:
 
         A parameter without a gradient on every rank keeps ``grad = None``.
         """
+        if self.owner_gradients:
+            self.curvature.reduce_gradients()
+            return
         sizes = [p.numel() for p in self.params]
         total = sum(sizes)
         device = self.params[0].device
@@ -187,6 +212,9 @@ class DualGradientReducer:
             return False
         self.refused = model
         say = logger.warning if self.rank == 0 else logger.debug  # one line per run, not one per rank
+        if self.owner_gradients:
+            say("FOP: curvature specialists reduce g1/g2 to each layer's owner after the backward pass (no DDP comm hook).")
+            return False
         if not isinstance(model, nn.parallel.DistributedDataParallel):
             say(
                 f"FOP: the model is a {type(model).__name__}, not DistributedDataParallel; the dual-gradient "
@@ -288,6 +316,14 @@ class ReplicatedCurvature:
         """Before a checkpoint: every rank's factors become the global ones (:meth:`sync_factors`); collective."""
         self.sync_factors()
 
+    def has_gradient(self, layer: KFACLayer) -> bool:
+        """Every rank holds every reduced gradient: this rank's ``p.grad`` says."""
+        return any(p.grad is not None for p in layer.params)
+
+    def all_finite(self, finite: bool) -> bool:
+        """Every rank holds the same gradients and checked the factors' finiteness globally: ``finite`` as it is."""
+        return finite
+
     def state_loaded(self) -> None:
         """A loaded state is the same on every rank: nothing pending."""
         self.pending = False
@@ -315,6 +351,13 @@ class ReplicatedCurvature:
                     mat[cols, rows] = part
                     offset += rows.numel()
         self.pending = False
+
+
+def _norm(tensors: List[Tensor], device: torch.device) -> Tensor:
+    """Euclidean norm over all ``tensors`` (0-dim float32; zero for none)."""
+    if not tensors:
+        return torch.zeros((), device=device)
+    return torch.stack([n.float() for n in torch._foreach_norm(tensors)]).norm()
 
 
 def _ordered_sum(parts: List[Tensor]) -> Tensor:

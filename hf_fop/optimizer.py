@@ -150,8 +150,9 @@ class FOP(torch.optim.Optimizer):
         :class:`hf_fop.specialists.SpecialistCurvature`); ``None``: one process. Collectives, every rank calls them:
         ``exchange_factors(new) -> (factors to update with, all ranks finite)`` on factor steps,
         ``refresh_bases(only_missing)`` for eigendecompositions, ``share_results(layers, results)`` and
-        ``share_directions(layers, deltas)`` in the step; local: ``computes(layer)`` (this rank computes the
-        layer's direction), ``state_loaded()`` after :meth:`load_state_dict`, ``pending`` (this rank's curvature
+        ``share_directions(layers, deltas)`` in the step, ``all_finite(this rank's gradients are finite)`` before
+        it; local: ``computes(layer)`` (this rank computes the
+        layer's direction), ``has_gradient(layer)`` (the layer has a gradient on some rank), ``state_loaded()`` after :meth:`load_state_dict`, ``pending`` (this rank's curvature
         state is not the full one)."""
         self._last_stats: Dict[str, LayerStats] = {}
         self._last_dampings: Dict[str, Any] = {}
@@ -418,9 +419,10 @@ class FOP(torch.optim.Optimizer):
         for t in tensors:
             by_dtype.setdefault(t.dtype, []).append(t)
         if not by_dtype:
-            return True
+            return True if self.distributor is None else self.distributor.all_finite(True)
         maxima = [torch.stack(torch._foreach_norm(ts, float("inf"))).max().float() for ts in by_dtype.values()]
-        return bool(torch.isfinite(torch.stack(maxima).max()))  # NaN propagates through max: one sync per step
+        finite = bool(torch.isfinite(torch.stack(maxima).max()))  # NaN propagates through max: one sync per step
+        return finite if self.distributor is None else self.distributor.all_finite(finite)
 
     def _kfac_group_step(self, group: Dict[str, Any], diffs: Optional[Dict[Tensor, Tensor]]) -> None:
         """Precondition and apply the managed layers' updates; ``diffs`` (g1 - g2) selects FOP.
@@ -437,12 +439,9 @@ class FOP(torch.optim.Optimizer):
         """
         lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
         in_group = {id(p) for p in group["params"]}
-        layers = [
-            layer
-            for layer in self.engine.layers
-            if id(layer.weight) in in_group and (layer.weight.grad is not None or (layer.bias is not None and layer.bias.grad is not None))
-        ]
         distributor = self.distributor
+        has_gradient = distributor.has_gradient if distributor is not None else _has_gradient
+        layers = [layer for layer in self.engine.layers if id(layer.weight) in in_group and has_gradient(layer)]
         results: Dict[str, Optional[LayerResult]] = {}
         dir_hats: Dict[str, Tensor] = {}
         for layer in layers:
@@ -458,16 +457,15 @@ class FOP(torch.optim.Optimizer):
             if layer.name in dir_hats:
                 dir_hat = dir_hats[layer.name] if scale is None else dir_hats[layer.name] * scale
                 deltas[layer.name] = unrotate(dir_hat, layer.basis_s.q, layer.basis_a.q)
+            elif distributor is None or distributor.computes(layer):  # identity step: the gradient itself
+                deltas[layer.name] = layer.grad_matrix(_grad(layer.weight), _grad(layer.bias))
         if distributor is not None:
-            deltas = distributor.share_directions([layer for layer in layers if results[layer.name] is not None], deltas)
+            deltas = distributor.share_directions(layers, deltas)
         for layer in layers:
-            w, b = layer.weight, layer.bias
             if results[layer.name] is None:
                 self.counters["identity_layer_steps"] += 1
-                self._apply(((w, _grad(w)), (b, _grad(b))), lr, momentum, wd)
-            else:
-                dw, db = layer.split_matrix(deltas[layer.name])
-                self._apply(((w, dw), (b, db)), lr, momentum, wd)
+            dw, db = layer.split_matrix(deltas[layer.name])
+            self._apply(((layer.weight, dw), (layer.bias, db)), lr, momentum, wd)
         done = [(layer.name, results[layer.name]) for layer in layers if results[layer.name] is not None]
         self._last_stats = {name: r.stats for name, r in done}
         self._last_dampings = {name: r.damping for name, r in done}
@@ -680,6 +678,11 @@ class LayerResult:
     """lambda: a float (absolute damping) or a 0-dim tensor (relative)."""
     kl: Optional[Tensor]
     """``Delta^T M Delta`` of the layer's direction for lr = 1 (0-dim), ``None`` without ``kl_clip``."""
+
+
+def _has_gradient(layer: KFACLayer) -> bool:
+    """Whether the layer's weight or bias holds a gradient on this rank."""
+    return any(p.grad is not None for p in layer.params)
 
 
 def _grad(p: Optional[Tensor]) -> Optional[Tensor]:

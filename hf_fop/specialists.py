@@ -32,8 +32,11 @@ needs to apply the same update:
   factor update; a loaded state (any world size or mode) is localised the
   same way at that update.
 
-Gradients are still reduced in full (g1 and g2 to every rank, by
-:class:`hf_fop.distributed.DualGradientReducer` or DDP), see docs/distributed.md.
+Gradients: with ``DualGradientReducer.install(owner_gradients=True)`` (FOPTrainer)
+:meth:`SpecialistCurvature.reduce_gradients` sends each layer's g1 and g2 to its
+owner only and the AdamW parameters' gradients to everybody; otherwise (the
+accelerate loop, plain loops that clip ``p.grad`` themselves, K-FAC under
+DDP) they are reduced in full, see docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -103,6 +106,8 @@ class SpecialistCurvature:
         """Every rank holds the full curvature state (after construction, loading or :meth:`full_state`)."""
         self.dirty = False
         """Factor updates since the owners last received the global factors."""
+        self.present: Optional[set] = None
+        """``id``s of the parameters with a gradient on some rank, from the last owner-only reduction."""
 
     @property
     def pending(self) -> bool:
@@ -199,6 +204,83 @@ class SpecialistCurvature:
                 "(see that rank's error). Raise damping or max_eigh_failures, or exclude the layer (exclude_modules)."
             )
 
+    # ------------------------------------------------------------ gradients
+    def reduce_gradients(self) -> None:
+        """Owner-only dual-gradient reduction (FOP, ``reducer.owner_gradients``); collective.
+
+        One ``all_reduce`` of the presence flags; the AdamW parameters' local gradients are summed over ranks
+        (``all_reduce``, divided by W: ``g_avg`` as DDP gives it); each owner gets its layers' sums per group from
+        one ``reduce`` of a ``(2, n_o)`` buffer (rank r writes row r % 2), then ``g1 = row 0 / n_even``,
+        ``g2 = row 1 / n_odd``, ``p.grad = lerp(g1, g2, 1 - w1)`` and keeps ``g1 - g2``. ``p.grad`` of the layers
+        other ranks own is ``None``. A parameter without a gradient on every rank keeps ``None``.
+        """
+        red = self.reducer
+        managed = {id(p) for layer in self.engine.layers for p in layer.params}
+        present = torch.tensor([0.0 if p.grad is None else 1.0 for p in red.params], device=red.device)
+        red.all_reduce(present)
+        seen = {id(p) for p, count in zip(red.params, present.tolist()) if count > 0}
+        self.present = seen
+        rest = [p for p in red.params if id(p) in seen and id(p) not in managed]
+        if rest:
+            flat = torch.cat([_local_grad(p) for p in rest])
+            red.all_reduce(flat)
+            flat /= self.world_size
+            _scatter(rest, flat)
+        pending = []
+        for rank in range(self.world_size):
+            params = [p for layer in self._owned_by(rank, self.engine.layers) for p in layer.params if id(p) in seen]
+            if not params:
+                continue
+            buf = torch.zeros(2, sum(p.numel() for p in params), dtype=torch.float32, device=red.device)
+            buf[self.rank % 2] = torch.cat([_local_grad(p) for p in params])
+            pending.append((rank, params, buf, red.reduce(buf, rank)))
+        w1 = red.n_even / self.world_size
+        diffs: Dict[Tensor, Tensor] = {}
+        for rank, params, buf, work in pending:
+            work.wait()
+            if rank != self.rank:
+                for p in params:
+                    p.grad = None
+                continue
+            g1, g2 = buf[0] / red.n_even, buf[1] / red.n_odd
+            diff, avg = torch.sub(g1, g2), torch.lerp(g1, g2, 1 - w1)
+            offset = 0
+            for p in params:
+                n = p.numel()
+                p.grad = avg[offset : offset + n].view_as(p).to(p.dtype)
+                diffs[p] = diff[offset : offset + n].view_as(p).to(p.dtype)
+                offset += n
+        for p in red.params:
+            if id(p) not in seen:
+                p.grad = None
+        self.opt.w1 = w1
+        self.opt.set_reduced_gradients(diffs)
+
+    def grad_norm(self) -> Tensor:
+        """Norm of ``g_avg`` over all parameters with owner-only gradients (0-dim; the same bits on every rank).
+
+        The owners' squared norms are summed over ranks (one 1-float ``all_reduce``); the AdamW parameters'
+        gradients are the same on every rank and added locally.
+        """
+        managed = {id(p) for layer in self.engine.layers for p in layer.params}
+        owned = [p.grad for layer in self.engine.layers if self.computes(layer) for p in layer.params if p.grad is not None]
+        rest = [p.grad for p in self.reducer.params if id(p) not in managed and p.grad is not None]
+        square = _square_norm(owned, self.reducer.device).reshape(1)
+        self.reducer.all_reduce(square)
+        return torch.sqrt(square[0] + _square_norm(rest, self.reducer.device))
+
+    def has_gradient(self, layer: KFACLayer) -> bool:
+        """Whether ``layer`` has a gradient on some rank (the same answer on every rank)."""
+        if self.present is None:  # gradients reduced in full: every rank holds them
+            return any(p.grad is not None for p in layer.params)
+        return any(id(p) in self.present for p in layer.params)
+
+    def all_finite(self, finite: bool) -> bool:
+        """Whether every rank's gradients and new factors are finite (one 1-float ``all_reduce``, MIN); collective."""
+        flag = torch.tensor([1.0 if finite else 0.0], device=self.reducer.device)
+        self.reducer.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() > 0)
+
     # ----------------------------------------------------------- directions
     def share_results(self, layers: List[KFACLayer], results: Dict[str, Optional[LayerResult]]) -> Dict[str, Optional[LayerResult]]:
         """Every layer's stats, damping and KL term on every rank (one exact ``all_reduce`` of a float64 table)."""
@@ -289,6 +371,28 @@ class SpecialistCurvature:
         """A loaded state is the full one on every rank; it is localised at the next factor update."""
         self.full = True
         self.dirty = False
+
+
+def _local_grad(p: Tensor) -> Tensor:
+    """This rank's gradient of ``p`` as float32, flat (zeros without one)."""
+    if p.grad is None:
+        return torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+    return p.grad.detach().reshape(-1).float()
+
+
+def _scatter(params: List[Tensor], flat: Tensor) -> None:
+    """``p.grad`` of each parameter from its slice of ``flat``, in the parameter's dtype."""
+    offset = 0
+    for p in params:
+        p.grad = flat[offset : offset + p.numel()].view_as(p).to(p.dtype)
+        offset += p.numel()
+
+
+def _square_norm(tensors: List[Tensor], device: torch.device) -> Tensor:
+    """Squared Euclidean norm over ``tensors`` (0-dim float32; zero for none)."""
+    if not tensors:
+        return torch.zeros((), device=device)
+    return (torch.stack([n.float() for n in torch._foreach_norm(tensors)]) ** 2).sum()
 
 
 def _pack_triangles(layers: List[KFACLayer]) -> Tensor:

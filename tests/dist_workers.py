@@ -216,7 +216,7 @@ def specialist_runs(opts: argparse.Namespace) -> None:
         opt = make_opt(model, mode, opts.inverse_interval, scenario, curvature_sharding=sharding,
                        **job_options(more[0] if more else ""))
         reducer = DualGradientReducer(opt)
-        reducer.install() if mode == "fop" else reducer.install_curvature()
+        reducer.install(owner_gradients=True) if mode == "fop" else reducer.install_curvature()
         ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if mode == "kfac" else None
         net = ddp if ddp is not None else model
         start = load_checkpoint(resume.replace("{out}", opts.out), model, opt) if resume != "-" else 0
@@ -263,7 +263,7 @@ def eigh_failure(rank: int) -> Dict[str, Any]:
     model = MLP()
     opt = FOP(model, lr=0.05, damping=0.05, inverse_interval=1, max_eigh_failures=2, curvature_sharding="specialists")
     reducer = DualGradientReducer(opt)
-    reducer.install()
+    reducer.install(owner_gradients=True)
     fc1 = next(layer for layer in opt.layers if layer.name == "fc1")
     owner = reducer.curvature.owner["fc1"]
     real32, real64 = curvature.eigh_float32, curvature.eigh_float64
