@@ -233,6 +233,8 @@ def specialist_runs(opts: argparse.Namespace) -> None:
                 sync = ddp.no_sync() if ddp is not None and micro < opts.accum - 1 else contextlib.nullcontext()
                 with sync:
                     (F.cross_entropy(net(x, uses_extra(scenario, rank)), y) / opts.accum).backward()
+            if scenario == "nangrad" and step == 1 and rank == 0:  # a NaN in fc2, which rank 1 owns (2 processes)
+                model.fc2.weight.grad[0, 0] = float("nan")
             if mode == "fop":
                 reducer.reduce_gradients()
             opt.step()
@@ -313,7 +315,7 @@ def main(argv: Any = None) -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--accum", type=int, default=1)
     parser.add_argument("--inverse_interval", type=int, default=3)
-    parser.add_argument("--scenario", default="plain", choices=["plain", "unused", "nonfinite"])
+    parser.add_argument("--scenario", default="plain", choices=["plain", "unused", "nonfinite"])  # --job: also "nangrad"
     parser.add_argument("--compare_hook", action="store_true", help="also train a copy through the DDP comm hook")
     parser.add_argument("--job", action="append", default=[], help="name,mode,sharding,scenario,resume,save_at[,options]")
     parser.add_argument("--eigh_failure", action="store_true", help="after the runs: a forced eigh failure on one owner")

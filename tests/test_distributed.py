@@ -370,7 +370,8 @@ def test_specialists_two_processes_match_one_process_resume_across_modes_and_sur
     ``spec`` specialists from scratch (checkpoint before step 4, between inverse steps); ``rep`` replicated resumed
     from it (checkpoint before step 5); ``spec2`` specialists resumed from that. Each equals one process fed the same
     sub-batches (allclose) with bitwise identical replicas; one process resumed from ``spec``'s checkpoint too. The
-    checkpoint holds the full state of one process. Then a forced eigendecomposition failure on one owner.
+    checkpoint holds the full state of one process. A NaN gradient on one rank in a layer the other owns skips the
+    step everywhere. Then a forced eigendecomposition failure on one owner.
     """
     from dist_workers import single_process
 
@@ -379,7 +380,7 @@ def test_specialists_two_processes_match_one_process_resume_across_modes_and_sur
     out = tmp_path / "run"
     records = plain_torchrun(2, out, "--steps", "6", "--accum", "2", "--inverse_interval", "3", "--eigh_failure",
                              "--job", "spec,fop,specialists,plain,-,4", "--job", "rep,fop,replicated,plain,{out}/spec_4.pt,5",
-                             "--job", "spec2,fop,specialists,plain,{out}/rep_5.pt,-")
+                             "--job", "spec2,fop,specialists,plain,{out}/rep_5.pt,-", "--job", "nangrad,fop,specialists,nangrad,-,-")
     one = single_process(2, "fop", 6, 2, 3, "plain", save=str(tmp_path / "one_4.pt"), save_at=4)
     for name in ("spec", "rep", "spec2"):
         _assert_run_matches(records, name, one)
@@ -400,6 +401,10 @@ def test_specialists_two_processes_match_one_process_resume_across_modes_and_sur
     # inverse steps add the owner reduce of the factor triangles (fc1 28 + 36, fc2 36 + 10) and the failure flag
     base = 4 * (7 + 16 + 2 * 88) + 4 + 4 * 4 + 2 * 9 * 8 + 4 * (56 + 32)
     assert spec["bytes_per_step"] == [base + (4 * 110 + 4 if step % 3 == 0 else 0) for step in range(6)]
+    # a NaN gradient of fc2 on rank 0 reaches only fc2's owner (rank 1): the global flag makes both skip the step
+    _assert_plain_replicas_identical([r["nangrad"] for r in records])
+    assert [r["nangrad"]["counters"]["skipped_steps"] for r in records] == [1, 1]
+    assert all(torch.isfinite(v).all() for v in records[0]["nangrad"]["params"].values())
     failure = [r["eigh_failure"] for r in records]
     owner = failure[0]["owner"]
     assert all(f["step"] == 2 and f["error"] and f["seconds"] < 30 for f in failure), failure  # same step, no hang
