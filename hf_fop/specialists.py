@@ -16,7 +16,7 @@ needs to apply the same update:
   copies, so the sum stays the global factor;
 * directions: the owner computes each of its layers' direction in the
   eigenbasis, its stats and KL term; one ``all_reduce`` of a small
-  ``(layers, 9)`` float64 table (each row nonzero on its owner only, so the
+  ``(layers, 9)`` float32 table (each row nonzero on its owner only, so the
   sum is exact) gives every rank the stats and the trust-region scale; the
   owner then sends ``unrotate(scale * direction)`` ``(out, in)`` to every rank,
   one ``broadcast`` per owner of its layers' directions packed. Momentum,
@@ -283,19 +283,19 @@ class SpecialistCurvature:
 
     # ----------------------------------------------------------- directions
     def share_results(self, layers: List[KFACLayer], results: Dict[str, Optional[LayerResult]]) -> Dict[str, Optional[LayerResult]]:
-        """Every layer's stats, damping and KL term on every rank (one exact ``all_reduce`` of a float64 table)."""
+        """Every layer's stats, damping and KL term on every rank (one exact ``all_reduce`` of a float32 table)."""
         if not layers:  # no managed gradient this step on any rank (gradients are reduced in full)
             return {}
-        table = torch.zeros(len(layers), _COLUMNS, dtype=torch.float64, device=self.reducer.device)
+        table = torch.zeros(len(layers), _COLUMNS, dtype=torch.float32, device=self.reducer.device)
         for i, layer in enumerate(layers):
             result = results.get(layer.name)
             if result is None:
                 continue
             values = [torch.ones(()), torch.as_tensor(result.damping), result.kl if result.kl is not None else torch.zeros(())]
             values += [getattr(result.stats, f) for f in _STATS]
-            table[i] = torch.stack([v.to(device=table.device, dtype=torch.float64).reshape(()) for v in values])
-        self.reducer.all_reduce(table)
-        rows = table.to(torch.float32)  # exact: each value is a float32 (or the float damping) summed with zeros
+            table[i] = torch.stack([v.to(device=table.device, dtype=torch.float32).reshape(()) for v in values])
+        self.reducer.all_reduce(table)  # exact: each entry is one rank's float32 value summed with zeros
+        rows = table
         present = table[:, 0].tolist()  # one host read per step
         relative = self.opt.config.damping_mode == "relative"
         shared: Dict[str, Optional[LayerResult]] = {}
@@ -308,7 +308,7 @@ class SpecialistCurvature:
                 continue
             row = rows[i]
             stats = LayerStats(**{f: row[3 + j] for j, f in enumerate(_STATS)})
-            damping = row[1] if relative else self.opt.config.damping
+            damping = row[1] if relative else self.opt.config.damping  # absolute: the float the owner used
             kl = row[2] if self.opt.config.kl_clip is not None else None
             shared[layer.name] = LayerResult(stats, damping, kl)
         return shared

@@ -397,9 +397,9 @@ def test_specialists_two_processes_match_one_process_resume_across_modes_and_sur
     assert spec["owners"] == dict(zip(["fc1", "extra", "fc2"], assign_owners([(7, 8), (9, 8), (8, 4)], 2)))
     # bytes per step: gradients to the owners (7 presence flags, the LayerNorm's 16 to everybody, a (2, 88) buffer of
     # fc1's and fc2's 56 + 32 to their owner, rank 1) + the finiteness flag + capture counts (3 layers + flag)
-    # + stats table (2 layers with gradients x 9 float64) + directions (fc1 8x7 + fc2 4x8, both from rank 1);
+    # + stats table (2 layers with gradients x 9 float32) + directions (fc1 8x7 + fc2 4x8, both from rank 1);
     # inverse steps add the owner reduce of the factor triangles (fc1 28 + 36, fc2 36 + 10) and the failure flag
-    base = 4 * (7 + 16 + 2 * 88) + 4 + 4 * 4 + 2 * 9 * 8 + 4 * (56 + 32)
+    base = 4 * (7 + 16 + 2 * 88) + 4 + 4 * 4 + 2 * 9 * 4 + 4 * (56 + 32)
     assert spec["bytes_per_step"] == [base + (4 * 110 + 4 if step % 3 == 0 else 0) for step in range(6)]
     # a NaN gradient of fc2 on rank 0 reaches only fc2's owner (rank 1): the global flag makes both skip the step
     _assert_plain_replicas_identical([r["nangrad"] for r in records])
