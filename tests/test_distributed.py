@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import pytest
 import torch
@@ -66,11 +66,20 @@ def test_group_sizes():
         group_sizes(1)
 
 
-def test_two_processes_equal_one_process_fed_the_same_sub_batches(tmp_path):
-    # 2 ranks x batch 8: rank 0 gives g1, rank 1 gives g2. One process with gradient accumulation 2 x batch 8
-    # routes micro-batch 1 to g1 and micro-batch 2 to g2: the same two sub-batches (sequential sampling).
-    two = torchrun(2, tmp_path / "two", "--steps", "4", "--batch", "8")
-    one = single(tmp_path / "one", "--steps", "4", "--batch", "8", "--accum", "2")
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> Tuple[Path, List[Dict], Dict]:
+    """The reference runs, launched once per module: 2 ranks x batch 8 (rank 0 gives g1, rank 1 gives g2) and 1
+    process with gradient accumulation 2 x batch 8, which routes micro-batch 1 to g1 and micro-batch 2 to g2: the same
+    two sub-batches (sequential sampling). 4 steps; both save ``checkpoint-2``."""
+    root = tmp_path_factory.mktemp("pair")
+    two = torchrun(2, root / "two", "--steps", "4", "--batch", "8", "--save_steps", "2")
+    one = single(root / "one", "--steps", "4", "--batch", "8", "--accum", "2", "--save_steps", "2")
+    return root, two, one
+
+
+@pytest.mark.xdist_group("pair")
+def test_two_processes_equal_one_process_fed_the_same_sub_batches(pair):
+    _, two, one = pair
     assert two[0]["world_size"] == 2 and one["world_size"] == 1
     _assert_replicas_identical(two)
     for k in one["params"]:
@@ -88,10 +97,17 @@ def test_two_processes_equal_one_process_fed_the_same_sub_batches(tmp_path):
         assert step0["fop/curvature_seconds_mean"] == pytest.approx(sum(own) / 2)
 
 
-def test_two_processes_with_gradient_accumulation(tmp_path):
+@pytest.fixture(scope="module")
+def accumulated(tmp_path_factory) -> List[Dict]:
+    """2 ranks x 2 micro-batches of 4 for 3 steps, g1/g2 reduced by the DDP comm hook (the default); launched once."""
+    return torchrun(2, tmp_path_factory.mktemp("accum"), "--steps", "3", "--batch", "4", "--accum", "2")
+
+
+@pytest.mark.xdist_group("accumulated")
+def test_two_processes_with_gradient_accumulation(accumulated, tmp_path):
     # 2 ranks x 2 micro-batches of 4: rank 0 takes batches 0 and 2 (g1), rank 1 batches 1 and 3 (g2). One process with
     # 4 micro-batches routes the first two to g1: the data is reordered 0, 2, 1, 3 so it gets the same sub-batches.
-    two = torchrun(2, tmp_path / "two", "--steps", "3", "--batch", "4", "--accum", "2")
+    two = accumulated
     one = single(tmp_path / "one", "--steps", "3", "--batch", "4", "--accum", "4", "--interleave")
     _assert_replicas_identical(two)
     for k in one["params"]:
@@ -99,9 +115,10 @@ def test_two_processes_with_gradient_accumulation(tmp_path):
     assert _losses(two[0]) == pytest.approx(_losses(one), rel=1e-4)
 
 
-def test_trainer_comm_hook_equals_post_backward_reduction_bitwise(tmp_path):
+@pytest.mark.xdist_group("accumulated")
+def test_trainer_comm_hook_equals_post_backward_reduction_bitwise(accumulated, tmp_path):
     """FOPTrainer with the DDP comm hook (default) and with ``use_ddp_comm_hook = False``: the same bits."""
-    hooked = torchrun(2, tmp_path / "hook", "--steps", "3", "--batch", "4", "--accum", "2")
+    hooked = accumulated
     plain = torchrun(2, tmp_path / "plain", "--steps", "3", "--batch", "4", "--accum", "2", "--no_comm_hook")
     assert hooked[0]["comm_hook"] and not plain[0]["comm_hook"]
     _assert_replicas_identical(hooked)
@@ -109,11 +126,12 @@ def test_trainer_comm_hook_equals_post_backward_reduction_bitwise(tmp_path):
     assert _losses(hooked[0]) == _losses(plain[0])
 
 
-def test_two_process_resume_is_bitwise_identical(tmp_path):
-    full = torchrun(2, tmp_path / "full", "--steps", "4", "--save_steps", "2")
-    checkpoint = tmp_path / "full" / "checkpoint-2"
+@pytest.mark.xdist_group("pair")
+def test_two_process_resume_is_bitwise_identical(pair, tmp_path):
+    root, full, _ = pair
+    checkpoint = root / "two" / "checkpoint-2"
     assert torch.load(checkpoint / "optimizer.pt", weights_only=True)["fop"]["global_step"] == 2
-    resumed = torchrun(2, tmp_path / "resumed", "--steps", "4", "--resume", str(checkpoint))
+    resumed = torchrun(2, tmp_path / "resumed", "--steps", "4", "--batch", "8", "--resume", str(checkpoint))
     _assert_replicas_identical(resumed)
     for k in full[0]["params"]:
         assert torch.equal(full[0]["params"][k], resumed[0]["params"][k]), k
@@ -123,19 +141,19 @@ def test_two_process_resume_is_bitwise_identical(tmp_path):
                 assert torch.equal(value, resumed[0]["layers"][layer][key]), (layer, key)
 
 
-def test_checkpoints_resume_across_world_sizes(tmp_path):
+@pytest.mark.xdist_group("pair")
+def test_checkpoints_resume_across_world_sizes(pair, tmp_path):
     """A 2-process checkpoint resumes in 1 process (and back) and continues as the uninterrupted run (allclose).
 
     The checkpoint after step 2 falls between inverse steps (inverse_interval 2: global steps 0 and 2), when each rank
     holds only its local factor averages: FOPTrainer averages them before saving, so the file holds the global
     factors whatever the world size. 1 process with 2 micro-batches of 8 sees what 2 ranks with batch 8 see.
     """
-    two = torchrun(2, tmp_path / "two", "--steps", "4", "--batch", "8", "--save_steps", "2")
-    one = single(tmp_path / "one", "--steps", "4", "--batch", "8", "--accum", "2", "--save_steps", "2")
+    root, two, one = pair
     one_from_two = single(tmp_path / "one_from_two", "--steps", "4", "--batch", "8", "--accum", "2",
-                          "--resume", str(tmp_path / "two" / "checkpoint-2"))
+                          "--resume", str(root / "two" / "checkpoint-2"))
     two_from_one = torchrun(2, tmp_path / "two_from_one", "--steps", "4", "--batch", "8",
-                            "--resume", str(tmp_path / "one" / "checkpoint-2"))
+                            "--resume", str(root / "one" / "checkpoint-2"))
     _assert_replicas_identical(two_from_one)
     for resumed, full in ((one_from_two, two[0]), (two_from_one[0], one)):
         for k in full["params"]:
