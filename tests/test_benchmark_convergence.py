@@ -159,6 +159,7 @@ def smoke_run(tmp_path_factory):
     return out, report
 
 
+@pytest.mark.xdist_group("convergence_smoke")  # one smoke run, one worker
 def test_smoke_run_writes_json_markdown_and_pngs(smoke_run):
     out, _ = smoke_run
     data = json.loads((out / "convergence_results_smoke.json").read_text())
@@ -187,6 +188,7 @@ def test_smoke_run_writes_json_markdown_and_pngs(smoke_run):
         assert raw[:8] == b"\x89PNG\r\n\x1a\n" and len(raw) > 10_000
 
 
+@pytest.mark.xdist_group("convergence_smoke")  # one smoke run, one worker
 def test_smoke_run_adamw_and_fop_learn(smoke_run):
     _, report = smoke_run
     chance = 0.1
@@ -197,6 +199,7 @@ def test_smoke_run_adamw_and_fop_learn(smoke_run):
             assert row["final_test_acc_mean"] > chance + 0.2, row
 
 
+@pytest.mark.xdist_group("convergence_smoke")  # one smoke run, one worker
 def test_from_json_rerenders_markdown_and_plots(smoke_run, tmp_path):
     out, _ = smoke_run
     bc.main(["--from-json", str(out / "convergence_results_smoke.json"), "--out", str(tmp_path)])

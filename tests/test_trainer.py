@@ -547,6 +547,7 @@ def test_example_loads_model_and_dataset_through_hub_code_paths(tmp_path):
 
 
 # ------------------------------------------------------- a real pretrained model
+@pytest.mark.slow
 def test_fine_tunes_the_pretrained_minilm_checkpoint(tmp_path):
     """Real pretrained BERT-family weights (all-MiniLM-L6-v2, shipped in a pip package), padded text batches."""
     try:  # a test dependency (pyproject [test]): a missing package is a failure, not a skip
