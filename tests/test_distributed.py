@@ -196,9 +196,23 @@ def test_fsdp_configuration_is_rejected(tmp_path):
     assert "FOPTrainer does not support FSDP yet" in proc.stderr + proc.stdout
 
 
-def test_two_processes_train_on_a_streamed_dataset(tmp_path):
+@pytest.fixture(scope="module")
+def streamed_env_cpu(tmp_path_factory) -> List[Dict]:
+    """2 ranks on a streamed dataset, 3 steps, launched once; the CPU flag comes from ``ACCELERATE_USE_CPU=1`` (not
+    ``use_cpu=True``): the fix the no-CPU-flag error names."""
+    out = tmp_path_factory.mktemp("stream")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           HELPERS, "--out", str(out), "--steps", "3", "--stream", "--no_cpu"]
+    env = {**single_thread_env(), "ACCELERATE_USE_CPU": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.mark.xdist_group("streamed_env_cpu")
+def test_two_processes_train_on_a_streamed_dataset(streamed_env_cpu):
     """load_dataset(..., streaming=True) under 2 processes: accelerate shards the stream, replicas stay identical."""
-    records = torchrun(2, tmp_path / "stream", "--steps", "3", "--stream")
+    records = streamed_env_cpu
     _assert_replicas_identical(records)
     assert all(r["world_size"] == 2 and r["w1"] == 0.5 for r in records)
     log = json.loads(records[0]["log"])
@@ -223,7 +237,8 @@ def test_two_processes_with_a_per_call_mean_loss_log_and_step_on_the_mean(tmp_pa
         torch.testing.assert_close(two[0]["params"][k], one["params"][k], rtol=1e-4, atol=1e-5, msg=k)
 
 
-def test_two_processes_without_the_cpu_flag_stop_with_the_fix(tmp_path):
+@pytest.mark.xdist_group("streamed_env_cpu")
+def test_two_processes_without_the_cpu_flag_stop_with_the_fix(tmp_path, streamed_env_cpu):
     """torchrun on CPU with use_cpu=False: a process group the Trainer does not use (two unsharded copies)."""
     out = tmp_path / "nocpu"
     out.mkdir()
@@ -235,13 +250,10 @@ def test_two_processes_without_the_cpu_flag_stop_with_the_fix(tmp_path):
     assert "every process would train its own unsharded copy" in text
     assert "use_cpu=True" in text and "--use_cpu" in text and "ACCELERATE_USE_CPU=1" in text
     assert not list(out.glob("rank*.pt"))
-    # the environment variable the message names is a working fix
-    env = {**single_thread_env(), "ACCELERATE_USE_CPU": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    records = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    assert records[0]["world_size"] == 2
-    _assert_replicas_identical(records)
+    # the environment variable the message names is a working fix: the same script (use_cpu=False) with
+    # ACCELERATE_USE_CPU=1 trained as a real 2-process run (the streamed run's launch)
+    assert all(r["world_size"] == 2 for r in streamed_env_cpu)
+    _assert_replicas_identical(streamed_env_cpu)
 
 
 # ------------------------------------------------ plain-PyTorch FOP on real gloo processes (tests/dist_workers.py)
