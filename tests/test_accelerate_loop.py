@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from accelerate_helpers import CONFIG, MAX_GRAD_NORM, accelerate_loop
 from hf_fop import FOP, FOPConfig, FOPTrainer
 from hf_fop.accelerate_loop import sub_batches
-from hf_fop.trainer import split_batch
+from hf_fop.routing import Piece, piece_inputs
 from test_distributed import _free_port, _run
 from trainer_helpers import cls_text_dataset, digits_dataset, make_args, single_thread_env, tiny_bert, tiny_vit
 
@@ -70,7 +70,7 @@ def _plain_loop(
                 backward(mb, 1 / accum)
         else:
             if accum == 1:
-                halves = [[h] for h in split_batch(window[0], BATCH // 2)]
+                halves = [[piece_inputs(window[0], Piece(0, j, rows))] for j, rows in enumerate(((0, BATCH // 2), (BATCH // 2, BATCH)))]
             else:
                 first = (accum + 1) // 2
                 halves = [window[:first], window[first:]]
