@@ -14,11 +14,11 @@ Usage (transformers' ``run_*_no_trainer.py`` style)::
 
 ``FOP(..., accelerator=...)`` attaches an :class:`AccelerateRouter`, which
 routes every training forward/backward of the (unwrapped) model into FOP's
-sub-batches by itself:
+sub-batches by itself, with the plan of :mod:`hf_fop.routing` (the one
+FOPTrainer uses; ``n = gradient_accumulation_steps``):
 
-* one process, ``gradient_accumulation_steps = n >= 2``: the first
-  ``ceil(n/2)`` micro-batches of the accumulation window form sub-batch 1
-  (g1), the rest sub-batch 2 (g2);
+* one process, ``n >= 2``: the first ``ceil(n/2)`` micro-batches of the
+  accumulation window form sub-batch 1 (g1), the rest sub-batch 2 (g2);
 * one process, ``n = 1``: :func:`sub_batches` splits the batch into halves
   (first half g1, second half g2); without it FOP raises, since every step
   would silently be a K-FAC step;
@@ -29,21 +29,20 @@ sub-batches by itself:
   micro-batch), so DDP never averages g1 into g2;
 * ``mode="kfac"``: plain backward (DDP averages), factors averaged over ranks.
 
-Scaling. ``accelerator.backward`` divides each micro-batch loss by ``n``. At the
-end of the window's last backward the router rescales each sub-batch gradient
-to the mean of its micro-batch losses' gradients (times ``n / c_j`` for ``c_j``
-micro-batches) and sets ``w1`` to sub-batch 1's share (micro-batch counts, or
-example counts of the two halves), so ``g_avg`` (what ``p.grad`` holds when the
+Scaling. ``accelerator.backward`` divides each piece's mean loss by ``n``; the
+user runs that backward, so the router cannot scale the loss as FOPTrainer does
+and rescales the gradients instead: between two pieces of a sub-batch with
+``k_a`` and ``k_b`` examples by ``k_a / k_b``, and at the end of the sub-batch by
+``n k_last / K`` (``K``: its examples). Each sub-batch gradient is then the mean
+over its examples and ``w1`` = sub-batch 1's share of the examples
+(:func:`hf_fop.routing.weigh`), so ``g_avg`` (what ``p.grad`` holds when the
 window ends, and what ``accelerator.clip_grad_norm_`` clips) is the mean
-gradient of the window: accelerate's gradient for a full window. Curvature S is
-captured with the same scaling divided out (and the GradScaler's scale, fp16).
-``mode="kfac"`` keeps accelerate's gradient unchanged. The routing is the
-:class:`FOPTrainer`'s for even ``n``, for ``n = 1`` and for several processes,
-and the two front ends then give the same parameters on the same sub-batches
-(``tests/test_accelerate_loop.py``). For odd ``n >= 3`` the Trainer splits
-every micro-batch in halves; here whole micro-batches are routed (g1 gets the
-extra one, ``w1 = ceil(n/2) / n``), since accelerate hands over one micro-batch
-at a time.
+gradient over the window's examples: accelerate's gradient for a window of
+equal micro-batches. Curvature S is captured as the summed loss's (the
+GradScaler's scale, fp16, and ``n k`` divided out) and divided by ``K**2``:
+the same S as FOPTrainer's. ``mode="kfac"`` keeps accelerate's gradient
+unchanged. The two front ends give the same parameters on the same
+sub-batches (``tests/test_accelerate_loop.py``).
 
 ``AcceleratedOptimizer.step``/``zero_grad`` act only when accelerate syncs
 (the window's last micro-batch), so FOP steps once per window. A window whose

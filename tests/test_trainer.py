@@ -230,8 +230,9 @@ def test_clipping_acts_on_g_avg(tmp_path):
 def test_unsplittable_last_batch_falls_back_to_kfac_and_says_so_once(tmp_path, caplog):
     args = make_args(tmp_path, max_steps=4, per_device_train_batch_size=16)
     trainer = FOPTrainer(model=tiny_vit(), args=args, train_dataset=digits_dataset(17))  # batches of 16, 1, 16, 1
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.WARNING), pytest.warns(UserWarning, match="only FOP's first sub-batch") as warned:
         trainer.train()
+    assert len([w for w in warned if "first sub-batch" in str(w.message)]) == 1  # at the first fallback only
     assert trainer.fop_optimizer.counters["fallback_steps"] == 2
     assert trainer.state.log_history[1]["fop/fallback_fraction"] == 0.5
     assert trainer.state.log_history[3]["fop/fallback_fraction"] == 0.5
