@@ -143,26 +143,29 @@ def test_loop_equals_plain_sub_batches_and_trainer(tmp_path, mode, accum):
     _assert_params_differ(loop["params"], {k: v for k, v in tiny_vit().state_dict().items()})
 
 
-def test_unequal_micro_batches_are_weighted_by_examples_as_in_the_trainer(tmp_path):
-    """A window of micro-batches of 8, 8, 8 and 4 examples (28 in all): g2 = (8 g_c + 4 g_d) / 12, w1 = 16/28.
-
-    The Accelerate loop rescales p.grad between the unequal pieces of g2; FOPTrainer scales their losses.
-    """
-    data = digits_dataset(28)
-    loop = accelerate_loop(Accelerator(cpu=True, gradient_accumulation_steps=4), _config("fop"), BATCH, 1, data=data)
-    assert loop["global_step"] == 1 and loop["w1"] == pytest.approx(16 / 28)
+@pytest.mark.parametrize("examples,steps,fallbacks", [(28, 1, 0), (40, 2, 1)], ids=["unequal", "short-last-window"])
+def test_unequal_and_short_windows_are_routed_as_in_the_trainer(tmp_path, examples, steps, fallbacks):
+    """Windows of 4 micro-batches of 8 examples. 28 examples: 8, 8, 8 and 4, so g2 = (8 g_c + 4 g_d) / 12 and
+    w1 = 16/28 (the Accelerate loop rescales p.grad between g2's unequal pieces; FOPTrainer scales their losses).
+    40 examples, 2 steps: the epoch's last window has one micro-batch, no second half: a K-FAC step in both."""
+    data = digits_dataset(examples)
+    loop = accelerate_loop(Accelerator(cpu=True, gradient_accumulation_steps=4), _config("fop"), BATCH, steps, data=data)
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     args = make_args(
-        tmp_path, per_device_train_batch_size=BATCH, gradient_accumulation_steps=4, max_steps=1,
+        tmp_path, per_device_train_batch_size=BATCH, gradient_accumulation_steps=4, max_steps=steps,
         train_sampling_strategy="sequential", learning_rate=CONFIG["lr"], fop_damping=CONFIG["damping"],
         fop_inverse_interval=CONFIG["inverse_interval"], fop_momentum=CONFIG["momentum"], max_grad_norm=0.0,
     )
     trainer = FOPTrainer(model=tiny_vit(), args=args, train_dataset=data)
     trainer.train()
-    assert trainer.fop_optimizer.w1 == pytest.approx(16 / 28)
+    opt = trainer.fop_optimizer
+    assert loop["global_step"] == opt.global_step == steps
+    assert loop["counters"]["fallback_steps"] == opt.counters["fallback_steps"] == fallbacks
+    if not fallbacks:
+        assert loop["w1"] == pytest.approx(16 / 28) and opt.w1 == pytest.approx(16 / 28)
     _assert_params_close(loop["params"], {k: v.detach() for k, v in trainer.model.state_dict().items()})
-    _assert_factors_close(loop["layers"], trainer.fop_optimizer.state_dict()["fop"]["layers"])
+    _assert_factors_close(loop["layers"], opt.state_dict()["fop"]["layers"])
 
 
 @pytest.mark.parametrize("accum", [2, 1])
