@@ -58,8 +58,8 @@ def _plain_loop(
 
     def backward(mb: Dict[str, torch.Tensor], scale: float) -> None:
         out = model(**mb)
-        if opt.config.fisher_type == "mc":
-            opt.mc_backward(out.logits)
+        if opt.config.fisher_type == "mc":  # the sampled loss weighted as the real one: S of the sub-batch's mean loss
+            opt.mc_backward(out.logits, weight=scale)
         (out.loss * scale).backward()
 
     micro = [data[i * BATCH : (i + 1) * BATCH] for i in range(steps * accum)]
@@ -177,7 +177,7 @@ def test_clipping_acts_on_g_avg(accum):
     _assert_params_differ(clipped, _plain_loop("fop", accum))  # the clipping was active
 
 
-@pytest.mark.parametrize("accum", [2, 1])
+@pytest.mark.parametrize("accum", [2, 1, 4])
 def test_mc_fisher_samples_labels_after_each_forward(accum):
     """fisher_type='mc': the router runs opt.mc_backward(logits) where the plain loop calls it (same RNG draws)."""
     config = _config("fop").replace(fisher_type="mc")
@@ -185,6 +185,25 @@ def test_mc_fisher_samples_labels_after_each_forward(accum):
     plain = _plain_loop("fop", accum, config=config, seed=1)
     _assert_params_close(loop["params"], plain)
     _assert_params_differ(plain, _plain_loop("fop", accum))  # the sampled Fisher is not the empirical one
+
+
+def test_mc_fisher_of_two_micro_batches_per_sub_batch_equals_the_trainers(tmp_path):
+    """fisher_type='mc', windows of 4: both front ends weight each piece's sampled loss as its real loss (S of the
+    sub-batch's mean loss, not 4 x it), drawing the same labels from the same seed."""
+    config = _config("fop").replace(fisher_type="mc")
+    loop = accelerate_loop(Accelerator(cpu=True, gradient_accumulation_steps=4), config, BATCH, 2, seed=0)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    args = make_args(
+        tmp_path, per_device_train_batch_size=BATCH, gradient_accumulation_steps=4, max_steps=2, seed=0,
+        train_sampling_strategy="sequential", learning_rate=CONFIG["lr"], fop_damping=CONFIG["damping"],
+        fop_inverse_interval=CONFIG["inverse_interval"], fop_momentum=CONFIG["momentum"], max_grad_norm=0.0,
+        fop_fisher_type="mc",
+    )
+    trainer = FOPTrainer(model=tiny_vit(), args=args, train_dataset=digits_dataset(96))
+    trainer.train()
+    _assert_factors_close(loop["layers"], trainer.fop_optimizer.state_dict()["fop"]["layers"])
+    _assert_params_close(loop["params"], {k: v.detach() for k, v in trainer.model.state_dict().items()})
 
 
 @pytest.mark.parametrize("accum", [2, 1])
