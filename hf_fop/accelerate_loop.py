@@ -71,7 +71,7 @@ import torch
 from torch import Tensor, nn
 
 from .distributed import DualGradientReducer, world
-from .routing import FallbackLog, Piece, SkippedSteps, Weights, batch_size_of, piece_inputs, route_micro_batch, weigh
+from .routing import FallbackLog, Piece, SkippedSteps, batch_size_of, piece_inputs, route_micro_batch, weigh
 
 __all__ = ["AccelerateRouter", "sub_batches", "unwrap_fop"]
 
@@ -271,7 +271,7 @@ class AccelerateRouter:
         if ddp is not None and ddp.module is self.model:
             ddp.require_backward_grad_sync = False
 
-    def _rescale_group(self, group: Optional[int]) -> Weights:
+    def _rescale_group(self, group: Optional[int]) -> None:
         """``p.grad`` of ``group`` (its last piece just ran) becomes its item-weighted mean gradient.
 
         Between pieces of a group ``p.grad = (sum_i k_i grad_i) / (n k_last)`` (accelerate divides by ``n``), so
@@ -281,7 +281,6 @@ class AccelerateRouter:
         last = max(i for i, piece in enumerate(self._pieces) if piece.sub_batch == group)
         if self.opt.config.mode == "fop":
             _scale_grads(self.opt, self.n * self._items[last] / weights.group_items[group])
-        return weights
 
     def _end_group(self, group: int) -> None:
         """Close sub-batch ``group``: its gradient becomes the item-weighted mean over its pieces."""

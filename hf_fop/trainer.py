@@ -179,7 +179,8 @@ class FOPTrainer(Trainer):
                 f"FOPTrainer does not support torch.nn.DataParallel (n_gpu={args.n_gpu}): launch one process per device "
                 "with torchrun or accelerate launch instead."
             )
-        if self.fop_mode == "fop" and args.world_size == 1 and args.per_device_train_batch_size < 2 and args.gradient_accumulation_steps == 1:
+        one_example = args.per_device_train_batch_size < 2 and args.gradient_accumulation_steps == 1
+        if self.fop_mode == "fop" and args.world_size == 1 and one_example:
             raise ValueError(
                 f"FOP needs two sub-batches per step, but per_device_train_batch_size={args.per_device_train_batch_size} "
                 "with gradient_accumulation_steps=1 gives one example per step, which cannot be split: use "
