@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib.util
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +26,7 @@ from trainer_helpers import cls_text_dataset, digits_dataset, make_args, single_
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = str(Path(__file__).with_name("accelerate_helpers.py"))
+EXAMPLE = ROOT / "examples" / "run_image_classification_no_trainer.py"
 BATCH = 8
 STEPS = 3
 
@@ -410,13 +414,22 @@ def test_example_no_trainer_smoke_reports_accuracy(tmp_path, optimizer, accum):
 
 
 def _run_example(out: Path, *args: str) -> str:
-    proc = subprocess.run(
-        [sys.executable, "examples/run_image_classification_no_trainer.py", "--per_device_train_batch_size", "32",
-         "--output_dir", str(out), *args],
-        cwd=ROOT, env=single_thread_env(), capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+    """``main()`` of examples/run_image_classification_no_trainer.py in this process (a subprocess would spend most of
+    its time importing); accelerate's process-wide state is reset around it. Returns what it printed."""
+    spec = importlib.util.spec_from_file_location("run_image_classification_no_trainer", EXAMPLE)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    threads, printed = torch.get_num_threads(), io.StringIO()
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        with contextlib.redirect_stdout(printed):
+            script.main(["--per_device_train_batch_size", "32", "--output_dir", str(out), *args])
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        torch.set_num_threads(threads)  # main() applies --num_threads (1)
+    return printed.getvalue()
 
 
 def test_example_resumes_from_a_step_checkpoint_bitwise(tmp_path):
