@@ -71,7 +71,7 @@ import torch
 from torch import Tensor, nn
 
 from .distributed import DualGradientReducer, world
-from .routing import FallbackLog, Piece, SkippedSteps, batch_size_of, piece_inputs, route_micro_batch, weigh
+from .routing import FallbackLog, Piece, SkippedSteps, batch_size_of, is_fallback, piece_inputs, route_micro_batch, weigh
 
 __all__ = ["AccelerateRouter", "sub_batches", "unwrap_fop"]
 
@@ -307,12 +307,12 @@ class AccelerateRouter:
         opt = self.opt
         weights = weigh(self._pieces, self._items, self.world_size)
         _scale_curvature(opt, weights.group_items)
-        if self._open_group == 1:
-            opt.w1 = weights.w1
-            self._end_group(1)
-        elif self._open_group == 0:  # only g1: a K-FAC step on it (FOP counts the fallback)
+        if is_fallback(self._pieces):  # only g1: a K-FAC step on it (FOP counts the fallback)
             self._end_group(0)
             self.fallbacks.record(self.n)
+        elif self._open_group == 1:
+            opt.w1 = weights.w1
+            self._end_group(1)
         elif self.distributed:
             self._rescale_group(None)
             if opt.config.mode == "fop":
