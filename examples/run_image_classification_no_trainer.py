@@ -1,7 +1,9 @@
-"""Train a small ViT with FOP in a plain Accelerate loop (no Trainer) on scikit-learn's handwritten digits (offline).
+"""Image classification with FOP in a plain Accelerate loop (no Trainer): a small ViT on scikit-learn's digits
+(offline), or a Hub / local model and dataset.
 
-The same task as ``run_image_classification.py`` (the ``FOPTrainer`` example), written
-like transformers' ``run_*_no_trainer.py`` scripts. One process (CPU or one GPU):
+The same task as ``run_image_classification.py`` (the ``FOPTrainer`` example; the data, model and preprocessing
+are shared through ``hf_fop.image_classification``), written like transformers' ``run_*_no_trainer.py`` scripts.
+One process (CPU or one GPU):
 
     python examples/run_image_classification_no_trainer.py --output_dir out/vit_digits_nt
 
@@ -12,37 +14,45 @@ Several processes (FOP gives g1 on even ranks, g2 on odd ranks):
     accelerate launch --config_file examples/accelerate_multi_gpu.yaml \\
         examples/run_image_classification_no_trainer.py --output_dir out/vit_digits_nt_gpus
 
-``--fop_optimizer kfac`` or ``adamw`` runs the baselines with the same loop. With
-``--gradient_accumulation_steps 1`` on one process FOP splits every batch into two
-halves (``hf_fop.accelerate_loop.sub_batches``); with 2 or more, the first half of
-each accumulation window gives g1. ``--with_tracking`` writes TensorBoard logs
-(loss, lr, ``fop/beta`` ...) to ``<output_dir>/runs``. Prints the final test accuracy.
+Data: scikit-learn's digits unless ``--dataset_name`` (Hub id or local folder, e.g. an imagefolder) or
+``--train_file`` / ``--validation_file`` (an image folder, or parquet/json with an image column) is given;
+``--streaming`` reads it as a stream (``--shuffle_buffer_size``; needs ``--max_train_steps``);
+``--max_train_samples`` keeps the first N training examples. ``--model_name_or_path`` (Hub id or local folder)
+fine-tunes a pretrained image classifier. ``--fop_optimizer kfac`` or ``adamw`` runs the baselines with the same
+loop. With ``--gradient_accumulation_steps 1`` on one process FOP splits every batch into two halves
+(``hf_fop.accelerate_loop.sub_batches``); with 2 or more, the first ceil(n/2) micro-batches of each window give g1.
+``--with_tracking`` writes TensorBoard logs (loss, lr, ``fop/beta`` ...) to ``<output_dir>/runs``. Prints the final
+test accuracy.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import sys
-from typing import Any, Dict, List, Optional
+from dataclasses import asdict
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
-from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil, get_scheduler
+from transformers import HfArgumentParser, default_data_collator, get_scheduler
 
 from hf_fop import FOP, FOPConfig
 from hf_fop.accelerate_loop import sub_batches
-from hf_fop.data import ImageClassificationCollator, load_digits_images
+from hf_fop.image_classification import ImageArguments, load_task
 from hf_fop.metrics import Accuracy
+from hf_fop.scripts_common import DataArguments, ModelArguments, check_data_args
 
 _FOP_LOG_KEYS = ("beta_mean", "eta_mean", "s_proj_mean", "kl_base", "kl_cross", "kl_orth", "fallback_steps", "skipped_steps")
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(argv: Optional[List[str]] = None) -> Tuple[ModelArguments, DataArguments, ImageArguments, argparse.Namespace]:
+    """The model, data and image flags of ``run_image_classification.py`` (the same dataclasses) plus this loop's."""
+    p = HfArgumentParser((ModelArguments, DataArguments, ImageArguments), description=__doc__.split("\n")[0])
     p.add_argument("--output_dir", default="out/vit_digits_no_trainer", help="Checkpoints, TensorBoard logs and the final model.")
     p.add_argument("--per_device_train_batch_size", type=int, default=128, help="Training batch per process and micro-batch.")
     p.add_argument("--per_device_eval_batch_size", type=int, default=256, help="Evaluation batch per process.")
@@ -56,40 +66,27 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--weight_decay", type=float, default=0.0, help="Weight decay (every optimizer).")
     p.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping of g_avg (0 disables).")
     p.add_argument("--num_train_epochs", type=int, default=60, help="Epochs (unless --max_train_steps is given).")
-    p.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides --num_train_epochs.")
+    p.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides --num_train_epochs; required with --streaming.")
     p.add_argument("--lr_scheduler_type", default="cosine", help="transformers.get_scheduler name (linear, cosine, constant...).")
     p.add_argument("--num_warmup_steps", type=int, default=20, help="Warmup optimizer steps.")
     p.add_argument("--checkpointing_steps", default=None, help="Save accelerator state every N steps (an integer), or 'epoch'.")
     p.add_argument("--resume_from_checkpoint", default=None, help="A step_N / epoch_N folder written by --checkpointing_steps.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the model init, the shuffling and dropout.")
     p.add_argument("--with_tracking", action="store_true", help="Log to TensorBoard (accelerator.init_trackers).")
-    p.add_argument("--image_size", type=int, default=8, help="Image side (pixels) of the ViT.")
-    p.add_argument("--patch_size", type=int, default=2, help="Patch side (pixels).")
-    p.add_argument("--hidden_size", type=int, default=64, help="ViT width.")
-    p.add_argument("--num_hidden_layers", type=int, default=2, help="ViT depth.")
-    p.add_argument("--test_size", type=float, default=0.2, help="Held-out fraction of the digits.")
     p.add_argument("--cpu", action="store_true", help="Train on CPU even when a GPU is present (needed for CPU multi-process runs).")
-    p.add_argument("--num_threads", type=int, default=1, help="torch CPU threads (0 keeps torch's default).")
-    args = p.parse_args(argv)
+    model_args, data, image, args = p.parse_args_into_dataclasses(args=argv)
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "num_train_epochs"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name}={getattr(args, name)} is invalid: expected an integer >= 1.")
     if args.max_train_steps is not None and args.max_train_steps < 1:
         raise ValueError(f"--max_train_steps={args.max_train_steps} is invalid: expected an integer >= 1.")
+    check_data_args(data, args.max_train_steps or 0, "max_train_steps")
     cs = args.checkpointing_steps
     if cs is not None and cs != "epoch" and not (cs.isdigit() and int(cs) >= 1):
         raise ValueError(f"--checkpointing_steps={cs!r} is invalid: expected an integer >= 1 or 'epoch'.")
-    return args
-
-
-def build_model(args: argparse.Namespace, labels: List[str]) -> ViTForImageClassification:
-    """The small from-scratch ViT of ``run_image_classification.py``."""
-    config = ViTConfig(
-        image_size=args.image_size, patch_size=args.patch_size, num_channels=3, hidden_size=args.hidden_size,
-        num_hidden_layers=args.num_hidden_layers, num_attention_heads=4, intermediate_size=2 * args.hidden_size,
-        num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={v: k for k, v in enumerate(labels)},
-    )
-    return ViTForImageClassification(config)
+    if cs == "epoch" and data.streaming:
+        raise ValueError("--checkpointing_steps=epoch needs epochs: a streamed dataset has none; give a number of steps.")
+    return model_args, data, image, args
 
 
 def build_optimizer(args: argparse.Namespace, model: torch.nn.Module, accelerator: Accelerator) -> torch.optim.Optimizer:
@@ -117,9 +114,9 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerato
 
 
 def main(argv: Optional[List[str]] = None) -> float:
-    args = parse_args(argv)
-    if args.num_threads > 0:
-        torch.set_num_threads(args.num_threads)
+    model_args, data, image, args = parse_args(argv)
+    if model_args.num_threads > 0:
+        torch.set_num_threads(model_args.num_threads)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         cpu=args.cpu,
@@ -129,17 +126,19 @@ def main(argv: Optional[List[str]] = None) -> float:
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "runs")),
     )
     set_seed(args.seed)
-    data = load_digits_images(test_size=args.test_size, seed=0)
-    labels = [str(n) for n in data["train"].features["label"].names]
-    processor = ViTImageProcessorPil(size={"height": args.image_size, "width": args.image_size})
-    collator = ImageClassificationCollator(processor)
-    train_loader = DataLoader(data["train"], shuffle=True, collate_fn=collator, batch_size=args.per_device_train_batch_size)
-    eval_loader = DataLoader(data["test"], collate_fn=collator, batch_size=args.per_device_eval_batch_size)
-    model = build_model(args, labels)
+    model, train, evaluation = load_task(model_args, data, image, args.seed)
+    # a stream is shuffled by its buffer (--shuffle_buffer_size) and sharded across processes by accelerate
+    train_loader = DataLoader(
+        train, shuffle=not data.streaming, collate_fn=default_data_collator, batch_size=args.per_device_train_batch_size
+    )
+    eval_loader = DataLoader(evaluation, collate_fn=default_data_collator, batch_size=args.per_device_eval_batch_size)
     optimizer = build_optimizer(args, model, accelerator)
 
-    updates_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
+    if data.streaming:
+        max_train_steps = args.max_train_steps
+    else:
+        updates_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / args.gradient_accumulation_steps)
+        max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
     # accelerate steps a prepared scheduler once per process per optimizer step (transformers' scripts do the same)
     scheduler = get_scheduler(
         args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
@@ -148,10 +147,16 @@ def main(argv: Optional[List[str]] = None) -> float:
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler
     )
-    updates_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
-    num_epochs = math.ceil(max_train_steps / updates_per_epoch)
+    if data.streaming:  # epochs are passes over the stream, as many as max_train_steps needs
+        updates_per_epoch, epochs = 0, itertools.count()
+    else:
+        updates_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+        epochs = iter(range(math.ceil(max_train_steps / updates_per_epoch)))
     if args.with_tracking:
-        accelerator.init_trackers("run_image_classification_no_trainer", {k: v for k, v in vars(args).items() if v is not None})
+        config = {**asdict(model_args), **asdict(data), **asdict(image), **vars(args)}
+        accelerator.init_trackers(
+            "run_image_classification_no_trainer", {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))}
+        )
     fop = getattr(optimizer, "optimizer", None)
     fop = fop if isinstance(fop, FOP) else None
 
@@ -166,12 +171,13 @@ def main(argv: Optional[List[str]] = None) -> float:
         elif name.startswith("step_"):
             completed = int(name[len("step_") :])
             batches = completed * args.gradient_accumulation_steps
-            start_epoch, skip_batches = divmod(batches, len(train_loader))
+            # a stream's length is unknown: its batches already used are skipped within the first pass
+            start_epoch, skip_batches = (0, batches) if data.streaming else divmod(batches, len(train_loader))
         else:
             raise ValueError(f"--resume_from_checkpoint={args.resume_from_checkpoint!r}: expected a step_N or epoch_N folder.")
 
     model.train()
-    for epoch in range(start_epoch, num_epochs):
+    for epoch in itertools.islice(epochs, start_epoch, None):
         train_loader.set_epoch(epoch)
         loader = accelerator.skip_first_batches(train_loader, skip_batches) if epoch == start_epoch and skip_batches else train_loader
         window_loss = 0.0
@@ -216,8 +222,9 @@ def main(argv: Optional[List[str]] = None) -> float:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(args.output_dir)
+    images = f"{len(evaluation)} images" if not data.streaming else "streamed images"
     accelerator.print(
-        f"test accuracy: {accuracy:.4f} ({len(data['test'])} images, optimizer={args.fop_optimizer}, steps={completed}, "
+        f"test accuracy: {accuracy:.4f} ({images}, optimizer={args.fop_optimizer}, steps={completed}, "
         f"processes={accelerator.num_processes})"
     )
     accelerator.end_training()

@@ -14,11 +14,11 @@ Usage (transformers' ``run_*_no_trainer.py`` style)::
 
 ``FOP(..., accelerator=...)`` attaches an :class:`AccelerateRouter`, which
 routes every training forward/backward of the (unwrapped) model into FOP's
-sub-batches by itself:
+sub-batches by itself, with the plan of :mod:`hf_fop.routing` (the one
+FOPTrainer uses; ``n = gradient_accumulation_steps``):
 
-* one process, ``gradient_accumulation_steps = n >= 2``: the first
-  ``ceil(n/2)`` micro-batches of the accumulation window form sub-batch 1
-  (g1), the rest sub-batch 2 (g2);
+* one process, ``n >= 2``: the first ``ceil(n/2)`` micro-batches of the
+  accumulation window form sub-batch 1 (g1), the rest sub-batch 2 (g2);
 * one process, ``n = 1``: :func:`sub_batches` splits the batch into halves
   (first half g1, second half g2); without it FOP raises, since every step
   would silently be a K-FAC step;
@@ -29,21 +29,20 @@ sub-batches by itself:
   micro-batch), so DDP never averages g1 into g2;
 * ``mode="kfac"``: plain backward (DDP averages), factors averaged over ranks.
 
-Scaling. ``accelerator.backward`` divides each micro-batch loss by ``n``. At the
-end of the window's last backward the router rescales each sub-batch gradient
-to the mean of its micro-batch losses' gradients (times ``n / c_j`` for ``c_j``
-micro-batches) and sets ``w1`` to sub-batch 1's share (micro-batch counts, or
-example counts of the two halves), so ``g_avg`` (what ``p.grad`` holds when the
+Scaling. ``accelerator.backward`` divides each piece's mean loss by ``n``; the
+user runs that backward, so the router cannot scale the loss as FOPTrainer does
+and rescales the gradients instead: between two pieces of a sub-batch with
+``k_a`` and ``k_b`` examples by ``k_a / k_b``, and at the end of the sub-batch by
+``n k_last / K`` (``K``: its examples). Each sub-batch gradient is then the mean
+over its examples and ``w1`` = sub-batch 1's share of the examples
+(:func:`hf_fop.routing.weigh`), so ``g_avg`` (what ``p.grad`` holds when the
 window ends, and what ``accelerator.clip_grad_norm_`` clips) is the mean
-gradient of the window: accelerate's gradient for a full window. Curvature S is
-captured with the same scaling divided out (and the GradScaler's scale, fp16).
-``mode="kfac"`` keeps accelerate's gradient unchanged. The routing is the
-:class:`FOPTrainer`'s for even ``n``, for ``n = 1`` and for several processes,
-and the two front ends then give the same parameters on the same sub-batches
-(``tests/test_accelerate_loop.py``). For odd ``n >= 3`` the Trainer splits
-every micro-batch in halves; here whole micro-batches are routed (g1 gets the
-extra one, ``w1 = ceil(n/2) / n``), since accelerate hands over one micro-batch
-at a time.
+gradient over the window's examples: accelerate's gradient for a window of
+equal micro-batches. Curvature S is captured as the summed loss's (the
+GradScaler's scale, fp16, and ``n k`` divided out) and divided by ``K**2``:
+the same S as FOPTrainer's. ``mode="kfac"`` keeps accelerate's gradient
+unchanged. The two front ends give the same parameters on the same
+sub-batches (``tests/test_accelerate_loop.py``).
 
 ``AcceleratedOptimizer.step``/``zero_grad`` act only when accelerate syncs
 (the window's last micro-batch), so FOP steps once per window. A window whose
@@ -66,13 +65,13 @@ each forward of a curvature step.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .distributed import DualGradientReducer, world
+from .routing import FallbackLog, Piece, SkippedSteps, batch_size_of, is_fallback, piece_inputs, route_micro_batch, weigh
 
 __all__ = ["AccelerateRouter", "sub_batches", "unwrap_fop"]
 
@@ -86,40 +85,30 @@ def unwrap_fop(optimizer: Any) -> Any:
 
 
 def sub_batches(optimizer: Any, batch: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
-    """Pieces of ``batch`` to run forward/backward on, one after the other.
+    """Pieces of ``batch`` to run forward/backward on, one after the other (:func:`hf_fop.routing.route_micro_batch`).
 
     Two halves along the batch dimension when FOP needs them (``mode="fop"``,
     one process, ``gradient_accumulation_steps == 1``): the first half gives
     g1, the second g2, and ``w1`` is the first half's share of the examples.
     Otherwise (accumulation window routing, several processes, K-FAC mode, or
     an optimizer that is not FOP) the batch itself, once. A batch of one
-    example cannot be split: that step is a K-FAC step (a warning; counted in
-    ``counters["fallback_steps"]``).
+    example cannot be split: that step is a K-FAC step (a warning at the first
+    one; counted in ``counters["fallback_steps"]``).
     """
-    from .trainer import batch_size_of, split_batch
-
     opt = unwrap_fop(optimizer)
     router: Optional[AccelerateRouter] = getattr(opt, "accelerate_router", None)
-    if router is None or not router.splits_batches():
+    if router is None:
         yield batch
         return
-    size = batch_size_of(batch)
-    if size < 2:
-        warnings.warn(
-            f"sub_batches: a batch of size {size} cannot be split into FOP's two sub-batches; this step is a K-FAC step.",
-            UserWarning,
-            stacklevel=2,
-        )
-        pieces: List[Mapping[str, Any]] = [batch]
-    else:
-        pieces = list(split_batch(batch, size // 2))
+    pieces = router.route(batch)
     for index, piece in enumerate(pieces):
-        router._piece = (index, float(batch_size_of(piece)), index == len(pieces) - 1)
+        router._piece = (piece, index == len(pieces) - 1)
         try:
-            yield piece
+            yield piece_inputs(batch, piece)
         finally:
             router._piece = None
-    router.close()
+    if router.accelerator.sync_gradients:
+        router.close()
 
 
 class AccelerateRouter:
@@ -146,6 +135,7 @@ class AccelerateRouter:
         self.opt = opt
         self.model = model
         self.accelerator = accelerator
+        self.world_size = world_size
         self.distributed = world_size > 1
         self.reducer: Optional[DualGradientReducer] = None
         """The dual-gradient reduction (several processes)."""
@@ -155,14 +145,17 @@ class AccelerateRouter:
                 self.reducer.install()
             else:  # K-FAC: DDP averages the gradients; only the factors need averaging
                 self.reducer.install_curvature()
+        self.fallbacks = FallbackLog("FOP (Accelerate loop)")
+        """K-FAC fallback steps of this run (windows with only g1); warns at the first."""
+        self._skipped = SkippedSteps()
         self._state = "idle"  # "idle" (no window), "open" (window running), "closed" (last backward done)
         self._open_group: Optional[int] = None  # sub-batch FOP currently accumulates into
-        self._counts: Dict[int, int] = {}  # micro-batches (pieces) per gradient group of this window
-        self._weights: Dict[int, float] = {}  # group weights for w1 (micro-batch counts, or half sizes)
-        self._marker: Optional[Tuple[int, int]] = None  # (global_step, skipped_steps) at the window's start
+        self._pieces: List[Piece] = []  # the window's pieces so far, in run order
+        self._items: List[float] = []  # their examples
+        self._micro = 0  # micro-batches begun in this window
         self._close_pending = False  # the window's last forward ran: close at the end of its backward
         self._close_queued = False
-        self._piece: Optional[Tuple[int, float, bool]] = None  # set by sub_batches: (index, examples, is last)
+        self._piece: Optional[Tuple[Piece, bool]] = None  # set by sub_batches: (piece, last of its micro-batch)
         self._mask_scope = contextlib.ExitStack()  # opt.padding_mask(...) from a forward's start to its end
         self._handles = [
             model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
@@ -173,12 +166,16 @@ class AccelerateRouter:
         if self.reducer is not None:  # every rank enters save_state: average the ranks' factors before it saves
             self._handles.append(accelerator.register_save_state_pre_hook(lambda *_: self.reducer.sync_factors()))
 
-    # -------------------------------------------------------------- queries
-    def splits_batches(self) -> bool:
-        """Whether :func:`sub_batches` splits: ``mode="fop"``, one process, ``gradient_accumulation_steps == 1``."""
-        return (
-            self.opt.config.mode == "fop" and not self.distributed and self.accelerator.gradient_accumulation_steps == 1
-        )
+    # -------------------------------------------------------------- routing
+    @property
+    def n(self) -> int:
+        """The window length: ``accelerator.gradient_accumulation_steps``."""
+        return int(self.accelerator.gradient_accumulation_steps)
+
+    def route(self, batch: Mapping[str, Any]) -> Tuple[Piece, ...]:
+        """Pieces of ``batch`` as the next micro-batch of the window (:func:`hf_fop.routing.route_micro_batch`)."""
+        index = self._micro if self._state == "open" else 0
+        return route_micro_batch(index, batch_size_of(batch), self.n, self.world_size, self.opt.config.mode)
 
     # ---------------------------------------------------------------- hooks
     def _routed(self, module: nn.Module) -> bool:
@@ -191,19 +188,10 @@ class AccelerateRouter:
         self._mask_scope.close()  # a previous forward that raised left its mask set
         mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
         self._mask_scope.enter_context(self.opt.padding_mask(mask))
-        if self._state != "open":
-            self._start_window()
-        opt = self.opt
-        n = int(self.accelerator.gradient_accumulation_steps)
-        piece = self._piece
-        last = bool(self.accelerator.sync_gradients) and (piece is None or piece[2])
-        if self.distributed and opt.config.mode == "fop":
-            self._switch_off_ddp_averaging()
-        if self.distributed or opt.config.mode == "kfac":
-            group, weight = -1, 1.0
-        elif piece is not None:
-            group, weight = piece[0], piece[1]
-        elif n == 1:
+        opt, n = self.opt, self.n
+        if self._piece is not None:
+            piece, last_of_micro_batch = self._piece
+        elif n == 1 and opt.config.mode == "fop" and not self.distributed:
             raise RuntimeError(
                 "FOP needs two sub-batches per step, but gradient_accumulation_steps=1 on one process gives one batch "
                 "per step: run the forward/backward as `for piece in sub_batches(opt, batch): ...` "
@@ -211,27 +199,38 @@ class AccelerateRouter:
                 "Accelerator(gradient_accumulation_steps >= 2) (the window's first half gives g1), or FOP(mode='kfac')."
             )
         else:
-            k = sum(self._counts.values())
-            group, weight = (0 if k < (n + 1) // 2 else 1), 1.0
-        if group != self._open_group and group >= 0:
+            (piece,), last_of_micro_batch = self.route(_inputs(args, kwargs)), True
+        if self._state != "open":
+            self._start_window()
+        if piece.rows is None or piece.rows[0] == 0:
+            self._micro += 1
+        if self.distributed and opt.config.mode == "fop":
+            self._switch_off_ddp_averaging()
+        items = float(_examples(args, kwargs))
+        group = piece.sub_batch
+        if group is not None and group != self._open_group:
             if self._open_group == 0:
                 self._end_group(0)
             opt.begin_sub_batch(group)
             self._open_group = group
-        self._counts[group] = self._counts.get(group, 0) + 1
-        self._weights[group] = self._weights.get(group, 0.0) + weight
+        elif opt.config.mode == "fop" and self._pieces and self._pieces[-1].sub_batch == group and self._items[-1] != items:
+            _scale_grads(opt, self._items[-1] / items)  # p.grad stays (sum of k_i grad_i) / k_last, see _end_group
+        self._pieces.append(piece)
+        self._items.append(items)
         if opt.capturing:  # read only by the curvature hooks: no host read of the scale on other steps
             scaler = getattr(self.accelerator, "scaler", None)
             scale = float(scaler.get_scale()) if scaler is not None else 1.0
-            opt.engine.grad_scale = scale / n  # accelerator.backward divides the loss by n; the scaler multiplies it
-        self._close_pending = last
+            # accelerator.backward divides the mean loss by n, the scaler multiplies it: S sees the summed loss
+            opt.engine.grad_scale = scale / (n * items)
+        self._close_pending = bool(self.accelerator.sync_gradients) and last_of_micro_batch
 
     def _after_forward(self, module: nn.Module, args: Any, kwargs: Dict[str, Any], output: Any) -> None:
         if not self._routed(module):
             return
         if self.opt.config.fisher_type == "mc" and self.opt.capturing:
             labels = kwargs.get("labels")  # positions labelled -100 are left out of the sampled loss
-            self.opt.mc_backward(_logits(output), labels=labels if isinstance(labels, Tensor) else None)
+            weight = self._items[-1]  # the summed sampled loss, as S sees the summed loss (grad_scale)
+            self.opt.mc_backward(_logits(output), labels=labels if isinstance(labels, Tensor) else None, weight=weight)
         self._mask_scope.close()  # the layers' backward hooks kept their own reference to the mask
         if not self._close_pending:
             return
@@ -253,15 +252,10 @@ class AccelerateRouter:
     # --------------------------------------------------------------- window
     def _start_window(self) -> None:
         """Start a window; count the last one as skipped if its step never ran (the loop's ``zero_grad`` discarded it)."""
-        opt = self.opt
-        if self._marker is not None and self._state == "closed":
-            step, skipped = self._marker
-            if opt.global_step == step and opt.counters["skipped_steps"] == skipped:
-                opt.counters["skipped_steps"] += 1
+        self._skipped.begin(self.opt)
         self._open_group = None
-        self._counts, self._weights = {}, {}
+        self._pieces, self._items, self._micro = [], [], 0
         self._close_queued = False
-        self._marker = (opt.global_step, opt.counters["skipped_steps"])
         self._state = "open"
 
     def _switch_off_ddp_averaging(self) -> None:
@@ -277,10 +271,20 @@ class AccelerateRouter:
         if ddp is not None and ddp.module is self.model:
             ddp.require_backward_grad_sync = False
 
+    def _rescale_group(self, group: Optional[int]) -> None:
+        """``p.grad`` of ``group`` (its last piece just ran) becomes its item-weighted mean gradient.
+
+        Between pieces of a group ``p.grad = (sum_i k_i grad_i) / (n k_last)`` (accelerate divides by ``n``), so
+        ``n k_last / K`` gives ``sum_i (k_i / K) grad_i``: the loss scales of :func:`hf_fop.routing.weigh`.
+        """
+        weights = weigh(self._pieces, self._items, self.world_size)
+        last = max(i for i, piece in enumerate(self._pieces) if piece.sub_batch == group)
+        if self.opt.config.mode == "fop":
+            _scale_grads(self.opt, self.n * self._items[last] / weights.group_items[group])
+
     def _end_group(self, group: int) -> None:
-        """Close sub-batch ``group``: its gradient becomes the mean over its micro-batches."""
-        n = int(self.accelerator.gradient_accumulation_steps)
-        _scale_grads(self.opt, n / self._counts[group])
+        """Close sub-batch ``group``: its gradient becomes the item-weighted mean over its pieces."""
+        self._rescale_group(group)
         self.opt.end_sub_batch(group)
         self._open_group = None
 
@@ -301,17 +305,28 @@ class AccelerateRouter:
         self._state = "closed"
         self._close_pending = False
         opt = self.opt
-        _scale_curvature(opt, self._counts)
-        if self._open_group == 1:
-            c0, c1 = self._weights.get(0, 0.0), self._weights[1]
-            opt.w1 = c0 / (c0 + c1)
-            self._end_group(1)
-        elif self._open_group == 0:  # only g1: a K-FAC step on it (FOP counts the fallback)
+        weights = weigh(self._pieces, self._items, self.world_size)
+        _scale_curvature(opt, weights.group_items)
+        if is_fallback(self._pieces):  # only g1: a K-FAC step on it (FOP counts the fallback)
             self._end_group(0)
-        elif self.distributed and opt.config.mode == "fop":
-            n = int(self.accelerator.gradient_accumulation_steps)
-            _scale_grads(opt, n / self._counts.get(-1, n))
-            self.reducer.reduce_gradients()
+            self.fallbacks.record(self.n)
+        elif self._open_group == 1:
+            opt.w1 = weights.w1
+            self._end_group(1)
+        elif self.distributed:
+            self._rescale_group(None)
+            if opt.config.mode == "fop":
+                self.reducer.reduce_gradients()
+
+
+def _inputs(args: Any, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """The model call's tensors by name (positional ones as ``"0"``, ``"1"``...)."""
+    return {**{str(i): a for i, a in enumerate(args)}, **kwargs}
+
+
+def _examples(args: Any, kwargs: Dict[str, Any]) -> int:
+    """Examples in a model call: the leading dimension of its first batched tensor argument."""
+    return batch_size_of(_inputs(args, kwargs))
 
 
 def _logits(output: Any) -> Tensor:
@@ -346,10 +361,10 @@ def _scale_grads(opt: Any, factor: float) -> None:
         torch._foreach_mul_(grads, factor)
 
 
-def _scale_curvature(opt: Any, counts: Dict[int, int]) -> None:
-    """Captured S of gradient group ``g`` divided by ``counts[g]**2`` (its micro-batch gradients -> its mean's)."""
+def _scale_curvature(opt: Any, group_items: Dict[Optional[int], float]) -> None:
+    """Captured S of sub-batch ``g`` (the summed loss's gradients) divided by ``K_g**2``: its mean loss's."""
     for layer in opt.engine.layers:
         for group, s_sum in layer.s_sums.items():
-            c = counts.get(group, 1)
-            if c != 1:
-                s_sum.div_(c * c)
+            items = group_items.get(None if group == -1 else group)
+            if items is not None and items != 1.0:
+                s_sum.div_(items * items)

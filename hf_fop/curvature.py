@@ -475,12 +475,13 @@ class CurvatureEngine:
         generator: Optional[torch.Generator] = None,
         labels: Optional[Tensor] = None,
         label_shift: Optional[int] = None,
+        weight: Union[float, Tensor] = 1.0,
     ) -> None:
         """Monte-Carlo Fisher: sample labels from ``softmax(logits)`` and capture S from them.
 
         ``logits``: ``(B, C)`` or ``(B, T, C)``. The sampled loss is the sum of
         cross-entropies over the *real* positions, averaged over the ``B``
-        examples. Real positions: those of the current padding mask (for
+        examples, times ``weight``. Real positions: those of the current padding mask (for
         ``(B, T, C)`` logits; not for encoder-decoder models, whose mask is
         the encoder's), and, when integer ``labels`` of shape ``logits.shape[:-1]``
         are given, those whose label is not ``-100``. ``label_shift`` (default:
@@ -508,6 +509,8 @@ class CurvatureEngine:
         if weights is not None:
             per_position = per_position * weights.reshape(-1)
         loss = per_position.sum() / _batch_size(logits)
+        if isinstance(weight, Tensor) or weight != 1.0:
+            loss = loss * weight
         grads = torch.autograd.grad(loss, [out for _, out, _, _ in pending], retain_graph=True, allow_unused=True)
         for (layer, out, group, mask), grad in zip(pending, grads):
             if grad is not None:

@@ -40,7 +40,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -281,14 +281,16 @@ class FOP(torch.optim.Optimizer):
         generator: Optional[torch.Generator] = None,
         labels: Optional[Tensor] = None,
         label_shift: Optional[int] = None,
+        weight: Union[float, Tensor] = 1.0,
     ) -> None:
         """``fisher_type="mc"``: sampled-label backward for S over real positions only.
 
         Call it inside :meth:`padding_mask` (when there is padding) after the
-        forward pass; ``labels`` (optional) excludes positions labelled ``-100``.
-        See :meth:`CurvatureEngine.mc_backward`.
+        forward pass; ``labels`` (optional) excludes positions labelled ``-100``;
+        ``weight`` multiplies the sampled loss (a piece's share of its sub-batch,
+        as its real loss is scaled). See :meth:`CurvatureEngine.mc_backward`.
         """
-        self.engine.mc_backward(logits, generator, labels, label_shift)
+        self.engine.mc_backward(logits, generator, labels, label_shift, weight)
 
     @contextlib.contextmanager
     def padding_mask(self, mask: Optional[Tensor]) -> Iterator[None]:

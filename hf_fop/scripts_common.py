@@ -23,7 +23,7 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, IterableDataset, load_dataset
 from transformers import HfArgumentParser, set_seed
 
-from .arguments import FOPTrainingArguments, parse_fop_args
+from .arguments import parse_fop_args
 
 AnyDataset = Union[Dataset, IterableDataset]
 
@@ -108,17 +108,17 @@ def parse_args(
         if isinstance(obj, ModelArguments) and obj.num_threads > 0:
             torch.set_num_threads(obj.num_threads)
         if isinstance(obj, DataArguments):
-            check_data_args(obj, parsed[-1])
+            check_data_args(obj, parsed[-1].max_steps)
     set_seed(parsed[-1].seed)
     return parsed
 
 
-def check_data_args(data: DataArguments, args: FOPTrainingArguments) -> None:
-    """Field-named errors for invalid data arguments; ``--streaming`` requires ``--max_steps``."""
-    if data.streaming and args.max_steps <= 0:
+def check_data_args(data: DataArguments, max_steps: int, max_steps_flag: str = "max_steps") -> None:
+    """Field-named errors for invalid data arguments; ``--streaming`` requires ``max_steps > 0`` (``--max_steps_flag``)."""
+    if data.streaming and max_steps <= 0:
         raise ValueError(
-            "--streaming needs --max_steps > 0: a streamed dataset has no length, so the Trainer cannot count epochs "
-            f"(got max_steps={args.max_steps})."
+            f"--streaming needs --{max_steps_flag} > 0: a streamed dataset has no length, so the number of epochs "
+            f"cannot be counted (got {max_steps_flag}={max_steps})."
         )
     if data.shuffle_buffer_size < 1:
         raise ValueError(f"--shuffle_buffer_size={data.shuffle_buffer_size} is invalid: expected an integer >= 1.")

@@ -1,15 +1,12 @@
 """``FOPTrainer``: the transformers ``Trainer`` driving the FOP optimizer.
 
-Routing of one optimizer step's micro-batches (``n`` = micro-batches of the
-step, normally ``gradient_accumulation_steps``) into FOP's two sub-batches:
-
-* one process, ``n`` even: the first ``n/2`` micro-batches form sub-batch 1
-  (g1), the last ``n/2`` sub-batch 2 (g2);
-* one process, ``n`` odd (including 1): every micro-batch is split into two
-  halves along the batch dimension; first halves form sub-batch 1, second
-  halves sub-batch 2 (second halves run after the step's last first half);
-* several processes: each rank's micro-batches stay whole; even ranks give
-  g1, odd ranks g2 (:mod:`hf_fop.distributed`), DDP's averaging is off.
+Routing of one optimizer step's micro-batches into FOP's two sub-batches and
+the scales of each piece: :mod:`hf_fop.routing` (the same plan as the plain
+Accelerate loop's): one process, the first ``ceil(n/2)`` of the window's ``n``
+micro-batches form sub-batch 1 (g1), the rest sub-batch 2 (g2); ``n = 1``: the
+micro-batch is split into halves; several processes: each rank's micro-batches
+stay whole, even ranks give g1, odd ranks g2 (:mod:`hf_fop.distributed`),
+DDP's averaging is off.
 
 Loss scaling. Each piece's loss is the mean over its own loss items (the
 Trainer's count of ``num_items_in_batch``, or examples): the piece's count is
@@ -49,6 +46,7 @@ from transformers.utils import is_sagemaker_mp_enabled, logging
 from .arguments import FOPTrainingArguments
 from .distributed import DualGradientReducer, world
 from .optimizer import FOP
+from .routing import FallbackLog, SkippedSteps, batch_size_of, is_fallback, piece_inputs, route_window, weigh
 
 logger = logging.get_logger(__name__)
 
@@ -75,15 +73,14 @@ _PER_LAYER_FIELDS = ("beta", "eta", "s_proj", "kl_base", "kl_cross", "kl_orth")
 
 @dataclass
 class _Piece:
-    """A forward/backward unit: (part of) a micro-batch routed to one sub-batch.
+    """A forward/backward unit: a routed piece (:class:`hf_fop.routing.Piece`) with its inputs and scales.
 
     ``num_items is None``: the Trainer's own loss (its ``num_items_in_batch``
     and gradient-accumulation scaling), backward as is. Otherwise the loss is
     the mean over the piece's ``num_items`` loss items (passed to the model as
     ``num_items_in_batch``, so models that honour it and models that average
-    per call agree), backward with ``loss_scale`` = piece items / sub-batch
-    items (each sub-batch gradient is its mean), and ``report_scale`` = piece
-    items / step items for the loss the Trainer logs.
+    per call agree), backward with ``loss_scale`` and reported with
+    ``report_scale`` (:func:`hf_fop.routing.weigh`).
     """
 
     inputs: Mapping[str, Any]
@@ -98,27 +95,6 @@ class _Plan:
     schedule: List[List[_Piece]]  # pieces run at each micro-batch index
     w1: float
     distributed: bool
-
-
-def batch_size_of(inputs: Mapping[str, Any]) -> int:
-    """Leading dimension of the first tensor with at least one dimension in ``inputs``."""
-    for value in inputs.values():
-        if isinstance(value, Tensor) and value.dim() >= 1:
-            return int(value.shape[0])
-    raise ValueError(f"Cannot find a batch dimension in the inputs (keys: {sorted(inputs)}): no tensor in the batch.")
-
-
-def split_batch(inputs: Mapping[str, Any], first: int) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """Split every tensor whose leading dim is the batch size into ``[:first]`` and ``[first:]``."""
-    size = batch_size_of(inputs)
-    a: Dict[str, Any] = {}
-    b: Dict[str, Any] = {}
-    for key, value in inputs.items():
-        if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == size:
-            a[key], b[key] = value[:first], value[first:]
-        else:
-            a[key] = b[key] = value
-    return a, b
 
 
 class FOPTrainer(Trainer):
@@ -160,8 +136,8 @@ class FOPTrainer(Trainer):
         self.fop_reducer: Optional[DualGradientReducer] = None
         self._plan: Optional[_Plan] = None
         self._micro = 0
-        self._step_marker: Optional[Tuple[int, int]] = None
-        self._unsplittable_steps = 0
+        self._skipped = SkippedSteps()
+        self._fallbacks = FallbackLog("FOPTrainer")
         self._fop_hook_sync = False
         self._fop_first_loss: Optional[float] = None
         """First finite logged training loss (the divergence warning's reference)."""
@@ -203,17 +179,13 @@ class FOPTrainer(Trainer):
                 f"FOPTrainer does not support torch.nn.DataParallel (n_gpu={args.n_gpu}): launch one process per device "
                 "with torchrun or accelerate launch instead."
             )
-        if (
-            self.fop_mode == "fop"
-            and args.world_size == 1
-            and args.per_device_train_batch_size < 2
-            and args.gradient_accumulation_steps % 2 == 1
-        ):
+        one_example = args.per_device_train_batch_size < 2 and args.gradient_accumulation_steps == 1
+        if self.fop_mode == "fop" and args.world_size == 1 and one_example:
             raise ValueError(
-                f"FOP needs two sub-batches per step, but per_device_train_batch_size="
-                f"{args.per_device_train_batch_size} with gradient_accumulation_steps={args.gradient_accumulation_steps} "
-                "(odd) cannot be split: use per_device_train_batch_size >= 2, or an even gradient_accumulation_steps "
-                "(the first half of the micro-batches then forms sub-batch 1), or fop_optimizer='kfac'."
+                f"FOP needs two sub-batches per step, but per_device_train_batch_size={args.per_device_train_batch_size} "
+                "with gradient_accumulation_steps=1 gives one example per step, which cannot be split: use "
+                "per_device_train_batch_size >= 2, or gradient_accumulation_steps >= 2 (the first ceil(n/2) micro-batches "
+                "of each window then form sub-batch 1), or fop_optimizer='kfac'."
             )
 
     # ------------------------------------------------------------ optimizer
@@ -235,16 +207,13 @@ class FOPTrainer(Trainer):
         return self.optimizer
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
-        self._step_marker = None
+        self._skipped.reset()
         self._plan = None
-        self._unsplittable_steps = 0
+        self._fallbacks = FallbackLog("FOPTrainer")
         result = super().train(*args, **kwargs)
-        if self._unsplittable_steps:
-            logger.warning(
-                f"FOPTrainer: {self._unsplittable_steps} optimizer step(s) of this run had a micro-batch of size 1 that "
-                "cannot be split into two sub-batches and were K-FAC steps (see fop/fallback_fraction); use batches of "
-                "at least 2 (e.g. dataloader_drop_last=True) to avoid it."
-            )
+        summary = self._fallbacks.summary()
+        if summary is not None:
+            logger.warning(summary)
         return result
 
     # -------------------------------------------------------------- routing
@@ -280,87 +249,55 @@ class FOPTrainer(Trainer):
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> Tuple[list, Any]:
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         if self.fop_mode is not None and batch_samples:
-            self._plan = self._make_plan(batch_samples, num_items_in_batch, device)
+            self._plan = self._make_plan(batch_samples, num_items_in_batch, device, self.args.gradient_accumulation_steps)
             self._micro = 0
         return batch_samples, num_items_in_batch
 
-    def _make_plan(self, batches: List[Mapping[str, Any]], num_items_in_batch: Any, device: torch.device) -> _Plan:
-        n = len(batches)
-        world_size = world()[1]
-        if world_size > 1:
-            return self._multi_process_plan(batches, num_items_in_batch, device, world_size)
-        if self.fop_mode == "kfac":
-            return _Plan([[_Piece(b, None)] for b in batches], 0.5, False)
-        plain = _Plan([[_Piece(b, 0)] for b in batches], 1.0, False)  # K-FAC fallback (one sub-batch)
-        if n % 2 == 0:
-            groups = [list(batches[: n // 2]), list(batches[n // 2 :])]
-        else:
-            sizes = [batch_size_of(b) for b in batches]
-            if min(sizes) < 2:
-                self._unsplittable_steps += 1  # reported once, at the end of train()
-                return plain
-            halves = [split_batch(b, s // 2) for b, s in zip(batches, sizes)]
-            groups = [[h[0] for h in halves], [h[1] for h in halves]]
-        counts = self._piece_counts(groups[0] + groups[1], device)
-        if isinstance(counts, Tensor):
-            counts = counts.tolist()  # the one host sync of the step
-        items = [counts[: len(groups[0])], counts[len(groups[0]) :]]
-        group_items = [sum(x) for x in items]
-        total = sum(group_items)
-        if min(min(x) for x in items) <= 0:
-            return plain
-        pieces = [
-            [_Piece(b, j, k, k / group_items[j], k / total) for b, k in zip(groups[j], items[j])] for j in (0, 1)
-        ]
-        if n % 2 == 0:
-            schedule = [[p] for p in pieces[0] + pieces[1]]
-        else:
-            schedule = [[p] for p in pieces[0]]
-            schedule[-1] = schedule[-1] + pieces[1]
-        return _Plan(schedule, group_items[0] / total, False)
-
-    def _multi_process_plan(
-        self, batches: List[Mapping[str, Any]], num_items_in_batch: Any, device: torch.device, world_size: int
+    def _make_plan(
+        self, batches: List[Mapping[str, Any]], num_items_in_batch: Any, device: torch.device, n: Optional[int] = None
     ) -> _Plan:
-        """Whole micro-batches; piece ``b`` backpropagates ``W * sum_b / N`` (``N``: the step's items on all ranks).
+        """The window's pieces (:func:`hf_fop.routing.route_window`, ``n`` = ``gradient_accumulation_steps``) and scales.
 
-        Each piece's loss is its mean (its count passed as ``num_items_in_batch``) times ``W k_b / N``, so the mean of
-        the ranks' gradients is the global mean gradient and the mean of the logged losses the global mean loss,
-        whether or not the model honours ``num_items_in_batch``. ``N`` is the Trainer's gathered count
-        (``average_tokens_across_devices``), else ``W`` times this rank's count (each rank normalised by its own).
-        Counts stay tensors: no host sync.
+        Counts stay tensors on several processes (no host sync); one process reads them once (``tolist``).
         """
-        counts = self._piece_counts(batches, device)
-        if isinstance(counts, Tensor):
+        world_size = world()[1]
+        n = max(n or len(batches), len(batches))
+        routed = route_window([batch_size_of(b) for b in batches], n, world_size, self.fop_mode)
+        inputs = [piece_inputs(batches[p.micro_batch], p) for p in routed]
+        schedule: List[List[_Piece]] = [[] for _ in batches]
+
+        def plan(pieces: List[_Piece], w1: float, distributed: bool = False) -> _Plan:
+            for routed_piece, piece in zip(routed, pieces):
+                schedule[routed_piece.micro_batch].append(piece)
+            return _Plan(schedule, w1, distributed)
+
+        if world_size == 1 and (self.fop_mode == "kfac" or is_fallback(routed)):  # the Trainer's own loss and scaling
+            if self.fop_mode == "fop":
+                self._fallbacks.record(n)
+            return plan([_Piece(x, p.sub_batch) for x, p in zip(inputs, routed)], 1.0)
+        counts = self._piece_counts(inputs, device)
+        total = None
+        if world_size > 1 and isinstance(counts, Tensor):
             gathered = (
                 isinstance(num_items_in_batch, Tensor) and num_items_in_batch.dim() == 0
                 and self.args.average_tokens_across_devices
             )
-            total = num_items_in_batch.float() if gathered else counts.sum() * world_size
-            scales = counts * world_size / total.clamp_min(1.0)
-            pieces = [_Piece(b, None, counts[i].clamp_min(1.0), scales[i], scales[i]) for i, b in enumerate(batches)]
+            total = (num_items_in_batch.float() if gathered else counts.sum() * world_size).clamp_min(1.0)
+            items: List[Any] = list(counts.unbind())
+            num_items: List[Any] = [k.clamp_min(1.0) for k in items]
         else:
-            total = sum(counts) * world_size
-            pieces = [_Piece(b, None, k, k * world_size / total, k * world_size / total) for b, k in zip(batches, counts)]
-        return _Plan([[p] for p in pieces], 0.5, True)
+            items = counts.tolist() if isinstance(counts, Tensor) else counts  # the one host sync of the step
+            num_items = items
+            if world_size == 1 and min(items) <= 0:  # a piece without loss items: the Trainer's own loss
+                return plan([_Piece(x, 0) for x in inputs], 1.0)
+        weights = weigh(routed, items, world_size, total)
+        pieces = [
+            _Piece(x, p.sub_batch, k, scale, report)
+            for x, p, k, scale, report in zip(inputs, routed, num_items, weights.loss_scales, weights.report_scales)
+        ]
+        return plan(pieces, weights.w1, world_size > 1)
 
     # ------------------------------------------------------------- training
-    def _account_skipped_step(self) -> None:
-        """Count the last started step as skipped if ``FOP.step`` never ran for it (fp16 overflow)."""
-        opt = self.fop_optimizer
-        if self._step_marker is not None:
-            step, skipped = self._step_marker
-            if opt.global_step == step and opt.counters["skipped_steps"] == skipped:
-                opt.counters["skipped_steps"] += 1
-            self._step_marker = None
-
-    def _begin_step(self) -> None:
-        """Discard pending sub-batch state (left by a skipped step) and mark the step's start."""
-        opt = self.fop_optimizer
-        self._account_skipped_step()
-        opt.zero_grad(set_to_none=True)
-        self._step_marker = (opt.global_step, opt.counters["skipped_steps"])
-
     def training_step(self, model: nn.Module, inputs: Dict[str, Any], num_items_in_batch: Any = None) -> Tensor:
         """Forward/backward of one micro-batch, routed into FOP's sub-batches (see module docstring)."""
         if self.fop_mode is None:
@@ -370,8 +307,9 @@ class FOPTrainer(Trainer):
             self._micro = 0
         plan, index = self._plan, self._micro
         self._micro += 1
-        if index == 0:
-            self._begin_step()
+        if index == 0:  # discard pending sub-batch state (left by a skipped step)
+            self._skipped.begin(self.fop_optimizer)
+            self.fop_optimizer.zero_grad(set_to_none=True)
             if not plan.distributed:  # multi-process: DualGradientReducer sets w1
                 self.fop_optimizer.w1 = plan.w1
             scaler = self.accelerator.scaler
@@ -437,7 +375,7 @@ class FOPTrainer(Trainer):
                     loss = loss / self.current_gradient_accumulation_steps
                 if mc:
                     logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[1]
-                    opt.mc_backward(logits, labels=labels if isinstance(labels, Tensor) else None)
+                    opt.mc_backward(logits, labels=labels if isinstance(labels, Tensor) else None, weight=piece.loss_scale)
                 self.accelerator.backward(loss * piece.loss_scale if _scales(piece.loss_scale) else loss)
                 if _scales(piece.report_scale):
                     loss = loss * piece.report_scale
@@ -463,7 +401,7 @@ class FOPTrainer(Trainer):
     def log(self, logs: Dict[str, float], start_time: Optional[float] = None) -> None:
         """The Trainer's ``log`` with FOP diagnostics merged into training logs (those with ``loss``)."""
         if self.fop_optimizer is not None:
-            self._account_skipped_step()  # log() runs between optimizer steps
+            self._skipped.account(self.fop_optimizer)  # log() runs between optimizer steps
             if "loss" in logs:
                 logs = {**logs, **self.fop_logs()}
                 if self.fop_reducer is not None:  # every rank logs training losses at the same steps

@@ -84,7 +84,8 @@ class Settings:
 
 
 def make_settings(profile: str) -> Settings:
-    """``"full"`` (about 30 min on 2 CPU cores), ``"quick"`` (about 1 min) or ``"cuda"`` (sized up)."""
+    """``"full"`` (about 30 min on 2 CPU cores), ``"quick"`` (about 1 min), ``"smoke"`` (the quick run's code paths
+    in a few seconds, for tests) or ``"cuda"`` (sized up)."""
     full_batches = [64, 256, 1078]
     if profile == "full":
         return Settings(
@@ -112,6 +113,20 @@ def make_settings(profile: str) -> Settings:
             evals_per_run=10,
             ablation_seeds=1,
         )
+    if profile == "smoke":
+        return Settings(
+            profile=profile,
+            models=["mlp", "vit"],
+            batch_sizes=[128, 1078],
+            epochs={"mlp": {128: 4, 1078: 20}, "vit": {128: 2, 1078: 10}},
+            targets={"mlp": 0.85, "vit": 0.4},
+            lr_grid=[3e-3, 3e-2],
+            damping_grid=[1e-1],
+            seeds=1,
+            inverse_interval={128: 10, 1078: 5},
+            evals_per_run=5,
+            ablation_seeds=1,
+        )
     if profile == "cuda":
         return Settings(
             profile=profile,
@@ -126,7 +141,7 @@ def make_settings(profile: str) -> Settings:
             evals_per_run=100,
             ablation_seeds=5,
         )
-    raise ValueError(f"profile={profile!r} is invalid: expected 'full', 'quick' or 'cuda'.")
+    raise ValueError(f"profile={profile!r} is invalid: expected 'full', 'quick', 'smoke' or 'cuda'.")
 
 
 @dataclass
@@ -716,6 +731,7 @@ def finite_json(obj: Any) -> Any:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny grid and short runs (about 1 min on 2 CPU cores)")
+    p.add_argument("--smoke", action="store_true", help="the quick run's code paths in a few seconds (for tests)")
     p.add_argument("--device", default="cpu", help="'cpu' or 'cuda' (cuda sizes up models, grid and runs)")
     p.add_argument("--out", default="docs", help="folder for the JSON and PNGs (default: docs)")
     p.add_argument("--markdown", default=None, help="markdown file to update (default: OUT/benchmarks.md)")
@@ -735,7 +751,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    profile = "quick" if args.quick else ("cuda" if device.type == "cuda" else "full")
+    profile = "smoke" if args.smoke else "quick" if args.quick else ("cuda" if device.type == "cuda" else "full")
     os.makedirs(args.out, exist_ok=True)
     if args.from_json:
         with open(args.from_json) as f:

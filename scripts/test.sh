@@ -9,4 +9,4 @@ workers=${PYTEST_WORKERS:-2}
 if [ "$workers" = "0" ]; then
   exec python3 -m pytest -q tests "$@"
 fi
-exec python3 -m pytest -q -n "$workers" tests "$@"
+exec python3 -m pytest -q -n "$workers" --dist loadgroup tests "$@"

@@ -1,4 +1,4 @@
-"""Tests of scripts/benchmark_convergence.py: its pieces against oracles, and a ``--quick`` smoke run."""
+"""Tests of scripts/benchmark_convergence.py: its pieces against oracles, and a ``--smoke`` run (the ``--quick`` code paths, smaller)."""
 
 from __future__ import annotations
 
@@ -153,18 +153,19 @@ def test_paired_damping_counts_and_leaves_out_failed_pairs():
 
 # ------------------------------------------------------------- smoke run
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("quick")
-    report = bc.main(["--quick", "--out", str(out)])
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    report = bc.main(["--smoke", "--out", str(out)])
     return out, report
 
 
-def test_quick_run_writes_json_markdown_and_pngs(quick_run):
-    out, _ = quick_run
-    data = json.loads((out / "convergence_results_quick.json").read_text())
+@pytest.mark.xdist_group("convergence_smoke")  # one smoke run, one worker
+def test_smoke_run_writes_json_markdown_and_pngs(smoke_run):
+    out, _ = smoke_run
+    data = json.loads((out / "convergence_results_smoke.json").read_text())
     s = data["meta"]["settings"]
-    assert s["profile"] == "quick" and data["meta"]["machine"] and data["meta"]["date_utc"]
-    assert "--quick" in data["meta"]["command"]
+    assert s["profile"] == "smoke" and data["meta"]["machine"] and data["meta"]["date_utc"]
+    assert "--smoke" in data["meta"]["command"]
     assert len(data["table"]) == len(s["models"]) * len(s["batch_sizes"]) * len(bc.OPTIMIZERS)
     for row in data["table"]:
         assert row["seeds"] == s["seeds"]
@@ -180,15 +181,16 @@ def test_quick_run_writes_json_markdown_and_pngs(quick_run):
     assert {a["variant"] for a in data["ablations"]} == {"fop", "fop_no_beta", "fop_no_eta"}
     assert len(data["damping_sweep"]) == n_cells * 2 * len(s["damping_grid"])
     md = (out / "benchmarks.md").read_text()
-    assert "<!-- convergence-quick:begin -->" in md and "<!-- convergence-quick:end -->" in md
+    assert "<!-- convergence-smoke:begin -->" in md and "<!-- convergence-smoke:end -->" in md
     assert "| batch | sgd | adamw | kfac | fop |" in md and "Ablations at batch 1078" in md
-    for name in ("convergence_time_quick.png", "convergence_damping_quick.png"):
+    for name in ("convergence_time_smoke.png", "convergence_damping_smoke.png"):
         raw = (out / name).read_bytes()
         assert raw[:8] == b"\x89PNG\r\n\x1a\n" and len(raw) > 10_000
 
 
-def test_quick_run_adamw_and_fop_learn(quick_run):
-    _, report = quick_run
+@pytest.mark.xdist_group("convergence_smoke")  # one smoke run, one worker
+def test_smoke_run_adamw_and_fop_learn(smoke_run):
+    _, report = smoke_run
     chance = 0.1
     for row in report["table"]:
         if row["model"] == "mlp" and row["optimizer"] in ("adamw", "fop", "kfac"):
@@ -197,12 +199,13 @@ def test_quick_run_adamw_and_fop_learn(quick_run):
             assert row["final_test_acc_mean"] > chance + 0.2, row
 
 
-def test_from_json_rerenders_markdown_and_plots(quick_run, tmp_path):
-    out, _ = quick_run
-    bc.main(["--from-json", str(out / "convergence_results_quick.json"), "--out", str(tmp_path)])
+@pytest.mark.xdist_group("convergence_smoke")  # one smoke run, one worker
+def test_from_json_rerenders_markdown_and_plots(smoke_run, tmp_path):
+    out, _ = smoke_run
+    bc.main(["--from-json", str(out / "convergence_results_smoke.json"), "--out", str(tmp_path)])
     again = (tmp_path / "benchmarks.md").read_text().splitlines()
     first = (out / "benchmarks.md").read_text().splitlines()
     assert len(again) == len(first)
     assert [l for l in again if l.startswith("|")][:3] == [l for l in first if l.startswith("|")][:3]
-    assert (tmp_path / "convergence_time_quick.png").exists() and (tmp_path / "convergence_damping_quick.png").exists()
-    assert not (tmp_path / "convergence_results_quick.json").exists()  # the source JSON is not rewritten elsewhere
+    assert (tmp_path / "convergence_time_smoke.png").exists() and (tmp_path / "convergence_damping_smoke.png").exists()
+    assert not (tmp_path / "convergence_results_smoke.json").exists()  # the source JSON is not rewritten elsewhere

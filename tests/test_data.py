@@ -105,3 +105,14 @@ def test_chatterbot_dialogs_leave_out_code_and_support_logs():
     texts = list(data["train"]["text"]) + list(data["test"]["text"])
     assert 500 < len(texts) < 1500 and all(t.strip() for t in texts)
     assert not any("def quicksort" in t for t in texts)
+
+
+def test_test_helpers_read_the_digits_scikit_learn_ships():
+    """The worker processes' digits (read from scikit-learn's CSV without importing it) are ``load_digits``'s."""
+    from sklearn.datasets import load_digits
+
+    from trainer_helpers import load_digits_arrays
+
+    x, y = load_digits_arrays()
+    expected_x, expected_y = load_digits(return_X_y=True)
+    assert np.array_equal(x, expected_x) and np.array_equal(y, expected_y)

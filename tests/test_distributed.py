@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import pytest
 import torch
@@ -66,11 +66,20 @@ def test_group_sizes():
         group_sizes(1)
 
 
-def test_two_processes_equal_one_process_fed_the_same_sub_batches(tmp_path):
-    # 2 ranks x batch 8: rank 0 gives g1, rank 1 gives g2. One process with gradient accumulation 2 x batch 8
-    # routes micro-batch 1 to g1 and micro-batch 2 to g2: the same two sub-batches (sequential sampling).
-    two = torchrun(2, tmp_path / "two", "--steps", "4", "--batch", "8")
-    one = single(tmp_path / "one", "--steps", "4", "--batch", "8", "--accum", "2")
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> Tuple[Path, List[Dict], Dict]:
+    """The reference runs, launched once per module: 2 ranks x batch 8 (rank 0 gives g1, rank 1 gives g2) and 1
+    process with gradient accumulation 2 x batch 8, which routes micro-batch 1 to g1 and micro-batch 2 to g2: the same
+    two sub-batches (sequential sampling). 4 steps; both save ``checkpoint-2``."""
+    root = tmp_path_factory.mktemp("pair")
+    two = torchrun(2, root / "two", "--steps", "4", "--batch", "8", "--save_steps", "2")
+    one = single(root / "one", "--steps", "4", "--batch", "8", "--accum", "2", "--save_steps", "2")
+    return root, two, one
+
+
+@pytest.mark.xdist_group("pair")
+def test_two_processes_equal_one_process_fed_the_same_sub_batches(pair):
+    _, two, one = pair
     assert two[0]["world_size"] == 2 and one["world_size"] == 1
     _assert_replicas_identical(two)
     for k in one["params"]:
@@ -88,11 +97,17 @@ def test_two_processes_equal_one_process_fed_the_same_sub_batches(tmp_path):
         assert step0["fop/curvature_seconds_mean"] == pytest.approx(sum(own) / 2)
 
 
-def test_two_processes_with_gradient_accumulation(tmp_path):
+@pytest.fixture(scope="module")
+def accumulated(tmp_path_factory) -> List[Dict]:
+    """2 ranks x 2 micro-batches of 4 for 3 steps, g1/g2 reduced by the DDP comm hook (the default); launched once."""
+    return torchrun(2, tmp_path_factory.mktemp("accum"), "--steps", "3", "--batch", "4", "--accum", "2")
+
+
+@pytest.mark.xdist_group("accumulated")
+def test_two_processes_with_gradient_accumulation(accumulated, tmp_path):
     # 2 ranks x 2 micro-batches of 4: rank 0 takes batches 0 and 2 (g1), rank 1 batches 1 and 3 (g2). One process with
     # 4 micro-batches routes the first two to g1: the data is reordered 0, 2, 1, 3 so it gets the same sub-batches.
-    # FOPTrainer with curvature specialists (each rank decomposes and preconditions its own layers).
-    two = torchrun(2, tmp_path / "two", "--steps", "3", "--batch", "4", "--accum", "2", "--sharding", "specialists")
+    two = accumulated
     one = single(tmp_path / "one", "--steps", "3", "--batch", "4", "--accum", "4", "--interleave")
     _assert_replicas_identical(two)
     for k in one["params"]:
@@ -100,9 +115,10 @@ def test_two_processes_with_gradient_accumulation(tmp_path):
     assert _losses(two[0]) == pytest.approx(_losses(one), rel=1e-4)
 
 
-def test_trainer_comm_hook_equals_post_backward_reduction_bitwise(tmp_path):
+@pytest.mark.xdist_group("accumulated")
+def test_trainer_comm_hook_equals_post_backward_reduction_bitwise(accumulated, tmp_path):
     """FOPTrainer with the DDP comm hook (default) and with ``use_ddp_comm_hook = False``: the same bits."""
-    hooked = torchrun(2, tmp_path / "hook", "--steps", "3", "--batch", "4", "--accum", "2")
+    hooked = accumulated
     plain = torchrun(2, tmp_path / "plain", "--steps", "3", "--batch", "4", "--accum", "2", "--no_comm_hook")
     assert hooked[0]["comm_hook"] and not plain[0]["comm_hook"]
     _assert_replicas_identical(hooked)
@@ -110,11 +126,12 @@ def test_trainer_comm_hook_equals_post_backward_reduction_bitwise(tmp_path):
     assert _losses(hooked[0]) == _losses(plain[0])
 
 
-def test_two_process_resume_is_bitwise_identical(tmp_path):
-    full = torchrun(2, tmp_path / "full", "--steps", "4", "--save_steps", "2")
-    checkpoint = tmp_path / "full" / "checkpoint-2"
+@pytest.mark.xdist_group("pair")
+def test_two_process_resume_is_bitwise_identical(pair, tmp_path):
+    root, full, _ = pair
+    checkpoint = root / "two" / "checkpoint-2"
     assert torch.load(checkpoint / "optimizer.pt", weights_only=True)["fop"]["global_step"] == 2
-    resumed = torchrun(2, tmp_path / "resumed", "--steps", "4", "--resume", str(checkpoint))
+    resumed = torchrun(2, tmp_path / "resumed", "--steps", "4", "--batch", "8", "--resume", str(checkpoint))
     _assert_replicas_identical(resumed)
     for k in full[0]["params"]:
         assert torch.equal(full[0]["params"][k], resumed[0]["params"][k]), k
@@ -124,20 +141,21 @@ def test_two_process_resume_is_bitwise_identical(tmp_path):
                 assert torch.equal(value, resumed[0]["layers"][layer][key]), (layer, key)
 
 
-def test_checkpoints_resume_across_world_sizes(tmp_path):
+@pytest.mark.xdist_group("pair")
+def test_checkpoints_resume_across_world_sizes(pair, tmp_path):
     """A 2-process checkpoint resumes in 1 process (and back) and continues as the uninterrupted run (allclose).
 
     The checkpoint after step 2 falls between inverse steps (inverse_interval 2: global steps 0 and 2), when each rank
     holds only its local factor averages: FOPTrainer averages them before saving, so the file holds the global
     factors whatever the world size. 1 process with 2 micro-batches of 8 sees what 2 ranks with batch 8 see.
-    The 2-process run uses curvature specialists: FOPTrainer's save path gathers their state (factors, owners' bases).
+    The 1-process checkpoint resumes under curvature specialists (owner-only gradients, FOPTrainer's global-norm
+    clipping).
     """
-    two = torchrun(2, tmp_path / "two", "--steps", "4", "--batch", "8", "--save_steps", "2", "--sharding", "specialists")
-    one = single(tmp_path / "one", "--steps", "4", "--batch", "8", "--accum", "2", "--save_steps", "2")
+    root, two, one = pair
     one_from_two = single(tmp_path / "one_from_two", "--steps", "4", "--batch", "8", "--accum", "2",
-                          "--resume", str(tmp_path / "two" / "checkpoint-2"))
-    two_from_one = torchrun(2, tmp_path / "two_from_one", "--steps", "4", "--batch", "8",
-                            "--resume", str(tmp_path / "one" / "checkpoint-2"))
+                          "--resume", str(root / "two" / "checkpoint-2"))
+    two_from_one = torchrun(2, tmp_path / "two_from_one", "--steps", "4", "--batch", "8", "--sharding", "specialists",
+                            "--resume", str(root / "one" / "checkpoint-2"))
     _assert_replicas_identical(two_from_one)
     for resumed, full in ((one_from_two, two[0]), (two_from_one[0], one)):
         for k in full["params"]:
@@ -180,9 +198,23 @@ def test_fsdp_configuration_is_rejected(tmp_path):
     assert "FOPTrainer does not support FSDP yet" in proc.stderr + proc.stdout
 
 
-def test_two_processes_train_on_a_streamed_dataset(tmp_path):
+@pytest.fixture(scope="module")
+def streamed_env_cpu(tmp_path_factory) -> List[Dict]:
+    """2 ranks on a streamed dataset, 3 steps, launched once; the CPU flag comes from ``ACCELERATE_USE_CPU=1`` (not
+    ``use_cpu=True``): the fix the no-CPU-flag error names."""
+    out = tmp_path_factory.mktemp("stream")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           HELPERS, "--out", str(out), "--steps", "3", "--stream", "--no_cpu"]
+    env = {**single_thread_env(), "ACCELERATE_USE_CPU": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.mark.xdist_group("streamed_env_cpu")
+def test_two_processes_train_on_a_streamed_dataset(streamed_env_cpu):
     """load_dataset(..., streaming=True) under 2 processes: accelerate shards the stream, replicas stay identical."""
-    records = torchrun(2, tmp_path / "stream", "--steps", "3", "--stream")
+    records = streamed_env_cpu
     _assert_replicas_identical(records)
     assert all(r["world_size"] == 2 and r["w1"] == 0.5 for r in records)
     log = json.loads(records[0]["log"])
@@ -207,7 +239,8 @@ def test_two_processes_with_a_per_call_mean_loss_log_and_step_on_the_mean(tmp_pa
         torch.testing.assert_close(two[0]["params"][k], one["params"][k], rtol=1e-4, atol=1e-5, msg=k)
 
 
-def test_two_processes_without_the_cpu_flag_stop_with_the_fix(tmp_path):
+@pytest.mark.xdist_group("streamed_env_cpu")
+def test_two_processes_without_the_cpu_flag_stop_with_the_fix(tmp_path, streamed_env_cpu):
     """torchrun on CPU with use_cpu=False: a process group the Trainer does not use (two unsharded copies)."""
     out = tmp_path / "nocpu"
     out.mkdir()
@@ -219,13 +252,10 @@ def test_two_processes_without_the_cpu_flag_stop_with_the_fix(tmp_path):
     assert "every process would train its own unsharded copy" in text
     assert "use_cpu=True" in text and "--use_cpu" in text and "ACCELERATE_USE_CPU=1" in text
     assert not list(out.glob("rank*.pt"))
-    # the environment variable the message names is a working fix
-    env = {**single_thread_env(), "ACCELERATE_USE_CPU": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    records = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    assert records[0]["world_size"] == 2
-    _assert_replicas_identical(records)
+    # the environment variable the message names is a working fix: the same script (use_cpu=False) with
+    # ACCELERATE_USE_CPU=1 trained as a real 2-process run (the streamed run's launch)
+    assert all(r["world_size"] == 2 for r in streamed_env_cpu)
+    _assert_replicas_identical(streamed_env_cpu)
 
 
 # ------------------------------------------------ plain-PyTorch FOP on real gloo processes (tests/dist_workers.py)

@@ -100,14 +100,19 @@ def _image_folder(root: Path, count: int, offset: int = 0) -> Path:
     return root
 
 
-def test_image_example_streams_a_local_image_folder_into_a_pretrained_model(tmp_path):
+def _vit_folder(path: Path) -> Path:
+    """A tiny pretrained ViT (3 labels) and its image processor written by save_pretrained into ``path``."""
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
 
-    model_dir = tmp_path / "model"
     config = ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
                        num_attention_heads=2, intermediate_size=32, num_labels=3)
-    ViTForImageClassification(config).save_pretrained(model_dir)
-    ViTImageProcessorPil(size={"height": 8, "width": 8}).save_pretrained(model_dir)
+    ViTForImageClassification(config).save_pretrained(path)
+    ViTImageProcessorPil(size={"height": 8, "width": 8}).save_pretrained(path)
+    return path
+
+
+def test_image_example_streams_a_local_image_folder_into_a_pretrained_model(tmp_path):
+    model_dir = _vit_folder(tmp_path / "model")
     train, val = _image_folder(tmp_path / "train", 60), _image_folder(tmp_path / "val", 30, offset=100)
     trainer, metrics = run("run_image_classification", [
         "--output_dir", str(tmp_path / "out"), "--model_name_or_path", str(model_dir), "--train_file", str(train),
@@ -116,6 +121,41 @@ def test_image_example_streams_a_local_image_folder_into_a_pretrained_model(tmp_
     ])
     assert trainer.model.config.num_labels == 10  # the classes of the folder, not the checkpoint's 3
     assert trainer.state.global_step == 2 and 0.0 <= metrics["final_accuracy"] <= 1.0
+
+
+def test_no_trainer_image_example_streams_a_local_folder_into_a_pretrained_model(tmp_path, capsys, monkeypatch):
+    """run_image_classification_no_trainer.py: --model_name_or_path, --train_file/--validation_file (imagefolder),
+    --streaming with --shuffle_buffer_size and --max_train_samples, through the code it shares with the Trainer script."""
+    import huggingface_hub.constants
+    from accelerate.state import AcceleratorState, GradientState
+
+    model_dir = _vit_folder(tmp_path / "model")
+    train, val = _image_folder(tmp_path / "train", 40), _image_folder(tmp_path / "val", 20, offset=100)
+    script = load_script("run_image_classification_no_trainer")
+    data = ["--train_file", str(train), "--validation_file", str(val), "--streaming"]
+    with pytest.raises(ValueError, match="--streaming needs --max_train_steps > 0"):
+        script.parse_args(["--output_dir", str(tmp_path / "o")] + data)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail at once instead of retrying the network
+    with pytest.raises(ValueError, match=r"--model_name_or_path 'no-such-org/no-such-vit' could not be found.*may be offline"):
+        script.main(["--output_dir", str(tmp_path / "o"), "--model_name_or_path", "no-such-org/no-such-vit",
+                     "--max_train_steps", "1"] + data)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        accuracy = script.main([
+            "--output_dir", str(tmp_path / "out"), "--model_name_or_path", str(model_dir), *data, "--max_train_steps", "3",
+            "--shuffle_buffer_size", "8", "--max_train_samples", "16", "--per_device_train_batch_size", "8",
+            "--num_warmup_steps", "0",
+        ])
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    out = capsys.readouterr().out
+    assert "epoch 0: eval accuracy" in out and "(step 2)" in out  # 16 streamed examples: 2 batches per pass
+    assert "test accuracy:" in out and "streamed images, optimizer=fop, steps=3, processes=1" in out
+    assert 0.0 <= accuracy <= 1.0
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert len(saved["id2label"]) == 10  # the classes of the folder, not the checkpoint's 3
 
 
 def test_image_example_names_an_unreadable_image(tmp_path):

@@ -67,7 +67,7 @@ def test_map_style_without_validation_is_split_stratified(tmp_path):
 )
 def test_data_arguments_are_checked(tmp_path, kw, message):
     with pytest.raises(ValueError, match=message):
-        check_data_args(DataArguments(**kw), _args(tmp_path))
+        check_data_args(DataArguments(**kw), _args(tmp_path).max_steps)
 
 
 def test_unknown_file_format_is_named(tmp_path):

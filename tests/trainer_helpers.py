@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import sys
 from typing import Any, Callable, Dict, Iterator, List
@@ -10,7 +11,6 @@ from typing import Any, Callable, Dict, Iterator, List
 import numpy as np
 import torch
 from datasets import Dataset
-from sklearn.datasets import load_digits
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, ViTConfig, ViTForImageClassification
 
 from hf_fop import FOPTrainingArguments
@@ -42,9 +42,17 @@ def tiny_bert(seed: int = 0, dropout: float = 0.1) -> BertForSequenceClassificat
     return BertForSequenceClassification(config)
 
 
+def load_digits_arrays() -> tuple:
+    """scikit-learn's digits ``(x (1797, 64) float64, y (1797,) int64)``, read from the CSV that scikit-learn ships
+    (what ``load_digits(return_X_y=True)`` returns) without importing scikit-learn: ~1 s less per worker process."""
+    root = importlib.util.find_spec("sklearn").submodule_search_locations[0]
+    raw = np.loadtxt(os.path.join(root, "datasets", "data", "digits.csv.gz"), delimiter=",")
+    return raw[:, :-1], raw[:, -1].astype(np.int64)
+
+
 def digits_dataset(n: int = 256, offset: int = 0) -> Dataset:
     """Real scikit-learn digits as ``pixel_values (1, 8, 8)`` in [0, 1] and ``labels``."""
-    x, y = load_digits(return_X_y=True)
+    x, y = load_digits_arrays()
     x = (x[offset : offset + n] / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
     return Dataset.from_dict({"pixel_values": x, "labels": y[offset : offset + n].astype(np.int64)}).with_format("torch")
 
