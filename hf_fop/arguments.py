@@ -79,6 +79,14 @@ class FOPTrainingArguments(TrainingArguments):
             "choices": ["absolute", "relative"],
         },
     )
+    fop_curvature_sharding: str = field(
+        default="replicated",
+        metadata={
+            "help": "Several processes: 'replicated' (every rank decomposes every factor) or 'specialists' (each "
+            "managed layer's owner rank alone decomposes its factors and computes its direction; the paper's Algorithm 1).",
+            "choices": ["replicated", "specialists"],
+        },
+    )
     fop_scale_lr_with_batch: Optional[int] = field(
         default=None,
         metadata={
@@ -167,6 +175,7 @@ class FOPTrainingArguments(TrainingArguments):
             max_eigh_failures=self.fop_max_eigh_failures,
             kl_clip=None if self.fop_kl_clip == 0 else self.fop_kl_clip,
             damping_mode=self.fop_damping_mode,
+            curvature_sharding=self.fop_curvature_sharding,
         )
         try:
             return FOPConfig(**values)

@@ -13,6 +13,7 @@ from typing import Any, Optional, Tuple
 MODES = ("fop", "kfac")
 FISHER_TYPES = ("empirical", "mc")
 DAMPING_MODES = ("absolute", "relative")
+CURVATURE_SHARDINGS = ("replicated", "specialists")
 
 
 def _fail(name: str, value: Any, valid: str) -> None:
@@ -87,6 +88,9 @@ class FOPConfig:
     damping_mode: str = "absolute"
     """``"absolute"``: lambda = ``damping`` for every layer; ``"relative"``: each layer's lambda is
     ``damping * mean eigenvalue of A (x) S`` (= mean(eig A) * mean(eig S)) of its current eigendecomposition."""
+    curvature_sharding: str = "replicated"
+    """Several processes: ``"replicated"`` (every rank decomposes every factor and computes every layer's direction)
+    or ``"specialists"`` (each layer's owner rank alone does, :mod:`hf_fop.specialists`). Ignored in one process."""
 
     def __post_init__(self) -> None:
         _check_real("lr", self.lr, 0.0, math.inf, False, True)
@@ -140,6 +144,8 @@ class FOPConfig:
                 _fail("kl_clip", self.kl_clip, "None (no trust region) or a number in (0, inf), e.g. 1e-3")
         if self.damping_mode not in DAMPING_MODES:
             _fail("damping_mode", self.damping_mode, f"one of {DAMPING_MODES}")
+        if self.curvature_sharding not in CURVATURE_SHARDINGS:
+            _fail("curvature_sharding", self.curvature_sharding, f"one of {CURVATURE_SHARDINGS}")
 
     @property
     def effective_adamw_lr(self) -> float:

@@ -562,14 +562,14 @@ class CurvatureEngine:
                 layer.S.mul_(decay).add_(s_new, alpha=1 - decay)
         self.seconds += time.perf_counter() - t0
 
-    def update_eigenbases(self, only_missing: bool = False) -> None:
+    def update_eigenbases(self, only_missing: bool = False, select: Optional[Callable[[KFACLayer], bool]] = None) -> None:
         """Eigendecompose every A and S: float32, then float64, else keep the last good basis.
 
-        ``only_missing``: only layers that have factors but no basis yet.
+        ``only_missing``: only layers that have factors but no basis yet; ``select``: only layers it accepts.
         """
         t0 = time.perf_counter()
         for layer in self.layers:
-            if layer.A is None or (only_missing and layer.basis_a is not None):
+            if layer.A is None or (only_missing and layer.basis_a is not None) or (select is not None and not select(layer)):
                 continue
             layer.basis_a = self._decompose(layer, "A", layer.A, layer.basis_a)
             layer.basis_s = self._decompose(layer, "S", layer.S, layer.basis_s)

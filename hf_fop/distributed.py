@@ -24,6 +24,8 @@ rank keeps running averages of its own factors; they are averaged over ranks
 (upper triangles, one ``all_reduce``) only before they are read, i.e. before
 eigendecompositions and checkpoints, so every rank holds identical optimizer
 state where it matters (the Trainer saves rank 0's and every rank loads it).
+``FOPConfig.curvature_sharding="specialists"`` installs
+:class:`hf_fop.specialists.SpecialistCurvature` instead (same interface).
 Default process group throughout.
 """
 
@@ -36,7 +38,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .optimizer import FOP
+from .curvature import KFACLayer
+from .optimizer import FOP, LayerResult
+from .specialists import SpecialistCurvature
 
 logger = logging.getLogger(__name__)
 
@@ -78,25 +82,75 @@ class DualGradientReducer:
         """The :class:`hf_fop.comm_hook.DualGradientCommHook` registered by :meth:`attach_ddp`, if any."""
         self.hooked: Optional[nn.Module] = None
         self.refused: Optional[nn.Module] = None
-        self.curvature = ReplicatedCurvature(self)
-        """The factor exchange (``opt.distributor``), installed by :meth:`install` / :meth:`install_curvature`."""
+        self.owner_gradients = False
+        """Curvature specialists, FOP mode: :meth:`reduce_gradients` sends each managed layer's g1 and g2 to its
+        owner only (:meth:`hf_fop.specialists.SpecialistCurvature.reduce_gradients`); ``p.grad`` of the layers
+        other ranks own stays ``None``, so clip with :meth:`clip_grad_norm_` (FOPTrainer does). Set by
+        :meth:`install` when the curvature is sharded and ``owner_gradients=True``."""
+        self.curvature: Any = (
+            SpecialistCurvature(self) if opt.config.curvature_sharding == "specialists" else ReplicatedCurvature(self)
+        )
+        """The curvature distribution (``opt.distributor``), installed by :meth:`install` / :meth:`install_curvature`."""
 
-    def install(self) -> None:
-        """FOP mode: the optimizer gets g1/g2 from :meth:`reduce_gradients` and factors from :attr:`curvature`."""
+    def install(self, owner_gradients: bool = False) -> None:
+        """FOP mode: the optimizer gets g1/g2 from :meth:`reduce_gradients` and factors from :attr:`curvature`.
+
+        ``owner_gradients`` (curvature specialists only): see :attr:`owner_gradients`.
+        """
         self.install_curvature()
         self.opt.w1 = self.n_even / self.world_size
+        self.owner_gradients = owner_gradients and isinstance(self.curvature, SpecialistCurvature)
 
-    def _all_reduce(self, buf: Tensor) -> None:
+    def clip_grad_norm_(self, max_norm: float) -> Tensor:
+        """Clip every rank's gradients by the global norm of ``g_avg`` (collective); returns that norm (0-dim).
+
+        The ``torch.nn.utils.clip_grad_norm_`` rule (``min(1, max_norm / (norm + 1e-6))``); with
+        :attr:`owner_gradients` the norm comes from the owners' gradients, else from ``p.grad`` (every rank holds it).
+        """
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = self.curvature.grad_norm() if self.owner_gradients else _norm(grads, self.device)
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        if grads:
+            torch._foreach_mul_(grads, coef.to(grads[0].device))
+        return norm
+
+    def _count(self, buf: Tensor, wire_factor: float) -> None:
         size = buf.numel() * buf.element_size()
         self.bytes_reduced += size
-        self.wire_bytes += 2 * (self.world_size - 1) / self.world_size * size
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        self.wire_bytes += wire_factor * size
+
+    def all_reduce(self, buf: Tensor, op: Any = dist.ReduceOp.SUM) -> None:
+        """In-place ``all_reduce`` of ``buf``, counted (ring: each rank sends ``2 (W - 1) / W`` x payload)."""
+        self._count(buf, 2 * (self.world_size - 1) / self.world_size)
+        dist.all_reduce(buf, op=op)
+
+    def reduce(self, buf: Tensor, dst: int) -> Any:
+        """Asynchronous sum of ``buf`` into rank ``dst``'s, counted (ring: ``(W - 1) / W`` x payload per rank)."""
+        self._count(buf, (self.world_size - 1) / self.world_size)
+        return dist.reduce(buf, dst, op=dist.ReduceOp.SUM, async_op=True)
+
+    def broadcast(self, buf: Tensor, src: int) -> Any:
+        """Asynchronous ``broadcast`` of rank ``src``'s ``buf``, counted (pipelined: ``(W - 1) / W`` x payload per rank)."""
+        self._count(buf, (self.world_size - 1) / self.world_size)
+        return dist.broadcast(buf, src, async_op=True)
+
+    def capture_counts(self, new: Dict[str, Tuple[Tensor, Tensor]]) -> Tuple[List[float], bool]:
+        """``(ranks that captured each managed layer this step, every rank's new factors are finite)``.
+
+        One ``all_reduce`` of ``L + 1`` floats (``L`` managed layers) and one host read; collective.
+        """
+        layers = self.opt.engine.layers
+        local = [f.sum() for pair in new.values() for f in pair]
+        nonfinite = (~torch.isfinite(torch.stack(local).sum())).float().reshape(1) if local else torch.zeros(1, device=self.device)
+        present = torch.tensor([1.0 if layer.name in new else 0.0 for layer in layers], device=self.device)
+        flags = torch.cat([present.to(nonfinite.device), nonfinite])
+        self.all_reduce(flags)
+        values = flags.tolist()
+        return values[:-1], values[-1] == 0
 
     def _all_gather(self, buf: Tensor) -> List[Tensor]:
-        size = buf.numel() * buf.element_size()
-        self.bytes_reduced += size
-        self.wire_bytes += (self.world_size - 1) * size
-        out = [torch.empty_like(buf) for _ in range(self.world_size)]
+        self._count(buf, self.world_size - 1)
+        out = [torch.empty_like(buf) for _ in range(self.world_size)]  # counted as all_gather: (W - 1) x payload
         dist.all_gather(out, buf)
         return out
 
@@ -105,6 +159,9 @@ class DualGradientReducer:
 
         A parameter without a gradient on every rank keeps ``grad = None``.
         """
+        if self.owner_gradients:
+            self.curvature.reduce_gradients()
+            return
         sizes = [p.numel() for p in self.params]
         total = sum(sizes)
         device = self.params[0].device
@@ -122,7 +179,7 @@ class DualGradientReducer:
         else:
             sums = torch.zeros(2, local.numel(), dtype=local.dtype, device=device)
             sums[self.rank % 2] = local
-            self._all_reduce(sums)
+            self.all_reduce(sums)
         g1_flat = sums[0, :total] / self.n_even
         g2_flat = sums[1, :total] / self.n_odd
         present = sums[:, total:].sum(0).tolist()  # one host read
@@ -155,6 +212,9 @@ class DualGradientReducer:
             return False
         self.refused = model
         say = logger.warning if self.rank == 0 else logger.debug  # one line per run, not one per rank
+        if self.owner_gradients:
+            say("FOP: curvature specialists reduce g1/g2 to each layer's owner after the backward pass (no DDP comm hook).")
+            return False
         if not isinstance(model, nn.parallel.DistributedDataParallel):
             say(
                 f"FOP: the model is a {type(model).__name__}, not DistributedDataParallel; the dual-gradient "
@@ -182,8 +242,8 @@ class DualGradientReducer:
         self.opt.distributor = self.curvature
 
     def sync_factors(self) -> None:
-        """Average the factors over ranks now (collective: every rank must call it). See :class:`ReplicatedCurvature`."""
-        self.curvature.sync_factors()
+        """Make this rank's curvature state the full, world-size-independent one (before saving; collective)."""
+        self.curvature.full_state()
 
 
 class ReplicatedCurvature:
@@ -216,18 +276,12 @@ class ReplicatedCurvature:
     def exchange_factors(self, new: Dict[str, Tuple[Tensor, Tensor]]) -> Tuple[Dict[str, Tuple[Tensor, Tensor]], bool]:
         """``(factors for engine.update_factors, every rank's new factors are finite)`` from this rank's ``new``."""
         layers = self.engine.layers
-        device = self.reducer.device
-        local = [f.sum() for pair in new.values() for f in pair]
-        nonfinite = (~torch.isfinite(torch.stack(local).sum())).float().reshape(1) if local else torch.zeros(1, device=device)
-        present = torch.tensor([1.0 if layer.name in new else 0.0 for layer in layers], device=device)
-        flags = torch.cat([present.to(nonfinite.device), nonfinite])
-        self.reducer._all_reduce(flags)
-        values = flags.tolist()  # one host read per factor step
-        if values[-1] > 0:
+        counts, finite = self.reducer.capture_counts(new)
+        if not finite:
             return {}, False
         world_size = self.reducer.world_size
         out: Dict[str, Tuple[Tensor, Tensor]] = {}
-        for layer, count in zip(layers, values[:-1]):
+        for layer, count in zip(layers, counts):
             if count == 0:
                 continue
             pair = new.get(layer.name)
@@ -241,6 +295,39 @@ class ReplicatedCurvature:
             self.pending = True
         return out, True
 
+    def computes(self, layer: KFACLayer) -> bool:
+        """Every rank computes every layer's direction."""
+        return True
+
+    def share_results(self, layers: List[KFACLayer], results: Dict[str, Optional[LayerResult]]) -> Dict[str, Optional[LayerResult]]:
+        """Nothing to share: every rank computed ``results`` for all ``layers``."""
+        return results
+
+    def share_directions(self, layers: List[KFACLayer], deltas: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """Nothing to share: every rank computed every direction."""
+        return deltas
+
+    def refresh_bases(self, only_missing: bool) -> None:
+        """Average the factors (:meth:`sync_factors`), then every rank eigendecomposes every layer's; collective."""
+        self.sync_factors()
+        self.engine.update_eigenbases(only_missing=only_missing)
+
+    def full_state(self) -> None:
+        """Before a checkpoint: every rank's factors become the global ones (:meth:`sync_factors`); collective."""
+        self.sync_factors()
+
+    def has_gradient(self, layer: KFACLayer) -> bool:
+        """Every rank holds every reduced gradient: this rank's ``p.grad`` says."""
+        return any(p.grad is not None for p in layer.params)
+
+    def all_finite(self, finite: bool) -> bool:
+        """Every rank holds the same gradients and checked the factors' finiteness globally: ``finite`` as it is."""
+        return finite
+
+    def state_loaded(self) -> None:
+        """A loaded state is the same on every rank: nothing pending."""
+        self.pending = False
+
     def sync_factors(self) -> None:
         """Replace every rank's factors by their mean over ranks (one ``all_reduce`` of upper triangles); collective."""
         if not self.pending:
@@ -253,7 +340,7 @@ class ReplicatedCurvature:
                 pieces.append(mat[rows, cols])
         if pieces:
             buf = torch.cat(pieces)
-            self.reducer._all_reduce(buf)
+            self.reducer.all_reduce(buf)
             buf /= self.reducer.world_size
             offset = 0
             for layer in layers:
@@ -264,6 +351,13 @@ class ReplicatedCurvature:
                     mat[cols, rows] = part
                     offset += rows.numel()
         self.pending = False
+
+
+def _norm(tensors: List[Tensor], device: torch.device) -> Tensor:
+    """Euclidean norm over all ``tensors`` (0-dim float32; zero for none)."""
+    if not tensors:
+        return torch.zeros((), device=device)
+    return torch.stack([n.float() for n in torch._foreach_norm(tensors)]).norm()
 
 
 def _ordered_sum(parts: List[Tensor]) -> Tensor:

@@ -39,7 +39,8 @@ import contextlib
 import math
 import time
 import warnings
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -145,10 +146,14 @@ class FOP(torch.optim.Optimizer):
         self.w1 = 0.5
         """Weight of g1 in ``g_avg = w1 g1 + (1 - w1) g2`` (0.5 unless groups are unequal)."""
         self.distributor: Optional[Any] = None
-        """Multi-process factor exchange (:class:`hf_fop.distributed.ReplicatedCurvature`); ``None``: one process.
-
-        ``exchange_factors(new) -> (factors to update with, all ranks finite)`` on factor steps and
-        ``sync_factors()`` before factors are read; both are collectives."""
+        """Multi-process curvature (:class:`hf_fop.distributed.ReplicatedCurvature` or
+        :class:`hf_fop.specialists.SpecialistCurvature`); ``None``: one process. Collectives, every rank calls them:
+        ``exchange_factors(new) -> (factors to update with, all ranks finite)`` on factor steps,
+        ``refresh_bases(only_missing)`` for eigendecompositions, ``share_results(layers, results)`` and
+        ``share_directions(layers, deltas)`` in the step, ``all_finite(this rank's gradients are finite)`` before
+        it; local: ``computes(layer)`` (this rank computes the
+        layer's direction), ``has_gradient(layer)`` (the layer has a gradient on some rank), ``state_loaded()`` after :meth:`load_state_dict`, ``pending`` (this rank's curvature
+        state is not the full one)."""
         self._last_stats: Dict[str, LayerStats] = {}
         self._last_dampings: Dict[str, Any] = {}
         self._last_kl_clip_scale: Optional[Tensor] = None
@@ -367,16 +372,15 @@ class FOP(torch.optim.Optimizer):
             self._schedule_capture()
             return loss
         t0 = time.perf_counter()
+        fresh = [layer for layer in self.engine.layers if layer.A is None]  # the same layers on every rank
         if new_factors:
             self.engine.update_factors(new_factors)
             self.counters["factor_updates"] += 1
-        if self.global_step % self.config.inverse_interval == 0 and any(layer.A is not None for layer in self.engine.layers):
-            self._sync_factors()
-            self.engine.update_eigenbases()
+        inverse = self.global_step % self.config.inverse_interval == 0 and any(layer.A is not None for layer in self.engine.layers)
+        if inverse or any(layer.A is not None for layer in fresh):  # fresh: first factors this step, no basis yet
+            self._refresh_bases(only_missing=not inverse)
+        if inverse:
             self.counters["inverse_updates"] += 1
-        elif any(layer.A is not None and layer.basis_a is None for layer in self.engine.layers):
-            self._sync_factors()
-            self.engine.update_eigenbases(only_missing=True)
         self.engine.seconds += seconds_finalize
         self._last_fallback = self.config.mode == "fop" and not dual
         if self._last_fallback:
@@ -402,10 +406,12 @@ class FOP(torch.optim.Optimizer):
             return torch.zeros(())
         return torch.stack([n.float() for n in torch._foreach_norm(grads)]).norm()
 
-    def _sync_factors(self) -> None:
-        """Make every rank's factors the global ones before they are read (no-op in one process)."""
+    def _refresh_bases(self, only_missing: bool) -> None:
+        """Eigendecompose the factors (``only_missing``: of layers without a basis); the distributor decides where."""
         if self.distributor is not None:
-            self.distributor.sync_factors()
+            self.distributor.refresh_bases(only_missing)
+        else:
+            self.engine.update_eigenbases(only_missing=only_missing)
 
     def _all_finite(self, diffs: Dict[Tensor, Tensor], new_factors: Dict[str, Any]) -> bool:
         """One fused max-abs reduction per dtype over gradients, differences and new factors; one host read."""
@@ -415,58 +421,80 @@ class FOP(torch.optim.Optimizer):
         for t in tensors:
             by_dtype.setdefault(t.dtype, []).append(t)
         if not by_dtype:
-            return True
+            return True if self.distributor is None else self.distributor.all_finite(True)
         maxima = [torch.stack(torch._foreach_norm(ts, float("inf"))).max().float() for ts in by_dtype.values()]
-        return bool(torch.isfinite(torch.stack(maxima).max()))  # NaN propagates through max: one sync per step
+        finite = bool(torch.isfinite(torch.stack(maxima).max()))  # NaN propagates through max: one sync per step
+        return finite if self.distributor is None else self.distributor.all_finite(finite)
 
     def _kfac_group_step(self, group: Dict[str, Any], diffs: Optional[Dict[Tensor, Tensor]]) -> None:
         """Precondition and apply the managed layers' updates; ``diffs`` (g1 - g2) selects FOP.
 
-        Two passes: every layer's direction first, then the trust-region scale
-        (:meth:`_kl_clip_scale`), then momentum, weight decay and the update.
-        Layers without an eigenbasis yet take the identity-preconditioned step
-        (their gradient, outside the trust region: it has no curvature to measure).
+        Each layer's direction is computed where the distributor says (every
+        layer here in one process or with replicated curvature; its owner
+        rank with curvature specialists, which share results and directions):
+        its stats and KL term first (:meth:`_layer_result`), then the
+        trust-region scale over all layers (:meth:`_kl_clip_scale`), then the
+        scaled direction in parameter coordinates, then momentum, weight decay
+        and the update on every rank. Layers without an eigenbasis yet take
+        the identity-preconditioned step (their gradient, outside the trust
+        region: it has no curvature to measure).
         """
         lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
         in_group = {id(p) for p in group["params"]}
-        stats: Dict[str, LayerStats] = {}
-        dampings: Dict[str, Any] = {}
-        directions: List[Any] = []
-        for layer in self.engine.layers:
-            if id(layer.weight) not in in_group:
-                continue
-            w, b = layer.weight, layer.bias
-            if w.grad is None and (b is None or b.grad is None):
-                continue
-            if layer.basis_a is None or layer.basis_s is None:
+        distributor = self.distributor
+        has_gradient = distributor.has_gradient if distributor is not None else _has_gradient
+        layers = [layer for layer in self.engine.layers if id(layer.weight) in in_group and has_gradient(layer)]
+        results: Dict[str, Optional[LayerResult]] = {}
+        dir_hats: Dict[str, Tensor] = {}
+        for layer in layers:
+            if distributor is None or distributor.computes(layer):
+                results[layer.name], dir_hat = self._layer_result(layer, diffs)
+                if dir_hat is not None:
+                    dir_hats[layer.name] = dir_hat
+        if distributor is not None:
+            results = distributor.share_results(layers, results)
+        scale = self._kl_clip_scale([r.kl for r in results.values() if r is not None], lr)
+        deltas: Dict[str, Tensor] = {}
+        for layer in layers:
+            if layer.name in dir_hats:
+                dir_hat = dir_hats[layer.name] if scale is None else dir_hats[layer.name] * scale
+                deltas[layer.name] = unrotate(dir_hat, layer.basis_s.q, layer.basis_a.q)
+            elif distributor is None or distributor.computes(layer):  # identity step: the gradient itself
+                deltas[layer.name] = layer.grad_matrix(_grad(layer.weight), _grad(layer.bias))
+        if distributor is not None:
+            deltas = distributor.share_directions(layers, deltas)
+        for layer in layers:
+            if results[layer.name] is None:
                 self.counters["identity_layer_steps"] += 1
-                self._apply(((w, _grad(w)), (b, _grad(b))), lr, momentum, wd)
-                continue
-            q_s, s = layer.basis_s.q, layer.basis_s.eigenvalues
-            q_a, a = layer.basis_a.q, layer.basis_a.eigenvalues
-            damping = self._layer_damping(s, a)
-            g_hat = rotate(layer.grad_matrix(_grad(w), _grad(b)), q_s, q_a)
-            if diffs is not None and (w in diffs or (b is not None and b in diffs)):
-                d_w = diffs[w] if w in diffs else torch.zeros_like(w)
-                d_hat = rotate(layer.grad_matrix(d_w, diffs.get(b) if b is not None else None), q_s, q_a)
-                dir_hat, st = fop_direction_eigen(
-                    g_hat, d_hat, s, a, damping, self.config.eps, self.config.use_beta, self.config.use_eta
-                )
-            else:
-                dir_hat, st = kfac_direction_eigen(g_hat, s, a, damping)
-            stats[layer.name] = st
-            dampings[layer.name] = damping
-            directions.append((layer, dir_hat))
-        scale = self._kl_clip_scale(directions, stats, dampings, lr)
-        for layer, dir_hat in directions:
-            if scale is not None:
-                dir_hat = dir_hat * scale
-            q_s, q_a = layer.basis_s.q, layer.basis_a.q
-            dw, db = layer.split_matrix(unrotate(dir_hat, q_s, q_a))
+            dw, db = layer.split_matrix(deltas[layer.name])
             self._apply(((layer.weight, dw), (layer.bias, db)), lr, momentum, wd)
-        self._last_stats = stats
-        self._last_dampings = dampings
+        done = [(layer.name, results[layer.name]) for layer in layers if results[layer.name] is not None]
+        self._last_stats = {name: r.stats for name, r in done}
+        self._last_dampings = {name: r.damping for name, r in done}
         self._last_kl_clip_scale = scale
+
+    def _layer_result(self, layer: KFACLayer, diffs: Optional[Dict[Tensor, Tensor]]) -> Tuple[Optional["LayerResult"], Optional[Tensor]]:
+        """``(stats, damping and KL term, direction in the eigenbasis (out, in))``; ``(None, None)`` without a basis."""
+        if layer.basis_a is None or layer.basis_s is None:
+            return None, None
+        w, b = layer.weight, layer.bias
+        q_s, s = layer.basis_s.q, layer.basis_s.eigenvalues
+        q_a, a = layer.basis_a.q, layer.basis_a.eigenvalues
+        damping = self._layer_damping(s, a)
+        g_hat = rotate(layer.grad_matrix(_grad(w), _grad(b)), q_s, q_a)
+        if diffs is not None and (w in diffs or (b is not None and b in diffs)):
+            d_w = diffs[w] if w in diffs else torch.zeros_like(w)
+            d_hat = rotate(layer.grad_matrix(d_w, diffs.get(b) if b is not None else None), q_s, q_a)
+            dir_hat, st = fop_direction_eigen(
+                g_hat, d_hat, s, a, damping, self.config.eps, self.config.use_beta, self.config.use_eta
+            )
+        else:
+            dir_hat, st = kfac_direction_eigen(g_hat, s, a, damping)
+        kl = None
+        if self.config.kl_clip is not None:  # Delta^T M Delta = the KL split + lambda ||Delta||^2 (rotation keeps norms)
+            flat = dir_hat.reshape(-1)
+            kl = st.kl_base + st.kl_cross + st.kl_orth + damping * torch.dot(flat, flat)
+        return LayerResult(st, damping, kl), dir_hat
 
     # ------------------------------------------------- damping, trust region
     def _layer_damping(self, s: Tensor, a: Tensor) -> Any:
@@ -483,25 +511,16 @@ class FOP(torch.optim.Optimizer):
         mean_eig = (a.mean() * s.mean()).clamp_min(torch.finfo(torch.float32).tiny)
         return self.config.damping * mean_eig
 
-    def _kl_clip_scale(
-        self, directions: List[Any], stats: Dict[str, LayerStats], dampings: Dict[str, Any], lr: float
-    ) -> Optional[Tensor]:
+    def _kl_clip_scale(self, terms: List[Tensor], lr: float) -> Optional[Tensor]:
         """Trust-region factor ``nu = min(1, sqrt(kl_clip / (lr^2 sum_l Delta_l^T M_l Delta_l)))`` or ``None``.
 
-        ``Delta_l`` is layer l's direction for lr = 1 (before momentum) and
-        ``M_l = A (x) S + lambda_l I`` the damped curvature that preconditions it
-        (as PyTorch K-FAC implementations do: their ``v . g`` is ``Delta^T M Delta``).
-        ``Delta^T M Delta = kl_base + kl_cross + kl_orth + lambda ||Delta||^2``: the
-        stats' KL terms plus one dot product per layer (the eigenbasis rotation
-        preserves the norm). A 0-dim tensor, no host sync.
+        ``terms``: per layer ``Delta_l^T M_l Delta_l`` (0-dim, :meth:`_layer_result`), ``Delta_l`` the layer's
+        direction for lr = 1 (before momentum) and ``M_l = A (x) S + lambda_l I`` the damped curvature that
+        preconditions it (as PyTorch K-FAC implementations do: their ``v . g`` is ``Delta^T M Delta``),
+        computed as ``kl_base + kl_cross + kl_orth + lambda ||Delta||^2``. A 0-dim tensor, no host sync.
         """
-        if self.config.kl_clip is None or not directions:
+        if self.config.kl_clip is None or not terms:
             return None
-        terms = []
-        for layer, dir_hat in directions:
-            st = stats[layer.name]
-            flat = dir_hat.reshape(-1)
-            terms.append(st.kl_base + st.kl_cross + st.kl_orth + dampings[layer.name] * torch.dot(flat, flat))
         total = (torch.stack(terms).sum() * (lr * lr)).clamp_min(0.0)  # rounding cannot make it negative
         return torch.clamp(torch.sqrt(self.config.kl_clip / total), max=1.0)
 
@@ -611,9 +630,9 @@ class FOP(torch.optim.Optimizer):
         """Torch optimizer state plus ``"fop"``: step, counters and curvature (tensors and plain values only)."""
         if self.distributor is not None and self.distributor.pending:
             warnings.warn(
-                "FOP.state_dict(): the ranks' curvature factors were not averaged since the last update, so this state "
-                "holds this rank's local factors; call sync_factors() on every rank first (FOPTrainer does before "
-                "checkpoints).",
+                "FOP.state_dict(): this rank's curvature state is not the full one (factors not averaged over the ranks "
+                "since the last update, or layers other ranks own), so this state is partial; call sync_factors() on "
+                "every rank first (FOPTrainer does before checkpoints).",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -639,6 +658,8 @@ class FOP(torch.optim.Optimizer):
             if torch.is_tensor(state.get("step")):
                 state["step"] = int(state["step"])
         self.engine.seconds = float(fop_state.get("curvature_seconds", 0.0))
+        if self.distributor is not None:
+            self.distributor.state_loaded()
         self._discard_step_buffers()
         self._last_stats, self._last_dampings, self._last_kl_clip_scale = {}, {}, None
         self._diff_ratio = None
@@ -648,6 +669,22 @@ class FOP(torch.optim.Optimizer):
     def layers(self) -> List[KFACLayer]:
         """The managed layers (name, module, curvature state)."""
         return self.engine.layers
+
+
+@dataclass
+class LayerResult:
+    """What every rank needs of one layer's direction besides the direction itself (shared by the distributor)."""
+
+    stats: LayerStats
+    damping: Any
+    """lambda: a float (absolute damping) or a 0-dim tensor (relative)."""
+    kl: Optional[Tensor]
+    """``Delta^T M Delta`` of the layer's direction for lr = 1 (0-dim), ``None`` without ``kl_clip``."""
+
+
+def _has_gradient(layer: KFACLayer) -> bool:
+    """Whether the layer's weight or bias holds a gradient on this rank."""
+    return any(p.grad is not None for p in layer.params)
 
 
 def _grad(p: Optional[Tensor]) -> Optional[Tensor]:

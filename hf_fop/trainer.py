@@ -198,8 +198,8 @@ class FOPTrainer(Trainer):
             _, world_size = world()
             if world_size > 1:
                 self.fop_reducer = DualGradientReducer(opt)
-                if self.fop_mode == "fop":
-                    self.fop_reducer.install()
+                if self.fop_mode == "fop":  # curvature specialists: g1/g2 to each layer's owner only
+                    self.fop_reducer.install(owner_gradients=True)
                 else:  # K-FAC: DDP averages the gradients; only the factors need averaging
                     self.fop_reducer.install_curvature()
             self.fop_optimizer = opt
@@ -330,6 +330,19 @@ class FOPTrainer(Trainer):
             if torch.backends.mps.is_available() and hasattr(torch.mps, "clear_graph_cache"):
                 torch.mps.clear_graph_cache()
         return total
+
+    def _clip_grad_norm(self, model: nn.Module) -> Any:
+        """Owner-only gradients (curvature specialists): clip by the global norm every rank computes alike."""
+        if self.fop_reducer is None or not self.fop_reducer.owner_gradients:
+            return super()._clip_grad_norm(model)
+        self.accelerator.unscale_gradients()
+        return self.fop_reducer.clip_grad_norm_(self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
+        """The logged ``grad_norm``; with owner-only gradients the global one (not this rank's ``p.grad``)."""
+        if grad_norm is None and self.fop_reducer is not None and self.fop_reducer.owner_gradients:
+            grad_norm = self.fop_reducer.clip_grad_norm_(float("inf"))
+        return super()._get_grad_norm(model, grad_norm)
 
     def _fop_uses_comm_hook(self, model: nn.Module, plan: _Plan) -> bool:
         """Multi-process FOP: reduce g1/g2 in a DDP comm hook during the last micro-batch's backward (if possible)."""

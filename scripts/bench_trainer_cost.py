@@ -5,7 +5,8 @@
    comm hook, or after the backward pass; factor averaging on inverse steps and
    a small count/finiteness all_reduce on factor steps) against the Trainer's
    AdamW (DDP gradient buckets, counted with a DDP comm hook), and the median
-   seconds per optimizer step after 3 warm-up steps. "Sent" is the bytes each rank sends
+   seconds per optimizer step after 3 warm-up steps, for both curvature shardings (replicated, specialists), FOP
+   and K-FAC. "Sent" is the bytes each rank sends
    under the ring model (all_reduce: 2(W-1)/W x payload, all_gather: (W-1) x
    payload); "payload" is what is handed to the collectives. Goal: FOP <= 2x
    (issue 8: <= 2.05x at factor interval 1).
@@ -123,10 +124,14 @@ def worker(opts: argparse.Namespace) -> None:
 
     out = tempfile.mkdtemp()
     result: Dict[str, float] = {}
-    variants = [("adamw", "trainer", 1, True)] + [(f"fop_fi{fi}", "fop", fi, True) for fi in opts.factor_intervals]
-    variants += [(f"fop_fi{opts.factor_intervals[0]}_nohook", "fop", opts.factor_intervals[0], False)]
-    for name, optimizer, fi, hook in variants:
-        args = make_args(out, optimizer, opts.steps, opts.batch, fi)
+    first = opts.factor_intervals[0]
+    variants = [("adamw", "trainer", 1, True, "replicated")]
+    variants += [(f"fop_fi{fi}", "fop", fi, True, "replicated") for fi in opts.factor_intervals]
+    variants += [(f"fop_fi{first}_nohook", "fop", first, False, "replicated")]
+    variants += [(f"fop_fi{fi}_specialists", "fop", fi, True, "specialists") for fi in opts.factor_intervals]
+    variants += [(f"kfac_fi{first}_{sharding}", "kfac", first, True, sharding) for sharding in ("replicated", "specialists")]
+    for name, optimizer, fi, hook, sharding in variants:
+        args = make_args(out, optimizer, opts.steps, opts.batch, fi, fop_curvature_sharding=sharding)
         trainer = FOPTrainer(model=make_model(opts.hidden), args=args, train_dataset=make_data(opts.batch * 2 * opts.steps))
         trainer.use_ddp_comm_hook = hook
         counter = DDPByteCounter(trainer)
@@ -142,6 +147,9 @@ def worker(opts: argparse.Namespace) -> None:
         result[name] = wire / opts.steps
         result[name + "_payload"] = payload / opts.steps
         result[name + "_ddp"] = counter.bytes / opts.steps
+        if reducer is not None:  # each rank's cumulative curvature seconds (capture, factors, its eigendecompositions)
+            peak, mean = reducer.seconds_across_ranks(trainer.fop_optimizer.engine.seconds)
+            result[name + "_curv_max"], result[name + "_curv_mean"] = peak / opts.steps, mean / opts.steps
     if dist.get_rank() == 0:
         with open(opts.result, "w") as f:
             json.dump(result, f)
@@ -220,13 +228,17 @@ def main() -> None:
           f"{opts.steps} steps, torch {torch.__version__}, {os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}")
     comm = communication(opts)
     print(f"\n| {opts.nproc} processes | sent bytes / step per rank | ratio to AdamW | payload bytes / step | DDP bucket bytes "
-          "| s / step (median) |")
-    print("|---|---|---|---|---|---|")
+          "| s / step (median) | curvature s / step, max / mean over ranks |")
+    print("|---|---|---|---|---|---|---|")
     rows = [("adamw", "Trainer AdamW (DDP)")] + [(f"fop_fi{fi}", f"FOP, factor_interval={fi}") for fi in opts.factor_intervals]
-    rows += [(f"fop_fi{opts.factor_intervals[0]}_nohook", f"FOP, factor_interval={opts.factor_intervals[0]}, post-backward reduction")]
+    first = opts.factor_intervals[0]
+    rows += [(f"fop_fi{first}_nohook", f"FOP, factor_interval={first}, post-backward reduction")]
+    rows += [(f"fop_fi{fi}_specialists", f"FOP specialists, factor_interval={fi}") for fi in opts.factor_intervals]
+    rows += [(f"kfac_fi{first}_{s}", f"K-FAC {s}, factor_interval={first}") for s in ("replicated", "specialists")]
     for key, label in rows:
+        curv = f"{comm[key + '_curv_max']:.4f} / {comm[key + '_curv_mean']:.4f}" if key + "_curv_max" in comm else "-"
         print(f"| {label} | {comm[key]:,.0f} | {comm[key] / comm['adamw']:.2f} | {comm[key + '_payload']:,.0f} | "
-              f"{comm[key + '_ddp']:,.0f} | {comm[key + '_seconds']:.4f} |")
+              f"{comm[key + '_ddp']:,.0f} | {comm[key + '_seconds']:.4f} | {curv} |")
     if opts.only_communication:
         return
     print("\n| 1 process | plain loop s/step | FOPTrainer s/step | ratio |\n|---|---|---|---|")

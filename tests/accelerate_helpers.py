@@ -108,7 +108,8 @@ def run_worker() -> None:
     parser.add_argument("--runs", default="fop:1", help="comma-separated MODE:ACCUM runs, one after the other")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--resume", action="store_true", help="also: FOP 4 steps vs 2 steps, save_state, load_state, 2 more")
+    parser.add_argument("--resume", action="store_true",
+                        help="also: FOP with curvature specialists 4 steps vs 2 steps, save_state, load_state, 2 more")
     opts = parser.parse_args()
     record: Dict[str, Any] = {}
     for run in opts.runs.split(","):
@@ -116,8 +117,8 @@ def run_worker() -> None:
         accelerator = Accelerator(cpu=True, gradient_accumulation_steps=int(accum))  # process group already up: reused
         record[run] = accelerate_loop(accelerator, FOPConfig(mode=mode, **CONFIG), opts.batch, opts.steps)
     record["world_size"] = accelerator.num_processes
-    if opts.resume:
-        config = FOPConfig(mode="fop", **CONFIG)
+    if opts.resume:  # with curvature specialists: save_state's pre-hook gathers the owners' state on every rank
+        config = FOPConfig(mode="fop", curvature_sharding="specialists", **CONFIG)
         ckpt = os.path.join(opts.out, "ckpt")
         # The uninterrupted run saves too: under several processes save_state averages the ranks' local factor
         # running sums (hf_fop.distributed.ReplicatedCurvature), which rounds differently from averaging them later.

@@ -51,11 +51,11 @@ def batch(step: int, rank: int, micro: int) -> tuple:
     return x, y
 
 
-def make_opt(model: nn.Module, mode: str, inverse_interval: int, scenario: str = "plain") -> FOP:
+def make_opt(model: nn.Module, mode: str, inverse_interval: int, scenario: str = "plain", **extra: Any) -> FOP:
     """``scenario="unused"`` fixes beta* = 0: a layer only one group uses has g1 - g2 parallel to g_avg, so g_perp
     is rounding noise and beta* = D / E amplifies it (the runs would differ by noise, not by a bug)."""
     return FOP(model, lr=0.05, damping=0.05, mode=mode, momentum=0.5, factor_interval=1,
-               inverse_interval=inverse_interval, factor_decay=0.8, use_beta=scenario != "unused")
+               inverse_interval=inverse_interval, factor_decay=0.8, use_beta=scenario != "unused", **extra)
 
 
 def uses_extra(scenario: str, rank: int) -> bool:
@@ -63,12 +63,19 @@ def uses_extra(scenario: str, rank: int) -> bool:
     return scenario == "unused" and rank % 2 == 0
 
 
-def single_process(world_size: int, mode: str, steps: int, accum: int, inverse_interval: int, scenario: str) -> Dict[str, Any]:
-    """One process fed the ranks' batches: even ranks' in sub-batch 1, odd ranks' in sub-batch 2 (FOP), all (K-FAC)."""
+def single_process(world_size: int, mode: str, steps: int, accum: int, inverse_interval: int, scenario: str,
+                   resume: str = "", save: str = "", save_at: int = -1, **extra: Any) -> Dict[str, Any]:
+    """One process fed the ranks' batches: even ranks' in sub-batch 1, odd ranks' in sub-batch 2 (FOP), all (K-FAC).
+
+    ``resume``: start from a checkpoint file written by :func:`save_checkpoint`; ``save``: write one after
+    ``save_at`` steps; ``extra``: more FOP options (:func:`job_options`)."""
     model = MLP()
-    opt = make_opt(model, mode, inverse_interval, scenario)
+    opt = make_opt(model, mode, inverse_interval, scenario, **extra)
+    start = load_checkpoint(resume, model, opt) if resume else 0
     opt.w1 = ((world_size + 1) // 2) / world_size
-    for step in range(steps):
+    for step in range(start, steps):
+        if step == save_at:
+            save_checkpoint(save, model, opt)
         groups = [list(range(0, world_size, 2)), list(range(1, world_size, 2))] if mode == "fop" else [list(range(world_size))]
         for index, ranks in enumerate(groups):
             ctx = opt.sub_batch(index) if mode == "fop" else contextlib.nullcontext()
@@ -81,6 +88,28 @@ def single_process(world_size: int, mode: str, steps: int, accum: int, inverse_i
         opt.step()
         opt.zero_grad()
     return record(model, opt)
+
+
+def job_options(text: str) -> Dict[str, Any]:
+    """``"damping_mode=relative;kl_clip=none"`` -> FOP keyword arguments (``none`` -> ``None``)."""
+    out: Dict[str, Any] = {}
+    for item in filter(None, text.split(";")):
+        key, value = item.split("=")
+        out[key] = None if value == "none" else value
+    return out
+
+
+def save_checkpoint(path: str, model: nn.Module, opt: FOP) -> None:
+    """Model and optimizer state in one file (what a Trainer checkpoint holds for these tests)."""
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+
+
+def load_checkpoint(path: str, model: nn.Module, opt: FOP) -> int:
+    """Load :func:`save_checkpoint`'s file; returns the step to continue from."""
+    state = torch.load(path, weights_only=False)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    return opt.global_step
 
 
 def record(model: nn.Module, opt: FOP) -> Dict[str, Any]:
@@ -164,6 +193,121 @@ def worker(opts: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
+def specialist_runs(opts: argparse.Namespace) -> None:
+    """Several runs in one launch (``--job name,mode,sharding,scenario,resume,save_at[,options]``), then
+    ``--eigh_failure``.
+
+    ``resume``: ``-`` (from scratch) or a checkpoint path (``{out}`` is replaced by ``--out``); ``save_at``: ``-`` or
+    the step before which rank 0 writes ``{out}/{name}_{step}.pt`` (after the collective that gathers the full
+    state on every rank); ``options``: :func:`job_options`. Each run records parameters, factors, bytes per step and the owner assignment.
+    """
+    import datetime
+
+    import torch.distributed as dist
+
+    from hf_fop.distributed import DualGradientReducer
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    out: Dict[str, Any] = {}
+    for spec in opts.job:
+        name, mode, sharding, scenario, resume, save_at, *more = spec.split(",")
+        model = MLP()
+        opt = make_opt(model, mode, opts.inverse_interval, scenario, curvature_sharding=sharding,
+                       **job_options(more[0] if more else ""))
+        reducer = DualGradientReducer(opt)
+        reducer.install(owner_gradients=True) if mode == "fop" else reducer.install_curvature()
+        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if mode == "kfac" else None
+        net = ddp if ddp is not None else model
+        start = load_checkpoint(resume.replace("{out}", opts.out), model, opt) if resume != "-" else 0
+        bytes_per_step: List[int] = []
+        for step in range(start, opts.steps):
+            if save_at != "-" and step == int(save_at):
+                reducer.sync_factors()  # every rank: the full state, then rank 0 saves it
+                if rank == 0:
+                    save_checkpoint(os.path.join(opts.out, f"{name}_{step}.pt"), model, opt)
+                dist.barrier()
+            before = reducer.bytes_reduced
+            for micro in range(opts.accum):
+                x, y = batch(step, rank, micro)
+                sync = ddp.no_sync() if ddp is not None and micro < opts.accum - 1 else contextlib.nullcontext()
+                with sync:
+                    (F.cross_entropy(net(x, uses_extra(scenario, rank)), y) / opts.accum).backward()
+            if scenario == "nangrad" and step == 1 and rank == 0:  # a NaN in fc2, which rank 1 owns (2 processes)
+                model.fc2.weight.grad[0, 0] = float("nan")
+            if mode == "fop":
+                reducer.reduce_gradients()
+            opt.step()
+            opt.zero_grad()
+            bytes_per_step.append(reducer.bytes_reduced - before)
+        owners = dict(getattr(reducer.curvature, "owner", {}))
+        reducer.sync_factors()
+        out[name] = {**record(model, opt), "bytes_per_step": bytes_per_step, "owners": owners,
+                     "pending": opt.distributor.pending}
+        opt.release()
+    if opts.eigh_failure:
+        out["eigh_failure"] = eigh_failure(rank)
+    torch.save(out, os.path.join(opts.out, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def eigh_failure(rank: int) -> Dict[str, Any]:
+    """Specialists, eigendecomposition every step, ``max_eigh_failures=2``: from step 1 on, layer fc1's A fails in
+    float32 (``LinAlgError``) and float64 (NaN) on its owner only. Step 1 keeps the last basis; step 2 must raise on
+    every rank (no hang). Returns what this rank saw."""
+    import time
+    import warnings
+
+    from hf_fop import curvature
+    from hf_fop.distributed import DualGradientReducer
+
+    model = MLP()
+    opt = FOP(model, lr=0.05, damping=0.05, inverse_interval=1, max_eigh_failures=2, curvature_sharding="specialists")
+    reducer = DualGradientReducer(opt)
+    reducer.install(owner_gradients=True)
+    fc1 = next(layer for layer in opt.layers if layer.name == "fc1")
+    owner = reducer.curvature.owner["fc1"]
+    real32, real64 = curvature.eigh_float32, curvature.eigh_float64
+    calls = {"float64": 0}
+
+    def broken32(mat: Tensor) -> Any:
+        if opt.global_step >= 1 and mat.data_ptr() == fc1.A.data_ptr():
+            raise torch.linalg.LinAlgError("injected float32 failure")
+        return real32(mat)
+
+    def broken64(mat: Tensor) -> Any:
+        if opt.global_step >= 1 and mat.data_ptr() == fc1.A.data_ptr():
+            calls["float64"] += 1
+            return torch.full((mat.shape[0],), float("nan")), mat
+        return real64(mat)
+
+    if rank == owner:
+        curvature.eigh_float32, curvature.eigh_float64 = broken32, broken64
+    seen: Dict[str, Any] = {"owner": owner, "error": None, "warnings": []}
+    t0 = time.perf_counter()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(4):
+                q_before = fc1.basis_a.q.clone() if fc1.basis_a is not None else None
+                x, y = batch(step, rank, 0)
+                F.cross_entropy(model(x), y).backward()
+                reducer.reduce_gradients()
+                opt.step()
+                opt.zero_grad()
+                if step == 1 and rank == owner:
+                    seen["kept_basis"] = torch.equal(fc1.basis_a.q, q_before)
+                    seen["failures_after_1"] = dict(fc1.eigh_failures)
+    except RuntimeError as err:
+        seen["error"] = str(err)
+    finally:
+        curvature.eigh_float32, curvature.eigh_float64 = real32, real64
+        seen["warnings"] = [str(w.message) for w in caught]
+    seen.update(step=opt.global_step, seconds=time.perf_counter() - t0, float64_calls=calls["float64"])
+    return seen
+
+
 def main(argv: Any = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -171,9 +315,12 @@ def main(argv: Any = None) -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--accum", type=int, default=1)
     parser.add_argument("--inverse_interval", type=int, default=3)
-    parser.add_argument("--scenario", default="plain", choices=["plain", "unused", "nonfinite"])
+    parser.add_argument("--scenario", default="plain", choices=["plain", "unused", "nonfinite"])  # --job: also "nangrad"
     parser.add_argument("--compare_hook", action="store_true", help="also train a copy through the DDP comm hook")
-    worker(parser.parse_args(argv))
+    parser.add_argument("--job", action="append", default=[], help="name,mode,sharding,scenario,resume,save_at[,options]")
+    parser.add_argument("--eigh_failure", action="store_true", help="after the runs: a forced eigh failure on one owner")
+    opts = parser.parse_args(argv)
+    specialist_runs(opts) if opts.job else worker(opts)
 
 
 if __name__ == "__main__":

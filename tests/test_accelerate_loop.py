@@ -362,7 +362,7 @@ def _torchrun(out: Path, *args: str) -> List[Dict]:
 def test_two_processes_equal_one_process_fed_the_same_sub_batches(tmp_path):
     """Rank r takes batches r, r + 2, ... One process sees the same sub-batches with 2-batch windows (accumulation 1
     per rank), or with 4-batch windows over the batches reordered 0, 2, 1, 3, ... (accumulation 2 per rank).
-    Also: resume under two processes is bitwise."""
+    Also: resume under two processes with curvature specialists is bitwise."""
     records = _torchrun(
         tmp_path / "two", "--runs", "fop:1,kfac:1,fop:2", "--steps", str(STEPS), "--batch", str(BATCH), "--resume"
     )

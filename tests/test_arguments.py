@@ -160,3 +160,12 @@ def test_parse_fop_args_keeps_other_errors(tmp_path):
     parser = HfArgumentParser(FOPTrainingArguments)
     with pytest.raises(ValueError, match="torch_empty_cache_steps"):
         parse_fop_args(parser, ["--output_dir", str(tmp_path), "--use_cpu", "--torch_empty_cache_steps", "-1"])
+
+
+def test_curvature_sharding_flag_reaches_the_config(tmp_path):
+    parser = HfArgumentParser(FOPTrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--fop_curvature_sharding", "specialists"])
+    assert args.fop_config().curvature_sharding == "specialists"
+    assert FOPTrainingArguments(str(tmp_path)).fop_config().curvature_sharding == "replicated"
+    with pytest.raises(ValueError, match=r"FOPTrainingArguments\.fop_curvature_sharding='sharded' is invalid: expected one of"):
+        FOPTrainingArguments(str(tmp_path), fop_curvature_sharding="sharded")

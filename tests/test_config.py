@@ -37,6 +37,7 @@ INVALID = [
     ("kl_clip", float("inf"), r"None \(no trust region\) or a number in \(0, inf\)"),
     ("kl_clip", "1e-3", r"None \(no trust region\) or a number"),
     ("damping_mode", "scaled", "one of"),
+    ("curvature_sharding", "sharded", r"one of \('replicated', 'specialists'\)"),
 ]
 
 

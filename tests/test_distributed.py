@@ -148,11 +148,13 @@ def test_checkpoints_resume_across_world_sizes(pair, tmp_path):
     The checkpoint after step 2 falls between inverse steps (inverse_interval 2: global steps 0 and 2), when each rank
     holds only its local factor averages: FOPTrainer averages them before saving, so the file holds the global
     factors whatever the world size. 1 process with 2 micro-batches of 8 sees what 2 ranks with batch 8 see.
+    The 1-process checkpoint resumes under curvature specialists (owner-only gradients, FOPTrainer's global-norm
+    clipping).
     """
     root, two, one = pair
     one_from_two = single(tmp_path / "one_from_two", "--steps", "4", "--batch", "8", "--accum", "2",
                           "--resume", str(root / "two" / "checkpoint-2"))
-    two_from_one = torchrun(2, tmp_path / "two_from_one", "--steps", "4", "--batch", "8",
+    two_from_one = torchrun(2, tmp_path / "two_from_one", "--steps", "4", "--batch", "8", "--sharding", "specialists",
                             "--resume", str(root / "one" / "checkpoint-2"))
     _assert_replicas_identical(two_from_one)
     for resumed, full in ((one_from_two, two[0]), (two_from_one[0], one)):
@@ -350,3 +352,113 @@ def test_comm_hook_equals_post_backward_reduction_bitwise(tmp_path, nproc, accum
         timeless = [{k: v for k, v in d.items() if k != "curvature_seconds"} for d in (rec["hook"]["diagnostics"], rec["diagnostics"])]
         assert timeless[0] == timeless[1] and "beta_mean" in timeless[0]  # beta*, s_proj flip sign with g1 - g2
     _assert_plain_replicas_identical([r["hook"] for r in records])
+
+
+# ------------------------------------------------------- curvature specialists (hf_fop/specialists.py, real processes)
+def test_specialist_assignment_is_deterministic_and_balanced():
+    """Greedy cost balance over tiny-ViT (14 managed layers) and ViT-B/16 (74) shapes, built on the meta device."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from hf_fop import FOPConfig
+    from hf_fop.curvature import find_layers
+    from hf_fop.specialists import assign_owners, layer_cost, owner_loads
+
+    assert layer_cost(7, 8) == 7**3 + 8**3 + 56 * 15
+    assert assign_owners([(7, 8), (9, 8), (8, 4)], 2) == [1, 0, 1]  # costliest (9, 8) first, to rank 0
+    assert assign_owners([(4, 4), (4, 4), (4, 4)], 3) == [0, 1, 2]  # ties: lower index, lower rank
+    tiny = ViTConfig(image_size=8, patch_size=2, num_channels=3, hidden_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, intermediate_size=128, num_labels=10)
+    ratios = {}
+    for name, config in (("tiny", tiny), ("B16", ViTConfig())):
+        with torch.device("meta"):
+            layers, _ = find_layers(ViTForImageClassification(config), FOPConfig())
+        shapes = [(layer.in_dim, layer.out_dim) for layer in layers]
+        for world_size in (2, 3, 8):
+            owners = assign_owners(shapes, world_size)
+            assert owners == assign_owners(list(shapes), world_size)  # deterministic
+            assert set(owners) == set(range(world_size))
+            loads = owner_loads(shapes, owners, world_size)
+            ratios[name, world_size] = max(loads) / min(loads)
+    # max/min cost per rank: tiny 1.0003 / 1.038 / 1.86 (14 layers on 8 ranks), ViT-B/16 1.003 / 1.005 / 1.014
+    assert all(r < 1.05 for (name, w), r in ratios.items() if w < 8 or name == "B16"), ratios
+    assert ratios["tiny", 8] < 2.0, ratios
+
+
+def _assert_run_matches(records: List[Dict], name: str, single_record: Dict) -> None:
+    runs = [r[name] for r in records]
+    _assert_plain_replicas_identical(runs)
+    timeless = [{k: v for k, v in r["diagnostics"].items() if k != "curvature_seconds"} for r in runs]
+    assert all(t == timeless[0] for t in timeless), name  # every rank logs the same stats
+    _assert_matches_single(runs, single_record)
+    assert runs[0]["counters"] == single_record["counters"], name
+    assert not runs[0]["pending"]
+
+
+def test_specialists_two_processes_match_one_process_resume_across_modes_and_survive_an_eigh_failure(tmp_path):
+    """One launch, 2 processes, FOP with accumulation 2, 6 steps, eigendecompositions at steps 0 and 3:
+
+    ``spec`` specialists from scratch (checkpoint before step 4, between inverse steps); ``rep`` replicated resumed
+    from it (checkpoint before step 5); ``spec2`` specialists resumed from that. Each equals one process fed the same
+    sub-batches (allclose) with bitwise identical replicas; one process resumed from ``spec``'s checkpoint too. The
+    checkpoint holds the full state of one process. A NaN gradient on one rank in a layer the other owns skips the
+    step everywhere. Then a forced eigendecomposition failure on one owner.
+    """
+    from dist_workers import single_process
+
+    from hf_fop.specialists import assign_owners
+
+    out = tmp_path / "run"
+    records = plain_torchrun(2, out, "--steps", "6", "--accum", "2", "--inverse_interval", "3", "--eigh_failure",
+                             "--job", "spec,fop,specialists,plain,-,4", "--job", "rep,fop,replicated,plain,{out}/spec_4.pt,5",
+                             "--job", "spec2,fop,specialists,plain,{out}/rep_5.pt,-", "--job", "nangrad,fop,specialists,nangrad,-,-")
+    one = single_process(2, "fop", 6, 2, 3, "plain", save=str(tmp_path / "one_4.pt"), save_at=4)
+    for name in ("spec", "rep", "spec2"):
+        _assert_run_matches(records, name, one)
+    resumed = single_process(2, "fop", 6, 2, 3, "plain", resume=str(out / "spec_4.pt"))
+    _assert_matches_single([resumed], one)
+    saved = torch.load(out / "spec_4.pt", weights_only=False)["optimizer"]["fop"]["layers"]
+    reference = torch.load(tmp_path / "one_4.pt", weights_only=False)["optimizer"]["fop"]["layers"]
+    for layer, entry in reference.items():
+        assert set(saved[layer]) == set(entry), layer  # every factor and basis, as one process saves them
+        for key in ("A", "S", "eig_a", "eig_s"):
+            if key in entry:
+                torch.testing.assert_close(saved[layer][key], entry[key], rtol=1e-4, atol=1e-6)
+    spec = records[0]["spec"]
+    assert spec["owners"] == dict(zip(["fc1", "extra", "fc2"], assign_owners([(7, 8), (9, 8), (8, 4)], 2)))
+    # bytes per step: gradients to the owners (7 presence flags, the LayerNorm's 16 to everybody, a (2, 88) buffer of
+    # fc1's and fc2's 56 + 32 to their owner, rank 1) + the finiteness flag + capture counts (3 layers + flag)
+    # + stats table (2 layers with gradients x 9 float32) + directions (fc1 8x7 + fc2 4x8, both from rank 1);
+    # inverse steps add the owner reduce of the factor triangles (fc1 28 + 36, fc2 36 + 10) and the failure flag
+    base = 4 * (7 + 16 + 2 * 88) + 4 + 4 * 4 + 2 * 9 * 4 + 4 * (56 + 32)
+    assert spec["bytes_per_step"] == [base + (4 * 110 + 4 if step % 3 == 0 else 0) for step in range(6)]
+    # a NaN gradient of fc2 on rank 0 reaches only fc2's owner (rank 1): the global flag makes both skip the step
+    _assert_plain_replicas_identical([r["nangrad"] for r in records])
+    assert [r["nangrad"]["counters"]["skipped_steps"] for r in records] == [1, 1]
+    assert all(torch.isfinite(v).all() for v in records[0]["nangrad"]["params"].values())
+    failure = [r["eigh_failure"] for r in records]
+    owner = failure[0]["owner"]
+    assert all(f["step"] == 2 and f["error"] and f["seconds"] < 30 for f in failure), failure  # same step, no hang
+    assert "factor A of layer 'fc1' failed 2 times" in failure[owner]["error"]  # the one-process error
+    assert failure[owner]["float64_calls"] == 2 and failure[owner]["kept_basis"]  # float64 retry, last basis kept
+    assert failure[owner]["failures_after_1"] == {"A": 1, "S": 0}
+    assert any("keeping the last good basis" in w for w in failure[owner]["warnings"])
+    assert f"on its owner rank {owner}" in failure[1 - owner]["error"] and "'fc1'" in failure[1 - owner]["error"]
+
+
+def test_specialists_three_processes_fop_kfac_and_resume_from_one_process(tmp_path):
+    """One launch, 3 processes, accumulation 2: FOP with a layer only the even ranks use (each rank owns one layer)
+    and no trust region, K-FAC (DDP averages the gradients) with relative damping, and FOP resumed from a
+    one-process checkpoint taken before step 3."""
+    from dist_workers import single_process
+
+    fop = single_process(3, "fop", 6, 2, 3, "unused", save=str(tmp_path / "one_3.pt"), save_at=3)
+    fop_plain = single_process(3, "fop", 6, 2, 3, "unused", kl_clip=None)
+    kfac = single_process(3, "kfac", 6, 2, 3, "plain", damping_mode="relative")
+    records = plain_torchrun(3, tmp_path / "run", "--steps", "6", "--accum", "2", "--inverse_interval", "3",
+                             "--job", "fop,fop,specialists,unused,-,-,kl_clip=none",
+                             "--job", "kfac,kfac,specialists,plain,-,-,damping_mode=relative",
+                             "--job", f"resumed,fop,specialists,unused,{tmp_path / 'one_3.pt'},-")
+    assert sorted(records[0]["fop"]["owners"].values()) == [0, 1, 2]
+    assert "kl_clip_scale" not in records[0]["fop"]["diagnostics"]
+    for name, reference in (("fop", fop_plain), ("kfac", kfac), ("resumed", fop)):
+        _assert_run_matches(records, name, reference)

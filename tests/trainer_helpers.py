@@ -193,6 +193,7 @@ def run_worker(argv: Any = None) -> None:
         "--interleave", action="store_true",
         help="reorder each group of 4 batches as 0, 2, 1, 3 (one process then sees what 2 ranks x 2 micro-batches see)",
     )
+    parser.add_argument("--sharding", default="replicated", help="fop_curvature_sharding")
     opts = parser.parse_args(argv)
     save = dict(save_strategy="steps", save_steps=opts.save_steps) if opts.save_steps else {}
     if opts.fsdp:
@@ -200,7 +201,7 @@ def run_worker(argv: Any = None) -> None:
     args = make_args(
         opts.out, max_steps=opts.steps, per_device_train_batch_size=opts.batch, gradient_accumulation_steps=opts.accum,
         train_sampling_strategy="sequential", fop_optimizer=opts.optimizer, fop_inverse_interval=2, fop_momentum=0.5,
-        use_cpu=not opts.no_cpu, fop_factor_interval=opts.factor_interval, **save,
+        use_cpu=not opts.no_cpu, fop_factor_interval=opts.factor_interval, fop_curvature_sharding=opts.sharding, **save,
     )
     data = digits_dataset(opts.examples) if opts.model == "vit" else cls_text_dataset(opts.examples)
     if opts.interleave:
