@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from hf_fop import FOP, FOPTrainer, FOPTrainingArguments  # noqa: E402
+from hf_fop.distributed import world  # noqa: E402
 
 
 def make_model(hidden: int) -> ViTForImageClassification:
@@ -140,7 +141,7 @@ def worker(opts: argparse.Namespace) -> None:
         trainer.add_callback(clock)
         trainer.train()
         result[name + "_seconds"] = per_step(clock.times, 3)
-        world_size = dist.get_world_size()
+        rank, world_size = world()
         reducer = trainer.fop_reducer
         payload = counter.bytes + (reducer.bytes_reduced if reducer is not None else 0)
         wire = 2 * (world_size - 1) / world_size * counter.bytes + (reducer.wire_bytes if reducer is not None else 0)
@@ -150,25 +151,46 @@ def worker(opts: argparse.Namespace) -> None:
         if reducer is not None:  # each rank's cumulative curvature seconds (capture, factors, its eigendecompositions)
             peak, mean = reducer.seconds_across_ranks(trainer.fop_optimizer.engine.seconds)
             result[name + "_curv_max"], result[name + "_curv_mean"] = peak / opts.steps, mean / opts.steps
-    if dist.get_rank() == 0:
+    if rank == 0:
         with open(opts.result, "w") as f:
             json.dump(result, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
-def communication(opts: argparse.Namespace) -> Dict[str, float]:
+def communication(opts: argparse.Namespace, nproc: int) -> Dict[str, float]:
+    """The worker's results (rank 0) from ``nproc`` processes under torchrun, each with local batch ``opts.batch``."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     result = os.path.join(tempfile.mkdtemp(), "comm.json")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={opts.nproc}", f"--master_port={port}", __file__,
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}", __file__,
            "--worker", "--result", result, "--steps", str(opts.steps), "--batch", str(opts.batch),
            "--hidden", str(opts.hidden), "--factor_intervals", *map(str, opts.factor_intervals)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
     with open(result) as f:
         return json.load(f)
+
+
+def exposed_communication(opts: argparse.Namespace, comm: Dict[str, float], rows: List[Tuple[str, str]]) -> None:
+    """Print each variant's exposed communication: its N-process minus its 1-process median seconds per step.
+
+    Same model, same local batch per process, so the difference is what communication (and waiting for the slowest
+    rank) adds to a step; in one process FOP splits the local batch into its two sub-batches, as each rank's
+    batch is one sub-batch under N processes. ``ratio`` divides by DDP-AdamW's exposed seconds.
+    """
+    single = communication(opts, 1)
+    base = comm["adamw_seconds"] - single["adamw_seconds"]
+    print(f"\n| exposed communication | {opts.nproc}-process s / step | 1-process s / step | exposed s / step | ratio to AdamW |")
+    print("|---|---|---|---|---|")
+    for key, label in rows:
+        if "nohook" in key:  # one process has no reduction path to choose
+            continue
+        exposed = comm[key + "_seconds"] - single[key + "_seconds"]
+        print(f"| {label} | {comm[key + '_seconds']:.4f} | {single[key + '_seconds']:.4f} | {exposed:.4f} | "
+              f"{exposed / base:.2f} |")
 
 
 def plain_loop_times(opts: argparse.Namespace, fi: int) -> List[float]:
@@ -216,6 +238,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="alternating timing runs per variant")
     parser.add_argument("--nproc", type=int, default=2, help="processes of the communication measurement")
     parser.add_argument("--only_communication", action="store_true", help="skip the 1-process Trainer overhead part")
+    parser.add_argument("--exposed", action="store_true",
+                        help="also run 1 process with the same local batch: exposed communication = N-process minus "
+                             "1-process seconds per step, per variant, against DDP-AdamW's (issue 8 goal: FOP <= 1.3x)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
     opts = parser.parse_args()
@@ -226,7 +251,7 @@ def main() -> None:
     n_params = sum(p.numel() for p in make_model(opts.hidden).parameters())
     print(f"# FOPTrainer cost: ViT hidden={opts.hidden} ({n_params:,} parameters), batch {opts.batch}, "
           f"{opts.steps} steps, torch {torch.__version__}, {os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}")
-    comm = communication(opts)
+    comm = communication(opts, opts.nproc)
     print(f"\n| {opts.nproc} processes | sent bytes / step per rank | ratio to AdamW | payload bytes / step | DDP bucket bytes "
           "| s / step (median) | curvature s / step, max / mean over ranks |")
     print("|---|---|---|---|---|---|---|")
@@ -239,6 +264,8 @@ def main() -> None:
         curv = f"{comm[key + '_curv_max']:.4f} / {comm[key + '_curv_mean']:.4f}" if key + "_curv_max" in comm else "-"
         print(f"| {label} | {comm[key]:,.0f} | {comm[key] / comm['adamw']:.2f} | {comm[key + '_payload']:,.0f} | "
               f"{comm[key + '_ddp']:,.0f} | {comm[key + '_seconds']:.4f} | {curv} |")
+    if opts.exposed:
+        exposed_communication(opts, comm, rows)
     if opts.only_communication:
         return
     print("\n| 1 process | plain loop s/step | FOPTrainer s/step | ratio |\n|---|---|---|---|")

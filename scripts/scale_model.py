@@ -17,9 +17,10 @@ Per rank and optimizer step, with ``k_i`` the inverse interval:
 
 * replicated: every rank decomposes every factor and computes every direction,
   ``sum_l (eigh(d_A) + eigh(d_S)) / k_i + dir_l``;
-* specialists: layer ``l`` is computed by its owner only; owners come from a
-  greedy balance (largest cost first, to the least-loaded rank), and the
-  slowest rank sets the pace: ``max_r sum_{l owned by r} (...)``.
+* specialists: layer ``l`` is computed by its owner only, with the owners
+  ``hf_fop.specialists.assign_owners`` gives (greedy balance of the
+  ``d^3`` cost model), and the slowest rank sets the pace:
+  ``max_r sum_{l owned by r} (...)``.
 
 Capture (building each rank's own factors from its activations) is local and
 the same in both modes, so it is left out. Usage::
@@ -46,6 +47,7 @@ from transformers import ViTConfig, ViTForImageClassification
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hf_fop.fop_math import rotate, unrotate  # noqa: E402
+from hf_fop.specialists import assign_owners  # noqa: E402
 
 MODELS = {
     "ViT-B/16": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
@@ -118,12 +120,11 @@ def direction_seconds(layer: Layer, gen: torch.Generator) -> float:
     return cpu_seconds(lambda: (rotate(g, q_s, q_a), rotate(g, q_s, q_a), unrotate(g, q_s, q_a)), repeats=3)
 
 
-def greedy_owners(costs: Sequence[float], ranks: int) -> List[float]:
-    """Per-rank load after assigning each cost, largest first, to the least-loaded rank (lowest index on ties)."""
+def rank_seconds(costs: Sequence[float], owners: Sequence[int], ranks: int) -> List[float]:
+    """Per-rank curvature seconds when layer ``l`` (``costs[l]`` seconds) is computed by rank ``owners[l]`` only."""
     loads = [0.0] * ranks
-    for cost in sorted(costs, reverse=True):
-        r = min(range(ranks), key=lambda i: (loads[i], i))
-        loads[r] += cost
+    for cost, rank in zip(costs, owners):
+        loads[rank] += cost
     return loads
 
 
@@ -185,7 +186,7 @@ def main(argv: Sequence[str] = None) -> str:
         replicated = sum(costs)
         for world in args.ranks:
             sent = bytes_per_step(n, n_managed, t, world, k_i)
-            loads = greedy_owners(costs, world)
+            loads = rank_seconds(costs, assign_owners([(l.d_a, l.d_s) for l in layers], world), world)
             busy = [x for x in loads if x > 0]
             rows = (
                 ("DDP + AdamW", sent["ddp_adamw"], None, ""),

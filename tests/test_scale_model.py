@@ -26,17 +26,8 @@ def test_vit_b16_has_the_published_shape():
     assert (by_name["classifier"].d_a, by_name["classifier"].d_s) == (769, 1000)
 
 
-@pytest.mark.parametrize(
-    "costs, ranks, loads",
-    [
-        ([5, 4, 3, 3, 1], 2, [8, 8]),  # 5->0, 4->1, 3->1, 3->0, 1->0 (tie at 8/7 -> least loaded)
-        ([1, 1, 1], 5, [1, 1, 1, 0, 0]),  # more ranks than layers: the rest own nothing
-        ([7, 1, 1, 1], 2, [7, 3]),
-        ([1, 1, 5], 2, [5, 2]),  # largest first: in given order it would be [6, 1]
-    ],
-)
-def test_greedy_owners_balance_largest_first(costs, ranks, loads):
-    assert sm.greedy_owners(costs, ranks) == loads
+def test_rank_seconds_sum_each_owners_layers():
+    assert sm.rank_seconds([5.0, 4.0, 3.0, 1.0], [0, 1, 1, 3], 4) == [5.0, 7.0, 0.0, 1.0]
 
 
 def test_bytes_per_step_follow_the_ring_formulas():
