@@ -132,7 +132,8 @@ def worker(opts: argparse.Namespace) -> None:
     variants += [(f"fop_fi{fi}_specialists", "fop", fi, True, "specialists") for fi in opts.factor_intervals]
     variants += [(f"kfac_fi{first}_{sharding}", "kfac", first, True, sharding) for sharding in ("replicated", "specialists")]
     for name, optimizer, fi, hook, sharding in variants:
-        args = make_args(out, optimizer, opts.steps, opts.batch, fi, fop_curvature_sharding=sharding)
+        extra = {"fop_inverse_interval": opts.inverse_interval} if opts.inverse_interval else {}
+        args = make_args(out, optimizer, opts.steps, opts.batch, fi, fop_curvature_sharding=sharding, **extra)
         trainer = FOPTrainer(model=make_model(opts.hidden), args=args, train_dataset=make_data(opts.batch * 2 * opts.steps))
         trainer.use_ddp_comm_hook = hook
         counter = DDPByteCounter(trainer)
@@ -167,7 +168,8 @@ def communication(opts: argparse.Namespace, nproc: int) -> Dict[str, float]:
     result = os.path.join(tempfile.mkdtemp(), "comm.json")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}", __file__,
            "--worker", "--result", result, "--steps", str(opts.steps), "--batch", str(opts.batch),
-           "--hidden", str(opts.hidden), "--factor_intervals", *map(str, opts.factor_intervals)]
+           "--hidden", str(opts.hidden), "--inverse_interval", str(opts.inverse_interval),
+           "--factor_intervals", *map(str, opts.factor_intervals)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
     with open(result) as f:
@@ -235,6 +237,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--factor_intervals", type=int, nargs="+", default=[1, 5])
+    parser.add_argument("--inverse_interval", type=int, default=0,
+                        help="fop_inverse_interval of the communication runs (default: max(5, factor interval))")
     parser.add_argument("--repeats", type=int, default=3, help="alternating timing runs per variant")
     parser.add_argument("--nproc", type=int, default=2, help="processes of the communication measurement")
     parser.add_argument("--only_communication", action="store_true", help="skip the 1-process Trainer overhead part")
