@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -44,7 +45,6 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 
 import torch
 from torch import Tensor, nn
-from transformers.trainer_pt_utils import get_parameter_names
 
 from .config import FOPConfig
 from .curvature import CurvatureEngine, KFACLayer
@@ -57,8 +57,24 @@ _NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)"
 
 
 def decay_parameter_names(model: nn.Module) -> List[str]:
-    """Names of the parameters that get weight decay: the rule of ``Trainer.get_decay_parameter_names``."""
-    return get_parameter_names(model, [nn.LayerNorm], _NO_DECAY_PATTERNS)
+    """Names of the parameters that get weight decay: the rule of ``Trainer.get_decay_parameter_names``.
+
+    The same walk as ``transformers.trainer_pt_utils.get_parameter_names(model, [nn.LayerNorm], patterns)``
+    (tests check equality with the Trainer's method), written out so that ``import hf_fop`` and a plain-PyTorch
+    FOP do not import transformers (about 2 s per process).
+    """
+    patterns = [re.compile(pattern) for pattern in _NO_DECAY_PATTERNS]
+
+    def walk(module: nn.Module) -> List[str]:
+        names = []
+        for child_name, child in module.named_children():
+            for name in walk(child):
+                full = f"{child_name}.{name}"
+                if not isinstance(child, nn.LayerNorm) and not any(pt.search(full.lower()) for pt in patterns):
+                    names.append(full)
+        return names + [k for k in module._parameters if not any(pt.search(k.lower()) for pt in patterns)]
+
+    return walk(model)
 
 
 class FOP(torch.optim.Optimizer):

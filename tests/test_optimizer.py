@@ -2,6 +2,7 @@
 
 import importlib.util
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -638,3 +639,25 @@ def test_kl_clip_applies_before_momentum():
     assert nu < 1.0
     for p, before in zip(model.parameters(), w0):
         assert torch.allclose(opt.state[p]["momentum_buffer"], before - p.detach(), rtol=1e-4, atol=1e-6)
+
+
+def test_plain_pytorch_fop_does_not_import_transformers():
+    """``import hf_fop`` and a FOP step on a plain PyTorch model load no transformers module (about 2 s per process,
+    e.g. every rank of a torchrun job); the weight-decay rule and Conv1D detection work without it."""
+    code = textwrap.dedent(
+        """
+        import sys
+        import torch
+        from hf_fop import FOP
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+        opt = FOP(model, weight_decay=0.1)
+        model(torch.randn(8, 3)).square().mean().backward()
+        opt.step()
+        assert opt.counters["factor_updates"] == 1, opt.counters
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] == "transformers")
+        assert not loaded, loaded[:5]
+        """
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
