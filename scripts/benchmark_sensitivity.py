@@ -670,8 +670,8 @@ def plan(s: Settings, results: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]
         for spec in make():
             key = spec.key()
             done = is_done(results.get(key), timed)
-            if key in seen and done:
-                continue
+            if key in seen and (done or key not in results):
+                continue  # planned already (seed 0 at the largest batch is the grid's run), and not to be run again
             seen.add(key)
             row["runs"] += 1
             if not done:

@@ -101,6 +101,7 @@ def test_plan_counts_runs_reuses_done_ones_and_reruns_untimed_seeds():
     assert [r["phase"] for r in empty] == ["grid digits/mlp", "seeds digits/mlp", "variants digits/mlp", "ladder digits/mlp"]
     # grid: SGD and AdamW at 2 lrs, K-FAC/FOP abs and abs_clip on 2 x 1 cells; seeds: 2 seeds at <= 8 cells, seed 0 is the grid's
     assert empty[0]["runs"] == 4 + 8 and empty[2]["runs"] == 2 and all(r["done"] == 0 for r in empty)
+    assert empty[1]["runs"] == 8 and empty[3]["runs"] == 2 * 6  # seeds: 8 cells x seed 1; ladder: 6 cells x 2 seeds
     grid = bs.grid_specs(s, True, s.pairs)
     results = {sp.key(): {**_run([1], [0.9]), "spec": vars(sp), "cpu_seconds_total": 2.0} for sp in grid}
     stale = grid[0]  # stored before CPU time was recorded: reused in the grid, run again for the seed tables
@@ -135,6 +136,8 @@ def test_tiny_run_writes_json_pngs_markdown_and_resumes(tmp_path):
         report = json.load(f)
     phases = {r["spec"]["phase"] for r in report["runs"].values()}
     assert phases == {"grid", "seeds", "ladder"}
+    ladder = {r["spec"]["variant"] for r in report["runs"].values() if r["spec"]["phase"] == "ladder"}
+    assert ladder == {None, "abs_clip"}  # SGD/AdamW, and K-FAC/FOP's best and default cells of ladder_variants only
     n = len(report["runs"])
     assert report["meta"]["runs_this_session"] == n
     cpu = [r["cpu_seconds_total"] for r in report["runs"].values()]
