@@ -109,6 +109,7 @@ def test_plan_counts_runs_reuses_done_ones_and_reruns_untimed_seeds():
     rows = bs.plan(s, results)
     assert rows[0]["done"] == 12 and rows[0]["cpu_to_run"] == 0
     assert rows[0]["cpu_measured"] == 22.0 and rows[0]["cpu_estimated_done"] == pytest.approx(bs.estimate_cpu(stale, s))
+    assert rows[1]["runs"] == 8 + 1 and rows[1]["done"] == 0  # seed 1 at 8 cells, and the stale seed 0 of SGD's best cell again
     assert bs.is_done(results[stale.key()], False) and not bs.is_done(results[stale.key()], True)
     assert not bs.is_done(None, False) and bs.is_done(results[grid[1].key()], True)
     text = bs.format_plan(rows, 2)
