@@ -13,34 +13,48 @@ Datasets (both real, both offline):
   standardised features, shaped ``(1, 1, 22)``); 20,000 / 5,000 / 5,000
   examples drawn with a fixed seed.
 
-Models: the MLP and the small HF ViT of the convergence benchmark (the ViT reads
-the 22 diamond features as 11 patches of 1x2), and a small CNN with BatchNorm
-(its BatchNorm parameters go to FOP's AdamW). Optimizers: SGD (momentum 0.9),
-AdamW, and K-FAC / FOP in these variants: ``abs`` (absolute damping, no trust
-region: the paper's setting and this project's configuration before issue 9),
-``abs_clip`` (absolute damping with ``kl_clip``: the shipped default), ``rel``
-and ``rel_clip`` (relative damping without / with ``kl_clip``), ``abs_mc`` and
-``abs_clip_mc`` (the Monte-Carlo Fisher, which the paper's ASDL K-FAC uses).
+Models: the MLP and the small HF ViT of the convergence benchmark (on diamonds
+the ViT reads the 22 features as 2 patches of 1x11, so 3 tokens with CLS), and a
+small CNN with BatchNorm (its BatchNorm parameters go to FOP's AdamW).
+Optimizers: SGD (momentum 0.9), AdamW, and K-FAC / FOP in these variants:
+``abs`` (absolute damping, no trust region: the paper's setting and this
+project's configuration before issue 9), ``abs_clip`` (absolute damping with
+``kl_clip``: the shipped default), ``rel`` and ``rel_clip`` (relative damping
+without / with ``kl_clip``), ``abs_mc`` and ``abs_clip_mc`` (the Monte-Carlo
+Fisher, which the paper's ASDL K-FAC uses).
 
-Phases, most important first, so that a partial run is still useful:
+Phases, per (dataset, model), cheapest pair first, so that a partial run is
+complete on the pairs it reached:
 
-1. per (dataset, model), cheapest first: the *grid* of SGD, AdamW and the core
-   variants (``abs``, ``abs_clip``) over lr x damping (lr only for SGD/AdamW) at
-   the largest batch (the whole training split), seed 0; then more *seeds* at
-   each optimizer's best grid cell and at the fixed *default cell* of K-FAC/FOP
-   (``--default-*``: the shipped defaults). The *stable area* is the fraction
-   of grid cells whose test accuracy reaches the target within the epoch
-   budget without diverging.
-2. the grid of the other variants (relative damping, MC Fisher).
-3. the *ladder*: the seeded cells at smaller batches (about 2% and 10% of the
-   training split).
+1. the *grid* of SGD, AdamW and the core variants (``abs``, ``abs_clip``) over
+   lr x damping (lr only for SGD/AdamW) at the largest batch (the whole
+   training split), seed 0. The *stable area* is the fraction of grid cells
+   whose test accuracy reaches the target within the epoch budget without
+   diverging.
+2. *seeds* at each optimizer's best grid cell and at the fixed *default cell*
+   of K-FAC/FOP (``--default-*``: the shipped defaults).
+3. the other *variants* (relative damping, MC Fisher) on a sub-grid around the
+   default cell.
+4. the *ladder*: seeds at smaller batches (about 2% and 10% of the training
+   split), at the default cell and the best cells of SGD, AdamW and
+   ``ladder_variants``.
+
+Time: every run records its CPU seconds (``time.process_time`` in a worker of
+one thread; training only for the time-to-target curves, the whole run for its
+cost) next to wall seconds, because the machine may be shared. The whole run's
+cost is the sum of the runs' CPU seconds; on idle cores its wall time is that
+sum / workers. ``--plan`` prints the runs per phase with the CPU seconds
+measured (done) and estimated (:data:`COST_PER_EXAMPLE_AND_STEP`; to run), and
+the run prints the same plan when it starts.
 
 Every finished run is written to the JSON at once; a rerun with the same
-``--out`` skips runs already there (resumable). ``--from-json`` only re-renders.
+``--out`` skips runs already there (resumable; a seeded run stored without CPU
+time is run again). ``--from-json`` only re-renders.
 
 Usage::
 
-    python scripts/benchmark_sensitivity.py --quick            # < 3 min, writes out/sensitivity_quick*
+    python scripts/benchmark_sensitivity.py --quick --workers 2       # < 3 min, writes out/sensitivity_quick*
+    python scripts/benchmark_sensitivity.py --plan --workers 2        # the full run's plan and CPU estimate
     nice -n 10 python scripts/benchmark_sensitivity.py --workers 2   # full run, docs/sensitivity*
     python scripts/benchmark_sensitivity.py --from-json docs/sensitivity_results.json
 """
@@ -798,10 +812,11 @@ def analyse(report: Dict[str, Any]) -> Dict[str, Any]:
             best = select_best(grid, target)
             core = variant is None or variant in s["core_variants"]
             lrs, dampings = (s["lr_grid"], s["damping_grid"]) if core else (s["subgrid_lr"], s["subgrid_damping"])
-            expected = len(lrs) * (1 if variant is None else len(dampings))
+            have = {(r["spec"]["lr"], r["spec"]["damping"]) for r in grid}
+            expected = {(lr, d) for lr in lrs for d in ([None] if variant is None else dampings)}
             sub = [r for r in grid if r["spec"]["lr"] in s["subgrid_lr"] and (variant is None or r["spec"]["damping"] in s["subgrid_damping"])]
             areas.append({
-                "dataset": dataset, "model": model, "optimizer": name, "variant": variant, "complete": len(grid) == expected,
+                "dataset": dataset, "model": model, "optimizer": name, "variant": variant, "complete": expected <= have,
                 "cells": len(grid), "reached": len(ok), "stable_area": len(ok) / len(grid), "diverged": len(diverged),
                 "sub_cells": len(sub), "sub_reached": sum(reach(r, target) is not None for r in sub),
                 "best_lr": best["spec"]["lr"], "best_damping": best["spec"]["damping"],

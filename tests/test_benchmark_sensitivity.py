@@ -148,6 +148,9 @@ def test_tiny_run_writes_json_pngs_markdown_and_resumes(tmp_path):
     areas = {(a["optimizer"], a["variant"]): a for a in result["analysis"]["areas"]}
     assert areas[("fop", "abs_clip")]["cells"] == 2 and areas[("fop", "abs_clip")]["sub_cells"] == 1
     assert areas[("kfac", "abs_clip_mc")]["cells"] == 1 and areas[("kfac", "abs_clip_mc")]["complete"]
+    one = next(k for k, r in report["runs"].items() if r["spec"]["phase"] == "grid" and r["spec"]["variant"] == "abs")
+    partial = bs.analyse({**report, "runs": {k: r for k, r in report["runs"].items() if k != one}})["areas"]
+    assert [a["variant"] for a in partial if not a["complete"]] == ["abs"]
     assert os.path.getsize(os.path.join(out, "sensitivity_digits_mlp_smoke.png")) > 1000
     md = open(os.path.join(out, "benchmarks.md")).read()
     assert "<!-- sensitivity-smoke:begin -->" in md and "fop[abs_clip] (default)" in md
