@@ -358,7 +358,7 @@ def make_settings(profile: str, default: Dict[str, Any]) -> Settings:
             core_variants=["abs", "abs_clip"],
             n_train={"digits": 1078},
             subgrid_lr=[1e-1],
-            subgrid_damping=[1e-2],
+            subgrid_damping=[1e-2, 1e-1],
             vit={"digits": small_vit},
             ladder_variants=["abs_clip"],
             evals_per_run=6,
@@ -864,6 +864,8 @@ def plot_heatmaps(report: Dict[str, Any], out_dir: str, suffix: str) -> List[str
 
     s = report["meta"]["settings"]
     runs = [r for r in report["runs"].values() if r["spec"]["phase"] == "grid"]
+    lrs = sorted(set(s["lr_grid"]) | set(s["subgrid_lr"]))  # the axes: the full grid and the sub-grid
+    dampings = sorted(set(s["damping_grid"]) | set(s["subgrid_damping"]))
     paths = []
     for dataset, model in s["pairs"]:
         target = s["targets"][dataset][model]
@@ -877,11 +879,11 @@ def plot_heatmaps(report: Dict[str, Any], out_dir: str, suffix: str) -> List[str
         for ax in axes.flat[len(panels):]:
             ax.axis("off")
         for ax, (name, variant) in zip(axes.flat, panels):
-            grid = np.full((len(s["damping_grid"]), len(s["lr_grid"])), np.nan)
+            grid = np.full((len(dampings), len(lrs)), np.nan)
             for r in runs:
                 sp = r["spec"]
                 if sp["dataset"] == dataset and sp["model"] == model and sp["optimizer"] == name and sp["variant"] == variant:
-                    grid[s["damping_grid"].index(sp["damping"]), s["lr_grid"].index(sp["lr"])] = r["final_test_acc"]
+                    grid[dampings.index(sp["damping"]), lrs.index(sp["lr"])] = r["final_test_acc"]
             ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
             for i in range(grid.shape[0]):
                 for j in range(grid.shape[1]):
@@ -889,8 +891,8 @@ def plot_heatmaps(report: Dict[str, Any], out_dir: str, suffix: str) -> List[str
                         mark = "*" if grid[i, j] >= target else ""
                         ax.text(j, i, f"{grid[i, j]:.2f}{mark}", ha="center", va="center", fontsize=7,
                                 color="white" if grid[i, j] < 0.6 else "black")
-            ax.set_xticks(range(len(s["lr_grid"])), [f"{v:g}" for v in s["lr_grid"]], fontsize=7)
-            ax.set_yticks(range(len(s["damping_grid"])), [f"{v:g}" for v in s["damping_grid"]], fontsize=7)
+            ax.set_xticks(range(len(lrs)), [f"{v:g}" for v in lrs], fontsize=7)
+            ax.set_yticks(range(len(dampings)), [f"{v:g}" for v in dampings], fontsize=7)
             ax.set_xlabel("lr", fontsize=7)
             ax.set_ylabel("damping", fontsize=7)
             ax.set_title(_name(name, variant), fontsize=8)
