@@ -297,7 +297,7 @@ def make_settings(profile: str, default: Dict[str, Any]) -> Settings:
             profile=profile,
             datasets=["digits", "diamonds"],
             models=["mlp", "cnn", "vit"],
-            pairs=[("digits", "mlp"), ("diamonds", "mlp"), ("digits", "cnn"), ("digits", "vit"), ("diamonds", "cnn"), ("diamonds", "vit")],
+            pairs=[("digits", "mlp"), ("diamonds", "mlp"), ("digits", "cnn"), ("diamonds", "cnn"), ("digits", "vit"), ("diamonds", "vit")],
             batches={"digits": [22, 108, 1078], "diamonds": [400, 2000, 20000]},
             epochs={
                 "digits": {m: {22: 6, 108: 15, 1078: 50} for m in MODELS},
