@@ -13,34 +13,48 @@ Datasets (both real, both offline):
   standardised features, shaped ``(1, 1, 22)``); 20,000 / 5,000 / 5,000
   examples drawn with a fixed seed.
 
-Models: the MLP and the small HF ViT of the convergence benchmark (the ViT reads
-the 22 diamond features as 11 patches of 1x2), and a small CNN with BatchNorm
-(its BatchNorm parameters go to FOP's AdamW). Optimizers: SGD (momentum 0.9),
-AdamW, and K-FAC / FOP in these variants: ``abs`` (absolute damping, no trust
-region: the paper's setting and this project's configuration before issue 9),
-``abs_clip`` (absolute damping with ``kl_clip``: the shipped default), ``rel``
-and ``rel_clip`` (relative damping without / with ``kl_clip``), ``abs_mc`` and
-``abs_clip_mc`` (the Monte-Carlo Fisher, which the paper's ASDL K-FAC uses).
+Models: the MLP and the small HF ViT of the convergence benchmark (on diamonds
+the ViT reads the 22 features as 2 patches of 1x11, so 3 tokens with CLS), and a
+small CNN with BatchNorm (its BatchNorm parameters go to FOP's AdamW).
+Optimizers: SGD (momentum 0.9), AdamW, and K-FAC / FOP in these variants:
+``abs`` (absolute damping, no trust region: the paper's setting and this
+project's configuration before issue 9), ``abs_clip`` (absolute damping with
+``kl_clip``: the shipped default), ``rel`` and ``rel_clip`` (relative damping
+without / with ``kl_clip``), ``abs_mc`` and ``abs_clip_mc`` (the Monte-Carlo
+Fisher, which the paper's ASDL K-FAC uses).
 
-Phases, most important first, so that a partial run is still useful:
+Phases, per (dataset, model), cheapest pair first, so that a partial run is
+complete on the pairs it reached:
 
-1. per (dataset, model), cheapest first: the *grid* of SGD, AdamW and the core
-   variants (``abs``, ``abs_clip``) over lr x damping (lr only for SGD/AdamW) at
-   the largest batch (the whole training split), seed 0; then more *seeds* at
-   each optimizer's best grid cell and at the fixed *default cell* of K-FAC/FOP
-   (``--default-*``: the shipped defaults). The *stable area* is the fraction
-   of grid cells whose test accuracy reaches the target within the epoch
-   budget without diverging.
-2. the grid of the other variants (relative damping, MC Fisher).
-3. the *ladder*: the seeded cells at smaller batches (about 2% and 10% of the
-   training split).
+1. the *grid* of SGD, AdamW and the core variants (``abs``, ``abs_clip``) over
+   lr x damping (lr only for SGD/AdamW) at the largest batch (the whole
+   training split), seed 0. The *stable area* is the fraction of grid cells
+   whose test accuracy reaches the target within the epoch budget without
+   diverging.
+2. *seeds* at each optimizer's best grid cell and at the fixed *default cell*
+   of K-FAC/FOP (``--default-*``: the shipped defaults).
+3. the other *variants* (relative damping, MC Fisher) on a sub-grid around the
+   default cell.
+4. the *ladder*: seeds at smaller batches (about 2% and 10% of the training
+   split), at the default cell and the best cells of SGD, AdamW and
+   ``ladder_variants``.
+
+Time: every run records its CPU seconds (``time.process_time`` in a worker of
+one thread; training only for the time-to-target curves, the whole run for its
+cost) next to wall seconds, because the machine may be shared. The whole run's
+cost is the sum of the runs' CPU seconds; on idle cores its wall time is that
+sum / workers. ``--plan`` prints the runs per phase with the CPU seconds
+measured (done) and estimated (:data:`COST_PER_EXAMPLE_AND_STEP`; to run), and
+the run prints the same plan when it starts.
 
 Every finished run is written to the JSON at once; a rerun with the same
-``--out`` skips runs already there (resumable). ``--from-json`` only re-renders.
+``--out`` skips runs already there (resumable; a seeded run stored without CPU
+time is run again). ``--from-json`` only re-renders.
 
 Usage::
 
-    python scripts/benchmark_sensitivity.py --quick            # < 3 min, writes out/sensitivity_quick*
+    python scripts/benchmark_sensitivity.py --quick --workers 2       # < 3 min, writes out/sensitivity_quick*
+    python scripts/benchmark_sensitivity.py --plan --workers 2        # the full run's plan and CPU estimate
     nice -n 10 python scripts/benchmark_sensitivity.py --workers 2   # full run, docs/sensitivity*
     python scripts/benchmark_sensitivity.py --from-json docs/sensitivity_results.json
 """
@@ -86,8 +100,8 @@ VARIANTS = {
     "rel_clip_mc": ("relative", True, "mc"),
     "abs_clip_mc": ("absolute", True, "mc"),
 }
-RESUMABLE_CHANGES = ("default", "variants", "core_variants")
-"""Settings a resumed run may change: they choose which runs to do, not how a run is done."""
+RUN_FIELDS = ("kl_clip", "momentum", "adamw_weight_decay", "adamw_lr_curvature", "warmup_fraction", "evals_per_run", "n_train", "vit")
+"""The settings that define how one run is done (beyond its key): a resumed run must keep them; the others only choose runs."""
 DIAMOND_CUTS = ("Fair", "Good", "Very Good", "Premium", "Ideal")
 
 
@@ -194,17 +208,23 @@ class SmallCNN(nn.Module):
 
 
 class ViTLogits(nn.Module):
-    """HF ``ViTForImageClassification`` (hidden 32, 2 layers, 4 heads) returning logits."""
+    """HF ``ViTForImageClassification`` returning logits: ``(N, 1, H, W)`` -> ``(N, classes)``.
 
-    def __init__(self, image_shape: Tuple[int, int], n_classes: int) -> None:
+    ``hidden`` / ``layers`` / ``heads`` / ``patch``: the size; the default patch is 4x4 for images and 1x2 for a row of features.
+    """
+
+    def __init__(
+        self, image_shape: Tuple[int, int], n_classes: int, hidden: int = 32, layers: int = 2, heads: int = 4,
+        patch: Optional[Sequence[int]] = None,
+    ) -> None:
         super().__init__()
         from transformers import ViTConfig, ViTForImageClassification
 
         h, w = image_shape
-        patch = (4, 4) if h > 1 else (1, 2)
+        patch = list(patch) if patch is not None else ([4, 4] if h > 1 else [1, 2])
         config = ViTConfig(
-            image_size=list(image_shape), patch_size=list(patch), num_channels=1, hidden_size=32, num_hidden_layers=2,
-            num_attention_heads=4, intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+            image_size=list(image_shape), patch_size=patch, num_channels=1, hidden_size=hidden, num_hidden_layers=layers,
+            num_attention_heads=heads, intermediate_size=2 * hidden, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
             num_labels=n_classes,
         )
         self.vit = ViTForImageClassification(config)
@@ -216,8 +236,8 @@ class ViTLogits(nn.Module):
 MODELS = ("mlp", "cnn", "vit")
 
 
-def build_model(name: str, data: Splits, seed: int) -> nn.Module:
-    """Model ``name`` for ``data``'s input shape and classes, initialised from ``seed``."""
+def build_model(name: str, data: Splits, seed: int, vit: Optional[Dict[str, Any]] = None) -> nn.Module:
+    """Model ``name`` for ``data``'s input shape and classes, initialised from ``seed``; ``vit``: :class:`ViTLogits` sizes."""
     torch.manual_seed(seed)
     h, w = data.image_shape
     if name == "mlp":
@@ -225,7 +245,7 @@ def build_model(name: str, data: Splits, seed: int) -> nn.Module:
     if name == "cnn":
         return SmallCNN((h, w), data.n_classes)
     if name == "vit":
-        return ViTLogits((h, w), data.n_classes)
+        return ViTLogits((h, w), data.n_classes, **(vit or {}))
     raise ValueError(f"model={name!r} is invalid: expected one of {MODELS}.")
 
 
@@ -237,8 +257,9 @@ class Settings:
     ``epochs[dataset][model][batch]``: the epoch budget; ``targets[dataset][model]``:
     target test accuracy; ``batches[dataset]``: the ladder, largest last;
     ``pairs``: (dataset, model) in the order they run (cheap first);
-    ``default``: the K-FAC/FOP default cell (lr, damping, variant); ``core_variants`` run first in the grid
-    (and get seeds at their best cell), the other variants after.
+    ``default``: the K-FAC/FOP default cell (lr, damping, variant); ``core_variants`` run first on the
+    full lr x damping grid (and get seeds at their best cell), the other variants after, on the sub-grid
+    ``subgrid_lr`` x ``subgrid_damping``; ``vit[dataset]``: :class:`ViTLogits` sizes.
     """
 
     profile: str
@@ -256,6 +277,10 @@ class Settings:
     variants: List[str]
     core_variants: List[str]
     n_train: Dict[str, int]
+    subgrid_lr: List[float]
+    subgrid_damping: List[float]
+    vit: Dict[str, Dict[str, Any]]
+    ladder_variants: List[str]
     momentum: float = 0.9
     adamw_weight_decay: float = 0.01
     adamw_lr_curvature: float = 3e-3
@@ -266,18 +291,19 @@ class Settings:
 def make_settings(profile: str, default: Dict[str, Any]) -> Settings:
     """``"full"`` (designed for < 60 min with 2 workers on 2 idle cores), ``"quick"`` (< 3 min) or ``"smoke"`` (tests)."""
     all_variants = ["abs", "abs_clip", "rel_clip", "rel", "abs_mc", "abs_clip_mc"]
+    small_vit = {"hidden": 32, "layers": 2, "heads": 4}
     if profile == "full":
         return Settings(
             profile=profile,
             datasets=["digits", "diamonds"],
             models=["mlp", "cnn", "vit"],
-            pairs=[("digits", "mlp"), ("diamonds", "mlp"), ("digits", "cnn"), ("digits", "vit"), ("diamonds", "cnn"), ("diamonds", "vit")],
+            pairs=[("digits", "mlp"), ("diamonds", "mlp"), ("digits", "cnn"), ("diamonds", "cnn"), ("digits", "vit"), ("diamonds", "vit")],
             batches={"digits": [22, 108, 1078], "diamonds": [400, 2000, 20000]},
             epochs={
                 "digits": {m: {22: 6, 108: 15, 1078: 50} for m in MODELS},
                 "diamonds": {m: {400: 3, 2000: 8, 20000: 30} for m in MODELS},
             },
-            targets={"digits": {"mlp": 0.93, "cnn": 0.93, "vit": 0.8}, "diamonds": {"mlp": 0.65, "cnn": 0.62, "vit": 0.62}},
+            targets={"digits": {"mlp": 0.93, "cnn": 0.93, "vit": 0.8}, "diamonds": {"mlp": 0.65, "cnn": 0.55, "vit": 0.55}},
             lr_grid=[1e-3, 1e-2, 1e-1, 1.0],
             damping_grid=[1e-3, 1e-2, 1e-1],
             kl_clip=1e-3,
@@ -286,6 +312,10 @@ def make_settings(profile: str, default: Dict[str, Any]) -> Settings:
             variants=all_variants,
             core_variants=["abs", "abs_clip"],
             n_train={"digits": 1078, "diamonds": 20000},
+            subgrid_lr=[1e-2, 1e-1, 1.0],
+            subgrid_damping=[1e-2, 1e-1],
+            vit={"digits": small_vit, "diamonds": {**small_vit, "patch": [1, 11]}},
+            ladder_variants=["abs"],
         )
     if profile == "quick":
         return Settings(
@@ -301,9 +331,13 @@ def make_settings(profile: str, default: Dict[str, Any]) -> Settings:
             kl_clip=1e-3,
             default=default,
             seeds=2,
-            variants=["abs", "abs_clip"],
+            variants=["abs", "abs_clip", "rel_clip", "abs_clip_mc"],
             core_variants=["abs", "abs_clip"],
             n_train={"digits": 1078, "diamonds": 2000},
+            subgrid_lr=[1e-1],
+            subgrid_damping=[1e-2],
+            vit={"digits": small_vit, "diamonds": small_vit},
+            ladder_variants=["abs_clip"],
             evals_per_run=10,
         )
     if profile == "smoke":
@@ -323,6 +357,10 @@ def make_settings(profile: str, default: Dict[str, Any]) -> Settings:
             variants=["abs", "abs_clip", "abs_clip_mc"],
             core_variants=["abs", "abs_clip"],
             n_train={"digits": 1078},
+            subgrid_lr=[1e-1],
+            subgrid_damping=[1e-2, 1e-1],
+            vit={"digits": small_vit},
+            ladder_variants=["abs_clip"],
             evals_per_run=6,
         )
     raise ValueError(f"profile={profile!r} is invalid: expected 'full', 'quick' or 'smoke'.")
@@ -380,8 +418,14 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, chunk: int = 5000) -> float
 
 
 def train_run(spec: RunSpec, data: Splits, s: Settings) -> Dict[str, Any]:
-    """Train one fresh model; returns the curve (epochs, training seconds, test accuracy) and final accuracies."""
-    model = build_model(spec.model, data, spec.seed)
+    """Train one fresh model; returns the curve and final accuracies.
+
+    The curve: ``epochs``, ``test_acc``, ``seconds`` (training wall time) and ``cpu_seconds`` (training CPU
+    time of this process, ``time.process_time``; the one to compare on a shared machine). ``cpu_seconds_total``
+    is the whole run's CPU time (model, training, evaluations): what the run costs a core.
+    """
+    cpu_start = time.process_time()
+    model = build_model(spec.model, data, spec.seed, s.vit.get(spec.dataset))
     n = len(data.y_train)
     steps_per_epoch = n // spec.batch
     opt = make_optimizer(model, spec, s, steps_per_epoch)
@@ -394,13 +438,13 @@ def train_run(spec: RunSpec, data: Splits, s: Settings) -> Dict[str, Any]:
     dual = fop and spec.optimizer == "fop"
     mc = fop and opt.config.fisher_type == "mc"
     diverged_loss = 4 * math.log(data.n_classes)
-    out: Dict[str, Any] = {"spec": asdict(spec), "epochs": [], "seconds": [], "test_acc": [], "diverged": False}
-    step, seconds = 0, 0.0
+    out: Dict[str, Any] = {"spec": asdict(spec), "epochs": [], "seconds": [], "cpu_seconds": [], "test_acc": [], "diverged": False}
+    step, seconds, cpu = 0, 0.0, 0.0
     for epoch in range(1, spec.epochs + 1):
         perm = torch.randperm(n, generator=gen)
         model.train()
         losses = []
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for i in range(steps_per_epoch):
             idx = perm[i * spec.batch : (i + 1) * spec.batch]
             x, y = data.x_train[idx], data.y_train[idx]
@@ -425,6 +469,7 @@ def train_run(spec: RunSpec, data: Splits, s: Settings) -> Dict[str, Any]:
             losses.append(loss_sum / len(y))
             step += 1
         seconds += time.perf_counter() - t0
+        cpu += time.process_time() - c0
         train_loss = torch.stack(losses).mean().item()
         if not math.isfinite(train_loss) or train_loss > diverged_loss:
             out["diverged"] = True
@@ -437,6 +482,7 @@ def train_run(spec: RunSpec, data: Splits, s: Settings) -> Dict[str, Any]:
                 opt.train()
             out["epochs"].append(epoch)
             out["seconds"].append(round(seconds, 4))
+            out["cpu_seconds"].append(round(cpu, 4))
             out["test_acc"].append(acc)
         if out["diverged"]:
             break
@@ -444,17 +490,22 @@ def train_run(spec: RunSpec, data: Splits, s: Settings) -> Dict[str, Any]:
     out["final_test_acc"] = out["test_acc"][-1]
     out["final_val_acc"] = evaluate(model, data.x_val, data.y_val) if not out["diverged"] else 0.0
     out["seconds_total"] = round(seconds, 4)
+    out["cpu_seconds_total"] = round(time.process_time() - cpu_start, 4)
     if fop:
         d = opt.diagnostics()
         out["diagnostics"] = {k: d[k] for k in ("kl_clip_scale", "damping_min", "damping_max", "beta_mean", "skipped_steps") if k in d and math.isfinite(d[k])}
     return out
 
 
-def reach(run: Dict[str, Any], target: float) -> Optional[Tuple[int, float]]:
-    """(epoch, training seconds) of the first evaluation with test accuracy >= ``target``; None if never or if the run diverged."""
+def reach(run: Dict[str, Any], target: float) -> Optional[Tuple[int, Optional[float]]]:
+    """(epoch, training CPU seconds) of the first evaluation with test accuracy >= ``target``; None if never or if the run diverged.
+
+    The CPU seconds are None for runs stored before CPU time was recorded (their wall seconds were taken on a loaded machine).
+    """
     if run["diverged"]:
         return None
-    for e, sec, acc in zip(run["epochs"], run["seconds"], run["test_acc"]):
+    cpu = run.get("cpu_seconds") or [None] * len(run["epochs"])
+    for e, sec, acc in zip(run["epochs"], cpu, run["test_acc"]):
         if acc >= target:
             return e, sec
     return None
@@ -462,7 +513,7 @@ def reach(run: Dict[str, Any], target: float) -> Optional[Tuple[int, float]]:
 
 # ------------------------------------------------------------------- jobs
 def grid_specs(s: Settings, core: bool, pairs: Sequence[Tuple[str, str]]) -> List[RunSpec]:
-    """Grid at the largest batch, seed 0: SGD, AdamW and the core K-FAC/FOP variants (``core``), or the other variants."""
+    """Grid at the largest batch, seed 0: SGD, AdamW and the core K-FAC/FOP variants on the full grid (``core``), or the other variants on the sub-grid."""
     specs: List[RunSpec] = []
     variants = s.core_variants if core else [v for v in s.variants if v not in s.core_variants]
     for dataset, model in pairs:
@@ -471,12 +522,10 @@ def grid_specs(s: Settings, core: bool, pairs: Sequence[Tuple[str, str]]) -> Lis
         if core:
             for name in ("sgd", "adamw"):
                 specs += [RunSpec("grid", dataset, model, name, None, batch, lr, None, 0, epochs) for lr in s.lr_grid]
+        lrs, dampings = (s.lr_grid, s.damping_grid) if core else (s.subgrid_lr, s.subgrid_damping)
         for variant in variants:
             for name in CURVATURE:
-                specs += [
-                    RunSpec("grid", dataset, model, name, variant, batch, lr, d, 0, epochs)
-                    for lr in s.lr_grid for d in s.damping_grid
-                ]
+                specs += [RunSpec("grid", dataset, model, name, variant, batch, lr, d, 0, epochs) for lr in lrs for d in dampings]
     return specs
 
 
@@ -497,21 +546,25 @@ def _grid_runs(results: Dict[str, Dict[str, Any]], dataset: str, model: str, opt
     ]
 
 
-def cells(s: Settings, results: Dict[str, Dict[str, Any]], dataset: str, model: str) -> List[Tuple[str, str, Optional[str], float, Optional[float]]]:
-    """(label, optimizer, variant, lr, damping) of the cells rerun with seeds: best of each, and the default cell."""
+def cells(
+    s: Settings, results: Dict[str, Dict[str, Any]], dataset: str, model: str, variants: Sequence[str]
+) -> List[Tuple[str, str, Optional[str], float, Optional[float]]]:
+    """(label, optimizer, variant, lr, damping) of the cells rerun with seeds: the best of SGD, AdamW and of
+    K-FAC/FOP in each of ``variants``, and the default cell.
+
+    Before a grid has run (``--plan``), its best cell is a placeholder: the corner lr_grid[0], damping_grid[0].
+    """
     target = s.targets[dataset][model]
     out = []
     for name in ("sgd", "adamw"):
         grid = _grid_runs(results, dataset, model, name, None)
-        if grid:
-            b = select_best(grid, target)["spec"]
-            out.append(("best", name, None, b["lr"], None))
+        lr = select_best(grid, target)["spec"]["lr"] if grid else s.lr_grid[0]
+        out.append(("best", name, None, lr, None))
     for name in CURVATURE:
-        for variant in s.core_variants:
+        for variant in variants:
             grid = _grid_runs(results, dataset, model, name, variant)
-            if grid:
-                b = select_best(grid, target)["spec"]
-                out.append(("best", name, variant, b["lr"], b["damping"]))
+            b = select_best(grid, target)["spec"] if grid else {"lr": s.lr_grid[0], "damping": s.damping_grid[0]}
+            out.append(("best", name, variant, b["lr"], b["damping"]))
         d = s.default
         out.append(("default", name, d["variant"], d["lr"], d["damping"]))
     return out
@@ -521,15 +574,21 @@ def seed_specs(
     s: Settings, results: Dict[str, Dict[str, Any]], batches: Callable[[str], Iterable[int]], phase: str,
     pairs: Sequence[Tuple[str, str]],
 ) -> List[RunSpec]:
-    """More seeds at the cells of :func:`cells`, at the batch sizes ``batches(dataset)``."""
+    """Seeds 0 .. seeds-1 at the cells of :func:`cells`, at the batch sizes ``batches(dataset)``.
+
+    Seed 0 at the largest batch is the grid's own run (phase ``"grid"``). The ladder's cells are the best of
+    ``ladder_variants`` and the default; the seeds' the best of every core variant and the default.
+    """
+    variants = s.ladder_variants if phase == "ladder" else s.core_variants
     specs = []
     for dataset, model in pairs:
         for batch in batches(dataset):
             epochs = s.epochs[dataset][model][batch]
             seen = set()
-            for _, name, variant, lr, damping in cells(s, results, dataset, model):
+            for _, name, variant, lr, damping in cells(s, results, dataset, model, variants):
                 for seed in range(s.seeds):
-                    spec = RunSpec(phase, dataset, model, name, variant, batch, lr, damping, seed, epochs)
+                    own = "grid" if seed == 0 and batch == s.batches[dataset][-1] else phase
+                    spec = RunSpec(own, dataset, model, name, variant, batch, lr, damping, seed, epochs)
                     if spec.key() not in seen:
                         seen.add(spec.key())
                         specs.append(spec)
@@ -560,55 +619,158 @@ def _save(path: str, report: Dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+Phase = Tuple[str, bool, Callable[[], List[RunSpec]]]
+
+
+def phases(s: Settings, results: Dict[str, Dict[str, Any]]) -> List[Phase]:
+    """(name, timed, specs) per phase, most important first so that a partial run stays useful.
+
+    ``timed``: the phase's runs feed the time-to-target tables, so a stored run without CPU time is run again.
+    ``specs`` is called when the phase starts (seeds and ladder read the best cells of the finished grids).
+    """
+    largest = lambda ds: [s.batches[ds][-1]]  # noqa: E731
+    smaller = lambda ds: s.batches[ds][:-1]  # noqa: E731
+    out: List[Phase] = []
+    for pair in s.pairs:  # cheap pairs first, each complete: core grid, seeds at its best and default cells, other variants, ladder
+        name = f"{pair[0]}/{pair[1]}"
+        out.append((f"grid {name}", False, lambda pair=pair: grid_specs(s, True, [pair])))
+        out.append((f"seeds {name}", True, lambda pair=pair: seed_specs(s, results, largest, "seeds", [pair])))
+        out.append((f"variants {name}", False, lambda pair=pair: grid_specs(s, False, [pair])))
+        out.append((f"ladder {name}", True, lambda pair=pair: seed_specs(s, results, smaller, "ladder", [pair])))
+    return out
+
+
+def is_done(result: Optional[Dict[str, Any]], timed: bool) -> bool:
+    """A stored run is reused unless it is missing, or ``timed`` and stored without CPU time."""
+    return result is not None and (not timed or "cpu_seconds" in result)
+
+
+COST_PER_EXAMPLE_AND_STEP: Dict[str, Tuple[Tuple[float, float], Tuple[float, float]]] = {
+    "digits/mlp": ((6.9e-06, 0.0012), (1.2e-05, 0.0052)),
+    "digits/cnn": ((3.2e-05, 0.0026), (7.5e-05, 0.0053)),
+    "digits/vit": ((4.5e-05, 0.0059), (4.6e-05, 0.0157)),
+    "diamonds/mlp": ((5.2e-06, 0.0011), (7.2e-06, 0.0063)),
+    "diamonds/cnn": ((1.9e-05, 0.0010), (2.4e-05, 0.0020)),
+    "diamonds/vit": ((2.5e-05, 0.0059), (2.9e-05, 0.0153)),
+}
+"""``"dataset/model"`` -> ((a, b) for SGD/AdamW, (a, b) for K-FAC/FOP): one epoch costs ``a * n_train + b * steps``
+CPU seconds (1 thread, training and evaluation), fitted to ``time.process_time`` of runs at all three batch sizes."""
+MC_FACTOR = 1.2
+"""The Monte-Carlo Fisher's extra backward pass, as a factor on K-FAC/FOP's epoch cost."""
+RUN_OVERHEAD = 0.3
+"""CPU seconds per run outside the epochs (model construction, final validation)."""
+
+
+def estimate_cpu(spec: RunSpec, s: Settings) -> float:
+    """Planned CPU seconds of ``spec`` from :data:`COST_PER_EXAMPLE_AND_STEP` (a diverged run stops earlier: an upper bound)."""
+    first_order, curvature = COST_PER_EXAMPLE_AND_STEP[f"{spec.dataset}/{spec.model}"]
+    a, b = first_order if spec.variant is None else curvature
+    n = s.n_train[spec.dataset]
+    epoch = a * n + b * (n // spec.batch)
+    if spec.variant is not None and VARIANTS[spec.variant][2] == "mc":
+        epoch *= MC_FACTOR
+    return RUN_OVERHEAD + spec.epochs * epoch
+
+
+def plan(s: Settings, results: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Per phase: its runs (unique keys), how many are done, and CPU seconds measured (done) and estimated (to run).
+
+    Done runs stored without CPU time are estimated too (``cpu_estimated_done``); the whole run's CPU seconds
+    are the sum of the three, and sum / workers is its wall time on idle cores.
+    """
+    rows, seen = [], set()
+    for name, timed, make in phases(s, results):
+        row = {"phase": name, "runs": 0, "done": 0, "cpu_measured": 0.0, "cpu_estimated_done": 0.0, "cpu_to_run": 0.0}
+        for spec in make():
+            key = spec.key()
+            done = is_done(results.get(key), timed)
+            if key in seen and (done or key not in results):
+                continue  # planned already (seed 0 at the largest batch is the grid's run), and not to be run again
+            seen.add(key)
+            row["runs"] += 1
+            if not done:
+                row["cpu_to_run"] += estimate_cpu(spec, s)
+            elif "cpu_seconds_total" in results[key]:
+                row["done"] += 1
+                row["cpu_measured"] += results[key]["cpu_seconds_total"]
+            else:
+                row["done"] += 1
+                row["cpu_estimated_done"] += estimate_cpu(spec, s)
+        rows.append(row)
+    return rows
+
+
+def format_plan(rows: Sequence[Dict[str, Any]], workers: int) -> str:
+    """The plan as text: one line per phase and the total, with the idle-core wall estimate sum(CPU s) / workers."""
+    lines = [f"{'phase':<24} {'runs':>5} {'done':>5} {'CPU s done':>11} {'CPU s to run':>13}"]
+    for r in rows:
+        done_cpu = r["cpu_measured"] + r["cpu_estimated_done"]
+        lines.append(f"{r['phase']:<24} {r['runs']:>5} {r['done']:>5} {done_cpu:>11.0f} {r['cpu_to_run']:>13.0f}")
+    measured = sum(r["cpu_measured"] for r in rows)
+    old = sum(r["cpu_estimated_done"] for r in rows)
+    todo = sum(r["cpu_to_run"] for r in rows)
+    total = measured + old + todo
+    lines.append(
+        f"total: {sum(r['runs'] for r in rows)} runs, {sum(r['done'] for r in rows)} done; CPU seconds: {measured:.0f} measured "
+        f"+ {old:.0f} estimated for done runs stored without CPU time + {todo:.0f} estimated to run = {total:.0f} "
+        f"(about {total / workers / 60:.1f} min with {workers} worker(s) on idle cores; to run: {todo / workers / 60:.1f} min)"
+    )
+    return "\n".join(lines)
+
+
+def load_report(s: Settings, json_path: str) -> Dict[str, Any]:
+    """The stored report at ``json_path`` (or an empty one); raises if it was written with other :data:`RUN_FIELDS`."""
+    if not os.path.exists(json_path):
+        return {"meta": {}, "runs": {}}
+    with open(json_path) as f:
+        report = json.load(f)
+    stored = report["meta"].get("settings", {})
+    new = json.loads(json.dumps(finite_json(asdict(s))))
+    changed = [k for k in RUN_FIELDS if stored.get(k) != new[k]]
+    if changed:
+        raise ValueError(f"{json_path} was written with other {changed}; use another --out or delete it.")
+    return report
+
+
 def run_benchmark(s: Settings, json_path: str, workers: int, progress: bool = True) -> Dict[str, Any]:
     """Run (or continue) every phase; the JSON at ``json_path`` is rewritten after each finished run."""
-    report: Dict[str, Any] = {"meta": {}, "runs": {}}
-    if os.path.exists(json_path):
-        with open(json_path) as f:
-            report = json.load(f)
-        old = {k: v for k, v in report["meta"].get("settings", {}).items() if k not in RESUMABLE_CHANGES}
-        new = {k: v for k, v in json.loads(json.dumps(finite_json(asdict(s)))).items() if k not in RESUMABLE_CHANGES}
-        if old != new:
-            raise ValueError(f"{json_path} was written with other settings; use another --out or delete it.")
+    report = load_report(s, json_path)
     report["meta"].update(
         settings=asdict(s), machine=machine_description(torch.device("cpu")), torch=torch.__version__, workers=workers
     )
     results: Dict[str, Dict[str, Any]] = report["runs"]
+    print(format_plan(plan(s, results), workers), flush=True)
     report["meta"]["runs_this_session"] = 0
     t_start = time.perf_counter()
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover - tqdm ships with transformers
         tqdm = None
-    bar = tqdm(total=0, desc="runs", disable=not progress or tqdm is None, dynamic_ncols=True) if tqdm else None
+    bar = tqdm(total=0, desc="runs", unit="run", disable=not progress or tqdm is None, dynamic_ncols=True) if tqdm else None
     pool = multiprocessing.get_context("spawn").Pool(workers, _worker_init, (s,)) if workers > 1 else None
     if pool is None:
         _worker_init(s)
         torch.set_num_threads(1)
-    largest = lambda ds: [s.batches[ds][-1]]  # noqa: E731
-    smaller = lambda ds: s.batches[ds][:-1]  # noqa: E731
-    phases: List[Tuple[str, Callable[[], List[RunSpec]]]] = []  # most important first: a partial run stays useful
-    for pair in s.pairs:  # per (dataset, model): the core grid, then seeds at its best and default cells
-        phases.append((f"grid {pair[0]}/{pair[1]}", lambda pair=pair: grid_specs(s, True, [pair])))
-        phases.append((f"seeds {pair[0]}/{pair[1]}", lambda pair=pair: seed_specs(s, results, largest, "seeds", [pair])))
-    phases.append(("grid variants", lambda: grid_specs(s, False, s.pairs)))
-    phases.append(("ladder", lambda: seed_specs(s, results, smaller, "ladder", s.pairs)))
+    cpu_done = 0.0
     try:
-        for phase, make in phases:
-            todo = [sp for sp in make() if sp.key() not in results]
-            if bar is not None:
-                bar.total += len(todo)
+        for i, (phase, timed, make) in enumerate(phases(s, results)):
+            todo = [sp for sp in make() if not is_done(results.get(sp.key()), timed)]
+            if bar is not None:  # the runs left as far as known now (later seeds/ladder cells are placeholders until their grid ran)
+                bar.total = bar.n + sum(r["runs"] - r["done"] for r in plan(s, results)[i:])
                 bar.set_description(phase)
                 bar.refresh()
             runner = pool.imap_unordered(_run_one, todo) if pool else map(_run_one, todo)
             for result in runner:
                 spec = RunSpec(**result["spec"])
                 results[spec.key()] = result
+                cpu_done += result["cpu_seconds_total"]
                 report["meta"]["date_utc"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
                 report["meta"]["wall_seconds_this_session"] = round(time.perf_counter() - t_start, 1)
+                report["meta"]["cpu_seconds_this_session"] = round(cpu_done, 1)
                 report["meta"]["runs_this_session"] += 1
                 _save(json_path, report)
                 if bar is not None:
+                    bar.set_postfix_str(f"{cpu_done:.0f} CPU s", refresh=False)
                     bar.update(1)
     finally:
         if pool is not None:
@@ -626,7 +788,12 @@ def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
 
 
 def analyse(report: Dict[str, Any]) -> Dict[str, Any]:
-    """Stable areas per (dataset, model, optimizer variant) and seed summaries per (batch, cell)."""
+    """Stable areas per (dataset, model, optimizer variant) and seed summaries per (batch, cell).
+
+    ``sub_reached`` / ``sub_cells``: the stable area on the sub-grid that every variant ran (lr only for SGD/AdamW),
+    so that the core and the other variants compare on the same cells. ``seconds_to_target``: training CPU seconds,
+    over the seeds that reach the target and were stored with CPU time (``timed``).
+    """
     s = report["meta"]["settings"]
     runs = list(report["runs"].values())
     areas, summaries = [], []
@@ -643,10 +810,15 @@ def analyse(report: Dict[str, Any]) -> Dict[str, Any]:
             ok = [r for r in grid if reach(r, target) is not None]
             diverged = [r for r in grid if r["diverged"]]
             best = select_best(grid, target)
-            expected = len(s["lr_grid"]) * (1 if variant is None else len(s["damping_grid"]))
+            core = variant is None or variant in s["core_variants"]
+            lrs, dampings = (s["lr_grid"], s["damping_grid"]) if core else (s["subgrid_lr"], s["subgrid_damping"])
+            have = {(r["spec"]["lr"], r["spec"]["damping"]) for r in grid}
+            expected = {(lr, d) for lr in lrs for d in ([None] if variant is None else dampings)}
+            sub = [r for r in grid if r["spec"]["lr"] in s["subgrid_lr"] and (variant is None or r["spec"]["damping"] in s["subgrid_damping"])]
             areas.append({
-                "dataset": dataset, "model": model, "optimizer": name, "variant": variant, "complete": len(grid) == expected,
+                "dataset": dataset, "model": model, "optimizer": name, "variant": variant, "complete": expected <= have,
                 "cells": len(grid), "reached": len(ok), "stable_area": len(ok) / len(grid), "diverged": len(diverged),
+                "sub_cells": len(sub), "sub_reached": sum(reach(r, target) is not None for r in sub),
                 "best_lr": best["spec"]["lr"], "best_damping": best["spec"]["damping"],
             })
         for batch in s["batches"][dataset]:
@@ -666,11 +838,12 @@ def analyse(report: Dict[str, Any]) -> Dict[str, Any]:
             for (name, variant, lr, damping), rs in sorted(groups.items(), key=lambda t: str(t[0])):
                 hits = [reach(r, target) for r in rs]
                 got = [h for h in hits if h is not None]
+                timed = [h[1] for h in got if h[1] is not None]
                 summaries.append({
                     "dataset": dataset, "model": model, "batch": batch, "optimizer": name, "variant": variant,
-                    "lr": lr, "damping": damping, "seeds": len(rs), "reached": len(got),
+                    "lr": lr, "damping": damping, "seeds": len(rs), "reached": len(got), "timed": len(timed),
                     "is_default": name in CURVATURE and variant == d["variant"] and lr == d["lr"] and damping == d["damping"],
-                    "epochs_to_target": _mean_std([h[0] for h in got]), "seconds_to_target": _mean_std([h[1] for h in got]),
+                    "epochs_to_target": _mean_std([h[0] for h in got]), "seconds_to_target": _mean_std(timed),
                     "final_test_acc": _mean_std([r["final_test_acc"] for r in rs]),
                     "diverged": sum(r["diverged"] for r in rs),
                 })
@@ -691,6 +864,8 @@ def plot_heatmaps(report: Dict[str, Any], out_dir: str, suffix: str) -> List[str
 
     s = report["meta"]["settings"]
     runs = [r for r in report["runs"].values() if r["spec"]["phase"] == "grid"]
+    lrs = sorted(set(s["lr_grid"]) | set(s["subgrid_lr"]))  # the axes: the full grid and the sub-grid
+    dampings = sorted(set(s["damping_grid"]) | set(s["subgrid_damping"]))
     paths = []
     for dataset, model in s["pairs"]:
         target = s["targets"][dataset][model]
@@ -704,11 +879,11 @@ def plot_heatmaps(report: Dict[str, Any], out_dir: str, suffix: str) -> List[str
         for ax in axes.flat[len(panels):]:
             ax.axis("off")
         for ax, (name, variant) in zip(axes.flat, panels):
-            grid = np.full((len(s["damping_grid"]), len(s["lr_grid"])), np.nan)
+            grid = np.full((len(dampings), len(lrs)), np.nan)
             for r in runs:
                 sp = r["spec"]
                 if sp["dataset"] == dataset and sp["model"] == model and sp["optimizer"] == name and sp["variant"] == variant:
-                    grid[s["damping_grid"].index(sp["damping"]), s["lr_grid"].index(sp["lr"])] = r["final_test_acc"]
+                    grid[dampings.index(sp["damping"]), lrs.index(sp["lr"])] = r["final_test_acc"]
             ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
             for i in range(grid.shape[0]):
                 for j in range(grid.shape[1]):
@@ -716,8 +891,8 @@ def plot_heatmaps(report: Dict[str, Any], out_dir: str, suffix: str) -> List[str
                         mark = "*" if grid[i, j] >= target else ""
                         ax.text(j, i, f"{grid[i, j]:.2f}{mark}", ha="center", va="center", fontsize=7,
                                 color="white" if grid[i, j] < 0.6 else "black")
-            ax.set_xticks(range(len(s["lr_grid"])), [f"{v:g}" for v in s["lr_grid"]], fontsize=7)
-            ax.set_yticks(range(len(s["damping_grid"])), [f"{v:g}" for v in s["damping_grid"]], fontsize=7)
+            ax.set_xticks(range(len(lrs)), [f"{v:g}" for v in lrs], fontsize=7)
+            ax.set_yticks(range(len(dampings)), [f"{v:g}" for v in dampings], fontsize=7)
             ax.set_xlabel("lr", fontsize=7)
             ax.set_ylabel("damping", fontsize=7)
             ax.set_title(_name(name, variant), fontsize=8)
@@ -741,34 +916,40 @@ def render_markdown(report: Dict[str, Any], analysis: Dict[str, Any], pngs: Sequ
     s = report["meta"]["settings"]
     m = report["meta"]
     d = s["default"]
+    timed = sum("cpu_seconds_total" in r for r in report["runs"].values())
+    cpu = sum(r.get("cpu_seconds_total", 0.0) for r in report["runs"].values())
     lines = [
         f"### Generated tables and heat maps ({s['profile']} profile, written by the script)",
         "",
         f"Command: `{m.get('command', 'python scripts/benchmark_sensitivity.py')}`; machine: {m['machine']} "
         f"(shared by several jobs while it ran), torch {m['torch']}, {m['workers']} worker process(es) of 1 thread; "
-        f"last result {m.get('date_utc', '?')}; {len(report['runs'])} runs in the JSON.",
+        f"last result {m.get('date_utc', '?')}; {len(report['runs'])} runs in the JSON, {timed} of them with CPU time: "
+        f"{cpu:.0f} CPU seconds in all ({cpu / 120:.1f} min for 2 workers on 2 idle cores).",
         "",
-        f"Grid at the largest batch (seed 0): lr {s['lr_grid']} x damping {s['damping_grid']} for K-FAC/FOP variants, "
+        f"Grid at the largest batch (seed 0): lr {s['lr_grid']} x damping {s['damping_grid']} for the core K-FAC/FOP "
+        f"variants {s['core_variants']}, the sub-grid lr {s['subgrid_lr']} x damping {s['subgrid_damping']} for the others, "
         f"lr only for SGD (momentum {s['momentum']}) and AdamW. Variants: `abs` = absolute damping, no trust region "
         f"(the paper's setting and this project's previous configuration); `rel` = relative damping; `_clip` = "
         f"kl_clip {s['kl_clip']:g}; `_mc` = Monte-Carlo Fisher. Default cell: {d['variant']}, lr {d['lr']:g}, "
         f"damping {d['damping']:g}. Stable area = fraction of the grid cells whose test accuracy reaches the target "
         f"within the epoch budget (targets: {s['targets']}).",
         "",
-        "| dataset | model | optimizer | stable area | diverged cells | best cell (lr, damping) |",
-        "|---|---|---|---|---|---|",
+        "| dataset | model | optimizer | stable area | on the sub-grid | diverged cells | best cell (lr, damping) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for a in analysis["areas"]:
         lines.append(
             f"| {a['dataset']} | {a['model']} | {_name(a['optimizer'], a['variant'])} | {a['reached']}/{a['cells']} "
-            f"({a['stable_area']:.0%}){'' if a['complete'] else ' (partial grid)'} | {a['diverged']} | {a['best_lr']:g}, {a['best_damping'] if a['best_damping'] is None else format(a['best_damping'], 'g')} |"
+            f"({a['stable_area']:.0%}){'' if a['complete'] else ' (partial grid)'} | {a['sub_reached']}/{a['sub_cells']} | "
+            f"{a['diverged']} | {a['best_lr']:g}, {a['best_damping'] if a['best_damping'] is None else format(a['best_damping'], 'g')} |"
         )
     lines += [
         "",
-        "Epochs and training seconds to the target (mean ± std over the seeds that reach it), per batch size; "
-        "`best` rows use each optimizer's best grid cell at the largest batch, `default` the default cell.",
+        "Epochs and training CPU seconds to the target (mean ± std over the seeds that reach it; CPU seconds of one "
+        "thread, `time.process_time`, so that other jobs on the machine do not inflate them), per batch size; the "
+        "rows are each optimizer's best grid cell at the largest batch and the default cell.",
         "",
-        "| dataset | model | batch | optimizer | lr | damping | reached | epochs to target | seconds to target | final test acc |",
+        "| dataset | model | batch | optimizer | lr | damping | reached | epochs to target | CPU s to target | final test acc |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in analysis["summaries"]:
@@ -778,7 +959,8 @@ def render_markdown(report: Dict[str, Any], analysis: Dict[str, Any], pngs: Sequ
         damping = "-" if r["damping"] is None else f"{r['damping']:g}"
         lines.append(
             f"| {r['dataset']} | {r['model']} | {r['batch']} | {_name(r['optimizer'], r['variant'])}{tag} | {r['lr']:g} | {damping} | "
-            f"{r['reached']}/{r['seeds']} | {_fmt(r['epochs_to_target'])} | {_fmt(r['seconds_to_target'], 2)} | "
+            f"{r['reached']}/{r['seeds']} | {_fmt(r['epochs_to_target'])} | {_fmt(r['seconds_to_target'], 2)}"
+            f"{'' if r['timed'] == r['reached'] else ' (' + str(r['timed']) + ' timed)'} | "
             f"{_fmt(r['final_test_acc'], 3)} |"
         )
     lines += [""] + [f"![{os.path.basename(p)}]({os.path.relpath(p, md_dir)})" for p in pngs]
@@ -797,6 +979,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--default-damping", type=float, default=1e-2, help="K-FAC/FOP default cell: damping (FOPConfig's default)")
     p.add_argument("--default-variant", default="abs_clip", choices=sorted(VARIANTS), help="K-FAC/FOP default cell: variant")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--plan", action="store_true", help="only print the plan: runs per phase, done, and CPU seconds (measured, estimated)")
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error(f"--workers {args.workers} is invalid: expected an integer >= 1.")
@@ -818,6 +1001,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         default = {"lr": args.default_lr, "damping": args.default_damping, "variant": args.default_variant}
         settings = make_settings(profile, default)
         json_path = os.path.join(out, f"sensitivity_results{suffix}.json")
+        if args.plan:
+            text = format_plan(plan(settings, load_report(settings, json_path)["runs"]), args.workers)
+            print(text)
+            return {"plan": text}
         report = run_benchmark(settings, json_path, args.workers, progress=not args.no_progress)
         given = list(sys.argv[1:] if argv is None else argv)
         report["meta"]["command"] = " ".join(["python scripts/benchmark_sensitivity.py"] + given)
