@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Set up (idempotent) and run the whole test suite, in PYTEST_WORKERS parallel pytest workers
-# (pytest-xdist; default 2, one per core; 1 thread each). PYTEST_WORKERS=0 runs it in one process.
+# (pytest-xdist; default 3 on 2 cores, 1 thread each: many tests wait on the processes they launch, and a third
+# worker fills those gaps). PYTEST_WORKERS=0 runs it in one process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-workers=${PYTEST_WORKERS:-2}
+workers=${PYTEST_WORKERS:-3}
 if [ "$workers" = "0" ]; then
   exec python3 -m pytest -q tests "$@"
 fi

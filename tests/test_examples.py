@@ -399,3 +399,17 @@ def test_offline_default_can_be_streamed(tmp_path):
                                                    "--max_train_samples", "200"])
     assert trainer.state.global_step == 2 and np.isfinite(metrics["final_perplexity"])
     assert metrics["final_tokens"] > 0
+
+
+def test_accelerate_configs_load_with_accelerates_own_parser():
+    """Both shipped accelerate configs parse with accelerate's loader (the one ``accelerate launch`` uses); the GPU
+    one (not runnable here: no GPU) is one machine, DDP, one process per GPU; the CPU one is the same DDP setup with
+    two processes (on a machine without GPUs they use gloo; the scripts pass use_cpu)."""
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.utils import DistributedType
+
+    gpu = ClusterConfig.from_yaml_file(str(ROOT / "examples" / "accelerate_multi_gpu.yaml"))
+    assert gpu.distributed_type == DistributedType.MULTI_GPU and not gpu.use_cpu
+    assert (gpu.num_machines, gpu.gpu_ids, gpu.mixed_precision) == (1, "all", "no")
+    cpu = ClusterConfig.from_yaml_file(str(ROOT / "examples" / "accelerate_cpu_2proc.yaml"))
+    assert cpu.distributed_type == DistributedType.MULTI_GPU and cpu.num_processes == 2 and cpu.num_machines == 1
