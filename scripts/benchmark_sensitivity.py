@@ -38,6 +38,10 @@ complete on the pairs it reached:
 4. the *ladder*: seeds at smaller batches (about 2% and 10% of the training
    split), at the default cell and the best cells of SGD, AdamW and
    ``ladder_variants``.
+5. the *ladder grid*: seed 0 of SGD, AdamW and K-FAC/FOP in ``ladder_grid_variants``
+   on ``ladder_grid_lr`` x ``ladder_grid_damping`` at the batch
+   ``ladder_grid_batch[dataset]`` (about 10% of the training split), so that the
+   stable area is measured per batch size, on cells the largest batch's grid shares.
 
 Time: every run records its CPU seconds (``time.process_time`` in a worker of
 one thread; training only for the time-to-target curves, the whole run for its
@@ -73,7 +77,7 @@ import statistics
 import sys
 import tarfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -259,7 +263,9 @@ class Settings:
     ``pairs``: (dataset, model) in the order they run (cheap first);
     ``default``: the K-FAC/FOP default cell (lr, damping, variant); ``core_variants`` run first on the
     full lr x damping grid (and get seeds at their best cell), the other variants after, on the sub-grid
-    ``subgrid_lr`` x ``subgrid_damping``; ``vit[dataset]``: :class:`ViTLogits` sizes.
+    ``subgrid_lr`` x ``subgrid_damping``; ``vit[dataset]``: :class:`ViTLogits` sizes. ``ladder_grid_*``: the
+    ladder grid phase (seed 0 at the batch ``ladder_grid_batch[dataset]``; empty: no such phase); its cells
+    must lie in the largest batch's grid of every optimizer it runs, for a like-for-like stable area.
     """
 
     profile: str
@@ -281,6 +287,10 @@ class Settings:
     subgrid_damping: List[float]
     vit: Dict[str, Dict[str, Any]]
     ladder_variants: List[str]
+    ladder_grid_batch: Dict[str, int] = field(default_factory=dict)
+    ladder_grid_variants: List[str] = field(default_factory=list)
+    ladder_grid_lr: List[float] = field(default_factory=list)
+    ladder_grid_damping: List[float] = field(default_factory=list)
     momentum: float = 0.9
     adamw_weight_decay: float = 0.01
     adamw_lr_curvature: float = 3e-3
@@ -316,6 +326,10 @@ def make_settings(profile: str, default: Dict[str, Any]) -> Settings:
             subgrid_damping=[1e-2, 1e-1],
             vit={"digits": small_vit, "diamonds": {**small_vit, "patch": [1, 11]}},
             ladder_variants=["abs"],
+            ladder_grid_batch={"digits": 108, "diamonds": 2000},
+            ladder_grid_variants=["abs", "abs_clip"],
+            ladder_grid_lr=[1e-3, 1e-2, 1e-1, 1.0],
+            ladder_grid_damping=[1e-3, 1e-2, 1e-1],
         )
     if profile == "quick":
         return Settings(
@@ -361,6 +375,10 @@ def make_settings(profile: str, default: Dict[str, Any]) -> Settings:
             subgrid_damping=[1e-2, 1e-1],
             vit={"digits": small_vit},
             ladder_variants=["abs_clip"],
+            ladder_grid_batch={"digits": 270},
+            ladder_grid_variants=["abs_clip"],
+            ladder_grid_lr=[1e-2, 1e-1],
+            ladder_grid_damping=[1e-2],
             evals_per_run=6,
         )
     raise ValueError(f"profile={profile!r} is invalid: expected 'full', 'quick' or 'smoke'.")
@@ -529,6 +547,30 @@ def grid_specs(s: Settings, core: bool, pairs: Sequence[Tuple[str, str]]) -> Lis
     return specs
 
 
+def ladder_grid_specs(s: Settings, pairs: Sequence[Tuple[str, str]], batch: Optional[Callable[[str], int]] = None) -> List[RunSpec]:
+    """Seed 0 of SGD, AdamW (``ladder_grid_lr``) and K-FAC/FOP in ``ladder_grid_variants`` (``ladder_grid_lr`` x
+    ``ladder_grid_damping``) at ``batch(dataset)`` (default ``ladder_grid_batch[dataset]``; none for a dataset without one).
+
+    With ``batch`` = the largest batch these are grid runs (phase ``"grid"``): the cells the per-batch stable area compares.
+    """
+    specs: List[RunSpec] = []
+    for dataset, model in pairs:
+        b = batch(dataset) if batch is not None else s.ladder_grid_batch.get(dataset)
+        if b is None:
+            continue
+        phase = "grid" if b == s.batches[dataset][-1] else "ladder_grid"
+        epochs = s.epochs[dataset][model][b]
+        for name in ("sgd", "adamw"):
+            specs += [RunSpec(phase, dataset, model, name, None, b, lr, None, 0, epochs) for lr in s.ladder_grid_lr]
+        for variant in s.ladder_grid_variants:
+            for name in CURVATURE:
+                specs += [
+                    RunSpec(phase, dataset, model, name, variant, b, lr, d, 0, epochs)
+                    for lr in s.ladder_grid_lr for d in s.ladder_grid_damping
+                ]
+    return specs
+
+
 def select_best(runs: Sequence[Dict[str, Any]], target: float) -> Dict[str, Any]:
     """Fastest to target (epochs, then seconds); if none reaches it, the best final validation accuracy."""
     reached = [(reach(r, target), r) for r in runs]
@@ -637,6 +679,10 @@ def phases(s: Settings, results: Dict[str, Dict[str, Any]]) -> List[Phase]:
         out.append((f"seeds {name}", True, lambda pair=pair: seed_specs(s, results, largest, "seeds", [pair])))
         out.append((f"variants {name}", False, lambda pair=pair: grid_specs(s, False, [pair])))
         out.append((f"ladder {name}", True, lambda pair=pair: seed_specs(s, results, smaller, "ladder", [pair])))
+    if s.ladder_grid_batch:  # added after the rest (issue 9): last, so that the earlier phases keep their order
+        for pair in s.pairs:
+            name = f"{pair[0]}/{pair[1]}"
+            out.append((f"ladder grid {name}", False, lambda pair=pair: ladder_grid_specs(s, [pair])))
     return out
 
 
@@ -825,7 +871,7 @@ def analyse(report: Dict[str, Any]) -> Dict[str, Any]:
             groups: Dict[Tuple, List[Dict[str, Any]]] = {}
             for r in runs:
                 sp = r["spec"]
-                if sp["phase"] == "grid" or sp["dataset"] != dataset or sp["model"] != model or sp["batch"] != batch:
+                if sp["phase"] in ("grid", "ladder_grid") or sp["dataset"] != dataset or sp["model"] != model or sp["batch"] != batch:
                     continue
                 groups.setdefault((sp["optimizer"], sp["variant"], sp["lr"], sp["damping"]), []).append(r)
             if batch == s["batches"][dataset][-1]:  # seed 0 of the grid is the first seed
@@ -847,7 +893,39 @@ def analyse(report: Dict[str, Any]) -> Dict[str, Any]:
                     "final_test_acc": _mean_std([r["final_test_acc"] for r in rs]),
                     "diverged": sum(r["diverged"] for r in rs),
                 })
-    return {"areas": areas, "summaries": summaries}
+    return {"areas": areas, "summaries": summaries, "batch_areas": batch_areas(report)}
+
+
+def batch_areas(report: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Stable area per batch size on the ladder grid's cells, like for like: per (dataset, model, optimizer variant),
+    the ladder grid's batch and the largest batch (the grid's runs at the same cells), seed 0.
+
+    ``cells``: the runs found of ``expected`` (a partial run lacks some); ``reached``: those reaching the target;
+    ``diverged``: those that diverged.
+    """
+    s = report["meta"]["settings"]
+    settings = Settings(**{k: v for k, v in s.items() if k in Settings.__dataclass_fields__})
+    settings.pairs = [tuple(p) for p in s["pairs"]]
+    settings.batches = s["batches"]
+    settings.epochs = {ds: {m: {int(b): e for b, e in per.items()} for m, per in models.items()} for ds, models in s["epochs"].items()}
+    runs = report["runs"]
+    out = []
+    for dataset, model in settings.pairs:
+        if dataset not in settings.ladder_grid_batch:
+            continue
+        target = s["targets"][dataset][model]
+        for batch in (settings.ladder_grid_batch[dataset], settings.batches[dataset][-1]):
+            groups: Dict[Tuple[str, Optional[str]], List[RunSpec]] = {}
+            for spec in ladder_grid_specs(settings, [(dataset, model)], lambda ds: batch):
+                groups.setdefault((spec.optimizer, spec.variant), []).append(spec)
+            for (name, variant), specs in groups.items():
+                found = [runs[sp.key()] for sp in specs if sp.key() in runs]
+                out.append({
+                    "dataset": dataset, "model": model, "batch": batch, "optimizer": name, "variant": variant,
+                    "expected": len(specs), "cells": len(found), "reached": sum(reach(r, target) is not None for r in found),
+                    "diverged": sum(bool(r["diverged"]) for r in found),
+                })
+    return out
 
 
 # ------------------------------------------------------------------- output
@@ -912,6 +990,37 @@ def _fmt(ms: Sequence[float], digits: int = 1) -> str:
     return f"{m:.{digits}f} ± {sd:.{digits}f}"
 
 
+def batch_area_lines(s: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> List[str]:
+    """The table of the stable area per batch size (empty without a ladder grid)."""
+    if not rows:
+        return []
+    damping = f" x damping {s['ladder_grid_damping']}" if s["ladder_grid_variants"] else ""
+    lines = [
+        "",
+        f"Stable area per batch size (seed 0), like for like: the same cells, lr {s['ladder_grid_lr']}{damping} "
+        f"(lr only for SGD and AdamW), at the ladder grid's batch ({s['ladder_grid_batch']}, epochs "
+        + ", ".join(f"{ds} {sorted({per.get(str(b), per.get(b)) for per in s['epochs'][ds].values()})}" for ds, b in s["ladder_grid_batch"].items())
+        + " per model) and at the largest batch (the grid's runs at these cells). Cells: reached / run (diverged).",
+        "",
+        "| dataset | model | optimizer | smaller batch: stable area | largest batch: stable area |",
+        "|---|---|---|---|---|",
+    ]
+    by_key: Dict[Tuple, Dict[int, Dict[str, Any]]] = {}
+    for r in rows:
+        by_key.setdefault((r["dataset"], r["model"], r["optimizer"], r["variant"]), {})[r["batch"]] = r
+    for (dataset, model, name, variant), per in by_key.items():
+        cells = []
+        for batch in sorted(per):
+            r = per[batch]
+            if r["cells"] == 0:
+                cells.append(f"b{batch}: not run")
+                continue
+            part = "" if r["cells"] == r["expected"] else f", partial: {r['cells']} of {r['expected']} cells"
+            cells.append(f"b{batch}: {r['reached']}/{r['cells']} ({r['reached'] / r['cells']:.0%}; {r['diverged']} diverged{part})")
+        lines.append(f"| {dataset} | {model} | {_name(name, variant)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render_markdown(report: Dict[str, Any], analysis: Dict[str, Any], pngs: Sequence[str], md_dir: str) -> str:
     s = report["meta"]["settings"]
     m = report["meta"]
@@ -943,6 +1052,7 @@ def render_markdown(report: Dict[str, Any], analysis: Dict[str, Any], pngs: Sequ
             f"({a['stable_area']:.0%}){'' if a['complete'] else ' (partial grid)'} | {a['sub_reached']}/{a['sub_cells']} | "
             f"{a['diverged']} | {a['best_lr']:g}, {a['best_damping'] if a['best_damping'] is None else format(a['best_damping'], 'g')} |"
         )
+    lines += batch_area_lines(s, analysis.get("batch_areas", []))
     lines += [
         "",
         "Epochs and training CPU seconds to the target (mean ± std over the seeds that reach it; CPU seconds of one "

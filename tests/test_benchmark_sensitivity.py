@@ -98,10 +98,15 @@ def test_cpu_estimate_per_epoch_model_and_mc_factor():
 def test_plan_counts_runs_reuses_done_ones_and_reruns_untimed_seeds():
     s = _settings()
     empty = bs.plan(s, {})
-    assert [r["phase"] for r in empty] == ["grid digits/mlp", "seeds digits/mlp", "variants digits/mlp", "ladder digits/mlp"]
+    assert [r["phase"] for r in empty] == [
+        "grid digits/mlp", "seeds digits/mlp", "variants digits/mlp", "ladder digits/mlp", "ladder grid digits/mlp"
+    ]
     # grid: SGD and AdamW at 2 lrs, K-FAC/FOP abs and abs_clip on 2 x 1 cells; seeds: 2 seeds at <= 8 cells, seed 0 is the grid's
     assert empty[0]["runs"] == 4 + 8 and empty[2]["runs"] == 4 and all(r["done"] == 0 for r in empty)
     assert empty[1]["runs"] == 8 and empty[3]["runs"] == 2 * 6  # seeds: 8 cells x seed 1; ladder: 6 cells x 2 seeds
+    # ladder grid at batch 270: SGD/AdamW at 2 lrs, K-FAC/FOP abs_clip at 2 x 1 cells = 8; the ladder's seed 0 at its
+    # 6 cells (placeholder best cells lr 0.01, and the default lr 0.1, all abs_clip) are the same runs: 2 new
+    assert len(bs.ladder_grid_specs(s, s.pairs)) == 8 and empty[4]["runs"] == 2
     grid = bs.grid_specs(s, True, s.pairs)
     results = {sp.key(): {**_run([1], [0.9]), "spec": vars(sp), "cpu_seconds_total": 2.0} for sp in grid}
     stale = grid[0]  # stored before CPU time was recorded: reused in the grid, run again for the seed tables
@@ -115,6 +120,61 @@ def test_plan_counts_runs_reuses_done_ones_and_reruns_untimed_seeds():
     text = bs.format_plan(rows, 2)
     total = sum(r["cpu_measured"] + r["cpu_estimated_done"] + r["cpu_to_run"] for r in rows)
     assert f"= {total:.0f} (about {total / 2 / 60:.1f} min with 2 worker(s)" in text
+
+
+@pytest.mark.parametrize("profile", ["smoke", "full"])
+def test_ladder_grid_cells_are_the_largest_batch_grid_cells(profile):
+    s = bs.make_settings(profile, {"lr": 0.1, "damping": 1e-2, "variant": "abs_clip"})
+    small = bs.ladder_grid_specs(s, s.pairs)
+    assert small and {sp.phase for sp in small} == {"ladder_grid"} and all(sp.seed == 0 for sp in small)
+    assert all(sp.batch == s.ladder_grid_batch[sp.dataset] < s.batches[sp.dataset][-1] for sp in small)
+    assert all(sp.epochs == s.epochs[sp.dataset][sp.model][sp.batch] for sp in small)
+    largest = bs.ladder_grid_specs(s, s.pairs, lambda ds: s.batches[ds][-1])
+    assert {sp.phase for sp in largest} == {"grid"} and len(largest) == len(small)
+    # like for like: at the largest batch they are runs of the grid phase, at the same (optimizer, variant, lr, damping)
+    assert {sp.key() for sp in largest} <= {sp.key() for sp in bs.grid_specs(s, True, s.pairs)}
+    cell = lambda sp: (sp.dataset, sp.model, sp.optimizer, sp.variant, sp.lr, sp.damping)  # noqa: E731
+    assert sorted(map(cell, small)) == sorted(map(cell, largest))
+    if profile == "full":  # SGD/AdamW on 4 lrs, K-FAC/FOP abs and abs_clip on the whole 4 x 3 grid, per (dataset, model)
+        assert len(small) == 6 * (2 * 4 + 2 * 2 * 12)
+
+
+def _batch_report(s, accs):
+    """A stored report of the smoke ladder grid at both batches; ``accs(spec)``: (final accuracy, diverged) or None (missing)."""
+    settings = json.loads(json.dumps(bs.finite_json(bs.asdict(s))))
+    runs = {}
+    for batch in (270, 1078):
+        for sp in bs.ladder_grid_specs(s, s.pairs, lambda ds: batch):
+            got = accs(sp)
+            if got is not None:
+                runs[sp.key()] = {**_run([1, 2], [0.1, got[0]], diverged=got[1]), "spec": bs.asdict(sp)}
+    return {"meta": {"settings": settings}, "runs": runs}
+
+
+def test_batch_areas_compare_the_same_cells_per_batch_and_flag_partial_ones():
+    s = _settings()  # target 0.5; cells: SGD/AdamW at lr 0.01, 0.1; K-FAC/FOP abs_clip at (0.01, 0.01), (0.1, 0.01)
+
+    def accs(sp):
+        if sp.batch == 270 and sp.optimizer == "adamw" and sp.lr == 0.1:
+            return None  # not run yet
+        if sp.optimizer == "kfac" and sp.batch == 270:
+            return (0.9, sp.lr == 0.1)  # reaches the target, but diverges at lr 0.1
+        return (0.9 if sp.lr == 0.1 or sp.batch == 1078 else 0.3, False)
+
+    rows = bs.batch_areas(_batch_report(s, accs))
+    got = {(r["optimizer"], r["variant"], r["batch"]): (r["cells"], r["expected"], r["reached"], r["diverged"]) for r in rows}
+    assert got == {
+        ("sgd", None, 270): (2, 2, 1, 0), ("sgd", None, 1078): (2, 2, 2, 0),
+        ("adamw", None, 270): (1, 2, 0, 0), ("adamw", None, 1078): (2, 2, 2, 0),
+        ("kfac", "abs_clip", 270): (2, 2, 1, 1), ("kfac", "abs_clip", 1078): (2, 2, 2, 0),
+        ("fop", "abs_clip", 270): (2, 2, 1, 0), ("fop", "abs_clip", 1078): (2, 2, 2, 0),
+    }
+    text = "\n".join(bs.batch_area_lines(_batch_report(s, accs)["meta"]["settings"], rows))
+    assert "| digits | mlp | adamw | b270: 0/1 (0%; 0 diverged, partial: 1 of 2 cells) | b1078: 2/2 (100%; 0 diverged) |" in text
+    assert "| digits | mlp | kfac[abs_clip] | b270: 1/2 (50%; 1 diverged) |" in text
+    no_ladder = _batch_report(s, accs)
+    no_ladder["meta"]["settings"]["ladder_grid_batch"] = {}  # a JSON written before the phase existed
+    assert bs.batch_areas(no_ladder) == [] and bs.batch_area_lines(no_ladder["meta"]["settings"], []) == []
 
 
 def test_resume_refuses_other_run_settings(tmp_path):
@@ -136,7 +196,7 @@ def test_tiny_run_writes_json_pngs_markdown_and_resumes(tmp_path):
     with open(path) as f:
         report = json.load(f)
     phases = {r["spec"]["phase"] for r in report["runs"].values()}
-    assert phases == {"grid", "seeds", "ladder"}
+    assert phases == {"grid", "seeds", "ladder", "ladder_grid"}
     ladder = {r["spec"]["variant"] for r in report["runs"].values() if r["spec"]["phase"] == "ladder"}
     assert ladder == {None, "abs_clip"}  # SGD/AdamW, and K-FAC/FOP's best and default cells of ladder_variants only
     n = len(report["runs"])
@@ -145,6 +205,11 @@ def test_tiny_run_writes_json_pngs_markdown_and_resumes(tmp_path):
     assert report["meta"]["cpu_seconds_this_session"] == pytest.approx(sum(cpu), abs=0.1)
     for r in report["runs"].values():  # training CPU time per evaluation, within the run's total
         assert len(r["cpu_seconds"]) == len(r["epochs"]) and 0 < r["cpu_seconds"][0] <= r["cpu_seconds"][-1] <= r["cpu_seconds_total"]
+    batch_rows = result["analysis"]["batch_areas"]  # every ladder grid cell ran, at both batches
+    assert {r["batch"] for r in batch_rows} == {270, 1078} and len(batch_rows) == 2 * 4
+    assert all(r["cells"] == r["expected"] for r in batch_rows)
+    small = [r for r in result["analysis"]["summaries"] if r["batch"] == 270]  # the ladder's cells, not the ladder grid's
+    assert small and all(r["seeds"] == 2 for r in small)  # a ladder grid run is no 1-seed summary
     areas = {(a["optimizer"], a["variant"]): a for a in result["analysis"]["areas"]}
     assert areas[("fop", "abs_clip")]["cells"] == 2 and areas[("fop", "abs_clip")]["sub_cells"] == 1
     assert areas[("kfac", "abs_clip_mc")]["cells"] == 2 and areas[("kfac", "abs_clip_mc")]["complete"]  # the sub-grid
@@ -154,6 +219,7 @@ def test_tiny_run_writes_json_pngs_markdown_and_resumes(tmp_path):
     assert os.path.getsize(os.path.join(out, "sensitivity_digits_mlp_smoke.png")) > 1000  # sub-grid damping 0.1 is off the grid
     md = open(os.path.join(out, "benchmarks.md")).read()
     assert "<!-- sensitivity-smoke:begin -->" in md and "fop[abs_clip] (default)" in md
+    assert "| digits | mlp | fop[abs_clip] | b270: " in md  # the stable area per batch size
     again = bs.main(["--profile", "smoke", "--out", out, "--no-progress"])  # resumable: nothing left to run
     assert again["report"]["meta"]["runs_this_session"] == 0 and len(again["report"]["runs"]) == n
     rerendered = bs.main(["--from-json", path, "--out", out])
