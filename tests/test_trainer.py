@@ -581,7 +581,7 @@ def test_fine_tunes_the_pretrained_minilm_checkpoint(tmp_path):
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(gt.get_model_path(), num_labels=2)
     # The README quick start's values and the shipped defaults (damping, trust region): no per-model tuning.
-    args = make_args(tmp_path, per_device_train_batch_size=16, max_steps=10, learning_rate=3e-3,
+    args = make_args(tmp_path, per_device_train_batch_size=16, max_steps=5, learning_rate=3e-3,
                      fop_inverse_interval=5, logging_steps=5)
     defaults = FOPTrainingArguments(str(tmp_path))
     assert (args.fop_damping, args.fop_kl_clip, args.fop_damping_mode, args.fop_adamw_lr) == (
