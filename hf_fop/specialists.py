@@ -42,7 +42,7 @@ DDP) they are reduced in full, see docs/distributed.md.
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -315,29 +315,39 @@ class SpecialistCurvature:
 
     def share_directions(self, layers: List[KFACLayer], deltas: Dict[str, Tensor]) -> Dict[str, Tensor]:
         """Every layer's direction ``(out, in)`` on every rank: one ``broadcast`` per owner of its layers', packed."""
-        device = self.reducer.device
-        shared: Dict[str, Tensor] = {}
-        pending = []
-        for rank in range(self.world_size):
-            owned = self._owned_by(rank, layers)
-            if not owned:
-                continue
-            if rank == self.rank:
-                buf = torch.cat([deltas[layer.name].reshape(-1) for layer in owned])
-            else:
-                buf = torch.empty(sum(layer.out_dim * layer.in_dim for layer in owned), dtype=torch.float32, device=device)
-            pending.append((owned, buf, rank, self.reducer.broadcast(buf, rank)))
-        for owned, buf, rank, work in pending:
-            work.wait()
-            if rank == self.rank:
-                shared.update({layer.name: deltas[layer.name] for layer in owned})
-                continue
+        shared = {layer.name: deltas[layer.name] for layer in self._owned_by(self.rank, layers)}
+        received = self._broadcast_from_owners(
+            layers, lambda layer: deltas[layer.name].reshape(-1), lambda layer: layer.out_dim * layer.in_dim
+        )
+        for owned, buf in received:
             offset = 0
             for layer in owned:
                 n = layer.out_dim * layer.in_dim
                 shared[layer.name] = buf[offset : offset + n].view(layer.out_dim, layer.in_dim)
                 offset += n
         return shared
+
+    def _broadcast_from_owners(
+        self, layers: List[KFACLayer], pack: Callable[[KFACLayer], Tensor], size: Callable[[KFACLayer], int]
+    ) -> List[Tuple[List[KFACLayer], Tensor]]:
+        """One ``broadcast`` per owner of its layers' ``pack(layer)`` (flat float32, ``size(layer)`` elements each),
+        all in flight together; returns ``(layers, flat buffer)`` per *other* owner, after the broadcasts end."""
+        pending = []
+        for rank in range(self.world_size):
+            owned = self._owned_by(rank, layers)
+            if not owned:
+                continue
+            if rank == self.rank:
+                buf = torch.cat([pack(layer) for layer in owned])
+            else:
+                buf = torch.empty(sum(size(layer) for layer in owned), dtype=torch.float32, device=self.reducer.device)
+            pending.append((owned, buf, rank, self.reducer.broadcast(buf, rank)))
+        received = []
+        for owned, buf, rank, work in pending:
+            work.wait()
+            if rank != self.rank:
+                received.append((owned, buf))
+        return received
 
     # ----------------------------------------------------------------- state
     def full_state(self) -> None:
@@ -349,21 +359,9 @@ class SpecialistCurvature:
             buf = _pack_triangles(layers)
             self.reducer.all_reduce(buf)
             _unpack_triangles(layers, buf)
-        pending = []
-        for rank in range(self.world_size):
-            owned = self._owned_by(rank, layers)
-            if not owned:
-                continue
-            if rank == self.rank:
-                buf = torch.cat([_pack_basis(layer) for layer in owned])
-            else:
-                size = sum(d_a * d_a + d_a + d_s * d_s + d_s + 2 for d_a, d_s in ((l.in_dim, l.out_dim) for l in owned))
-                buf = torch.empty(size, dtype=torch.float32, device=self.reducer.device)
-            pending.append((owned, buf, rank, self.reducer.broadcast(buf, rank)))
-        for owned, buf, rank, work in pending:
-            work.wait()
-            if rank != self.rank:
-                _unpack_bases(owned, buf)
+        basis_size = lambda l: l.in_dim * l.in_dim + l.in_dim + l.out_dim * l.out_dim + l.out_dim + 2  # noqa: E731
+        for owned, buf in self._broadcast_from_owners(layers, _pack_basis, basis_size):
+            _unpack_bases(owned, buf)
         self.full = True
         self.dirty = False
 

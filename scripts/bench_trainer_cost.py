@@ -176,6 +176,22 @@ def communication(opts: argparse.Namespace, nproc: int) -> Dict[str, float]:
         return json.load(f)
 
 
+def exposed_rows(comm: Dict[str, float], single: Dict[str, float], rows: List[Tuple[str, str]]) -> List[Tuple[str, float, float, float, float]]:
+    """``(label, N-process s, 1-process s, exposed s, exposed / DDP-AdamW's exposed)`` per variant of ``rows``.
+
+    ``comm`` / ``single``: the worker's results with N processes and with 1 (``<key>_seconds``: median seconds per
+    step). Variants that only exist with several processes (``nohook``: the post-backward reduction) are left out.
+    """
+    base = comm["adamw_seconds"] - single["adamw_seconds"]
+    out = []
+    for key, label in rows:
+        if "nohook" in key:  # one process has no reduction path to choose
+            continue
+        exposed = comm[key + "_seconds"] - single[key + "_seconds"]
+        out.append((label, comm[key + "_seconds"], single[key + "_seconds"], exposed, exposed / base))
+    return out
+
+
 def exposed_communication(opts: argparse.Namespace, comm: Dict[str, float], rows: List[Tuple[str, str]]) -> None:
     """Print each variant's exposed communication: its N-process minus its 1-process median seconds per step.
 
@@ -184,15 +200,10 @@ def exposed_communication(opts: argparse.Namespace, comm: Dict[str, float], rows
     batch is one sub-batch under N processes. ``ratio`` divides by DDP-AdamW's exposed seconds.
     """
     single = communication(opts, 1)
-    base = comm["adamw_seconds"] - single["adamw_seconds"]
     print(f"\n| exposed communication | {opts.nproc}-process s / step | 1-process s / step | exposed s / step | ratio to AdamW |")
     print("|---|---|---|---|---|")
-    for key, label in rows:
-        if "nohook" in key:  # one process has no reduction path to choose
-            continue
-        exposed = comm[key + "_seconds"] - single[key + "_seconds"]
-        print(f"| {label} | {comm[key + '_seconds']:.4f} | {single[key + '_seconds']:.4f} | {exposed:.4f} | "
-              f"{exposed / base:.2f} |")
+    for label, many, one, exposed, ratio in exposed_rows(comm, single, rows):
+        print(f"| {label} | {many:.4f} | {one:.4f} | {exposed:.4f} | {ratio:.2f} |")
 
 
 def plain_loop_times(opts: argparse.Namespace, fi: int) -> List[float]:
