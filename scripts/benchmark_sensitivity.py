@@ -39,8 +39,8 @@ complete on the pairs it reached:
    split), at the default cell and the best cells of SGD, AdamW and
    ``ladder_variants``.
 5. the *ladder grid*: seed 0 of SGD, AdamW and K-FAC/FOP in ``ladder_grid_variants``
-   on ``ladder_grid_lr`` x ``ladder_grid_damping`` at the batch
-   ``ladder_grid_batch[dataset]`` (about 10% of the training split), so that the
+   on ``ladder_grid_lr`` x ``ladder_grid_damping`` at each batch of
+   ``ladder_grid_batch[dataset]`` (about 2% and 10% of the training split), so that the
    stable area is measured per batch size, on cells the largest batch's grid shares.
 
 Time: every run records its CPU seconds (``time.process_time`` in a worker of
@@ -264,7 +264,8 @@ class Settings:
     ``default``: the K-FAC/FOP default cell (lr, damping, variant); ``core_variants`` run first on the
     full lr x damping grid (and get seeds at their best cell), the other variants after, on the sub-grid
     ``subgrid_lr`` x ``subgrid_damping``; ``vit[dataset]``: :class:`ViTLogits` sizes. ``ladder_grid_*``: the
-    ladder grid phase (seed 0 at the batch ``ladder_grid_batch[dataset]``; empty: no such phase); its cells
+    ladder grid phase (seed 0 at each batch of ``ladder_grid_batch[dataset]``, smaller than the largest; empty: no
+    such phase); its cells
     must lie in the largest batch's grid of every optimizer it runs, for a like-for-like stable area.
     """
 
@@ -287,7 +288,7 @@ class Settings:
     subgrid_damping: List[float]
     vit: Dict[str, Dict[str, Any]]
     ladder_variants: List[str]
-    ladder_grid_batch: Dict[str, int] = field(default_factory=dict)
+    ladder_grid_batch: Dict[str, List[int]] = field(default_factory=dict)
     ladder_grid_variants: List[str] = field(default_factory=list)
     ladder_grid_lr: List[float] = field(default_factory=list)
     ladder_grid_damping: List[float] = field(default_factory=list)
@@ -326,7 +327,7 @@ def make_settings(profile: str, default: Dict[str, Any]) -> Settings:
             subgrid_damping=[1e-2, 1e-1],
             vit={"digits": small_vit, "diamonds": {**small_vit, "patch": [1, 11]}},
             ladder_variants=["abs"],
-            ladder_grid_batch={"digits": 108, "diamonds": 2000},
+            ladder_grid_batch={"digits": [22, 108], "diamonds": [400, 2000]},
             ladder_grid_variants=["abs", "abs_clip"],
             ladder_grid_lr=[1e-3, 1e-2, 1e-1, 1.0],
             ladder_grid_damping=[1e-3, 1e-2, 1e-1],
@@ -375,7 +376,7 @@ def make_settings(profile: str, default: Dict[str, Any]) -> Settings:
             subgrid_damping=[1e-2, 1e-1],
             vit={"digits": small_vit},
             ladder_variants=["abs_clip"],
-            ladder_grid_batch={"digits": 270},
+            ladder_grid_batch={"digits": [270]},
             ladder_grid_variants=["abs_clip"],
             ladder_grid_lr=[1e-2, 1e-1],
             ladder_grid_damping=[1e-2],
@@ -549,25 +550,25 @@ def grid_specs(s: Settings, core: bool, pairs: Sequence[Tuple[str, str]]) -> Lis
 
 def ladder_grid_specs(s: Settings, pairs: Sequence[Tuple[str, str]], batch: Optional[Callable[[str], int]] = None) -> List[RunSpec]:
     """Seed 0 of SGD, AdamW (``ladder_grid_lr``) and K-FAC/FOP in ``ladder_grid_variants`` (``ladder_grid_lr`` x
-    ``ladder_grid_damping``) at ``batch(dataset)`` (default ``ladder_grid_batch[dataset]``; none for a dataset without one).
+    ``ladder_grid_damping``) at the batch ``batch(dataset)``, or by default at every batch of
+    ``ladder_grid_batch[dataset]`` (none for a dataset without one).
 
     With ``batch`` = the largest batch these are grid runs (phase ``"grid"``): the cells the per-batch stable area compares.
     """
     specs: List[RunSpec] = []
     for dataset, model in pairs:
-        b = batch(dataset) if batch is not None else s.ladder_grid_batch.get(dataset)
-        if b is None:
-            continue
-        phase = "grid" if b == s.batches[dataset][-1] else "ladder_grid"
-        epochs = s.epochs[dataset][model][b]
-        for name in ("sgd", "adamw"):
-            specs += [RunSpec(phase, dataset, model, name, None, b, lr, None, 0, epochs) for lr in s.ladder_grid_lr]
-        for variant in s.ladder_grid_variants:
-            for name in CURVATURE:
-                specs += [
-                    RunSpec(phase, dataset, model, name, variant, b, lr, d, 0, epochs)
-                    for lr in s.ladder_grid_lr for d in s.ladder_grid_damping
-                ]
+        batches = [batch(dataset)] if batch is not None else s.ladder_grid_batch.get(dataset, [])
+        for b in batches:
+            phase = "grid" if b == s.batches[dataset][-1] else "ladder_grid"
+            epochs = s.epochs[dataset][model][b]
+            for name in ("sgd", "adamw"):
+                specs += [RunSpec(phase, dataset, model, name, None, b, lr, None, 0, epochs) for lr in s.ladder_grid_lr]
+            for variant in s.ladder_grid_variants:
+                for name in CURVATURE:
+                    specs += [
+                        RunSpec(phase, dataset, model, name, variant, b, lr, d, 0, epochs)
+                        for lr in s.ladder_grid_lr for d in s.ladder_grid_damping
+                    ]
     return specs
 
 
@@ -787,6 +788,7 @@ def run_benchmark(s: Settings, json_path: str, workers: int, progress: bool = Tr
     results: Dict[str, Dict[str, Any]] = report["runs"]
     print(format_plan(plan(s, results), workers), flush=True)
     report["meta"]["runs_this_session"] = 0
+    report["meta"]["load_average_at_start"] = round(os.getloadavg()[0], 2)
     t_start = time.perf_counter()
     try:
         from tqdm import tqdm
@@ -814,6 +816,7 @@ def run_benchmark(s: Settings, json_path: str, workers: int, progress: bool = Tr
                 report["meta"]["wall_seconds_this_session"] = round(time.perf_counter() - t_start, 1)
                 report["meta"]["cpu_seconds_this_session"] = round(cpu_done, 1)
                 report["meta"]["runs_this_session"] += 1
+                report["meta"]["load_average_last"] = round(os.getloadavg()[0], 2)
                 _save(json_path, report)
                 if bar is not None:
                     bar.set_postfix_str(f"{cpu_done:.0f} CPU s", refresh=False)
@@ -898,7 +901,7 @@ def analyse(report: Dict[str, Any]) -> Dict[str, Any]:
 
 def batch_areas(report: Dict[str, Any]) -> List[Dict[str, Any]]:
     """Stable area per batch size on the ladder grid's cells, like for like: per (dataset, model, optimizer variant),
-    the ladder grid's batch and the largest batch (the grid's runs at the same cells), seed 0.
+    each of the ladder grid's batches and the largest batch (the grid's runs at the same cells), seed 0.
 
     ``cells``: the runs found of ``expected`` (a partial run lacks some); ``reached``: those reaching the target;
     ``diverged``: those that diverged.
@@ -914,7 +917,7 @@ def batch_areas(report: Dict[str, Any]) -> List[Dict[str, Any]]:
         if dataset not in settings.ladder_grid_batch:
             continue
         target = s["targets"][dataset][model]
-        for batch in (settings.ladder_grid_batch[dataset], settings.batches[dataset][-1]):
+        for batch in [*settings.ladder_grid_batch[dataset], settings.batches[dataset][-1]]:
             groups: Dict[Tuple[str, Optional[str]], List[RunSpec]] = {}
             for spec in ladder_grid_specs(settings, [(dataset, model)], lambda ds: batch):
                 groups.setdefault((spec.optimizer, spec.variant), []).append(spec)
@@ -995,15 +998,21 @@ def batch_area_lines(s: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> List[
     if not rows:
         return []
     damping = f" x damping {s['ladder_grid_damping']}" if s["ladder_grid_variants"] else ""
+    epochs = ", ".join(
+        f"{ds} {b}: {sorted({per.get(str(b), per.get(b)) for per in s['epochs'][ds].values()})}"
+        for ds, batches in s["ladder_grid_batch"].items() for b in batches
+    )
+    n = 1 + max(len(batches) for batches in s["ladder_grid_batch"].values())
+    columns = [f"batch {i + 1} of {n}: stable area" for i in range(n)]
+    columns[0], columns[-1] = "smallest batch: stable area", "largest batch: stable area"
     lines = [
         "",
         f"Stable area per batch size (seed 0), like for like: the same cells, lr {s['ladder_grid_lr']}{damping} "
-        f"(lr only for SGD and AdamW), at the ladder grid's batch ({s['ladder_grid_batch']}, epochs "
-        + ", ".join(f"{ds} {sorted({per.get(str(b), per.get(b)) for per in s['epochs'][ds].values()})}" for ds, b in s["ladder_grid_batch"].items())
-        + " per model) and at the largest batch (the grid's runs at these cells). Cells: reached / run (diverged).",
+        f"(lr only for SGD and AdamW), at the ladder grid's batches ({s['ladder_grid_batch']}; epochs per model: {epochs}) "
+        "and at the largest batch (the grid's runs at these cells). Cells: reached / run (diverged).",
         "",
-        "| dataset | model | optimizer | smaller batch: stable area | largest batch: stable area |",
-        "|---|---|---|---|---|",
+        "| dataset | model | optimizer | " + " | ".join(columns) + " |",
+        "|---|---|---|" + "---|" * n,
     ]
     by_key: Dict[Tuple, Dict[int, Dict[str, Any]]] = {}
     for r in rows:
@@ -1031,9 +1040,12 @@ def render_markdown(report: Dict[str, Any], analysis: Dict[str, Any], pngs: Sequ
         f"### Generated tables and heat maps ({s['profile']} profile, written by the script)",
         "",
         f"Command: `{m.get('command', 'python scripts/benchmark_sensitivity.py')}`; machine: {m['machine']} "
-        f"(shared by several jobs while it ran), torch {m['torch']}, {m['workers']} worker process(es) of 1 thread; "
+        f"torch {m['torch']}, {m['workers']} worker process(es) of 1 thread; "
         f"last result {m.get('date_utc', '?')}; {len(report['runs'])} runs in the JSON, {timed} of them with CPU time: "
-        f"{cpu:.0f} CPU seconds in all ({cpu / 120:.1f} min for 2 workers on 2 idle cores).",
+        f"{cpu:.0f} CPU seconds in all ({cpu / 120:.1f} min for 2 workers on 2 idle cores). The last session: "
+        f"{m.get('runs_this_session', '?')} runs, {m.get('cpu_seconds_this_session', '?')} CPU s in them, "
+        f"{m.get('wall_seconds_this_session', '?')} s wall; 1-minute load average {m.get('load_average_at_start', '?')} "
+        f"at its start and {m.get('load_average_last', '?')} at its last run (2 = both cores busy).",
         "",
         f"Grid at the largest batch (seed 0): lr {s['lr_grid']} x damping {s['damping_grid']} for the core K-FAC/FOP "
         f"variants {s['core_variants']}, the sub-grid lr {s['subgrid_lr']} x damping {s['subgrid_damping']} for the others, "

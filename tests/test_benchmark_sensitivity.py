@@ -127,23 +127,27 @@ def test_ladder_grid_cells_are_the_largest_batch_grid_cells(profile):
     s = bs.make_settings(profile, {"lr": 0.1, "damping": 1e-2, "variant": "abs_clip"})
     small = bs.ladder_grid_specs(s, s.pairs)
     assert small and {sp.phase for sp in small} == {"ladder_grid"} and all(sp.seed == 0 for sp in small)
-    assert all(sp.batch == s.ladder_grid_batch[sp.dataset] < s.batches[sp.dataset][-1] for sp in small)
+    assert all(sp.batch in s.ladder_grid_batch[sp.dataset] and sp.batch < s.batches[sp.dataset][-1] for sp in small)
+    assert {(sp.dataset, sp.batch) for sp in small} == {(ds, b) for ds, batches in s.ladder_grid_batch.items() for b in batches}
     assert all(sp.epochs == s.epochs[sp.dataset][sp.model][sp.batch] for sp in small)
     largest = bs.ladder_grid_specs(s, s.pairs, lambda ds: s.batches[ds][-1])
-    assert {sp.phase for sp in largest} == {"grid"} and len(largest) == len(small)
+    assert {sp.phase for sp in largest} == {"grid"}
     # like for like: at the largest batch they are runs of the grid phase, at the same (optimizer, variant, lr, damping)
     assert {sp.key() for sp in largest} <= {sp.key() for sp in bs.grid_specs(s, True, s.pairs)}
     cell = lambda sp: (sp.dataset, sp.model, sp.optimizer, sp.variant, sp.lr, sp.damping)  # noqa: E731
-    assert sorted(map(cell, small)) == sorted(map(cell, largest))
-    if profile == "full":  # SGD/AdamW on 4 lrs, K-FAC/FOP abs and abs_clip on the whole 4 x 3 grid, per (dataset, model)
-        assert len(small) == 6 * (2 * 4 + 2 * 2 * 12)
+    for dataset, batches in s.ladder_grid_batch.items():  # every smaller batch runs exactly the largest batch's cells
+        for b in batches:
+            assert sorted(cell(sp) for sp in small if sp.batch == b) == sorted(cell(sp) for sp in largest if sp.dataset == dataset)
+    if profile == "full":  # ~2% and ~10%: SGD/AdamW on 4 lrs, K-FAC/FOP abs and abs_clip on the whole 4 x 3 grid, per pair
+        assert s.ladder_grid_batch == {"digits": [22, 108], "diamonds": [400, 2000]}
+        assert len(small) == 2 * 6 * (2 * 4 + 2 * 2 * 12)
 
 
 def _batch_report(s, accs):
     """A stored report of the smoke ladder grid at both batches; ``accs(spec)``: (final accuracy, diverged) or None (missing)."""
     settings = json.loads(json.dumps(bs.finite_json(bs.asdict(s))))
     runs = {}
-    for batch in (270, 1078):
+    for batch in [*s.ladder_grid_batch["digits"], 1078]:
         for sp in bs.ladder_grid_specs(s, s.pairs, lambda ds: batch):
             got = accs(sp)
             if got is not None:
@@ -175,6 +179,22 @@ def test_batch_areas_compare_the_same_cells_per_batch_and_flag_partial_ones():
     no_ladder = _batch_report(s, accs)
     no_ladder["meta"]["settings"]["ladder_grid_batch"] = {}  # a JSON written before the phase existed
     assert bs.batch_areas(no_ladder) == [] and bs.batch_area_lines(no_ladder["meta"]["settings"], []) == []
+
+
+def test_batch_areas_cover_every_ladder_grid_batch_in_order():
+    s = _settings()
+    s.ladder_grid_batch = {"digits": [135, 270]}  # two smaller batches, as the full profile's ~2% and ~10%
+    for per in s.epochs["digits"].values():
+        per[135] = 1
+    report = _batch_report(s, lambda sp: (0.9 if sp.batch >= 270 or sp.lr == 0.1 else 0.3, sp.batch == 135 and sp.lr == 0.1))
+    rows = bs.batch_areas(report)
+    assert sorted({r["batch"] for r in rows}) == [135, 270, 1078] and len(rows) == 3 * 4
+    sgd = {r["batch"]: (r["reached"], r["diverged"]) for r in rows if r["optimizer"] == "sgd"}
+    assert sgd == {135: (0, 1), 270: (2, 0), 1078: (2, 0)}  # at 135, lr 0.1 reaches but diverges, lr 0.01 falls short
+    text = "\n".join(bs.batch_area_lines(report["meta"]["settings"], rows))
+    assert "| smallest batch: stable area | batch 2 of 3: stable area | largest batch: stable area |" in text
+    assert "| digits | mlp | sgd | b135: 0/2 (0%; 1 diverged) | b270: 2/2 (100%; 0 diverged) | b1078: 2/2 (100%; 0 diverged) |" in text
+    assert "digits 135: [1], digits 270: [2]" in text  # epochs per ladder grid batch
 
 
 def test_resume_refuses_other_run_settings(tmp_path):
