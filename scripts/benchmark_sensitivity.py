@@ -89,7 +89,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmark_convergence import finite_json, lr_factor, machine_description, write_markdown_section  # noqa: E402
-from convergence_models import load_digits_splits  # noqa: E402
+from convergence_models import DigitsSplits, load_digits_splits  # noqa: E402
 
 from hf_fop import FOP  # noqa: E402
 
@@ -111,17 +111,12 @@ DIAMOND_CUTS = ("Fair", "Good", "Very Good", "Premium", "Ideal")
 
 # -------------------------------------------------------------------- data
 @dataclass
-class Splits:
-    """``x_*``: ``(N, 1, H, W)`` float32 standardised inputs; ``y_*``: ``(N,)`` int64 labels."""
+class Splits(DigitsSplits):
+    """The splits of any dataset here: ``x_*``: ``(N, 1, H, W)`` float32 standardised inputs; ``y_*``: ``(N,)`` int64
+    labels in ``0 .. n_classes - 1``."""
 
-    name: str
-    n_classes: int
-    x_train: Tensor
-    y_train: Tensor
-    x_val: Tensor
-    y_val: Tensor
-    x_test: Tensor
-    y_test: Tensor
+    name: str = ""
+    n_classes: int = 0
 
     @property
     def image_shape(self) -> Tuple[int, int]:
@@ -159,14 +154,14 @@ def load_diamonds_splits(n_train: int = 20000, n_val: int = 5000, n_test: int = 
     mean, std = x[tr].mean(0), x[tr].std(0) + 1e-6
     xt = torch.from_numpy((x - mean) / std).reshape(len(y), 1, 1, x.shape[1])
     yt = torch.from_numpy(y)
-    return Splits("diamonds", 5, xt[tr].contiguous(), yt[tr], xt[va].contiguous(), yt[va], xt[te].contiguous(), yt[te])
+    return Splits(xt[tr].contiguous(), yt[tr], xt[va].contiguous(), yt[va], xt[te].contiguous(), yt[te], name="diamonds", n_classes=5)
 
 
 def load_dataset(name: str, n_train: Optional[int] = None) -> Splits:
     """``"digits"`` or ``"diamonds"`` (``n_train`` shrinks the diamonds training split, for --quick)."""
     if name == "digits":
         d = load_digits_splits(0)
-        return Splits("digits", 10, d.x_train, d.y_train, d.x_val, d.y_val, d.x_test, d.y_test)
+        return Splits(**vars(d), name="digits", n_classes=10)
     if name == "diamonds":
         return load_diamonds_splits(n_train=n_train or 20000)
     raise ValueError(f"dataset={name!r} is invalid: expected 'digits' or 'diamonds'.")
@@ -693,15 +688,17 @@ def is_done(result: Optional[Dict[str, Any]], timed: bool) -> bool:
 
 
 COST_PER_EXAMPLE_AND_STEP: Dict[str, Tuple[Tuple[float, float], Tuple[float, float]]] = {
-    "digits/mlp": ((6.9e-06, 0.0012), (1.2e-05, 0.0052)),
-    "digits/cnn": ((3.2e-05, 0.0026), (7.5e-05, 0.0053)),
-    "digits/vit": ((4.5e-05, 0.0059), (4.6e-05, 0.0157)),
-    "diamonds/mlp": ((5.2e-06, 0.0011), (7.2e-06, 0.0063)),
-    "diamonds/cnn": ((1.9e-05, 0.0010), (2.4e-05, 0.0020)),
-    "diamonds/vit": ((2.5e-05, 0.0059), (2.9e-05, 0.0153)),
+    "digits/mlp": ((0.0, 0.0), (1.4e-06, 0.0015)),
+    "digits/cnn": ((1.4e-05, 4.5e-05), (4.9e-05, 0.0025)),
+    "digits/vit": ((3.1e-05, 0.0015), (4.6e-05, 0.0069)),
+    "diamonds/mlp": ((4.3e-07, 0.0), (5.1e-06, 0.0018)),
+    "diamonds/cnn": ((7.5e-06, 0.0), (1.5e-05, 0.00099)),
+    "diamonds/vit": ((2.2e-05, 0.0012), (2.7e-05, 0.0074)),
 }
 """``"dataset/model"`` -> ((a, b) for SGD/AdamW, (a, b) for K-FAC/FOP): one epoch costs ``a * n_train + b * steps``
-CPU seconds (1 thread, training and evaluation), fitted to ``time.process_time`` of runs at all three batch sizes."""
+CPU seconds (1 thread, training and evaluation), fitted (non-negative least squares on relative errors) to the
+``cpu_seconds_total`` of the non-diverged empirical-Fisher runs of the full profile run on idle cores on 2026-11-29
+(docs/sensitivity_results.json; a zero: below what :data:`RUN_OVERHEAD` already covers)."""
 MC_FACTOR = 1.2
 """The Monte-Carlo Fisher's extra backward pass, as a factor on K-FAC/FOP's epoch cost."""
 RUN_OVERHEAD = 0.3

@@ -208,7 +208,7 @@ def specialist_runs(opts: argparse.Namespace) -> None:
     from hf_fop.distributed import DualGradientReducer
 
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
-    rank, world_size = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     out: Dict[str, Any] = {}
     for spec in opts.job:
         name, mode, sharding, scenario, resume, save_at, *more = spec.split(",")

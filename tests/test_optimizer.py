@@ -1,6 +1,5 @@
 """The FOP optimizer: steps against dense references, fallbacks, faults, checkpoints, real training."""
 
-import importlib.util
 import math
 import os
 import subprocess
@@ -19,6 +18,7 @@ import hf_fop.curvature as curvature
 from hf_fop import FOP
 from hf_fop.fop_math import fop_direction_dense, kron_fisher, unvec, vec
 from hf_fop.optimizer import decay_parameter_names
+from script_loader import load_script
 from sync_counter import SyncCounter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -364,17 +364,10 @@ def test_invalid_sub_batch_usage_raises_clear_errors():
         FOP(model, learning_rate=0.1)
 
 
-def _load_example(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("mode", ["fop", "kfac"])
 def test_smoke_digits_training_reaches_test_accuracy(mode):
     """Smoke test (K-FAC meets the same bar): real data (scikit-learn digits), batch 512 split into two sub-batches: >= 95% test accuracy."""
-    demo = _load_example("digits_demo")
+    demo = load_script("examples", "digits_demo")
     torch.manual_seed(0)
     result = demo.train(mode, epochs=12, batch_size=512, lr=0.03, damping=1e-2)
     assert result["test_accuracy"] >= 0.95, result

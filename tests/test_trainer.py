@@ -5,7 +5,6 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import sys
 from typing import Dict, List
 
 import numpy as np
@@ -17,6 +16,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from hf_fop import FOP, FOPTrainer, FOPTrainingArguments
+from script_loader import load_script
 from trainer_helpers import (
     cls_text_dataset, count_glue_syncs, digits_dataset, lm_dataset, make_args, tiny_bert, tiny_gpt2, tiny_vit,
 )
@@ -507,19 +507,8 @@ def test_mc_fisher_samples_labels_from_the_model(tmp_path):
 
 
 # ------------------------------------------------------------------- example
-def _load_example():
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "run_image_classification.py")
-    spec = importlib.util.spec_from_file_location("run_image_classification", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_example_trains_on_digits_and_writes_tensorboard(tmp_path):
-    example = _load_example()
+    example = load_script("examples", "run_image_classification")
     accuracy = example.main(["--output_dir", str(tmp_path), "--max_steps", "3", "--eval_strategy", "no", "--num_threads", "0"])
     assert 0.0 <= accuracy <= 1.0
     assert glob.glob(str(tmp_path / "runs" / "**" / "events.out.tfevents.*"), recursive=True)
@@ -541,7 +530,7 @@ def test_example_loads_model_and_dataset_through_hub_code_paths(tmp_path):
             folder = data_dir / split / str(example["label"])
             folder.mkdir(parents=True, exist_ok=True)
             example["image"].save(folder / f"{i}.png")
-    example = _load_example()
+    example = load_script("examples", "run_image_classification")
     accuracy = example.main([
         "--output_dir", str(tmp_path / "out"), "--model_name_or_path", str(model_dir), "--dataset_name", str(data_dir),
         "--max_steps", "2", "--eval_strategy", "no", "--report_to", "none", "--per_device_train_batch_size", "8",
