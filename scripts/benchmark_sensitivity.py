@@ -57,9 +57,9 @@ time is run again). ``--from-json`` only re-renders.
 
 Usage::
 
-    python scripts/benchmark_sensitivity.py --quick --workers 2       # < 3 min, writes out/sensitivity_quick*
+    python scripts/benchmark_sensitivity.py --quick --workers 2       # 53 s on 2 idle cores, writes out/sensitivity_quick*
     python scripts/benchmark_sensitivity.py --plan --workers 2        # the full run's plan and CPU estimate
-    nice -n 10 python scripts/benchmark_sensitivity.py --workers 2   # full run, docs/sensitivity*
+    python scripts/benchmark_sensitivity.py --workers 2               # full run, 44 min on 2 idle cores, docs/sensitivity*
     python scripts/benchmark_sensitivity.py --from-json docs/sensitivity_results.json
 """
 
