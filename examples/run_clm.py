@@ -48,7 +48,7 @@ from hf_fop.metrics import compute_perplexity, token_nll
 from hf_fop.scripts_common import (  # noqa: I001 (one shared module for every example)
     COMMON_DEFAULTS,
     DataArguments,
-    ModelArguments,
+    TextModelArguments,
     column_names,
     from_pretrained,
     load_splits,
@@ -101,7 +101,7 @@ def train_bpe(texts: Iterator[str], vocab_size: int, folder: str) -> PreTrainedT
     return tokenizer
 
 
-def build_tokenizer(model_args: ModelArguments, lm: LMArguments, args: FOPTrainingArguments, train: Any) -> Any:
+def build_tokenizer(model_args: TextModelArguments, lm: LMArguments, args: FOPTrainingArguments, train: Any) -> Any:
     """The given tokenizer, or the byte-level BPE of ``<output_dir>/tokenizer`` (trained there by the main process)."""
     name = model_args.tokenizer_name or model_args.model_name_or_path
     if name is not None:
@@ -115,7 +115,7 @@ def build_tokenizer(model_args: ModelArguments, lm: LMArguments, args: FOPTraini
 
 def build(argv: Optional[List[str]] = None):
     """Parse the arguments and build ``(trainer, eval_dataset, args)``."""
-    model_args, data, lm, args = parse_args((ModelArguments, DataArguments, LMArguments, FOPTrainingArguments), DEFAULTS, argv)
+    model_args, data, lm, args = parse_args((TextModelArguments, DataArguments, LMArguments, FOPTrainingArguments), DEFAULTS, argv)
     if lm.block_size < 2:
         raise ValueError(f"--block_size={lm.block_size} is invalid: expected an integer >= 2.")
     if not 0.0 <= lm.dropout < 1.0:

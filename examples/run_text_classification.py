@@ -36,7 +36,7 @@ from hf_fop.scripts_common import (  # noqa: I001 (one shared module for every e
     COMMON_DEFAULTS,
     DataArguments,
     LabelEncoder,
-    ModelArguments,
+    TextModelArguments,
     column_names,
     from_pretrained,
     label_names,
@@ -80,7 +80,7 @@ def default_model_path() -> str:
 
 def build(argv: Optional[List[str]] = None):
     """Parse the arguments and build ``(trainer, eval_dataset, args)``."""
-    model_args, data, text, args = parse_args((ModelArguments, DataArguments, TextArguments, FOPTrainingArguments), DEFAULTS, argv)
+    model_args, data, text, args = parse_args((TextModelArguments, DataArguments, TextArguments, FOPTrainingArguments), DEFAULTS, argv)
     if text.max_seq_length < 2:
         raise ValueError(f"--max_seq_length={text.max_seq_length} is invalid: expected an integer >= 2.")
     train, evaluation = load_splits(data, args.seed, default=load_chatterbot_topics, stratify_column=text.label_column)

@@ -2,7 +2,7 @@
 streamed), column and label checks, pretrained loading with a clear offline message, and the final report.
 
 The scripts follow transformers' ``examples/pytorch`` layout: ``HfArgumentParser`` over
-:class:`ModelArguments`, :class:`DataArguments`, one script-specific dataclass and
+:class:`ModelArguments` (:class:`TextModelArguments` for text), :class:`DataArguments`, one script-specific dataclass and
 :class:`hf_fop.FOPTrainingArguments`, so every field is a ``--flag`` with ``--help`` text.
 
 Streaming (``--streaming``): ``load_dataset(..., streaming=True)`` gives ``IterableDataset`` splits; the
@@ -35,17 +35,23 @@ VALIDATION_SPLITS = ("validation", "test", "valid", "eval")
 
 @dataclass
 class ModelArguments:
-    """Which pretrained model (and tokenizer) to start from."""
+    """Which pretrained model to start from."""
 
     model_name_or_path: Optional[str] = field(
         default=None,
         metadata={"help": "Hub id or local folder (written by save_pretrained) of the pretrained model; default: the script's offline default."},
     )
-    tokenizer_name: Optional[str] = field(
-        default=None, metadata={"help": "Hub id or local folder of the tokenizer (text scripts); default: --model_name_or_path's."}
-    )
     num_threads: int = field(
         default=1, metadata={"help": "torch CPU threads (tiny models run fastest on one); 0 keeps torch's default."}
+    )
+
+
+@dataclass
+class TextModelArguments(ModelArguments):
+    """Which pretrained model and tokenizer to start from (the text scripts)."""
+
+    tokenizer_name: Optional[str] = field(
+        default=None, metadata={"help": "Hub id or local folder of the tokenizer; default: --model_name_or_path's."}
     )
 
 

@@ -59,18 +59,23 @@ def _losses(trainer: Any) -> List[float]:
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
-@pytest.mark.parametrize("name, extra", [("run_image_classification", "ImageArguments"),
-                                         ("run_text_classification", "TextArguments"), ("run_clm", "LMArguments")])
-def test_every_script_flag_has_help_text(name, extra):
+@pytest.mark.parametrize("name, model_class, extra", [("run_image_classification", "ModelArguments", "ImageArguments"),
+                                                      ("run_text_classification", "TextModelArguments", "TextArguments"),
+                                                      ("run_clm", "TextModelArguments", "LMArguments")])
+def test_every_script_flag_has_help_text_and_only_its_own_flags(name, model_class, extra, capsys):
     import dataclasses
 
-    from hf_fop.scripts_common import DataArguments, ModelArguments
+    from hf_fop import scripts_common
+    from hf_fop.scripts_common import DataArguments
 
     module = load_example(name)
-    for cls in (ModelArguments, DataArguments, getattr(module, extra)):
+    for cls in (getattr(scripts_common, model_class), DataArguments, getattr(module, extra)):
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no --help text"
     assert module.__doc__ and "Two CPU processes" in module.__doc__
+    with pytest.raises(SystemExit):
+        module.build(["--help"])
+    assert ("--tokenizer_name" in capsys.readouterr().out) == (model_class == "TextModelArguments")  # no image tokenizer
 
 
 # ------------------------------------------------------------------ image classification
