@@ -226,6 +226,9 @@ def test_tiny_run_writes_json_pngs_markdown_and_resumes(tmp_path):
     md = open(os.path.join(out, "benchmarks.md")).read()
     assert "<!-- sensitivity-smoke:begin -->" in md and "fop[abs_clip] (default)" in md
     assert "| digits | mlp | fop[abs_clip] | b270: " in md  # the stable area per batch size
+    meta = report["meta"]  # the session's wall time and load, so that a reader can tell an idle run from a shared one
+    assert f"The last session: {n} runs, {meta['cpu_seconds_this_session']} CPU s in them, {meta['wall_seconds_this_session']} s wall" in md
+    assert 0 <= meta["load_average_at_start"] and 0 <= meta["load_average_last"]
     again = bs.main(["--profile", "smoke", "--out", out, "--no-progress"])  # resumable: nothing left to run
     assert again["report"]["meta"]["runs_this_session"] == 0 and len(again["report"]["runs"]) == n
     rerendered = bs.main(["--from-json", path, "--out", out])
