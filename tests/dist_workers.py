@@ -324,4 +324,7 @@ def main(argv: Any = None) -> None:
 
 
 if __name__ == "__main__":
+    import faulthandler
+
+    faulthandler.dump_traceback_later(240, exit=True)  # a hang (e.g. a collective one rank skipped) fails with every thread's stack, before the tests' 300 s timeout
     main()

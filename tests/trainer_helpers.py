@@ -243,5 +243,8 @@ def run_worker(argv: Any = None) -> None:
 
 
 if __name__ == "__main__":
+    import faulthandler
+
+    faulthandler.dump_traceback_later(240, exit=True)  # a hang (e.g. a collective one rank skipped) fails with every thread's stack, before the tests' 300 s timeout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     run_worker()
