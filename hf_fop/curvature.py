@@ -209,10 +209,13 @@ def _rows(layer: KFACLayer, t: Tensor, mask: Optional[PaddingMask]) -> Tensor:
     return rows
 
 
-def _input_rows(layer: KFACLayer, x: Tensor, mask: Optional[PaddingMask]) -> Tuple[Tensor, Union[int, Tensor]]:
-    """Layer input as float32 rows ``(rows, in)`` (expand convention, bias column appended) and the real-row count.
+def _input_gram(layer: KFACLayer, x: Tensor, mask: Optional[PaddingMask]) -> Tuple[Tensor, Union[int, Tensor]]:
+    """``rows^T rows`` of the layer input's float32 rows (expand convention) with a bias column of ones appended,
+    ``(in + 1, in + 1)`` (``(in, in)`` without bias), and the real-row count.
 
-    Padded rows are zero (bias column included), so they add nothing to ``rows^T rows``.
+    The bias column's blocks (``rows^T 1`` and the row count) are computed from the rows as they are, so the rows
+    (``(B * positions, in)``, the largest tensor of the capture) are never copied to append a column. Padded rows
+    are zero, bias column included, so they add nothing.
     """
     module = layer.module
     masked = mask is not None and layer.kind != "conv2d" and x.dim() == 3
@@ -225,11 +228,20 @@ def _input_rows(layer: KFACLayer, x: Tensor, mask: Optional[PaddingMask]) -> Tup
         rows = x.reshape(-1, x.shape[-1]).float()
         if masked:
             _check_mask(layer, x, mask)
-    if module.bias is not None:
-        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+    count: Union[int, Tensor] = rows.shape[0]
+    ones: Optional[Tensor] = None
     if masked:
-        return rows * mask.weights.reshape(-1, 1), mask.count
-    return rows, rows.shape[0]
+        ones = mask.weights.reshape(-1, 1).float()  # the bias column of a masked row is its weight, like the row
+        rows = rows * ones
+        count = mask.count
+    gram = _gram(rows)
+    if module.bias is None:
+        return gram, count
+    if ones is None:
+        ones = rows.new_ones(rows.shape[0], 1)
+    with torch.autocast(device_type=rows.device.type, enabled=False):
+        column, corner = rows.T @ ones, ones.T @ ones  # (in, 1), (1, 1)
+    return torch.cat([torch.cat([gram, column], 1), torch.cat([column.T, corner], 1)], 0), count
 
 
 def _output_rows(layer: KFACLayer, g: Tensor, mask: Optional[PaddingMask]) -> Tensor:
@@ -433,8 +445,7 @@ class CurvatureEngine:
             return
         t0 = time.perf_counter()
         mask = self.padding_mask if layer.masked else None
-        rows, count = _input_rows(layer, inputs[0].detach(), mask)
-        contrib = _gram(rows)
+        contrib, count = _input_gram(layer, inputs[0].detach(), mask)
         layer.a_sum = contrib if layer.a_sum is None else layer.a_sum + contrib
         layer.a_rows = layer.a_rows + count
         group = self.group
