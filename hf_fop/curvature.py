@@ -96,6 +96,11 @@ class KFACLayer:
     def params(self) -> List[nn.Parameter]:
         return [self.weight] + ([self.bias] if self.bias is not None else [])
 
+    @property
+    def has_local_gradient(self) -> bool:
+        """Whether this process holds a gradient of the weight or the bias."""
+        return any(p.grad is not None for p in self.params)
+
     def grad_matrix(self, weight_grad: Tensor, bias_grad: Optional[Tensor]) -> Tensor:
         """Gradient as an ``(out, in)`` float32 matrix, bias as the last column."""
         if self.kind == "conv1d":

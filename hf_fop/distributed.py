@@ -318,7 +318,7 @@ class ReplicatedCurvature:
 
     def has_gradient(self, layer: KFACLayer) -> bool:
         """Every rank holds every reduced gradient: this rank's ``p.grad`` says."""
-        return any(p.grad is not None for p in layer.params)
+        return layer.has_local_gradient
 
     def all_finite(self, finite: bool) -> bool:
         """Every rank holds the same gradients and checked the factors' finiteness globally: ``finite`` as it is."""

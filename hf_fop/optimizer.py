@@ -458,8 +458,10 @@ class FOP(torch.optim.Optimizer):
         lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
         in_group = {id(p) for p in group["params"]}
         distributor = self.distributor
-        has_gradient = distributor.has_gradient if distributor is not None else _has_gradient
-        layers = [layer for layer in self.engine.layers if id(layer.weight) in in_group and has_gradient(layer)]
+        layers = [
+            layer for layer in self.engine.layers if id(layer.weight) in in_group
+            and (distributor.has_gradient(layer) if distributor is not None else layer.has_local_gradient)
+        ]
         results: Dict[str, Optional[LayerResult]] = {}
         dir_hats: Dict[str, Tensor] = {}
         for layer in layers:
@@ -696,11 +698,6 @@ class LayerResult:
     """lambda: a float (absolute damping) or a 0-dim tensor (relative)."""
     kl: Optional[Tensor]
     """``Delta^T M Delta`` of the layer's direction for lr = 1 (0-dim), ``None`` without ``kl_clip``."""
-
-
-def _has_gradient(layer: KFACLayer) -> bool:
-    """Whether the layer's weight or bias holds a gradient on this rank."""
-    return any(p.grad is not None for p in layer.params)
 
 
 def _grad(p: Optional[Tensor]) -> Optional[Tensor]:

@@ -272,7 +272,7 @@ class SpecialistCurvature:
     def has_gradient(self, layer: KFACLayer) -> bool:
         """Whether ``layer`` has a gradient on some rank (the same answer on every rank)."""
         if self.present is None:  # gradients reduced in full: every rank holds them
-            return any(p.grad is not None for p in layer.params)
+            return layer.has_local_gradient
         return any(id(p) in self.present for p in layer.params)
 
     def all_finite(self, finite: bool) -> bool:
