@@ -3,7 +3,7 @@
 Default (no network; 120 steps, about 1 minute on a 2-core CPU, final perplexity about 196): a small GPT-2 (GPT2Config: 2 layers, width 64, context
 64) trained from scratch on the ChatterBot English dialog corpus (human-written conversations, BSD-3-Clause,
 shipped by the PyPI package ``chatterbot-corpus``; code listings and the support log left out, see
-``hf_fop.data.load_chatterbot_dialogs``):
+``fop_examples.data.load_chatterbot_dialogs``):
 
     python examples/run_clm.py --output_dir out/clm_dialogs
 
@@ -43,9 +43,9 @@ from transformers import (
 )
 
 from hf_fop import FOPTrainer, FOPTrainingArguments
-from hf_fop.data import load_chatterbot_dialogs
-from hf_fop.metrics import compute_perplexity, token_nll
-from hf_fop.scripts_common import (  # noqa: I001 (one shared module for every example)
+from fop_examples.data import load_chatterbot_dialogs
+from fop_examples.metrics import compute_perplexity, token_nll
+from fop_examples.common import (  # noqa: I001 (one shared module for every example)
     COMMON_DEFAULTS,
     DataArguments,
     TextModelArguments,

@@ -23,9 +23,9 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from hf_fop import FOPTrainer, FOPTrainingArguments
-from hf_fop.image_classification import ImageArguments, load_task
-from hf_fop.metrics import compute_classification_metrics
-from hf_fop.scripts_common import COMMON_DEFAULTS, DataArguments, ModelArguments, parse_args, train_and_report
+from fop_examples.image_classification import ImageArguments, load_task
+from fop_examples.metrics import compute_classification_metrics
+from fop_examples.common import COMMON_DEFAULTS, DataArguments, ModelArguments, parse_args, train_and_report
 
 
 DEFAULTS: Dict[str, Any] = dict(

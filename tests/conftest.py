@@ -6,9 +6,14 @@ collected first and the short ones fill the end: both workers finish at about th
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import List
 
 import pytest
+
+# the examples' support package (fop_examples) lives beside the scripts, as in transformers' examples
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 LONG_MODULES = ("test_distributed.py", "test_examples.py", "test_accelerate_loop.py")
 """Modules made mostly of real 2- and 3-process runs."""

@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def main(out: str, name: str, argv: list) -> None:
     import torch
 
-    from hf_fop.scripts_common import train_and_report
+    from fop_examples.common import train_and_report
 
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "examples", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
@@ -41,5 +41,5 @@ def main(out: str, name: str, argv: list) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, ROOT)
+    sys.path[:0] = [ROOT, os.path.join(ROOT, "examples")]
     main(sys.argv[1], sys.argv[2], sys.argv[3:])

@@ -20,8 +20,8 @@ import pytest
 import torch
 from datasets import Dataset
 
-from hf_fop.data import load_chatterbot_dialogs, load_chatterbot_topics, load_digits_images
-from hf_fop.scripts_common import train_and_report
+from fop_examples.data import load_chatterbot_dialogs, load_chatterbot_topics, load_digits_images
+from fop_examples.common import train_and_report
 from script_loader import load_script
 from trainer_helpers import single_thread_env
 
@@ -65,8 +65,8 @@ def _losses(trainer: Any) -> List[float]:
 def test_every_script_flag_has_help_text_and_only_its_own_flags(name, model_class, extra, capsys):
     import dataclasses
 
-    from hf_fop import scripts_common
-    from hf_fop.scripts_common import DataArguments
+    from fop_examples import common as scripts_common
+    from fop_examples.common import DataArguments
 
     module = load_example(name)
     for cls in (getattr(scripts_common, model_class), DataArguments, getattr(module, extra)):

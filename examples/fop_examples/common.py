@@ -23,7 +23,7 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, IterableDataset, load_dataset
 from transformers import HfArgumentParser, set_seed
 
-from .arguments import parse_fop_args
+from hf_fop import parse_fop_args
 
 AnyDataset = Union[Dataset, IterableDataset]
 

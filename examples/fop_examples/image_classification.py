@@ -1,7 +1,7 @@
 """The image-classification task of the two image examples (``run_image_classification.py`` with FOPTrainer and
 ``run_image_classification_no_trainer.py`` with a plain Accelerate loop): the same data, model and preprocessing.
 
-:func:`load_task` reads the splits (:func:`hf_fop.scripts_common.load_splits`: scikit-learn digits offline, or
+:func:`load_task` reads the splits (:func:`fop_examples.common.load_splits`: scikit-learn digits offline, or
 ``--dataset_name`` / ``--train_file`` / ``--validation_file``, map-style or streamed), checks the columns and labels,
 builds the model (``--model_name_or_path``, or a small ViT from scratch) and maps the images to
 ``{"pixel_values": (3, H, W) float32, "labels": int64}`` records (``with_transform`` for map-style data, a batched
@@ -20,7 +20,7 @@ from PIL import Image as PILImage
 from transformers import AutoModelForImageClassification, PreTrainedModel, ViTConfig, ViTForImageClassification, ViTImageProcessorPil
 
 from .data import load_digits_images
-from .scripts_common import (
+from .common import (
     AnyDataset,
     DataArguments,
     LabelEncoder,

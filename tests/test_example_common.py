@@ -1,4 +1,4 @@
-"""hf_fop.scripts_common: dataset loading (map-style and streamed, local files), checks and messages."""
+"""fop_examples.common: dataset loading (map-style and streamed, local files), checks and messages."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from datasets import ClassLabel, Dataset, Features, IterableDataset, Value
 
 from hf_fop import FOPTrainingArguments
-from hf_fop.scripts_common import (
+from fop_examples.common import (
     DataArguments,
     LabelEncoder,
     check_data_args,

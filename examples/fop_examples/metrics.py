@@ -2,7 +2,7 @@
 
 ``evaluate.load("accuracy")`` fetches its script from the Hub; this module's
 :class:`Accuracy` works offline and online alike, instantiated directly
-(``Accuracy()``) or loaded by path (``evaluate.load(hf_fop.metrics.__file__)``).
+(``Accuracy()``) or loaded by path (``evaluate.load(fop_examples.metrics.__file__)``).
 F1 and perplexity live one per file in ``hf_fop/evaluate_modules/`` and are
 loaded by path through :func:`load_metric`. Imports are one per line because
 evaluate's loader parses them naively.

@@ -10,7 +10,7 @@ from PIL import Image
 from transformers import ViTConfig, ViTForImageClassification
 
 from hf_fop import FOPTrainer
-from hf_fop.data import ImageClassificationCollator, load_digits_images, prepare_stream
+from fop_examples.data import ImageClassificationCollator, load_digits_images, prepare_stream
 from trainer_helpers import lm_dataset, make_args, tiny_gpt2
 
 
@@ -84,7 +84,7 @@ def test_chatterbot_topics_are_real_lines_labelled_by_their_topic_file():
     import chatterbot_corpus
     import yaml
 
-    from hf_fop.data import CHATTERBOT_TOPICS, load_chatterbot_topics
+    from fop_examples.data import CHATTERBOT_TOPICS, load_chatterbot_topics
 
     data = load_chatterbot_topics()
     assert data["train"].features["label"].names == list(CHATTERBOT_TOPICS)
@@ -99,7 +99,7 @@ def test_chatterbot_topics_are_real_lines_labelled_by_their_topic_file():
 
 
 def test_chatterbot_dialogs_leave_out_code_and_support_logs():
-    from hf_fop.data import load_chatterbot_dialogs
+    from fop_examples.data import load_chatterbot_dialogs
 
     data = load_chatterbot_dialogs()
     texts = list(data["train"]["text"]) + list(data["test"]["text"])

@@ -8,9 +8,9 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score
 
-import hf_fop.metrics as metrics_module
+import fop_examples.metrics as metrics_module
 from hf_fop import FOPTrainer
-from hf_fop.metrics import Accuracy, compute_accuracy
+from fop_examples.metrics import Accuracy, compute_accuracy
 from trainer_helpers import digits_dataset, make_args, tiny_vit
 
 
@@ -61,7 +61,7 @@ def test_compute_metrics_in_trainer_evaluate(tmp_path):
 def test_f1_loaded_by_path_matches_sklearn(average):
     from sklearn.metrics import f1_score
 
-    from hf_fop.metrics import load_metric
+    from fop_examples.metrics import load_metric
 
     g = np.random.default_rng(1)
     classes = 2 if average == "binary" else 5
@@ -76,7 +76,7 @@ def test_f1_loaded_by_path_matches_sklearn(average):
 
 
 def test_perplexity_is_exp_of_the_mean_token_nll_of_a_causal_lm():
-    from hf_fop.metrics import compute_perplexity, load_metric, token_nll
+    from fop_examples.metrics import compute_perplexity, load_metric, token_nll
     from trainer_helpers import lm_dataset, tiny_gpt2
 
     model = tiny_gpt2().eval()
@@ -97,7 +97,7 @@ def test_perplexity_is_exp_of_the_mean_token_nll_of_a_causal_lm():
 def test_classification_metrics_are_accuracy_and_macro_f1():
     from sklearn.metrics import f1_score
 
-    from hf_fop.metrics import compute_classification_metrics
+    from fop_examples.metrics import compute_classification_metrics
 
     g = np.random.default_rng(2)
     logits, labels = g.normal(size=(50, 4)), g.integers(0, 4, 50)
