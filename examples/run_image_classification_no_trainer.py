@@ -20,7 +20,7 @@ Data: scikit-learn's digits unless ``--dataset_name`` (Hub id or local folder, e
 ``--max_train_samples`` keeps the first N training examples. ``--model_name_or_path`` (Hub id or local folder)
 fine-tunes a pretrained image classifier. ``--fop_optimizer kfac`` or ``adamw`` runs the baselines with the same
 loop. With ``--gradient_accumulation_steps 1`` on one process FOP splits every batch into two halves
-(``hf_fop.accelerate_loop.sub_batches``); with 2 or more, the first ceil(n/2) micro-batches of each window give g1.
+(``hf_fop.integrations.accelerate.sub_batches``); with 2 or more, the first ceil(n/2) micro-batches of each window give g1.
 ``--with_tracking`` writes TensorBoard logs (loss, lr, ``fop/beta`` ...) to ``<output_dir>/runs``. Prints the final
 test accuracy.
 """
@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader
 from transformers import HfArgumentParser, default_data_collator, get_scheduler
 
 from hf_fop import FOP, FOPConfig
-from hf_fop.accelerate_loop import sub_batches
+from hf_fop.integrations.accelerate import sub_batches
 from fop_examples.image_classification import ImageArguments, load_task
 from fop_examples.metrics import Accuracy
 from fop_examples.common import DataArguments, ModelArguments, check_data_args

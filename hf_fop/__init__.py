@@ -8,7 +8,13 @@ from .optimizer import FOP
 __all__ = ["FOP", "FOPConfig", "FOPTrainer", "FOPTrainingArguments", "parse_fop_args"]
 __version__ = "0.1.0"
 
-_LAZY = {"FOPTrainer": ".trainer", "FOPTrainingArguments": ".arguments", "parse_fop_args": ".arguments"}
+_LAZY = {
+    "FOPTrainer": ".integrations.trainer",
+    "FOPTrainingArguments": ".integrations.arguments",
+    "parse_fop_args": ".integrations.arguments",
+    "attach_accelerate": ".integrations.accelerate",
+    "sub_batches": ".integrations.accelerate",
+}
 
 
 def __getattr__(name: str) -> Any:

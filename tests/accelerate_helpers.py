@@ -15,7 +15,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.utils.data import DataLoader
 
 from hf_fop import FOP, FOPConfig
-from hf_fop.accelerate_loop import sub_batches
+from hf_fop.integrations.accelerate import sub_batches
 from trainer_helpers import digits_dataset, tiny_vit
 
 CONFIG = dict(lr=0.05, damping=1e-2, inverse_interval=2, momentum=0.5)

@@ -1,4 +1,4 @@
-"""FOP in a plain Accelerate loop (hf_fop.accelerate_loop): same parameters as FOPTrainer and as explicit sub-batches."""
+"""FOP in a plain Accelerate loop (hf_fop.integrations.accelerate): same parameters as FOPTrainer and as explicit sub-batches."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader
 from accelerate_helpers import CONFIG, MAX_GRAD_NORM, accelerate_loop
 from script_loader import load_script
 from hf_fop import FOP, FOPConfig, FOPTrainer
-from hf_fop.accelerate_loop import sub_batches
-from hf_fop.routing import Piece, piece_inputs
+from hf_fop.integrations.accelerate import sub_batches
+from hf_fop.integrations.routing import Piece, piece_inputs
 from test_distributed import _free_port, _run
 from trainer_helpers import cls_text_dataset, digits_dataset, make_args, single_thread_env, tiny_bert, tiny_vit
 
@@ -129,7 +129,7 @@ def _assert_params_differ(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]
 # ------------------------------------------------------------------ one process
 @pytest.mark.parametrize("mode,accum", [("fop", 2), ("fop", 1), ("fop", 3), ("kfac", 2), ("kfac", 1)])
 def test_loop_equals_plain_sub_batches_and_trainer(tmp_path, mode, accum):
-    """One routing plan (hf_fop.routing) for both front ends: the same parameters and factors, odd windows included."""
+    """One routing plan (hf_fop.integrations.routing) for both front ends: the same parameters and factors, odd windows included."""
     loop = accelerate_loop(Accelerator(cpu=True, gradient_accumulation_steps=accum), _config(mode), BATCH, STEPS)
     assert loop["global_step"] == STEPS
     assert loop["counters"]["fallback_steps"] == 0

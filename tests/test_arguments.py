@@ -105,7 +105,7 @@ def test_lr_scales_linearly_with_the_global_batch(tmp_path):
 
 @pytest.mark.parametrize("batch, interval", [(32, 1), (511, 1), (512, 2), (1024, 3), (2048, 4), (4095, 4), (4096, 5), (65536, 5)])
 def test_paper_curvature_schedule_grows_with_batch_up_to_five(tmp_path, batch, interval):
-    from hf_fop.arguments import paper_curvature_interval
+    from hf_fop.integrations.arguments import paper_curvature_interval
 
     assert paper_curvature_interval(batch) == interval
     args = FOPTrainingArguments(str(tmp_path), use_cpu=True, per_device_train_batch_size=batch,

@@ -1,4 +1,4 @@
-"""hf_fop.routing as data: window plans, weights, the fallback log and skipped-step bookkeeping (hand-computed cases)."""
+"""hf_fop.integrations.routing as data: window plans, weights, the fallback log and skipped-step bookkeeping (hand-computed cases)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from hf_fop import FOP
-from hf_fop.routing import (
+from hf_fop.integrations.routing import (
     FallbackLog,
     Piece,
     SkippedSteps,

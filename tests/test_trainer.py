@@ -424,7 +424,7 @@ def test_torch_empty_cache_steps_clears_the_device_cache_like_the_trainer(tmp_pa
     """The device cache is cleared at the same micro-batches as by transformers' own training_step."""
     import transformers.trainer as hf_trainer
 
-    import hf_fop.trainer as fop_trainer
+    import hf_fop.integrations.trainer as fop_trainer
 
     calls: Dict[str, List[int]] = {}
     for mode, module in (("fop", fop_trainer), ("trainer", hf_trainer)):

@@ -1,0 +1,247 @@
+"""``FOPTrainingArguments``: ``TrainingArguments`` plus typed ``fop_*`` fields.
+
+Every field carries help text, so ``HfArgumentParser`` exposes it as a CLI
+flag (``--fop_damping 1e-3``). Invalid values raise ``ValueError`` at
+construction, naming the field and its valid range; :func:`parse_fop_args`
+reports them on the command line as one argparse error line. The FOP learning rate
+eta0 is the Trainer's ``learning_rate`` (scheduled as usual); ``weight_decay``,
+``adam_beta1/2`` and ``adam_epsilon`` configure FOP's AdamW-managed parameters.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Sequence, Tuple
+
+from transformers import HfArgumentParser, TrainingArguments
+
+from ..config import FOPConfig
+
+__all__ = [
+    "CURVATURE_SCHEDULES", "FOPTrainingArguments", "OPTIMIZER_CHOICES", "PAPER_MAX_CURVATURE_INTERVAL", "paper_curvature_interval",
+    "parse_fop_args",
+]
+
+OPTIMIZER_CHOICES = ("fop", "kfac", "trainer")
+CURVATURE_SCHEDULES = ("fixed", "paper")
+
+
+@dataclass
+class FOPTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` with the FOP optimizer's hyperparameters as ``fop_*`` fields."""
+
+    fop_optimizer: str = field(
+        default="fop",
+        metadata={
+            "help": "Optimizer: 'fop' (Fisher-orthogonal projection), 'kfac' (K-FAC on the same engine) or "
+            "'trainer' (the Trainer's own optimizer selected by --optim, e.g. AdamW), so one script runs every baseline.",
+            "choices": list(OPTIMIZER_CHOICES),
+        },
+    )
+    fop_damping: float = field(
+        default=1e-2,
+        metadata={"help": "Damping lambda added to each layer's Kronecker Fisher (times its mean eigenvalue with fop_damping_mode relative); > 0."},
+    )
+    fop_fisher_type: str = field(
+        default="empirical",
+        metadata={"help": "Fisher for the S factor: 'empirical' (training labels) or 'mc' (labels sampled from the model).", "choices": ["empirical", "mc"]},
+    )
+    fop_momentum: float = field(default=0.0, metadata={"help": "Heavy-ball momentum of the managed layers' direction, in [0, 1)."})
+    fop_factor_decay: float = field(default=0.95, metadata={"help": "Running-average decay of the A and S factors, in [0, 1)."})
+    fop_factor_interval: int = field(default=1, metadata={"help": "Optimizer steps between factor (A, S) updates, >= 1."})
+    fop_inverse_interval: int = field(
+        default=10, metadata={"help": "Optimizer steps between eigendecompositions, a positive multiple of fop_factor_interval."}
+    )
+    fop_eps: float = field(default=1e-12, metadata={"help": "Epsilon of the projection coefficient's denominator (eq. 4), >= 0."})
+    fop_use_eta: bool = field(default=True, metadata={"help": "Scale each layer's step by eta* (eq. 17)."})
+    fop_use_beta: bool = field(default=True, metadata={"help": "Add beta* g_perp to the mean gradient (eq. 6)."})
+    fop_adamw_lr: Optional[float] = field(
+        default=None,
+        metadata={"help": "Peak learning rate of the AdamW-managed parameters (norms, embeddings); default: learning_rate. >= 0."},
+    )
+    fop_max_factor_dim: int = field(
+        default=8192, metadata={"help": "Layers with a factor side larger than this go to AdamW, >= 1."}
+    )
+    fop_exclude_modules: List[str] = field(
+        default_factory=list,
+        metadata={"help": "fnmatch patterns of module names left to AdamW (e.g. 'classifier' 'lm_head')."},
+    )
+    fop_max_eigh_failures: int = field(
+        default=3, metadata={"help": "Consecutive failed eigendecompositions of one factor before raising, >= 1."}
+    )
+    fop_log_per_layer: bool = field(
+        default=False, metadata={"help": "Also log per-layer beta/eta/s_proj/KL terms under fop/<layer>/... ."}
+    )
+    fop_kl_clip: float = field(
+        default=1e-3,
+        metadata={"help": "Trust region: bound lr^2 * sum_l Delta_l^T M_l Delta_l of each step by this; > 0, or 0 for none (the paper)."},
+    )
+    fop_damping_mode: str = field(
+        default="absolute",
+        metadata={
+            "help": "'absolute' (lambda = fop_damping) or 'relative' (each layer's lambda = fop_damping * mean eigenvalue of its A (x) S).",
+            "choices": ["absolute", "relative"],
+        },
+    )
+    fop_curvature_sharding: str = field(
+        default="replicated",
+        metadata={
+            "help": "Several processes: 'replicated' (every rank decomposes every factor) or 'specialists' (each "
+            "managed layer's owner rank alone decomposes its factors and computes its direction; the paper's Algorithm 1).",
+            "choices": ["replicated", "specialists"],
+        },
+    )
+    fop_scale_lr_with_batch: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Linear learning-rate scaling (Goyal et al. 2017): learning_rate (and fop_adamw_lr) are multiplied "
+            "once, at construction, by global_batch / this base batch, global_batch = per_device_train_batch_size * "
+            "gradient_accumulation_steps * world_size. >= 1; default: no scaling."
+        },
+    )
+    fop_curvature_schedule: str = field(
+        default="fixed",
+        metadata={
+            "help": "'fixed': fop_factor_interval / fop_inverse_interval as given. 'paper': both set from the global "
+            "batch, growing with it up to the paper's limit of one curvature update every 5 steps (table: "
+            "hf_fop.arguments.paper_curvature_interval).",
+            "choices": list(CURVATURE_SCHEDULES),
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.deepspeed and self.fop_optimizer != "trainer":
+            # before TrainingArguments.__post_init__, which fails with an import error when deepspeed is missing
+            raise ValueError(
+                "FOPTrainingArguments.deepspeed is set, but FOP does not support DeepSpeed yet: DeepSpeed owns the "
+                "optimizer step and gradient reduction, which FOP's dual-gradient reduction replaces. Remove "
+                "deepspeed=... or set fop_optimizer='trainer'."
+            )
+        super().__post_init__()
+        if self.fop_optimizer not in OPTIMIZER_CHOICES:
+            raise ValueError(
+                f"FOPTrainingArguments.fop_optimizer={self.fop_optimizer!r} is invalid: expected one of {OPTIMIZER_CHOICES}."
+            )
+        self.fop_exclude_modules = list(self.fop_exclude_modules or [])
+        self._apply_large_batch_recipe()
+        self.fop_config()  # validates every fop_* field
+
+    @property
+    def global_train_batch_size(self) -> int:
+        """Examples per optimizer step over all processes: per_device * gradient_accumulation_steps * world_size."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
+
+    def _apply_large_batch_recipe(self) -> None:
+        """``fop_scale_lr_with_batch`` and ``fop_curvature_schedule='paper'`` (validated, applied once)."""
+        base = self.fop_scale_lr_with_batch
+        if base is not None and (isinstance(base, bool) or not isinstance(base, int) or base < 1):
+            raise ValueError(
+                f"FOPTrainingArguments.fop_scale_lr_with_batch={base!r} is invalid: expected an integer >= 1 (the batch "
+                "size the learning rate was tuned at), or None for no scaling."
+            )
+        if self.fop_curvature_schedule not in CURVATURE_SCHEDULES:
+            raise ValueError(
+                f"FOPTrainingArguments.fop_curvature_schedule={self.fop_curvature_schedule!r} is invalid: expected one "
+                f"of {CURVATURE_SCHEDULES}."
+            )
+        batch = self.global_train_batch_size
+        if base is not None:
+            factor = batch / base
+            self.learning_rate = self.learning_rate * factor
+            if self.fop_adamw_lr is not None:
+                self.fop_adamw_lr = self.fop_adamw_lr * factor
+        if self.fop_curvature_schedule == "paper":
+            interval = paper_curvature_interval(batch)
+            self.fop_factor_interval = interval
+            self.fop_inverse_interval = interval
+
+    def fop_config(self) -> FOPConfig:
+        """The validated :class:`FOPConfig` these arguments describe (eta0 = ``learning_rate``)."""
+        values = dict(
+            lr=self.learning_rate,
+            damping=self.fop_damping,
+            mode="kfac" if self.fop_optimizer == "kfac" else "fop",
+            fisher_type=self.fop_fisher_type,
+            momentum=self.fop_momentum,
+            weight_decay=self.weight_decay,
+            factor_decay=self.fop_factor_decay,
+            factor_interval=self.fop_factor_interval,
+            inverse_interval=self.fop_inverse_interval,
+            eps=self.fop_eps,
+            use_eta=self.fop_use_eta,
+            use_beta=self.fop_use_beta,
+            adamw_lr=self.fop_adamw_lr,
+            adamw_betas=(self.adam_beta1, self.adam_beta2),
+            adamw_eps=self.adam_epsilon,
+            adamw_weight_decay=self.weight_decay,
+            max_factor_dim=self.fop_max_factor_dim,
+            exclude_modules=tuple(self.fop_exclude_modules),
+            max_eigh_failures=self.fop_max_eigh_failures,
+            kl_clip=None if self.fop_kl_clip == 0 else self.fop_kl_clip,
+            damping_mode=self.fop_damping_mode,
+            curvature_sharding=self.fop_curvature_sharding,
+        )
+        try:
+            return FOPConfig(**values)
+        except ValueError as err:
+            raise ValueError(_rename_config_error(str(err))) from None
+
+
+_TRAINER_NAMES = {
+    "lr": "learning_rate",
+    "weight_decay": "weight_decay",
+    "adamw_weight_decay": "weight_decay",
+    "adamw_betas": "adam_beta1/adam_beta2",
+    "adamw_eps": "adam_epsilon",
+    "mode": "fop_optimizer",
+}
+
+
+def _rename_config_error(message: str) -> str:
+    """``FOPConfig.damping=...`` -> ``FOPTrainingArguments.fop_damping=...`` (the name the user typed)."""
+    prefix = "FOPConfig."
+    if not message.startswith(prefix):
+        return message
+    name = message[len(prefix) :].split("=", 1)[0]
+    return f"FOPTrainingArguments.{_TRAINER_NAMES.get(name, 'fop_' + name)}" + message[len(prefix) + len(name) :]
+
+
+PAPER_MAX_CURVATURE_INTERVAL = 5
+"""The paper's limit: curvature (factors and inverse) refreshed at least once every 5 optimizer steps."""
+
+
+def paper_curvature_interval(global_batch: int) -> int:
+    """Curvature interval (steps) of the ``paper`` schedule for a global batch (examples per step).
+
+    The interval grows by one step per doubling of the batch from 512 on and stops at the paper's limit of 5:
+
+    ============  =====  =====  ======  ======  =======
+    global batch  <=511  <1024  <2048   <4096   >=4096
+    interval        1      2      3       4       5
+    ============  =====  =====  ======  ======  =======
+    """
+    if isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1:
+        raise ValueError(f"global_batch={global_batch!r} is invalid: expected an integer >= 1 (examples per step).")
+    doublings = 0
+    while global_batch >= 512 * 2**doublings and doublings < PAPER_MAX_CURVATURE_INTERVAL - 1:
+        doublings += 1
+    return 1 + doublings
+
+
+_FIELD_ERROR = re.compile(r"^FOPTrainingArguments\.([A-Za-z0-9_/]+)(.*)$", re.DOTALL)
+
+
+def parse_fop_args(parser: HfArgumentParser, args: Optional[Sequence[str]] = None, **kwargs: Any) -> Tuple[Any, ...]:
+    """``parser.parse_args_into_dataclasses(args, **kwargs)``, with invalid ``FOPTrainingArguments`` values reported
+    like argparse's own errors: one line ``<prog>: error: argument --fop_damping: ...`` on stderr and exit status 2
+    (a plain ``HfArgumentParser`` lets the ``ValueError`` from the dataclass surface as a traceback).
+    """
+    try:
+        return parser.parse_args_into_dataclasses(args, **kwargs)
+    except ValueError as err:
+        match = _FIELD_ERROR.match(str(err))
+        if match is None:
+            raise
+        name, rest = match.groups()
+        parser.exit(2, f"{parser.prog}: error: argument --{name}: {name}{rest}\n")
