@@ -78,7 +78,7 @@ class LMArguments:
 DEFAULTS: Dict[str, Any] = dict(
     COMMON_DEFAULTS, output_dir="out/clm_dialogs", per_device_train_batch_size=32, per_device_eval_batch_size=64,
     num_train_epochs=10, learning_rate=0.02, fop_adamw_lr=3e-3, fop_damping=1e-2, warmup_steps=10,
-    fop_inverse_interval=5, logging_steps=10, eval_strategy="epoch",
+    logging_steps=10, eval_strategy="epoch",
 )
 
 

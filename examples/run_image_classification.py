@@ -31,7 +31,7 @@ from fop_examples.common import COMMON_DEFAULTS, DataArguments, ModelArguments, 
 DEFAULTS: Dict[str, Any] = dict(
     COMMON_DEFAULTS, output_dir="out/vit_digits", per_device_train_batch_size=128, per_device_eval_batch_size=256,
     num_train_epochs=60, learning_rate=0.005, fop_adamw_lr=3e-3, fop_damping=1e-3, warmup_steps=20,
-    fop_inverse_interval=5, logging_steps=10, eval_strategy="epoch", remove_unused_columns=False,
+    logging_steps=10, eval_strategy="epoch", remove_unused_columns=False,
 )
 
 

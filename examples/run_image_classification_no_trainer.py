@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader
 from transformers import HfArgumentParser, default_data_collator, get_scheduler
 
 from hf_fop import FOP, FOPConfig
-from hf_fop.integrations.accelerate import sub_batches
+from hf_fop import attach_accelerate, sub_batches
 from fop_examples.image_classification import ImageArguments, load_task
 from fop_examples.metrics import Accuracy
 from fop_examples.common import DataArguments, ModelArguments, check_data_args
@@ -97,7 +97,9 @@ def build_optimizer(args: argparse.Namespace, model: torch.nn.Module, accelerato
         inverse_interval=args.fop_inverse_interval, factor_interval=args.fop_factor_interval,
         weight_decay=args.weight_decay, adamw_weight_decay=args.weight_decay,
     )
-    return FOP(model, config, accelerator=accelerator)
+    opt = FOP(model, config)
+    attach_accelerate(opt, model, accelerator)
+    return opt
 
 
 def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator) -> float:

@@ -62,7 +62,7 @@ class TextArguments:
 DEFAULTS: Dict[str, Any] = dict(
     COMMON_DEFAULTS, output_dir="out/text_topics", per_device_train_batch_size=32, per_device_eval_batch_size=64,
     num_train_epochs=3, learning_rate=1e-3, fop_adamw_lr=1e-4, fop_damping=1e-3, warmup_steps=3,
-    fop_inverse_interval=5, logging_steps=5, eval_strategy="epoch",
+    logging_steps=5, eval_strategy="epoch",
 )
 
 

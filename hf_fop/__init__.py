@@ -5,7 +5,9 @@ from typing import Any
 from .config import FOPConfig
 from .optimizer import FOP
 
-__all__ = ["FOP", "FOPConfig", "FOPTrainer", "FOPTrainingArguments", "parse_fop_args"]
+__all__ = [
+    "FOP", "FOPConfig", "FOPTrainer", "FOPTrainingArguments", "attach_accelerate", "parse_fop_args", "sub_batches",
+]
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -18,7 +20,7 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
-    """Import the transformers-based classes on first use (keeps ``import hf_fop`` light)."""
+    """Import the front ends (transformers, accelerate) on first use (keeps ``import hf_fop`` light)."""
     if name in _LAZY:
         import importlib
 

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import FOPConfig
+from .profiling import scope
 
 
 def _conv1d_class() -> Optional[type]:
@@ -95,11 +96,6 @@ class KFACLayer:
     @property
     def params(self) -> List[nn.Parameter]:
         return [self.weight] + ([self.bias] if self.bias is not None else [])
-
-    @property
-    def has_local_gradient(self) -> bool:
-        """Whether this process holds a gradient of the weight or the bias."""
-        return any(p.grad is not None for p in self.params)
 
     def grad_matrix(self, weight_grad: Tensor, bias_grad: Optional[Tensor]) -> Tensor:
         """Gradient as an ``(out, in)`` float32 matrix, bias as the last column."""
@@ -279,7 +275,8 @@ def _grad_hook(
         if engine is None or engine.released is not None:
             return
         t0 = time.perf_counter()
-        engine._add_output_grad(layer, grad, group, mask, scale)
+        with scope("capture_backward"):
+            engine._add_output_grad(layer, grad, group, mask, scale)
         engine.seconds += time.perf_counter() - t0
 
     return hook
@@ -321,10 +318,12 @@ def _label_shift(model: nn.Module) -> int:
     custom = getattr(model, "_loss_function", None)
     if custom is not None:
         return int(getattr(custom, "__name__", "") == "ForCausalLMLoss")
-    from transformers.loss.loss_utils import LOSS_MAPPING
-
+    # a PreTrainedModel's module imported transformers' loss table; looked up, not imported (the core imports no HF
+    # library)
+    loss_utils = sys.modules.get("transformers.loss.loss_utils")
+    mapping = getattr(loss_utils, "LOSS_MAPPING", {})
     loss_type = model.loss_type  # same resolution as PreTrainedModel.loss_function (None -> ForCausalLM)
-    return int(loss_type is None or loss_type not in LOSS_MAPPING or loss_type == "ForCausalLM")
+    return int(loss_type is None or loss_type not in mapping or loss_type == "ForCausalLM")
 
 
 def _forward_hook(engine_ref: "weakref.ReferenceType[CurvatureEngine]", index: int) -> Callable:
@@ -360,6 +359,9 @@ class CurvatureEngine:
     def __init__(self, model: nn.Module, config: FOPConfig) -> None:
         self.config = config
         self.layers, self.skipped = find_layers(model, config)
+        first = next(iter(model.parameters()), None)
+        self.device = first.device if first is not None else torch.device("cpu")
+        """Where the model's (first) parameters live: the device of buffers built without a layer at hand."""
         encoder = _encoder_modules(model)
         self.encoder_decoder = encoder is not None
         """Encoder-decoder model: padding masks apply to encoder modules only, never to the logits."""
@@ -407,15 +409,11 @@ class CurvatureEngine:
         for layer in self.layers:
             _OWNERS[layer.module] = weakref.ref(self)
 
-    def _install_hooks(self, wrap: Optional[Callable[[Callable], Callable]] = None) -> None:
-        """Register the forward hooks (``wrap`` decorates each one, e.g. for profiling)."""
+    def _install_hooks(self) -> None:
+        """Register the forward hooks."""
         ref = weakref.ref(self)
         for index, layer in enumerate(self.layers):
-            hook = _forward_hook(ref, index)
-            self._handles.append(layer.module.register_forward_hook(wrap(hook) if wrap is not None else hook))
-
-    def _remove_hooks(self) -> None:
-        _remove_handles(self._handles)
+            self._handles.append(layer.module.register_forward_hook(_forward_hook(ref, index)))
 
     def release(self, reason: str = "release() was called") -> None:
         """Remove every hook and drop pending captures; the engine cannot capture again."""
@@ -448,9 +446,13 @@ class CurvatureEngine:
     def _on_forward(self, layer: KFACLayer, module: nn.Module, inputs: Tuple[Tensor, ...], output: Tensor) -> None:
         if not self._active(module) or not output.requires_grad:
             return
+        with scope("capture_forward"):
+            self._capture_input(layer, inputs[0], output)
+
+    def _capture_input(self, layer: KFACLayer, x: Tensor, output: Tensor) -> None:
         t0 = time.perf_counter()
         mask = self.padding_mask if layer.masked else None
-        contrib, count = _input_gram(layer, inputs[0].detach(), mask)
+        contrib, count = _input_gram(layer, x.detach(), mask)
         layer.a_sum = contrib if layer.a_sum is None else layer.a_sum + contrib
         layer.a_rows = layer.a_rows + count
         group = self.group
@@ -570,6 +572,18 @@ class CurvatureEngine:
             layer.clear_capture()
         self.padding_mask = None
 
+    def divide_captured_s(self, divisors: Dict[int, float]) -> None:
+        """Divide the S captured so far for gradient group ``g`` (-1: outside sub-batches) by ``divisors[g]``.
+
+        For front ends whose backward passes see another loss scale than the group's mean loss (the Accelerate loop
+        captures the summed loss's gradients and divides by the squared example count here).
+        """
+        for layer in self.layers:
+            for group, s_sum in layer.s_sums.items():
+                divisor = divisors.get(group)
+                if divisor is not None and divisor != 1.0:
+                    s_sum.div_(divisor)
+
     def update_factors(self, new: Dict[str, Tuple[Tensor, Tensor]]) -> None:
         """Running averages ``X <- decay X + (1 - decay) X_new`` (the first update takes ``X_new``)."""
         t0 = time.perf_counter()
@@ -591,11 +605,12 @@ class CurvatureEngine:
         ``only_missing``: only layers that have factors but no basis yet; ``select``: only layers it accepts.
         """
         t0 = time.perf_counter()
-        for layer in self.layers:
-            if layer.A is None or (only_missing and layer.basis_a is not None) or (select is not None and not select(layer)):
-                continue
-            layer.basis_a = self._decompose(layer, "A", layer.A, layer.basis_a)
-            layer.basis_s = self._decompose(layer, "S", layer.S, layer.basis_s)
+        with scope("refresh"):
+            for layer in self.layers:
+                if layer.A is None or (only_missing and layer.basis_a is not None) or (select is not None and not select(layer)):
+                    continue
+                layer.basis_a = self._decompose(layer, "A", layer.A, layer.basis_a)
+                layer.basis_s = self._decompose(layer, "S", layer.S, layer.basis_s)
         self.seconds += time.perf_counter() - t0
 
     def _decompose(self, layer: KFACLayer, which: str, mat: Tensor, last: Optional[EigenBasis]) -> EigenBasis:

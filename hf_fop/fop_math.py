@@ -24,7 +24,7 @@ column); ``s`` has shape ``(out,)`` and ``a`` shape ``(in,)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -44,6 +44,17 @@ class LayerStats:
     kl_base: Tensor
     kl_cross: Tensor
     kl_orth: Tensor
+
+
+@dataclass
+class LayerResult:
+    """What every rank needs of one layer's step besides its direction (curvature specialists share it)."""
+
+    stats: LayerStats
+    damping: Union[float, Tensor]
+    """lambda: a float (absolute damping) or a 0-dim tensor (relative)."""
+    kl: Optional[Tensor]
+    """``Delta^T M Delta`` of the layer's direction for lr = 1 (0-dim), ``None`` without a trust region."""
 
 
 def rotate(g: Tensor, q_s: Tensor, q_a: Tensor) -> Tensor:
@@ -198,3 +209,17 @@ def vec(g: Tensor) -> Tensor:
 def unvec(v: Tensor, shape: Tuple[int, int]) -> Tensor:
     """Inverse of :func:`vec`."""
     return v.reshape(shape[1], shape[0]).T
+
+
+def global_norm(tensors: List[Tensor], device: Optional[torch.device] = None) -> Tensor:
+    """Euclidean norm over all ``tensors`` together (0-dim float32, no host sync; zero for none, on ``device``)."""
+    if not tensors:
+        return torch.zeros((), device=device)
+    return torch.stack([n.float() for n in torch._foreach_norm(tensors)]).norm()
+
+
+def global_square_norm(tensors: List[Tensor], device: Optional[torch.device] = None) -> Tensor:
+    """Squared Euclidean norm over all ``tensors`` together (0-dim float32; zero for none, on ``device``)."""
+    if not tensors:
+        return torch.zeros((), device=device)
+    return (torch.stack([n.float() for n in torch._foreach_norm(tensors)]) ** 2).sum()

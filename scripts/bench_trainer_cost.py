@@ -110,7 +110,7 @@ class DDPByteCounter(TrainerCallback):
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
         model = self.trainer.model_wrapped
-        # FOP registers its own dual-gradient hook (counted by its reducer); DDP takes one hook only
+        # FOP registers its own dual-gradient hook (counted by its collectives); DDP takes one hook only
         if isinstance(model, torch.nn.parallel.DistributedDataParallel) and self.trainer.fop_mode != "fop":
             def hook(state_, bucket):  # noqa: ANN001
                 self.bytes += bucket.buffer().numel() * bucket.buffer().element_size()
@@ -143,14 +143,15 @@ def worker(opts: argparse.Namespace) -> None:
         trainer.train()
         result[name + "_seconds"] = per_step(clock.times, 3)
         rank, world_size = world()
-        reducer = trainer.fop_reducer
-        payload = counter.bytes + (reducer.bytes_reduced if reducer is not None else 0)
-        wire = 2 * (world_size - 1) / world_size * counter.bytes + (reducer.wire_bytes if reducer is not None else 0)
+        opt = trainer.fop_optimizer
+        comm = opt.distributor.comm if opt is not None else None  # FOP's gradient and factor traffic
+        payload = counter.bytes + (comm.bytes_reduced if comm is not None else 0)
+        wire = 2 * (world_size - 1) / world_size * counter.bytes + (comm.wire_bytes if comm is not None else 0)
         result[name] = wire / opts.steps
         result[name + "_payload"] = payload / opts.steps
         result[name + "_ddp"] = counter.bytes / opts.steps
-        if reducer is not None:  # each rank's cumulative curvature seconds (capture, factors, its eigendecompositions)
-            peak, mean = reducer.seconds_across_ranks(trainer.fop_optimizer.engine.seconds)
+        if comm is not None:  # each rank's cumulative curvature seconds (capture, factors, its eigendecompositions)
+            peak, mean = comm.max_and_mean(opt.engine.seconds)
             result[name + "_curv_max"], result[name + "_curv_mean"] = peak / opts.steps, mean / opts.steps
     if rank == 0:
         with open(opts.result, "w") as f:

@@ -1,16 +1,10 @@
 """Where a K-FAC/FOP step's time goes: torch.profiler over one curvature cycle, split by phase.
 
-Phases (``record_function`` scopes put around the optimizer's own methods and
-hooks; nothing is replaced):
-
-* ``passes``: forward and backward of the two half batches, hooks excluded;
-* ``capture_forward`` / ``capture_backward``: the curvature hooks (``a a^T`` and ``s s^T`` sums);
-* ``sub_batch_bookkeeping``: ``end_sub_batch`` (g1, g1 - g2, g_avg, norms);
-* ``finalize_factors``: ``finalize_capture`` + ``update_factors`` (running averages);
-* ``eigendecomposition``: ``update_eigenbases``;
-* ``precondition``: the per-layer rotations and FOP/K-FAC math (``_kfac_group_step``);
-* ``adamw_part``: the AdamW update of the non-managed parameters;
-* ``checks``: ``_managed_grad_norm`` (for the logged beta/s_proj) + ``_all_finite``.
+Phases: the ``fop::<phase>`` profiler scopes the optimizer runs its work in (:mod:`hf_fop.profiling`):
+``capture_forward`` / ``capture_backward`` (the curvature hooks, ``a a^T`` and ``s s^T`` sums), ``sub_batches`` (g1,
+g1 - g2, g_avg), ``factors`` (this step's factors and the running averages), ``refresh`` (eigendecompositions),
+``precondition`` (rotations and FOP/K-FAC math, the update), ``adamw`` (the AdamW part), ``checks`` (finiteness,
+norms); ``passes`` is everything else: forward and backward of the two half batches.
 
 Within each phase, self CPU (or CUDA) time is further split by operator class
 (``mm`` = matrix products: rotations and factor sums; ``eigh``; ``elementwise``;
@@ -24,7 +18,6 @@ averaged over one cycle of ``--interval`` steps after a warm-up cycle.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
 import subprocess
@@ -33,28 +26,20 @@ import time
 import types
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_step import PRESETS, Shape, build_model, make_batch, make_optimizer, make_step  # noqa: E402
 
 from hf_fop import FOP  # noqa: E402
+from hf_fop.profiling import PHASES as FOP_PHASES  # noqa: E402
 
-PHASES = (
-    "capture_forward",
-    "capture_backward",
-    "sub_batch_bookkeeping",
-    "finalize_factors",
-    "eigendecomposition",
-    "precondition",
-    "adamw_part",
-    "checks",
-    "passes",
-)
+PHASES = FOP_PHASES + ("passes",)
+SCOPES = {f"fop::{phase}": phase for phase in FOP_PHASES}
 MM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::baddbmm"}
 EIGH_OPS = {"aten::linalg_eigh", "aten::_linalg_eigh"}
 ELEMENTWISE_OPS = {
@@ -65,34 +50,6 @@ ELEMENTWISE_OPS = {
     "aten::_foreach_addcdiv_", "aten::_foreach_sqrt", "aten::_foreach_div_", "aten::_foreach_add",
     "aten::isfinite", "aten::stack", "aten::clamp_min", "aten::mm_backward",
 }  # fmt: skip
-
-
-def _scoped(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        with record_function(name):
-            return fn(*args, **kwargs)
-
-    return wrapped
-
-
-def label_phases(opt: FOP) -> None:
-    """Put ``record_function`` scopes around the optimizer's phases (behaviour unchanged)."""
-    engine = opt.engine
-    for obj, attr, name in (
-        (opt, "end_sub_batch", "sub_batch_bookkeeping"),
-        (engine, "finalize_capture", "finalize_factors"),
-        (engine, "update_factors", "finalize_factors"),
-        (engine, "update_eigenbases", "eigendecomposition"),
-        (engine, "_add_output_grad", "capture_backward"),
-        (opt, "_kfac_group_step", "precondition"),
-        (opt, "_adamw_group_step", "adamw_part"),
-        (opt, "_managed_grad_norm", "checks"),
-        (opt, "_all_finite", "checks"),
-    ):
-        setattr(obj, attr, _scoped(name, getattr(obj, attr)))
-    engine._remove_hooks()  # re-register the engine's own forward hooks inside a scope
-    engine._install_hooks(wrap=lambda hook: _scoped("capture_forward", hook))
 
 
 def _op_class(name: str) -> str:
@@ -109,12 +66,12 @@ def split_by_phase(prof: Any, steps: int, use_cuda: bool) -> Dict[str, Dict[str,
     """``{phase: {op class: ms per step}}`` from the profiler's event tree (self times)."""
     out: Dict[str, Dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for ev in prof.events():
-        if ev.name in PHASES or ev.name.startswith("ProfilerStep") or ev.name == "[memory]":
+        if ev.name in SCOPES or ev.name.startswith("ProfilerStep") or ev.name == "[memory]":
             continue
         phase, parent = "passes", ev.cpu_parent
         while parent is not None:
-            if parent.name in PHASES:
-                phase = parent.name
+            if parent.name in SCOPES:
+                phase = SCOPES[parent.name]
                 break
             parent = parent.cpu_parent
         self_us = ev.self_device_time_total if use_cuda else ev.self_cpu_time_total
@@ -185,7 +142,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     model = build_model(shape, device)
     opt = make_optimizer(args.mode, model, args.interval)
     assert isinstance(opt, FOP)
-    label_phases(opt)
     # K-FAC: plain accumulated backward passes, as in bench_step.py.
     passes = make_step("fop" if args.mode == "fop" else "kfac", model, opt, x, y)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

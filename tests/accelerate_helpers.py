@@ -15,7 +15,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.utils.data import DataLoader
 
 from hf_fop import FOP, FOPConfig
-from hf_fop.integrations.accelerate import sub_batches
+from hf_fop.integrations.accelerate import attach_accelerate, sub_batches
 from trainer_helpers import digits_dataset, tiny_vit
 
 CONFIG = dict(lr=0.05, damping=1e-2, inverse_interval=2, momentum=0.5)
@@ -50,7 +50,8 @@ def accelerate_loop(
     if scale is not None:
         accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
     model = model_fn()
-    opt = FOP(model, config, accelerator=accelerator)
+    opt = FOP(model, config)
+    attach_accelerate(opt, model, accelerator)
     loader = DataLoader(digits_dataset(examples) if data is None else data, batch_size=batch, shuffle=False)
     model, opt, loader = accelerator.prepare(model, opt, loader)
     communicated = []

@@ -72,13 +72,13 @@ def single_process(world_size: int, mode: str, steps: int, accum: int, inverse_i
     model = MLP()
     opt = make_opt(model, mode, inverse_interval, scenario, **extra)
     start = load_checkpoint(resume, model, opt) if resume else 0
-    opt.w1 = ((world_size + 1) // 2) / world_size
+    w1 = ((world_size + 1) // 2) / world_size
     for step in range(start, steps):
         if step == save_at:
             save_checkpoint(save, model, opt)
         groups = [list(range(0, world_size, 2)), list(range(1, world_size, 2))] if mode == "fop" else [list(range(world_size))]
         for index, ranks in enumerate(groups):
-            ctx = opt.sub_batch(index) if mode == "fop" else contextlib.nullcontext()
+            ctx = opt.sub_batch(index, w1) if mode == "fop" else contextlib.nullcontext()
             with ctx:
                 for micro in range(accum):
                     parts = [batch(step, r, micro) for r in ranks]
@@ -131,11 +131,8 @@ def worker(opts: argparse.Namespace) -> None:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     model = MLP()
     opt = make_opt(model, opts.mode, opts.inverse_interval, opts.scenario)
-    reducer = DualGradientReducer(opt)
-    if opts.mode == "fop":
-        reducer.install()
-    else:
-        reducer.install_curvature()
+    reducer = DualGradientReducer(opt) if opts.mode == "fop" else None
+    comm = opt.distributor.comm  # counts every byte: gradients (reducer) and factors (distributor)
     ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if opts.mode == "kfac" else None
     net = ddp if ddp is not None else model
     hooked = None  # --compare_hook: a second FOP model reduced by the DDP comm hook, fed the same batches
@@ -143,7 +140,6 @@ def worker(opts: argparse.Namespace) -> None:
         h_model = MLP()
         h_opt = make_opt(h_model, opts.mode, opts.inverse_interval, opts.scenario)
         h_reducer = DualGradientReducer(h_opt)
-        h_reducer.install()
         h_ddp = torch.nn.parallel.DistributedDataParallel(h_model, find_unused_parameters=True)
         assert h_reducer.attach_ddp(h_ddp)
         # where the hook cannot be used, attach_ddp says so (one log line) and the caller keeps reduce_gradients
@@ -156,7 +152,7 @@ def worker(opts: argparse.Namespace) -> None:
     bytes_per_step: List[int] = []
     pending: List[bool] = []
     for step in range(opts.steps):
-        before = reducer.bytes_reduced
+        before = comm.bytes_reduced
         for micro in range(opts.accum):
             x, y = batch(step, rank, micro)
             if opts.scenario == "nonfinite" and step == 1 and rank == world_size - 1:
@@ -172,20 +168,20 @@ def worker(opts: argparse.Namespace) -> None:
         if opts.mode == "fop":
             reducer.reduce_gradients()
         if hooked is not None:
-            hooked[2].hook.finish()
+            hooked[2].finish_hook()
             for p, q in zip(model.parameters(), hooked[0].parameters()):  # g_avg bitwise, before clipping/steps
                 assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad))
             hooked[1].step()
             hooked[1].zero_grad()
         opt.step()
         opt.zero_grad()
-        bytes_per_step.append(reducer.bytes_reduced - before)
-        pending.append(reducer.curvature.pending)
+        bytes_per_step.append(comm.bytes_reduced - before)
+        pending.append(opt.distributor.partial)
     out = {"pending": pending, "bytes_per_step": bytes_per_step}
-    reducer.sync_factors()
+    opt.sync_curvature()
     out.update(record(model, opt))
     if hooked is not None:
-        hooked[2].sync_factors()
+        hooked[1].sync_curvature()
         out["hook"] = record(hooked[0], hooked[1])
         out["hook"]["bytes"] = hooked[2].bytes_reduced
     torch.save(out, os.path.join(opts.out, f"rank{rank}.pt"))
@@ -215,19 +211,19 @@ def specialist_runs(opts: argparse.Namespace) -> None:
         model = MLP()
         opt = make_opt(model, mode, opts.inverse_interval, scenario, curvature_sharding=sharding,
                        **job_options(more[0] if more else ""))
-        reducer = DualGradientReducer(opt)
-        reducer.install(owner_gradients=True) if mode == "fop" else reducer.install_curvature()
+        reducer = DualGradientReducer(opt, owner_gradients=True) if mode == "fop" else None
+        comm = opt.distributor.comm
         ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if mode == "kfac" else None
         net = ddp if ddp is not None else model
         start = load_checkpoint(resume.replace("{out}", opts.out), model, opt) if resume != "-" else 0
         bytes_per_step: List[int] = []
         for step in range(start, opts.steps):
             if save_at != "-" and step == int(save_at):
-                reducer.sync_factors()  # every rank: the full state, then rank 0 saves it
+                opt.sync_curvature()  # every rank: the full state, then rank 0 saves it
                 if rank == 0:
                     save_checkpoint(os.path.join(opts.out, f"{name}_{step}.pt"), model, opt)
                 dist.barrier()
-            before = reducer.bytes_reduced
+            before = comm.bytes_reduced
             for micro in range(opts.accum):
                 x, y = batch(step, rank, micro)
                 sync = ddp.no_sync() if ddp is not None and micro < opts.accum - 1 else contextlib.nullcontext()
@@ -239,11 +235,11 @@ def specialist_runs(opts: argparse.Namespace) -> None:
                 reducer.reduce_gradients()
             opt.step()
             opt.zero_grad()
-            bytes_per_step.append(reducer.bytes_reduced - before)
-        owners = dict(getattr(reducer.curvature, "owner", {}))
-        reducer.sync_factors()
+            bytes_per_step.append(comm.bytes_reduced - before)
+        owners = dict(getattr(opt.distributor, "owner", {}))
+        opt.sync_curvature()
         out[name] = {**record(model, opt), "bytes_per_step": bytes_per_step, "owners": owners,
-                     "pending": opt.distributor.pending}
+                     "pending": opt.distributor.partial}
         opt.release()
     if opts.eigh_failure:
         out["eigh_failure"] = eigh_failure(rank)
@@ -264,10 +260,9 @@ def eigh_failure(rank: int) -> Dict[str, Any]:
 
     model = MLP()
     opt = FOP(model, lr=0.05, damping=0.05, inverse_interval=1, max_eigh_failures=2, curvature_sharding="specialists")
-    reducer = DualGradientReducer(opt)
-    reducer.install(owner_gradients=True)
+    reducer = DualGradientReducer(opt, owner_gradients=True)
     fc1 = next(layer for layer in opt.layers if layer.name == "fc1")
-    owner = reducer.curvature.owner["fc1"]
+    owner = opt.distributor.owner["fc1"]
     real32, real64 = curvature.eigh_float32, curvature.eigh_float64
     calls = {"float64": 0}
 

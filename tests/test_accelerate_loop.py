@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from accelerate_helpers import CONFIG, MAX_GRAD_NORM, accelerate_loop
 from script_loader import load_script
 from hf_fop import FOP, FOPConfig, FOPTrainer
-from hf_fop.integrations.accelerate import sub_batches
+from hf_fop.integrations.accelerate import attach_accelerate, router_of, sub_batches
 from hf_fop.integrations.routing import Piece, piece_inputs
 from test_distributed import _free_port, _run
 from trainer_helpers import cls_text_dataset, digits_dataset, make_args, single_thread_env, tiny_bert, tiny_vit
@@ -78,9 +78,9 @@ def _plain_loop(
             else:
                 first = (accum + 1) // 2
                 halves = [window[:first], window[first:]]
-            opt.w1 = len(halves[0]) / (len(halves[0]) + len(halves[1]))
+            w1 = len(halves[0]) / (len(halves[0]) + len(halves[1]))
             for j, group in enumerate(halves):
-                with opt.sub_batch(j):
+                with opt.sub_batch(j, w1):
                     for mb in group:
                         backward(mb, 1 / len(group))
         if clip:
@@ -234,7 +234,8 @@ def test_fop_loop_differs_from_kfac_loop():
 def test_one_batch_per_step_without_sub_batches_is_rejected():
     accelerator = Accelerator(cpu=True)
     model = tiny_vit()
-    opt = FOP(model, _config("fop"), accelerator=accelerator)
+    opt = FOP(model, _config("fop"))
+    attach_accelerate(opt, model, accelerator)
     model, opt = accelerator.prepare(model, opt)
     batch = digits_dataset(8)[:]
     with pytest.raises(RuntimeError, match="sub_batches"):
@@ -244,13 +245,15 @@ def test_one_batch_per_step_without_sub_batches_is_rejected():
 
 def test_accelerator_argument_must_be_an_accelerator():
     with pytest.raises(TypeError, match="accelerate.Accelerator"):
-        FOP(tiny_vit(), _config("fop"), accelerator=object())
+        model = tiny_vit()
+        attach_accelerate(FOP(model, _config("fop")), model, object())
 
 
 def test_release_removes_the_routers_model_and_step_hooks():
     """FOP.release() leaves the model as it was: no forward (pre-)hook of the router, no step hook on the optimizer."""
     model = tiny_vit()
-    opt = FOP(model, _config("fop"), accelerator=Accelerator(cpu=True))
+    opt = FOP(model, _config("fop"))
+    attach_accelerate(opt, model, Accelerator(cpu=True))
     assert model._forward_pre_hooks and model._forward_hooks and opt._optimizer_step_pre_hooks
     opt.release()
     assert not model._forward_pre_hooks and not model._forward_hooks
@@ -261,8 +264,11 @@ def test_sub_batches_leaves_the_batch_whole_when_not_needed():
     """Window routing (accumulation 2), K-FAC, a non-FOP optimizer: the batch itself (no-op for the user)."""
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
     batch = digits_dataset(8)[:]
-    kfac = FOP(tiny_vit(), _config("kfac"), accelerator=accelerator)
-    window = FOP(tiny_vit(), _config("fop"), accelerator=accelerator)
+    kfac_model, window_model = tiny_vit(), tiny_vit()
+    kfac = FOP(kfac_model, _config("kfac"))
+    attach_accelerate(kfac, kfac_model, accelerator)
+    window = FOP(window_model, _config("fop"))
+    attach_accelerate(window, window_model, accelerator)
     adamw = torch.optim.AdamW(tiny_vit().parameters())
     for opt in (kfac, window, adamw, accelerator.prepare(window)):
         pieces = list(sub_batches(opt, batch))
@@ -272,7 +278,8 @@ def test_sub_batches_leaves_the_batch_whole_when_not_needed():
 def test_batch_of_one_falls_back_to_kfac_with_a_warning():
     accelerator = Accelerator(cpu=True)
     model = tiny_vit()
-    opt = FOP(model, _config("fop"), accelerator=accelerator)
+    opt = FOP(model, _config("fop"))
+    attach_accelerate(opt, model, accelerator)
     model, opt = accelerator.prepare(model, opt)
     batch = digits_dataset(1)[:]
     with pytest.warns(UserWarning, match="cannot be split"):
@@ -286,7 +293,8 @@ def test_batch_of_one_falls_back_to_kfac_with_a_warning():
 def test_evaluation_forward_is_not_routed():
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
     model = tiny_vit()
-    opt = FOP(model, _config("fop"), accelerator=accelerator)
+    opt = FOP(model, _config("fop"))
+    attach_accelerate(opt, model, accelerator)
     model, opt = accelerator.prepare(model, opt)
     batch = digits_dataset(8)[:]
     model.eval()
@@ -295,7 +303,7 @@ def test_evaluation_forward_is_not_routed():
     model.train()
     with torch.no_grad():
         model(**batch)
-    assert opt.optimizer.accelerate_router._state == "idle"
+    assert router_of(opt)._state == "idle"
     assert all(layer.a_sum is None for layer in opt.optimizer.layers)
 
 
@@ -445,7 +453,7 @@ def test_example_resumes_from_a_step_checkpoint_bitwise(tmp_path):
 
 
 def test_example_runs_under_two_cpu_processes_with_accelerate_launch(tmp_path):
-    """The README's `accelerate launch` command (two gloo processes), a few steps."""
+    """The documented `accelerate launch` command (docs/examples.md) (two gloo processes), a few steps."""
     proc = subprocess.run(
         ["accelerate", "launch", "--config_file", "examples/accelerate_cpu_2proc.yaml", "--main_process_port",
          str(_free_port()), "examples/run_image_classification_no_trainer.py", "--cpu", "--max_train_steps", "2",

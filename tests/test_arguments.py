@@ -97,10 +97,14 @@ def test_lr_scales_linearly_with_the_global_batch(tmp_path):
         "--per_device_train_batch_size", "64", "--gradient_accumulation_steps", "4", "--fop_scale_lr_with_batch", "128",
     ])
     assert args.global_train_batch_size == 256  # 64 x 4 x 1 process
-    assert args.learning_rate == pytest.approx(0.02) and args.fop_adamw_lr == pytest.approx(2e-3)
-    assert args.fop_config().lr == pytest.approx(0.02)
+    assert args.effective_learning_rate == pytest.approx(0.02)
+    assert args.fop_config().lr == pytest.approx(0.02) and args.fop_config().adamw_lr == pytest.approx(2e-3)
+    # the arguments keep what was given: a copy (dataclasses.replace runs __post_init__ again) does not scale twice
+    assert (args.learning_rate, args.fop_adamw_lr) == (0.01, 1e-3)
+    again = dataclasses.replace(args)
+    assert again.fop_config().lr == pytest.approx(0.02) and again.fop_config().adamw_lr == pytest.approx(2e-3)
     plain = FOPTrainingArguments(str(tmp_path), use_cpu=True, learning_rate=0.01, per_device_train_batch_size=64)
-    assert plain.learning_rate == 0.01 and plain.fop_adamw_lr is None
+    assert plain.effective_learning_rate == 0.01 and plain.fop_config().adamw_lr is None
 
 
 @pytest.mark.parametrize("batch, interval", [(32, 1), (511, 1), (512, 2), (1024, 3), (2048, 4), (4095, 4), (4096, 5), (65536, 5)])
@@ -108,16 +112,24 @@ def test_paper_curvature_schedule_grows_with_batch_up_to_five(tmp_path, batch, i
     from hf_fop.integrations.arguments import paper_curvature_interval
 
     assert paper_curvature_interval(batch) == interval
-    args = FOPTrainingArguments(str(tmp_path), use_cpu=True, per_device_train_batch_size=batch,
-                                fop_curvature_schedule="paper", fop_inverse_interval=50)
-    assert args.fop_factor_interval == args.fop_inverse_interval == interval
+    args = FOPTrainingArguments(str(tmp_path), use_cpu=True, per_device_train_batch_size=batch, fop_curvature_schedule="paper")
+    assert args.curvature_intervals == (interval, interval)
     config = args.fop_config()
     assert config.factor_interval == config.inverse_interval == interval
+    assert dataclasses.replace(args).curvature_intervals == (interval, interval)
+
+
+def test_an_interval_given_with_the_paper_schedule_is_an_error_naming_both_flags(tmp_path):
+    with pytest.raises(ValueError, match=r"fop_curvature_schedule='paper'.*fop_inverse_interval=7.*drop fop_inverse_interval"):
+        FOPTrainingArguments(str(tmp_path), use_cpu=True, fop_curvature_schedule="paper", fop_inverse_interval=7)
+    with pytest.raises(ValueError, match=r"fop_factor_interval=1 and fop_inverse_interval=5"):
+        FOPTrainingArguments(str(tmp_path), use_cpu=True, fop_curvature_schedule="paper", fop_factor_interval=1,
+                             fop_inverse_interval=5)
 
 
 def test_fixed_curvature_schedule_keeps_the_given_intervals(tmp_path):
     args = FOPTrainingArguments(str(tmp_path), use_cpu=True, per_device_train_batch_size=4096, fop_inverse_interval=50)
-    assert (args.fop_factor_interval, args.fop_inverse_interval) == (1, 50)
+    assert args.curvature_intervals == (1, 50) and (args.fop_config().factor_interval, args.fop_config().inverse_interval) == (1, 50)
 
 
 @pytest.mark.parametrize(

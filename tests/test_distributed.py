@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from hf_fop.distributed import group_sizes
+from hf_fop.integrations.trainer import LOGGED_KEYS
 from trainer_helpers import digits_dataset, single_thread_env, tiny_vit
 
 HELPERS = str(Path(__file__).with_name("trainer_helpers.py"))
@@ -234,7 +235,9 @@ def test_two_processes_with_a_per_call_mean_loss_log_and_step_on_the_mean(tmp_pa
     _assert_replicas_identical(two)
     assert _losses(two[0]) == pytest.approx(_losses(one), rel=1e-4)
     assert all(len(r["syncs"].get(1, [])) <= 1 for r in two + [one]), [r["syncs"] for r in two + [one]]
-    assert any("distributed.py" in s for s in two[0]["syncs"][0])  # the counter sees the factor exchange's read
+    assert any("distributed/collectives.py" in s for s in two[0]["syncs"][0])  # the counter sees the factor exchange's read
+    logged = {k for entry in json.loads(two[0]["log"]) for k in entry if k.startswith("fop/")}
+    assert {"fop/curvature_seconds_max", "fop/curvature_seconds_mean"} <= logged <= set(LOGGED_KEYS)  # all documented
     for k in one["params"]:
         torch.testing.assert_close(two[0]["params"][k], one["params"][k], rtol=1e-4, atol=1e-5, msg=k)
 

@@ -319,10 +319,10 @@ def _launch(cmd: List[str]) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
-def _readme_launch_lines() -> Dict[str, str]:
-    """The README's ``accelerate launch`` command of each example script, by script name."""
+def _documented_launch_lines() -> Dict[str, str]:
+    """The documented ``accelerate launch`` command of each example script (docs/examples.md), by script name."""
     pattern = r"^OMP_NUM_THREADS=1 accelerate launch --config_file examples/accelerate_cpu_2proc\.yaml examples/(run_\w+)\.py .*$"
-    return {m.group(1): m.group(0) for m in re.finditer(pattern, (ROOT / "README.md").read_text(), flags=re.M)}
+    return {m.group(1): m.group(0) for m in re.finditer(pattern, (ROOT / "docs" / "examples.md").read_text(), flags=re.M)}
 
 
 PROBE = str(ROOT / "tests" / "example_probe.py")
@@ -342,7 +342,7 @@ def test_clm_example_streams_disjoint_examples_to_two_processes_and_matches_one(
         (tmp_path / folder).mkdir()
     _launch([sys.executable, PROBE, str(tmp_path / "one"), "run_clm", *common, "--output_dir", str(tmp_path / "one"),
              "--gradient_accumulation_steps", "2"])
-    readme = shlex.split(_readme_launch_lines()["run_clm"])  # the README's command, the probe wrapped around the script
+    readme = shlex.split(_documented_launch_lines()["run_clm"])  # the documented command, the probe wrapped around the script
     script = readme.index("examples/run_clm.py")
     launch = readme[1:3] + ["--main_process_port", str(_free_port())] + readme[3:script]
     _launch(launch + [PROBE, str(tmp_path / "two"), "run_clm", *readme[script + 1 :], *common, "--output_dir", str(tmp_path / "two")])
@@ -369,14 +369,14 @@ _SMALL = {
 }
 
 
-def test_readme_names_a_two_process_command_for_every_example():
-    assert sorted(_readme_launch_lines()) == ["run_clm", "run_image_classification", "run_text_classification"]
+def test_docs_name_a_two_process_command_for_every_example():
+    assert sorted(_documented_launch_lines()) == ["run_clm", "run_image_classification", "run_text_classification"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["run_image_classification", "run_text_classification"])  # run_clm's: the test above
-def test_readme_two_process_command_runs(tmp_path, script):
-    words = shlex.split(_readme_launch_lines()[script])
+def test_documented_two_process_command_runs(tmp_path, script):
+    words = shlex.split(_documented_launch_lines()[script])
     assert words[0] == "OMP_NUM_THREADS=1"  # single_thread_env sets it
     launch = words[1:3] + ["--main_process_port", str(_free_port())] + words[3:]
     _launch(launch + _SMALL[script] + ["--output_dir", str(tmp_path), "--report_to", "none"])
@@ -384,13 +384,13 @@ def test_readme_two_process_command_runs(tmp_path, script):
     assert np.isfinite(results["final_loss"]) and results["final_loss"] > 0
 
 
-def test_readme_large_batch_command_scales_lr_and_sets_the_curvature_schedule(tmp_path):
+def test_documented_large_batch_command_scales_lr_and_sets_the_curvature_schedule(tmp_path):
     line = re.search(r"^python examples/run_text_classification\.py --output_dir out/text_large .*$",
-                     (ROOT / "README.md").read_text(), flags=re.M).group(0)
+                     (ROOT / "docs" / "tuning.md").read_text(), flags=re.M).group(0)
     argv = shlex.split(line)[2:] + ["--output_dir", str(tmp_path), "--max_train_samples", "8", "--report_to", "none"]
     trainer, _, args = load_example("run_text_classification").build(argv)
     assert args.global_train_batch_size == 256
-    assert args.learning_rate == pytest.approx(1e-3 * 256 / 32)  # the script's default lr, scaled from batch 32
+    assert args.effective_learning_rate == pytest.approx(1e-3 * 256 / 32)  # the script's default lr, scaled from batch 32
     config = args.fop_config()
     assert (config.lr, config.damping, config.factor_interval, config.inverse_interval) == (pytest.approx(8e-3), 1e-2, 1, 1)
 

@@ -353,7 +353,7 @@ def test_invalid_sub_batch_usage_raises_clear_errors():
     with opt.sub_batch(0):
         _mse(model, x1, y1).backward()
     with pytest.raises(RuntimeError, match="differ in shape"):
-        opt.set_dual_gradients({model.weight: torch.zeros(2, 2)})
+        opt.grads.install_dual({model.weight: torch.zeros(2, 2)}, 0.5)
     opt.zero_grad()
     _mse(model, x1, y1).backward()
     with pytest.raises(RuntimeError, match="call zero_grad\\(\\) first"):
@@ -617,6 +617,25 @@ def test_kl_clip_that_never_binds_leaves_the_step_bitwise_unchanged(mode):
     (plain, d_plain), (clipped, d_clipped) = runs
     assert all(torch.equal(p, q) for p, q in zip(plain.parameters(), clipped.parameters()))
     assert "kl_clip_scale" not in d_plain and d_clipped["kl_clip_scale"] == 1.0
+
+
+@pytest.mark.parametrize("mode", ["fop", "kfac"])
+def test_kl_clip_uses_the_scheduled_lr(mode):
+    """An LR scheduler writes each step's lr into the param groups: the trust region bounds lr^2 Delta^T M Delta with
+    that lr, so FOP(lr=0.4) stepped at a scheduled lr of 0.05 updates exactly as FOP(lr=0.05) does."""
+    runs = []
+    for config_lr in (0.4, 0.05):
+        model, batches = _two_layer_problem(9)
+        opt = FOP(model, lr=config_lr, kl_clip=1e-5, damping=1e-3, mode=mode)
+        for group in opt.param_groups:
+            group["lr"] = 0.05  # what the scheduler of a run with peak lr 0.4 writes at this step
+        for k, (x_, y_) in enumerate(batches):
+            with opt.sub_batch(k):
+                _mse(model, x_, y_).backward()
+        opt.step()
+        assert opt.diagnostics()["kl_clip_scale"] < 1.0  # the clip binds, so its lr matters
+        runs.append(model)
+    assert all(torch.equal(p, q) for p, q in zip(runs[0].parameters(), runs[1].parameters()))
 
 
 def test_kl_clip_applies_before_momentum():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 import pytest
@@ -151,14 +151,15 @@ ROUTING_CASES = [
 ]
 
 
-def _full_batch_gradient(model: nn.Module, data: Dataset, trainer: Trainer) -> Dict[str, torch.Tensor]:
-    """Gradient of the Trainer's loss on the whole batch in one forward (its own ``num_items_in_batch`` count)."""
+def _full_batch_gradient(model: nn.Module, data: Dataset, trainer: Trainer) -> Tuple[Dict[str, torch.Tensor], float]:
+    """Gradient and value of the Trainer's loss on the whole batch in one forward (its own ``num_items_in_batch``)."""
     batch = data[:]
     if trainer.model_accepts_loss_kwargs:
         batch["num_items_in_batch"] = trainer._get_num_items_in_batch([data[:]], torch.device("cpu"))
     model.train()
-    model(**batch)["loss"].backward()
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    loss = model(**batch)["loss"]
+    loss.backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}, float(loss)
 
 
 @pytest.mark.parametrize("name,model_fn,data_fn,batch,accum", ROUTING_CASES, ids=[c[0] for c in ROUTING_CASES])
@@ -170,7 +171,7 @@ def test_gradient_seen_by_fop_is_full_batch_mean(tmp_path, name, model_fn, data_
     )
     trainer = FOPTrainer(model=model_fn(), args=args, train_dataset=data, callbacks=[capture])
     trainer.train()
-    expected = _full_batch_gradient(model_fn(), data, trainer)
+    expected, loss = _full_batch_gradient(model_fn(), data, trainer)
     got = capture.grads[0]
     assert set(got) == set(expected)
     for n in expected:
@@ -178,6 +179,7 @@ def test_gradient_seen_by_fop_is_full_batch_mean(tmp_path, name, model_fn, data_
     norm = torch.stack([g.norm() for g in expected.values()]).norm().item()
     assert trainer.state.log_history[0]["grad_norm"] == pytest.approx(norm, rel=1e-4)
     assert trainer.state.log_history[0]["fop/fallback_fraction"] == 0.0  # a real two-sub-batch step
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(loss, rel=1e-5)  # the full-batch mean, not the pieces' sum
     if name == "mean-loss-ga1-odd-batch":
         assert trainer.fop_optimizer.w1 == pytest.approx(3 / 7)  # halves of 3 and 4 examples
     if accum == 3:
@@ -215,6 +217,29 @@ def test_first_trainer_step_equals_a_plain_loop_fop_step_on_the_two_halves(tmp_p
     gap = max((p - q).abs().max().item() for p, q in zip(fop.parameters(), kfac.parameters()))
     assert gap > 1e-4  # FOP and K-FAC steps differ far beyond the tolerance
     assert trainer.state.log_history[0]["fop/beta"] != 0.0
+
+
+def test_factors_of_padded_batches_leave_the_padding_out(tmp_path):
+    """FOPTrainer passes each piece's attention_mask to the curvature: A of an attention projection equals the
+    hand-computed mean of a a^T over the real tokens only (bias column of ones appended)."""
+    data = cls_text_dataset(8)
+    assert (data[:]["attention_mask"] == 0).any()  # the batch has padding
+    args = make_args(tmp_path, max_steps=1, per_device_train_batch_size=8, fop_factor_decay=0.0)
+    trainer = FOPTrainer(model=tiny_bert(dropout=0.0), args=args, train_dataset=data)
+    reference = tiny_bert(dropout=0.0)  # the same initial weights (seed 0)
+    layer = next(layer for layer in FOP(reference).layers if layer.name.endswith(("query", "q_proj")))
+    inputs = []
+    handle = layer.module.register_forward_hook(lambda module, args_, out: inputs.append(args_[0].detach()))
+    batch = data[:]
+    with torch.no_grad():
+        reference(**batch)
+    handle.remove()
+    rows = inputs[0].double()[batch["attention_mask"].bool()]  # (real tokens, d)
+    rows = torch.cat([rows, torch.ones(len(rows), 1, dtype=rows.dtype)], 1)
+    expected = rows.T @ rows / len(rows)
+    trainer.train()
+    got = next(m for m in trainer.fop_optimizer.layers if m.name == layer.name).A
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_clipping_acts_on_g_avg(tmp_path):
@@ -345,6 +370,12 @@ def test_resume_is_bitwise_identical(tmp_path, name, model_fn, data_fn, extra):
             if isinstance(value, torch.Tensor):
                 assert torch.equal(value, sb["fop"]["layers"][layer][key]), (layer, key)
     assert _losses(full) == _losses(resumed)  # the resumed history holds steps 1-2 from the checkpoint
+    # counters and the logged diagnostics built on them continue where the checkpoint left them
+    assert full.fop_optimizer.counters == resumed.fop_optimizer.counters
+    assert full.fop_optimizer.counters["factor_updates"] == 4
+    last_full, last_resumed = full.state.log_history[-2], resumed.state.log_history[-2]  # the last step's training log
+    for key in ("fop/factor_updates", "fop/inverse_updates", "fop/skipped_steps", "fop/identity_layer_steps", "fop/fallback_fraction"):
+        assert last_full[key] == last_resumed[key], key
 
 
 def test_load_best_model_at_end_restores_vit_encoder(tmp_path):
@@ -445,7 +476,7 @@ def test_torch_empty_cache_steps_clears_the_device_cache_like_the_trainer(tmp_pa
 
 @pytest.mark.parametrize("batch,accum", [(8, 1), (4, 2)], ids=["halves", "microbatches"])
 def test_trainer_glue_syncs_with_the_host_at_most_once_per_step(tmp_path, batch, accum):
-    """Tensor-to-host reads made from hf_fop/trainer.py and hf_fop/distributed.py, per optimizer step, on steps that
+    """Tensor-to-host reads made from hf_fop/integrations/trainer.py and hf_fop/distributed/, per optimizer step, on steps that
     neither capture curvature nor log (GPT-2: loss items counted from the labels)."""
     args = make_args(tmp_path, max_steps=4, per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
                      logging_steps=100, fop_factor_interval=4, fop_inverse_interval=4)

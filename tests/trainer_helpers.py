@@ -122,14 +122,16 @@ def _in_log(frame: Any) -> bool:
 
 @contextlib.contextmanager
 def count_glue_syncs(step: Callable[[], int]) -> Iterator[Dict[int, List[str]]]:
-    """Record tensor-to-host reads (``Tensor.item``, ``tolist``, ``bool()``, ...) made from hf_fop/trainer.py and
-    hf_fop/distributed.py outside ``FOPTrainer.log`` (logging steps are exempt), as
-    ``{step(): ["file:line method", ...]}``. A read inside torch (e.g. in
+    """Record tensor-to-host reads (``Tensor.item``, ``tolist``, ``bool()``, ...) made from hf_fop/integrations/trainer.py
+    and hf_fop/distributed/ outside ``FOPTrainer.log`` (logging steps are exempt), as
+    ``{step(): ["file:line method", ...]}`` (file relative to the package). A read inside torch (e.g. in
     ``GradScaler.get_scale``) is attributed to the first caller outside torch. Wraps the real methods."""
     import hf_fop
 
     package = os.path.dirname(os.path.abspath(hf_fop.__file__))
-    glue = {os.path.join(package, name) for name in ("trainer.py", "distributed.py")}
+    distributed = os.path.join(package, "distributed")
+    glue = {os.path.join(package, "integrations", "trainer.py")}
+    glue |= {os.path.join(distributed, name) for name in os.listdir(distributed) if name.endswith(".py")}
     torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
     syncs: Dict[int, List[str]] = {}
     originals = {name: torch.Tensor.__dict__.get(name) for name in SYNC_METHODS}
@@ -142,7 +144,7 @@ def count_glue_syncs(step: Callable[[], int]) -> Iterator[Dict[int, List[str]]]:
             while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(torch_dir):
                 frame = frame.f_back
             if frame is not None and os.path.abspath(frame.f_code.co_filename) in glue and not _in_log(frame):
-                where = f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno} {name}"
+                where = f"{os.path.relpath(frame.f_code.co_filename, package)}:{frame.f_lineno} {name}"
                 syncs.setdefault(step(), []).append(where)
             return original(self, *a, **k)
 
@@ -222,9 +224,9 @@ def run_worker(argv: Any = None) -> None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     opt = trainer.fop_optimizer
-    pending = trainer.fop_reducer is not None and trainer.fop_reducer.curvature.pending
-    if trainer.fop_reducer is not None:
-        trainer.fop_reducer.sync_factors()  # collective, every rank: local factor averages become the global ones
+    pending = opt is not None and opt.distributor.partial
+    if opt is not None:
+        opt.sync_curvature()  # collective, every rank: local factor averages become the global ones
     record = {
         "pending_before_sync": pending,
         "comm_hook": trainer.fop_reducer is not None and trainer.fop_reducer.hook is not None,
@@ -233,7 +235,7 @@ def run_worker(argv: Any = None) -> None:
         "layers": opt.state_dict()["fop"]["layers"] if opt is not None else {},
         "log": json.dumps(trainer.state.log_history),
         "w1": opt.w1 if opt is not None else None,
-        "bytes_reduced": trainer.fop_reducer.bytes_reduced if trainer.fop_reducer is not None else 0,
+        "bytes_reduced": opt.distributor.comm.bytes_reduced if opt is not None and opt.distributor.comm is not None else 0,
         "syncs": syncs,
     }
     torch.save(record, os.path.join(opts.out, f"rank{rank}.pt"))

@@ -3,7 +3,8 @@
 Usage (transformers' ``run_*_no_trainer.py`` style)::
 
     accelerator = Accelerator(gradient_accumulation_steps=2)
-    opt = FOP(model, accelerator=accelerator, lr=0.005, damping=1e-3)
+    opt = FOP(model, lr=0.005)
+    attach_accelerate(opt, model, accelerator)
     model, opt, loader, sched = accelerator.prepare(model, opt, loader, sched)
     for batch in loader:
         with accelerator.accumulate(model):
@@ -12,7 +13,7 @@ Usage (transformers' ``run_*_no_trainer.py`` style)::
                 accelerator.backward(loss)
             opt.step(); sched.step(); opt.zero_grad()
 
-``FOP(..., accelerator=...)`` attaches an :class:`AccelerateRouter`, which
+:func:`attach_accelerate` attaches an :class:`AccelerateRouter`, which
 routes every training forward/backward of the (unwrapped) model into FOP's
 sub-batches by itself, with the plan of :mod:`hf_fop.routing` (the one
 FOPTrainer uses; ``n = gradient_accumulation_steps``):
@@ -23,7 +24,7 @@ FOPTrainer uses; ``n = gradient_accumulation_steps``):
   (first half g1, second half g2); without it FOP raises, since every step
   would silently be a K-FAC step;
 * several processes: each rank's window stays whole; after the window's last
-  backward the :class:`~hf_fop.distributed.DualGradientReducer` gives g1 from
+  backward the :class:`~hf_fop.distributed.reducer.DualGradientReducer` gives g1 from
   the even ranks and g2 from the odd ranks. DDP's gradient averaging is
   switched off for the model (what ``accelerator.no_sync`` does, for every
   micro-batch), so DDP never averages g1 into g2;
@@ -65,15 +66,38 @@ each forward of a curvature step.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from ..distributed import DualGradientReducer, world
+from ..distributed import DualGradientReducer, dual_gradient_reducer, world
 from .routing import FallbackLog, Piece, SkippedSteps, batch_size_of, is_fallback, piece_inputs, route_micro_batch, weigh
 
-__all__ = ["AccelerateRouter", "sub_batches", "unwrap_fop"]
+__all__ = ["AccelerateRouter", "attach_accelerate", "router_of", "sub_batches", "unwrap_fop"]
+
+_ROUTERS: "weakref.WeakKeyDictionary[Any, AccelerateRouter]" = weakref.WeakKeyDictionary()
+"""FOP optimizer -> its router (the optimizer does not know the front end that drives it)."""
+
+
+def attach_accelerate(opt: Any, model: nn.Module, accelerator: Any) -> "AccelerateRouter":
+    """Drive ``opt`` (a :class:`hf_fop.FOP` built on ``model``) from a plain Accelerate loop; see the module docstring.
+
+    Call it after creating the ``Accelerator`` and FOP, before ``accelerator.prepare``. Returns the router (also
+    :func:`router_of`); ``opt.release()`` removes its hooks.
+    """
+    if router_of(opt) is not None:
+        raise RuntimeError("attach_accelerate: this FOP optimizer is already attached to an Accelerator.")
+    router = AccelerateRouter(opt, model, accelerator)
+    _ROUTERS[opt] = router
+    opt.on_release(router.release)
+    return router
+
+
+def router_of(optimizer: Any) -> Optional["AccelerateRouter"]:
+    """The :class:`AccelerateRouter` attached to ``optimizer`` (FOP or accelerate's wrapper), or ``None``."""
+    return _ROUTERS.get(unwrap_fop(optimizer))
 
 
 def unwrap_fop(optimizer: Any) -> Any:
@@ -96,7 +120,7 @@ def sub_batches(optimizer: Any, batch: Mapping[str, Any]) -> Iterator[Mapping[st
     one; counted in ``counters["fallback_steps"]``).
     """
     opt = unwrap_fop(optimizer)
-    router: Optional[AccelerateRouter] = getattr(opt, "accelerate_router", None)
+    router = router_of(opt)
     if router is None:
         yield batch
         return
@@ -114,7 +138,7 @@ def sub_batches(optimizer: Any, batch: Mapping[str, Any]) -> Iterator[Mapping[st
 class AccelerateRouter:
     """Routes a plain Accelerate loop's backward passes into FOP's sub-batches (see module docstring).
 
-    Built by ``FOP(model, accelerator=...)``; reach it as ``fop.accelerate_router``.
+    Built by :func:`attach_accelerate`; reach it with :func:`router_of`.
     Hooks: a forward pre-hook and a forward hook on ``model``, a step pre-hook
     and post-hook on the optimizer.
     """
@@ -123,28 +147,23 @@ class AccelerateRouter:
         for name in ("gradient_accumulation_steps", "sync_gradients", "unwrap_model", "num_processes"):
             if not hasattr(accelerator, name):
                 raise TypeError(
-                    f"FOP(accelerator=...) expects an accelerate.Accelerator, got {type(accelerator).__name__} "
+                    f"attach_accelerate(opt, model, accelerator): accelerator must be an accelerate.Accelerator, got {type(accelerator).__name__} "
                     f"(no attribute {name!r})."
                 )
         _, world_size = world()
         if world_size != accelerator.num_processes:
             raise ValueError(
-                f"FOP(accelerator=...): the accelerator runs {accelerator.num_processes} processes but the default "
-                f"process group has {world_size}; create the Accelerator before FOP."
+                f"attach_accelerate: the accelerator runs {accelerator.num_processes} processes but the default "
+                f"process group has {world_size}; create the Accelerator before FOP (FOP picks its distribution from the "
+                "process group when it is built)."
             )
         self.opt = opt
         self.model = model
         self.accelerator = accelerator
         self.world_size = world_size
         self.distributed = world_size > 1
-        self.reducer: Optional[DualGradientReducer] = None
-        """The dual-gradient reduction (several processes)."""
-        if self.distributed:
-            self.reducer = DualGradientReducer(opt)
-            if opt.config.mode == "fop":
-                self.reducer.install()
-            else:  # K-FAC: DDP averages the gradients; only the factors need averaging
-                self.reducer.install_curvature()
+        self.reducer: Optional[DualGradientReducer] = dual_gradient_reducer(opt, mode=opt.config.mode)
+        """The dual-gradient reduction (FOP mode, several processes); K-FAC: DDP averages, FOP averages the factors."""
         self.fallbacks = FallbackLog("FOP (Accelerate loop)")
         """K-FAC fallback steps of this run (windows with only g1); warns at the first."""
         self._skipped = SkippedSteps()
@@ -163,8 +182,8 @@ class AccelerateRouter:
             opt.register_step_pre_hook(lambda *_: self.close()),
             opt.register_step_post_hook(lambda *_: self._after_step()),
         ]
-        if self.reducer is not None:  # every rank enters save_state: average the ranks' factors before it saves
-            self._handles.append(accelerator.register_save_state_pre_hook(lambda *_: self.reducer.sync_factors()))
+        if self.distributed:  # every rank enters save_state: the full curvature state before it saves
+            self._handles.append(accelerator.register_save_state_pre_hook(lambda *_: opt.sync_curvature()))
 
     # -------------------------------------------------------------- routing
     @property
@@ -282,10 +301,11 @@ class AccelerateRouter:
         if self.opt.config.mode == "fop":
             _scale_grads(self.opt, self.n * self._items[last] / weights.group_items[group])
 
-    def _end_group(self, group: int) -> None:
-        """Close sub-batch ``group``: its gradient becomes the item-weighted mean over its pieces."""
+    def _end_group(self, group: int, w1: float = 0.5) -> None:
+        """Close sub-batch ``group``: its gradient becomes the item-weighted mean over its pieces (``w1``: g1's share
+        of the window's items, used when sub-batch 1 closes)."""
         self._rescale_group(group)
-        self.opt.end_sub_batch(group)
+        self.opt.end_sub_batch(group, w1)
         self._open_group = None
 
     def release(self) -> None:
@@ -311,8 +331,7 @@ class AccelerateRouter:
             self._end_group(0)
             self.fallbacks.record(self.n)
         elif self._open_group == 1:
-            opt.w1 = weights.w1
-            self._end_group(1)
+            self._end_group(1, weights.w1)
         elif self.distributed:
             self._rescale_group(None)
             if opt.config.mode == "fop":
@@ -363,8 +382,5 @@ def _scale_grads(opt: Any, factor: float) -> None:
 
 def _scale_curvature(opt: Any, group_items: Dict[Optional[int], float]) -> None:
     """Captured S of sub-batch ``g`` (the summed loss's gradients) divided by ``K_g**2``: its mean loss's."""
-    for layer in opt.engine.layers:
-        for group, s_sum in layer.s_sums.items():
-            items = group_items.get(None if group == -1 else group)
-            if items is not None and items != 1.0:
-                s_sum.div_(items * items)
+    divisors = {-1 if group is None else group: items * items for group, items in group_items.items()}
+    opt.engine.divide_captured_s(divisors)

@@ -24,6 +24,7 @@ __all__ = [
 ]
 
 OPTIMIZER_CHOICES = ("fop", "kfac", "trainer")
+_CONFIG_DEFAULTS = FOPConfig()
 CURVATURE_SCHEDULES = ("fixed", "paper")
 
 
@@ -49,9 +50,15 @@ class FOPTrainingArguments(TrainingArguments):
     )
     fop_momentum: float = field(default=0.0, metadata={"help": "Heavy-ball momentum of the managed layers' direction, in [0, 1)."})
     fop_factor_decay: float = field(default=0.95, metadata={"help": "Running-average decay of the A and S factors, in [0, 1)."})
-    fop_factor_interval: int = field(default=1, metadata={"help": "Optimizer steps between factor (A, S) updates, >= 1."})
-    fop_inverse_interval: int = field(
-        default=10, metadata={"help": "Optimizer steps between eigendecompositions, a positive multiple of fop_factor_interval."}
+    fop_factor_interval: Optional[int] = field(
+        default=None,
+        metadata={"help": f"Optimizer steps between factor (A, S) updates, >= 1; default {_CONFIG_DEFAULTS.factor_interval} "
+                  "(or the fop_curvature_schedule's)."},
+    )
+    fop_inverse_interval: Optional[int] = field(
+        default=None,
+        metadata={"help": "Optimizer steps between eigendecompositions, a positive multiple of fop_factor_interval; "
+                  f"default {_CONFIG_DEFAULTS.inverse_interval} (or the fop_curvature_schedule's)."},
     )
     fop_eps: float = field(default=1e-12, metadata={"help": "Epsilon of the projection coefficient's denominator (eq. 4), >= 0."})
     fop_use_eta: bool = field(default=True, metadata={"help": "Scale each layer's step by eta* (eq. 17)."})
@@ -95,17 +102,18 @@ class FOPTrainingArguments(TrainingArguments):
     fop_scale_lr_with_batch: Optional[int] = field(
         default=None,
         metadata={
-            "help": "Linear learning-rate scaling (Goyal et al. 2017): learning_rate (and fop_adamw_lr) are multiplied "
-            "once, at construction, by global_batch / this base batch, global_batch = per_device_train_batch_size * "
-            "gradient_accumulation_steps * world_size. >= 1; default: no scaling."
+            "help": "Linear learning-rate scaling (Goyal et al. 2017): the optimizer's peak learning rate (and "
+            "fop_adamw_lr) is learning_rate times global_batch / this base batch, global_batch = "
+            "per_device_train_batch_size * gradient_accumulation_steps * world_size (learning_rate itself stays as "
+            "given; see effective_learning_rate). >= 1; default: no scaling."
         },
     )
     fop_curvature_schedule: str = field(
         default="fixed",
         metadata={
-            "help": "'fixed': fop_factor_interval / fop_inverse_interval as given. 'paper': both set from the global "
-            "batch, growing with it up to the paper's limit of one curvature update every 5 steps (table: "
-            "hf_fop.arguments.paper_curvature_interval).",
+            "help": "'fixed': fop_factor_interval / fop_inverse_interval as given (or their defaults). 'paper': both "
+            "from the global batch, growing with it up to the paper's limit of one curvature update every 5 steps "
+            "(table: hf_fop.integrations.arguments.paper_curvature_interval); do not give the intervals then.",
             "choices": list(CURVATURE_SCHEDULES),
         },
     )
@@ -124,7 +132,7 @@ class FOPTrainingArguments(TrainingArguments):
                 f"FOPTrainingArguments.fop_optimizer={self.fop_optimizer!r} is invalid: expected one of {OPTIMIZER_CHOICES}."
             )
         self.fop_exclude_modules = list(self.fop_exclude_modules or [])
-        self._apply_large_batch_recipe()
+        self._check_large_batch_recipe()
         self.fop_config()  # validates every fop_* field
 
     @property
@@ -132,8 +140,8 @@ class FOPTrainingArguments(TrainingArguments):
         """Examples per optimizer step over all processes: per_device * gradient_accumulation_steps * world_size."""
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
 
-    def _apply_large_batch_recipe(self) -> None:
-        """``fop_scale_lr_with_batch`` and ``fop_curvature_schedule='paper'`` (validated, applied once)."""
+    def _check_large_batch_recipe(self) -> None:
+        """``fop_scale_lr_with_batch`` and ``fop_curvature_schedule``: valid, and no interval given with 'paper'."""
         base = self.fop_scale_lr_with_batch
         if base is not None and (isinstance(base, bool) or not isinstance(base, int) or base < 1):
             raise ValueError(
@@ -145,33 +153,54 @@ class FOPTrainingArguments(TrainingArguments):
                 f"FOPTrainingArguments.fop_curvature_schedule={self.fop_curvature_schedule!r} is invalid: expected one "
                 f"of {CURVATURE_SCHEDULES}."
             )
-        batch = self.global_train_batch_size
-        if base is not None:
-            factor = batch / base
-            self.learning_rate = self.learning_rate * factor
-            if self.fop_adamw_lr is not None:
-                self.fop_adamw_lr = self.fop_adamw_lr * factor
+        given = [f"fop_{name}={value}" for name, value in (("factor_interval", self.fop_factor_interval),
+                                                          ("inverse_interval", self.fop_inverse_interval)) if value is not None]
+        if self.fop_curvature_schedule == "paper" and given:
+            raise ValueError(
+                f"FOPTrainingArguments: fop_curvature_schedule='paper' sets both curvature intervals from the global batch, "
+                f"but {' and '.join(given)} was given too: drop {' and '.join(g.split('=')[0] for g in given)}, or use "
+                "fop_curvature_schedule='fixed' to keep your intervals."
+            )
+
+    @property
+    def lr_batch_factor(self) -> float:
+        """``global_train_batch_size / fop_scale_lr_with_batch`` (1.0 without scaling)."""
+        base = self.fop_scale_lr_with_batch
+        return 1.0 if base is None else self.global_train_batch_size / base
+
+    @property
+    def effective_learning_rate(self) -> float:
+        """The optimizer's peak learning rate: ``learning_rate`` times :attr:`lr_batch_factor`."""
+        return self.learning_rate * self.lr_batch_factor
+
+    @property
+    def curvature_intervals(self) -> Tuple[int, int]:
+        """``(factor interval, inverse interval)`` the optimizer uses: the schedule's, the given ones, or the defaults."""
         if self.fop_curvature_schedule == "paper":
-            interval = paper_curvature_interval(batch)
-            self.fop_factor_interval = interval
-            self.fop_inverse_interval = interval
+            interval = paper_curvature_interval(self.global_train_batch_size)
+            return interval, interval
+        factor = _CONFIG_DEFAULTS.factor_interval if self.fop_factor_interval is None else self.fop_factor_interval
+        inverse = _CONFIG_DEFAULTS.inverse_interval if self.fop_inverse_interval is None else self.fop_inverse_interval
+        return factor, inverse
 
     def fop_config(self) -> FOPConfig:
-        """The validated :class:`FOPConfig` these arguments describe (eta0 = ``learning_rate``)."""
+        """The validated :class:`FOPConfig` these arguments describe (eta0 = :attr:`effective_learning_rate`)."""
+        factor_interval, inverse_interval = self.curvature_intervals
+        scale = self.lr_batch_factor
         values = dict(
-            lr=self.learning_rate,
+            lr=self.effective_learning_rate,
             damping=self.fop_damping,
             mode="kfac" if self.fop_optimizer == "kfac" else "fop",
             fisher_type=self.fop_fisher_type,
             momentum=self.fop_momentum,
             weight_decay=self.weight_decay,
             factor_decay=self.fop_factor_decay,
-            factor_interval=self.fop_factor_interval,
-            inverse_interval=self.fop_inverse_interval,
+            factor_interval=factor_interval,
+            inverse_interval=inverse_interval,
             eps=self.fop_eps,
             use_eta=self.fop_use_eta,
             use_beta=self.fop_use_beta,
-            adamw_lr=self.fop_adamw_lr,
+            adamw_lr=None if self.fop_adamw_lr is None else self.fop_adamw_lr * scale,
             adamw_betas=(self.adam_beta1, self.adam_beta2),
             adamw_eps=self.adam_epsilon,
             adamw_weight_decay=self.weight_decay,

@@ -14,7 +14,7 @@ passed as ``num_items_in_batch``, so models that honour it (ViT, GPT-2) and
 models that average per call (BERT sequence classification, plain modules)
 give the same value. Backward scales it by the piece's share of its
 sub-batch, so each sub-batch gradient is the mean over that sub-batch (what
-the curvature S needs), and ``opt.w1`` = sub-batch 1's share of the step's
+the curvature S needs), and ``w1`` = sub-batch 1's share of the step's
 items makes ``g_avg = w_1 g1 + w_2 g2`` the mean gradient over all the step's
 items: the Trainer's gradient (for a model that ignores
 ``num_items_in_batch`` with ``gradient_accumulation_steps > 1`` the plain
@@ -43,33 +43,57 @@ from transformers.utils import is_sagemaker_mp_enabled, logging
 
 from .arguments import FOPTrainingArguments
 from .checkpoints import CheckpointLoadingMixin
-from ..distributed import DualGradientReducer, world
+from ..distributed import DualGradientReducer, dual_gradient_reducer, world
+from ..diagnostics import STAT_FIELDS
 from ..optimizer import FOP
 from .routing import FallbackLog, SkippedSteps, batch_size_of, is_fallback, piece_inputs, route_window, weigh
 
-__all__ = ["DIVERGENCE_FACTOR", "FOPTrainer"]
+__all__ = ["DIVERGENCE_FACTOR", "FOPTrainer", "LOGGED_KEYS"]
 
 logger = logging.get_logger(__name__)
 
-_DIAG_AGGREGATES = {
-    "beta_mean": "beta",
-    "eta_mean": "eta",
-    "s_proj_mean": "s_proj",
-    "kl_base": "kl_base",
-    "kl_cross": "kl_cross",
-    "kl_orth": "kl_orth",
-    "curvature_seconds": "curvature_seconds",
-    "skipped_steps": "skipped_steps",
-    "factor_updates": "factor_updates",
-    "inverse_updates": "inverse_updates",
-    "identity_layer_steps": "identity_layer_steps",
-    "kl_clip_scale": "kl_clip_scale",
-    "damping_min": "damping_min",
-    "damping_max": "damping_max",
+LOGGED_KEYS: Dict[str, str] = {
+    "fop/beta": "beta* (eq. 16), mean over the managed layers",
+    "fop/eta": "eta* (eq. 17), mean over the managed layers",
+    "fop/s_proj": "the projection coefficient s_proj (eq. 4), mean over the managed layers",
+    "fop/kl_base": "KL-norm split of the step, base (K-FAC's) term, summed over layers, per unit lr^2",
+    "fop/kl_cross": "KL-norm split, cross term, summed over layers, per unit lr^2",
+    "fop/kl_orth": "KL-norm split, orthogonal term, summed over layers, per unit lr^2",
+    "fop/kl_clip_scale": "the trust-region factor nu of the step (1: idle); with fop_kl_clip > 0",
+    "fop/damping_min": "smallest lambda over the layers (differs from fop_damping with fop_damping_mode relative)",
+    "fop/damping_max": "largest lambda over the layers",
+    "fop/curvature_seconds": "this process's cumulative host seconds in curvature capture, factor updates and "
+    "eigendecompositions",
+    "fop/curvature_seconds_max": "several processes: the largest fop/curvature_seconds over the ranks",
+    "fop/curvature_seconds_mean": "several processes: the mean fop/curvature_seconds over the ranks",
+    "fop/skipped_steps": "steps skipped for non-finite gradients or factors (FOP's check or the fp16 scaler)",
+    "fop/factor_updates": "steps that updated the factors A and S so far",
+    "fop/inverse_updates": "steps that eigendecomposed the factors so far",
+    "fop/identity_layer_steps": "layer steps taken without an eigenbasis yet (identity-preconditioned), summed over "
+    "layers and steps",
+    "fop/fallback_fraction": "fraction of the steps so far that had one sub-batch only (K-FAC steps)",
+    "fop/<layer>/beta": "per managed layer, with fop_log_per_layer: beta*; likewise /eta, /s_proj, /kl_base, "
+    "/kl_cross, /kl_orth",
 }
+"""Every ``fop/`` key :class:`FOPTrainer` logs, with its meaning (docs/trainer.md's table is generated from it)."""
 DIVERGENCE_FACTOR = 10.0
 """A logged training loss this many times the first one (or non-finite) triggers the divergence warning."""
-_PER_LAYER_FIELDS = ("beta", "eta", "s_proj", "kl_base", "kl_cross", "kl_orth")
+_DIAG_AGGREGATES = {  # FOP.diagnostics() key -> logged key
+    "beta_mean": "fop/beta",
+    "eta_mean": "fop/eta",
+    "s_proj_mean": "fop/s_proj",
+    "kl_base": "fop/kl_base",
+    "kl_cross": "fop/kl_cross",
+    "kl_orth": "fop/kl_orth",
+    "curvature_seconds": "fop/curvature_seconds",
+    "skipped_steps": "fop/skipped_steps",
+    "factor_updates": "fop/factor_updates",
+    "inverse_updates": "fop/inverse_updates",
+    "identity_layer_steps": "fop/identity_layer_steps",
+    "kl_clip_scale": "fop/kl_clip_scale",
+    "damping_min": "fop/damping_min",
+    "damping_max": "fop/damping_max",
+}
 
 
 @dataclass
@@ -191,18 +215,21 @@ class FOPTrainer(CheckpointLoadingMixin, Trainer):
 
     # ------------------------------------------------------------ optimizer
     def create_optimizer(self, model: Optional[nn.Module] = None) -> torch.optim.Optimizer:
-        """Build :class:`FOP` from ``args.fop_config()`` (plain Trainer behaviour when FOP is not used)."""
+        """Build :class:`FOP` from ``args.fop_config()`` (plain Trainer behaviour when FOP is not used; the Trainer's
+        own optimizer, ``fop_optimizer='trainer'``, also starts from ``args.effective_learning_rate``)."""
         if self.fop_mode is None:
-            return super().create_optimizer(model)
+            built = self.optimizer is None and self.optimizer_cls_and_kwargs is None
+            optimizer = super().create_optimizer(model)
+            factor = self.args.lr_batch_factor
+            if built and factor != 1.0:  # fop_scale_lr_with_batch: before the scheduler reads the peak lr
+                for group in optimizer.param_groups:
+                    group["lr"] *= factor
+            return optimizer
         if self.optimizer is None:
             opt = FOP(self.model, self.args.fop_config(), decay_parameters=self.get_decay_parameter_names(self.model))
-            _, world_size = world()
-            if world_size > 1:
-                self.fop_reducer = DualGradientReducer(opt)
-                if self.fop_mode == "fop":  # curvature specialists: g1/g2 to each layer's owner only
-                    self.fop_reducer.install(owner_gradients=True)
-                else:  # K-FAC: DDP averages the gradients; only the factors need averaging
-                    self.fop_reducer.install_curvature()
+            # several processes, FOP mode: the dual-gradient reduction (with curvature specialists, g1/g2 to each
+            # layer's owner only); K-FAC: DDP averages the gradients and FOP's distributor the factors
+            self.fop_reducer = dual_gradient_reducer(opt, owner_gradients=True, mode=self.fop_mode)
             self.fop_optimizer = opt
             self.optimizer = opt
         return self.optimizer
@@ -311,8 +338,6 @@ class FOPTrainer(CheckpointLoadingMixin, Trainer):
         if index == 0:  # discard pending sub-batch state (left by a skipped step)
             self._skipped.begin(self.fop_optimizer)
             self.fop_optimizer.zero_grad(set_to_none=True)
-            if not plan.distributed:  # multi-process: DualGradientReducer sets w1
-                self.fop_optimizer.w1 = plan.w1
             scaler = self.accelerator.scaler
             if scaler is not None and self.fop_optimizer.capturing:  # S is unscaled in the hooks: capture steps only
                 self.fop_optimizer.set_grad_scale(scaler.get_scale())  # the scale changes only in optimizer steps
@@ -321,10 +346,10 @@ class FOPTrainer(CheckpointLoadingMixin, Trainer):
         self._fop_hook_sync = self._fop_uses_comm_hook(model, plan) and index == len(plan.schedule) - 1
         total: Optional[Tensor] = None
         for piece in plan.schedule[index]:
-            loss = self._run_piece(model, piece, num_items_in_batch, plan.distributed)
+            loss = self._run_piece(model, piece, num_items_in_batch, plan)
             total = loss if total is None else total + loss
         if plan.distributed and self.fop_mode == "fop" and index == len(plan.schedule) - 1:
-            self.fop_reducer.hook.finish() if self._fop_hook_sync else self.fop_reducer.reduce_gradients()
+            self.fop_reducer.finish_hook() if self._fop_hook_sync else self.fop_reducer.reduce_gradients()
         steps = self.args.torch_empty_cache_steps  # as Trainer.training_step: once per micro-batch on these steps
         if steps is not None and self.state.global_step % steps == 0:
             clear_device_cache()
@@ -351,8 +376,9 @@ class FOPTrainer(CheckpointLoadingMixin, Trainer):
             return False
         return self.fop_reducer.attach_ddp(model)
 
-    def _run_piece(self, model: nn.Module, piece: _Piece, num_items_in_batch: Any, distributed: bool) -> Tensor:
+    def _run_piece(self, model: nn.Module, piece: _Piece, num_items_in_batch: Any, plan: _Plan) -> Tensor:
         opt = self.fop_optimizer
+        distributed = plan.distributed
         inputs = self._prepare_inputs(piece.inputs)
         mask = inputs.get("attention_mask")
         mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
@@ -382,18 +408,18 @@ class FOPTrainer(CheckpointLoadingMixin, Trainer):
                     loss = loss * piece.report_scale
         finally:
             if piece.sub_batch is not None:
-                opt.end_sub_batch(piece.sub_batch)
+                opt.end_sub_batch(piece.sub_batch, plan.w1)
         return loss.detach()
 
     # -------------------------------------------------------------- logging
     def fop_logs(self) -> Dict[str, float]:
         """FOP diagnostics of the last step as ``fop/...`` scalars (layer aggregates and counters)."""
         diag = self.fop_optimizer.diagnostics()
-        out = {f"fop/{name}": diag[key] for key, name in _DIAG_AGGREGATES.items() if key in diag}
+        out = {name: diag[key] for key, name in _DIAG_AGGREGATES.items() if key in diag}
         out["fop/fallback_fraction"] = diag["fallback_steps"] / max(diag["step"], 1.0)
         if self.args.fop_log_per_layer:
             for layer in self.fop_optimizer.layers:
-                for f in _PER_LAYER_FIELDS:
+                for f in STAT_FIELDS:
                     key = f"{layer.name}/{f}"
                     if key in diag:
                         out[f"fop/{key}"] = diag[key]
@@ -405,8 +431,9 @@ class FOPTrainer(CheckpointLoadingMixin, Trainer):
             self._skipped.account(self.fop_optimizer)  # log() runs between optimizer steps
             if "loss" in logs:
                 logs = {**logs, **self.fop_logs()}
-                if self.fop_reducer is not None:  # every rank logs training losses at the same steps
-                    peak, mean = self.fop_reducer.seconds_across_ranks(logs["fop/curvature_seconds"])
+                comm = self.fop_optimizer.distributor.comm
+                if comm is not None:  # every rank logs training losses at the same steps
+                    peak, mean = comm.max_and_mean(logs["fop/curvature_seconds"])
                     logs["fop/curvature_seconds_max"], logs["fop/curvature_seconds_mean"] = peak, mean
                 self._warn_if_diverging(logs)
         super().log(logs, start_time)
@@ -437,8 +464,8 @@ class FOPTrainer(CheckpointLoadingMixin, Trainer):
     # ---------------------------------------------------------- checkpoints
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """Average the ranks' factors first (a collective every rank enters; ``state_dict()`` runs on rank 0 only)."""
-        if self.fop_reducer is not None:
-            self.fop_reducer.sync_factors()
+        if self.fop_optimizer is not None:
+            self.fop_optimizer.sync_curvature()
         super()._save_checkpoint(model, trial)
 
 
