@@ -673,3 +673,19 @@ def test_plain_pytorch_fop_does_not_import_transformers():
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_checkpoint_written_before_the_reorganisation_loads_and_continues():
+    """tests/data/fop_state_df4f7d7.pt was written by hf_fop at df4f7d7 (tests/data/make_fop_state_df4f7d7.py): the
+    current FOP loads it and takes the same next step (parameters, counters and diagnostics)."""
+    data = torch.load(ROOT / "tests" / "data" / "fop_state_df4f7d7.pt", weights_only=False)
+    model, opt, step = load_script("tests/data", "make_fop_state_df4f7d7").build()  # the same model, batches, settings
+    model.load_state_dict(data["model"])
+    opt.load_state_dict(data["optimizer"])
+    assert opt.global_step == 3 and opt.counters["factor_updates"] == 3
+    step(3)
+    for key, expected in data["after_next_step"].items():
+        torch.testing.assert_close(model.state_dict()[key], expected, rtol=0, atol=0, msg=key)  # bitwise: the same operations
+    diag, old = opt.diagnostics(), data["diagnostics_after_next_step"]
+    for key in ("step", "factor_updates", "inverse_updates", "beta_mean", "eta_mean", "kl_clip_scale", "damping_min"):
+        assert diag[key] == pytest.approx(old[key], rel=1e-5), key
