@@ -88,6 +88,14 @@ class FOPConfig:
     damping_mode: str = "absolute"
     """``"absolute"``: lambda = ``damping`` for every layer; ``"relative"``: each layer's lambda is
     ``damping * mean eigenvalue of A (x) S`` (= mean(eig A) * mean(eig S)) of its current eigendecomposition."""
+    capture_rows: Optional[int] = None
+    """Curvature capture reads at most this many rows (tokens, positions) of each managed layer's input and output
+    gradient per forward/backward pass, drawn at random (an unbiased estimate of A and S); ``None`` reads every row.
+    Caps the capture's cost, ``rows x (d_in^2 + d_out^2)`` per layer, when the batch grows."""
+    stagger_refresh: bool = True
+    """Spread each inverse cycle's eigendecompositions over its ``inverse_interval`` steps, about ``1/k`` of the work
+    per step (:mod:`hf_fop.refresh`), so that no step is much longer than the others; ``False`` decomposes every
+    layer on the cycle's first step."""
     curvature_sharding: str = "replicated"
     """Several processes: ``"replicated"`` (every rank decomposes every factor and computes every layer's direction)
     or ``"specialists"`` (each layer's owner rank alone does, :mod:`hf_fop.specialists`). Ignored in one process."""
@@ -144,6 +152,13 @@ class FOPConfig:
                 _fail("kl_clip", self.kl_clip, "None (no trust region) or a number in (0, inf), e.g. 1e-3")
         if self.damping_mode not in DAMPING_MODES:
             _fail("damping_mode", self.damping_mode, f"one of {DAMPING_MODES}")
+        if self.capture_rows is not None:
+            try:
+                _check_int("capture_rows", self.capture_rows, 1)
+            except ValueError:
+                _fail("capture_rows", self.capture_rows, "None (every row) or an integer >= 1, e.g. 1024")
+        if not isinstance(self.stagger_refresh, bool):
+            _fail("stagger_refresh", self.stagger_refresh, "True or False")
         if self.curvature_sharding not in CURVATURE_SHARDINGS:
             _fail("curvature_sharding", self.curvature_sharding, f"one of {CURVATURE_SHARDINGS}")
 

@@ -201,57 +201,85 @@ def _check_mask(layer: KFACLayer, t: Tensor, mask: PaddingMask) -> None:
         )
 
 
-def _rows(layer: KFACLayer, t: Tensor, mask: Optional[PaddingMask]) -> Tensor:
-    """``(..., d)`` to float32 rows ``(rows, d)``; a mask zeroes the padded rows of a ``(B, T, d)`` tensor."""
-    rows = t.reshape(-1, t.shape[-1]).float()
-    if mask is not None and t.dim() == 3:
-        _check_mask(layer, t, mask)
-        rows = rows * mask.weights.reshape(-1, 1)
-    return rows
+def _flat_rows(layer: KFACLayer, t: Tensor, mask: Optional[PaddingMask]) -> Tuple[Tensor, Optional[Tensor]]:
+    """``(..., d)`` activation or gradient as rows ``(N, d)`` (a view where possible, any dtype) and the rows' mask
+    weights ``(N, 1)`` (``None`` without a mask; a mask applies to ``(B, T, d)`` tensors of Linear / Conv1D layers)."""
+    if mask is None or layer.kind == "conv2d" or t.dim() != 3:
+        return t.reshape(-1, t.shape[-1]), None
+    _check_mask(layer, t, mask)
+    return t.reshape(-1, t.shape[-1]), mask.weights.reshape(-1, 1)
 
 
-def _input_gram(layer: KFACLayer, x: Tensor, mask: Optional[PaddingMask]) -> Tuple[Tensor, Union[int, Tensor]]:
+def _subsample(
+    rows: Tensor, weights: Optional[Tensor], limit: Optional[int], generator: Optional[torch.Generator]
+) -> Tuple[Tensor, Optional[Tensor], float]:
+    """At most ``limit`` of the ``N`` rows, drawn uniformly with replacement, as float32 with the mask applied, and
+    ``N / R`` (the factor that makes a sum over the ``R`` drawn rows an unbiased estimate of the sum over all rows).
+
+    The rows are gathered before the float32 cast and the mask, so the capture's cost stops growing with the batch.
+    """
+    n = rows.shape[0]
+    scale = 1.0
+    if limit is not None and n > limit:
+        index = torch.randint(n, (limit,), generator=generator, device=rows.device)
+        rows = rows.index_select(0, index)
+        weights = weights.index_select(0, index) if weights is not None else None
+        scale = n / limit
+    rows = rows.float()
+    if weights is not None:
+        rows = rows * weights
+    return rows, weights, scale
+
+
+def _input_gram(
+    layer: KFACLayer, x: Tensor, mask: Optional[PaddingMask], limit: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[Tensor, Union[int, Tensor]]:
     """``rows^T rows`` of the layer input's float32 rows (expand convention) with a bias column of ones appended,
-    ``(in + 1, in + 1)`` (``(in, in)`` without bias), and the real-row count.
+    ``(in + 1, in + 1)`` (``(in, in)`` without bias), and the count of real rows it sums over.
 
-    The bias column's blocks (``rows^T 1`` and the row count) are computed from the rows as they are, so the rows
-    (``(B * positions, in)``, the largest tensor of the capture) are never copied to append a column. Padded rows
-    are zero, bias column included, so they add nothing.
+    ``limit``: use at most that many rows, drawn at random (:func:`_subsample`); A is the sum over the count either
+    way, so it estimates the same mean. The bias column's blocks (``rows^T 1`` and the row count) are computed from
+    the rows as they are, so the rows are never copied to append a column. Padded rows are zero, bias column
+    included, so they add nothing.
     """
     module = layer.module
-    masked = mask is not None and layer.kind != "conv2d" and x.dim() == 3
     if layer.kind == "conv2d":
         if x.dim() == 3:
             x = x.unsqueeze(0)
         patches = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
-        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1]).float()
+        flat, weights = patches.transpose(1, 2).reshape(-1, patches.shape[1]), None
     else:
-        rows = x.reshape(-1, x.shape[-1]).float()
-        if masked:
-            _check_mask(layer, x, mask)
-    count: Union[int, Tensor] = rows.shape[0]
-    ones: Optional[Tensor] = None
-    if masked:
-        ones = mask.weights.reshape(-1, 1).float()  # the bias column of a masked row is its weight, like the row
-        rows = rows * ones
-        count = mask.count
+        flat, weights = _flat_rows(layer, x, mask)
+    rows, weights, _ = _subsample(flat, weights, limit, generator)
+    count: Union[int, Tensor] = rows.shape[0] if weights is None else weights.sum()
     gram = _gram(rows)
     if module.bias is None:
         return gram, count
-    if ones is None:
-        ones = rows.new_ones(rows.shape[0], 1)
+    ones = rows.new_ones(rows.shape[0], 1) if weights is None else weights.float()  # a masked row's bias is its weight
     with torch.autocast(device_type=rows.device.type, enabled=False):
         column, corner = rows.T @ ones, ones.T @ ones  # (in, 1), (1, 1)
     return torch.cat([torch.cat([gram, column], 1), torch.cat([column.T, corner], 1)], 0), count
 
 
-def _output_rows(layer: KFACLayer, g: Tensor, mask: Optional[PaddingMask]) -> Tensor:
-    """Output gradient as float32 rows ``(rows, out)`` (padded rows zeroed)."""
+def _output_gram(
+    layer: KFACLayer, g: Tensor, mask: Optional[PaddingMask], limit: Optional[int] = None,
+    generator: Optional[torch.Generator] = None, loss_scale: float = 1.0,
+) -> Tensor:
+    """``sum_rows s s^T`` of the output gradient's float32 rows ``(out, out)`` (padded rows zeroed, ``loss_scale``
+    divided out of the rows); with ``limit``, the unbiased estimate ``N / R sum_{drawn rows}`` from at most
+    ``limit`` random rows."""
     if layer.kind == "conv2d":
         if g.dim() == 3:
             g = g.unsqueeze(0)
-        return g.permute(0, 2, 3, 1).reshape(-1, g.shape[1]).float()
-    return _rows(layer, g, mask)
+        flat, weights = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1]), None
+    else:
+        flat, weights = _flat_rows(layer, g, mask)
+    rows, _, scale = _subsample(flat, weights, limit, generator)
+    if loss_scale != 1.0:
+        rows = rows / loss_scale
+    gram = _gram(rows)
+    return gram if scale == 1.0 else gram * scale
 
 
 def _gram(rows: Tensor) -> Tensor:
@@ -280,17 +308,6 @@ def _grad_hook(
         engine.seconds += time.perf_counter() - t0
 
     return hook
-
-
-def eigh_float32(mat: Tensor) -> Tuple[Tensor, Tensor]:
-    """``torch.linalg.eigh`` in float32: ``(eigenvalues (n,), eigenvectors (n, n))``."""
-    return torch.linalg.eigh(mat.float())
-
-
-def eigh_float64(mat: Tensor) -> Tuple[Tensor, Tensor]:
-    """``torch.linalg.eigh`` in float64, results cast to float32."""
-    vals, vecs = torch.linalg.eigh(mat.double())
-    return vals.float(), vecs.float()
 
 
 _OWNERS: "weakref.WeakKeyDictionary[nn.Module, weakref.ReferenceType]" = weakref.WeakKeyDictionary()
@@ -347,8 +364,8 @@ class CurvatureEngine:
     """Hooks on the managed layers, capture of A and S, running averages, eigenbases.
 
     The optimizer drives it: it sets :attr:`capture` before the forward
-    passes of a curvature step, and calls :meth:`finalize_capture`,
-    :meth:`update_factors` and :meth:`update_eigenbases` in ``step()``.
+    passes of a curvature step, and calls :meth:`finalize_capture` and
+    :meth:`update_factors` in ``step()``; eigenbases are refreshed by :mod:`hf_fop.refresh`.
 
     Hook lifetime: the hooks hold the engine by weak reference and are removed
     by :meth:`release` or when the engine is garbage-collected. A new engine on
@@ -381,6 +398,9 @@ class CurvatureEngine:
         """Loss scale of the coming backward passes (fp16 GradScaler); divided out of the captured gradients."""
         self.seconds = 0.0
         """Host wall-clock seconds spent in capture, factor updates and eigendecompositions."""
+        self._generators: Dict[torch.device, torch.Generator] = {}
+        self._seeded: set = set()
+        self._step_seed = 0
         self.released: Optional[str] = None
         """Why the engine's hooks were removed (``None`` while it is live)."""
         self._take_over()
@@ -436,6 +456,22 @@ class CurvatureEngine:
             )
 
     # ----------------------------------------------------------------- hooks
+    def begin_step(self, step: int) -> None:
+        """The coming passes belong to optimizer step ``step``: the row draws of ``capture_rows`` are seeded from it,
+        so they depend on the step only (a resumed run draws the same rows; every rank draws alike)."""
+        self._step_seed = (step * 0x9E3779B1 + 0x2545F491) % (2**62)
+        self._seeded = set()
+
+    def _rng(self, device: torch.device) -> torch.Generator:
+        """This step's generator for ``device`` (seeded at its first use in the step)."""
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = self._generators[device] = torch.Generator(device=device)
+        if device not in self._seeded:
+            generator.manual_seed(self._step_seed)
+            self._seeded.add(device)
+        return generator
+
     def set_padding_mask(self, mask: Optional[Tensor]) -> None:
         """``(B, T)`` mask (nonzero = real token) for the coming forward/backward passes; ``None`` clears it."""
         self.padding_mask = None if mask is None else PaddingMask(mask)
@@ -452,7 +488,8 @@ class CurvatureEngine:
     def _capture_input(self, layer: KFACLayer, x: Tensor, output: Tensor) -> None:
         t0 = time.perf_counter()
         mask = self.padding_mask if layer.masked else None
-        contrib, count = _input_gram(layer, x.detach(), mask)
+        limit = self.config.capture_rows
+        contrib, count = _input_gram(layer, x.detach(), mask, limit, self._rng(x.device) if limit is not None else None)
         layer.a_sum = contrib if layer.a_sum is None else layer.a_sum + contrib
         layer.a_rows = layer.a_rows + count
         group = self.group
@@ -463,10 +500,8 @@ class CurvatureEngine:
         self.seconds += time.perf_counter() - t0
 
     def _add_output_grad(self, layer: KFACLayer, grad: Tensor, group: int, mask: Optional[PaddingMask], scale: float) -> None:
-        rows = _output_rows(layer, grad.detach(), mask)
-        if scale != 1.0:
-            rows = rows / scale
-        contrib = _gram(rows)
+        limit = self.config.capture_rows
+        contrib = _output_gram(layer, grad.detach(), mask, limit, self._rng(grad.device) if limit is not None else None, scale)
         layer.s_sums[group] = contrib if group not in layer.s_sums else layer.s_sums[group] + contrib
         layer.s_examples[group] = layer.s_examples.get(group, 0) + _batch_size(grad)
 
@@ -598,48 +633,6 @@ class CurvatureEngine:
                 layer.A.mul_(decay).add_(a_new, alpha=1 - decay)
                 layer.S.mul_(decay).add_(s_new, alpha=1 - decay)
         self.seconds += time.perf_counter() - t0
-
-    def update_eigenbases(self, only_missing: bool = False, select: Optional[Callable[[KFACLayer], bool]] = None) -> None:
-        """Eigendecompose every A and S: float32, then float64, else keep the last good basis.
-
-        ``only_missing``: only layers that have factors but no basis yet; ``select``: only layers it accepts.
-        """
-        t0 = time.perf_counter()
-        with scope("refresh"):
-            for layer in self.layers:
-                if layer.A is None or (only_missing and layer.basis_a is not None) or (select is not None and not select(layer)):
-                    continue
-                layer.basis_a = self._decompose(layer, "A", layer.A, layer.basis_a)
-                layer.basis_s = self._decompose(layer, "S", layer.S, layer.basis_s)
-        self.seconds += time.perf_counter() - t0
-
-    def _decompose(self, layer: KFACLayer, which: str, mat: Tensor, last: Optional[EigenBasis]) -> EigenBasis:
-        for solver in (eigh_float32, eigh_float64):
-            try:
-                vals, vecs = solver(mat)
-            except torch.linalg.LinAlgError:  # anything else (out of memory, device errors) propagates
-                continue
-            if torch.isfinite(vals).all() and torch.isfinite(vecs).all():
-                layer.eigh_failures[which] = 0
-                return EigenBasis(q=vecs.contiguous(), eigenvalues=vals.clamp_min(0.0))
-        layer.eigh_failures[which] += 1
-        if layer.eigh_failures[which] >= self.config.max_eigh_failures:
-            raise RuntimeError(
-                f"Eigendecomposition of factor {which} of layer {layer.name!r} failed "
-                f"{layer.eigh_failures[which]} times in a row (float32 and float64); raise damping or "
-                f"max_eigh_failures={self.config.max_eigh_failures}, or exclude the layer (exclude_modules)."
-            )
-        warnings.warn(
-            f"Eigendecomposition of factor {which} of layer {layer.name!r} failed in float32 and float64; "
-            "keeping the last good basis.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        if last is not None:
-            return last
-        # No good basis yet: the diagonal approximation of the factor.
-        diag = torch.nan_to_num(torch.diagonal(mat).float(), nan=0.0, posinf=0.0).clamp_min(0.0)
-        return EigenBasis(q=torch.eye(mat.shape[0], device=mat.device), eigenvalues=diag)
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> Dict[str, Dict[str, object]]:

@@ -54,6 +54,7 @@ from .fop_math import LayerResult, unrotate
 from .gradients import SubBatchGradients
 from .preconditioner import kl_clip_scale, layer_direction, layer_gradient
 from .profiling import scope
+from .refresh import due_layers, refresh_cost, refresh_slots
 
 _COUNTERS = ("factor_updates", "inverse_updates", "skipped_steps", "fallback_steps", "identity_layer_steps")
 # transformers 5.24, Trainer.get_decay_parameter_names: no decay for LayerNorm modules and these names
@@ -166,6 +167,8 @@ class FOP(torch.optim.Optimizer):
         """This step's sub-batch gradients (g1, g1 - g2) and their state."""
         self.distributor = make_distributor(self.engine, config)
         """Where curvature lives across processes (:class:`hf_fop.distributed.CurvatureDistributor`)."""
+        self._slots = refresh_slots([refresh_cost(layer) for layer in self.engine.layers], config.inverse_interval)
+        """Step of the inverse cycle on which each managed layer's factors are decomposed (:mod:`hf_fop.refresh`)."""
         self._record = StepRecord()
         self._on_release: List[Callable[[], None]] = []
         self._schedule_capture()
@@ -260,6 +263,7 @@ class FOP(torch.optim.Optimizer):
 
     def _schedule_capture(self) -> None:
         self.engine.capture = self.global_step % self.config.factor_interval == 0
+        self.engine.begin_step(self.global_step)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear gradients and discard unfinished sub-batches and curvature captures."""
@@ -315,16 +319,18 @@ class FOP(torch.optim.Optimizer):
             self._discard_step_buffers()
             self._schedule_capture()
             return loss
-        fresh = [layer for layer in self.engine.layers if layer.A is None]  # the same layers on every rank
+        unfactored = [layer for layer in self.engine.layers if layer.A is None]  # the same layers on every rank
         if new_factors:
             with scope("factors"):
                 self.engine.update_factors(new_factors)
             self.counters["factor_updates"] += 1
-        inverse = self.global_step % self.config.inverse_interval == 0 and any(layer.A is not None for layer in self.engine.layers)
-        if inverse or any(layer.A is not None for layer in fresh):  # fresh: first factors this step, no basis yet
-            self.distributor.refresh_bases(only_missing=not inverse)
-        if inverse:
-            self.counters["inverse_updates"] += 1
+        k = self.config.inverse_interval
+        fresh = [layer.name for layer in unfactored if layer.A is not None]  # first factors this step: no basis yet
+        due = due_layers(self.engine.layers, self._slots, self.global_step, k, self.config.stagger_refresh, fresh)
+        if due:
+            self.distributor.refresh_bases(due)
+        if self.global_step % k == 0 and any(layer.A is not None for layer in self.engine.layers):
+            self.counters["inverse_updates"] += 1  # inverse cycles begun
         self.engine.seconds += seconds_finalize
         fallback = self.config.mode == "fop" and not dual
         if fallback:

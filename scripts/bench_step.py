@@ -210,15 +210,15 @@ class Runner:
 
 def _timed_eigenbases(runner: Runner) -> None:
     """Record the seconds of each eigendecomposition pass of a FOP runner (timing wrapper only)."""
-    engine = runner.opt.engine  # type: ignore[attr-defined]
-    original = engine.update_eigenbases
+    distributor = runner.opt.distributor  # type: ignore[attr-defined]
+    original = distributor.refresh_bases
 
     def timed(*args: Any, **kwargs: Any) -> None:
         t0 = time.perf_counter()
         original(*args, **kwargs)
         runner.eigh_s.append(time.perf_counter() - t0)
 
-    engine.update_eigenbases = timed
+    distributor.refresh_bases = timed
 
 
 def _sync_fn(device: torch.device) -> Callable[[], None]:

@@ -88,6 +88,7 @@ def accelerate_loop(
                 if done == steps:
                     break
     fop = opt.optimizer
+    fop.sync_curvature()  # collective: the full curvature state (ranks' factors averaged), as a checkpoint holds it
     return {
         "params": {k: v.detach().clone() for k, v in accelerator.unwrap_model(model).state_dict().items()},
         "layers": fop.state_dict()["fop"]["layers"],

@@ -54,6 +54,7 @@ def batch(step: int, rank: int, micro: int) -> tuple:
 def make_opt(model: nn.Module, mode: str, inverse_interval: int, scenario: str = "plain", **extra: Any) -> FOP:
     """``scenario="unused"`` fixes beta* = 0: a layer only one group uses has g1 - g2 parallel to g_avg, so g_perp
     is rounding noise and beta* = D / E amplifies it (the runs would differ by noise, not by a bug)."""
+    extra.setdefault("stagger_refresh", False)  # every layer decomposed on a cycle's first step, unless asked
     return FOP(model, lr=0.05, damping=0.05, mode=mode, momentum=0.5, factor_interval=1,
                inverse_interval=inverse_interval, factor_decay=0.8, use_beta=scenario != "unused", **extra)
 
@@ -91,11 +92,12 @@ def single_process(world_size: int, mode: str, steps: int, accum: int, inverse_i
 
 
 def job_options(text: str) -> Dict[str, Any]:
-    """``"damping_mode=relative;kl_clip=none"`` -> FOP keyword arguments (``none`` -> ``None``)."""
+    """``"damping_mode=relative;kl_clip=none;stagger_refresh=true"`` -> FOP keyword arguments (``none`` -> ``None``,
+    ``true``/``false`` -> booleans)."""
     out: Dict[str, Any] = {}
     for item in filter(None, text.split(";")):
         key, value = item.split("=")
-        out[key] = None if value == "none" else value
+        out[key] = {"none": None, "true": True, "false": False}.get(value, value)
     return out
 
 
@@ -130,7 +132,7 @@ def worker(opts: argparse.Namespace) -> None:
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     model = MLP()
-    opt = make_opt(model, opts.mode, opts.inverse_interval, opts.scenario)
+    opt = make_opt(model, opts.mode, opts.inverse_interval, opts.scenario, stagger_refresh=opts.stagger)
     reducer = DualGradientReducer(opt) if opts.mode == "fop" else None
     comm = opt.distributor.comm  # counts every byte: gradients (reducer) and factors (distributor)
     ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if opts.mode == "kfac" else None
@@ -255,7 +257,7 @@ def eigh_failure(rank: int) -> Dict[str, Any]:
     import time
     import warnings
 
-    from hf_fop import curvature
+    from hf_fop import refresh
     from hf_fop.distributed import DualGradientReducer
 
     model = MLP()
@@ -263,7 +265,7 @@ def eigh_failure(rank: int) -> Dict[str, Any]:
     reducer = DualGradientReducer(opt, owner_gradients=True)
     fc1 = next(layer for layer in opt.layers if layer.name == "fc1")
     owner = opt.distributor.owner["fc1"]
-    real32, real64 = curvature.eigh_float32, curvature.eigh_float64
+    real32, real64 = refresh.eigh_float32, refresh.eigh_float64
     calls = {"float64": 0}
 
     def broken32(mat: Tensor) -> Any:
@@ -278,7 +280,7 @@ def eigh_failure(rank: int) -> Dict[str, Any]:
         return real64(mat)
 
     if rank == owner:
-        curvature.eigh_float32, curvature.eigh_float64 = broken32, broken64
+        refresh.eigh_float32, refresh.eigh_float64 = broken32, broken64
     seen: Dict[str, Any] = {"owner": owner, "error": None, "warnings": []}
     t0 = time.perf_counter()
     try:
@@ -297,7 +299,7 @@ def eigh_failure(rank: int) -> Dict[str, Any]:
     except RuntimeError as err:
         seen["error"] = str(err)
     finally:
-        curvature.eigh_float32, curvature.eigh_float64 = real32, real64
+        refresh.eigh_float32, refresh.eigh_float64 = real32, real64
         seen["warnings"] = [str(w.message) for w in caught]
     seen.update(step=opt.global_step, seconds=time.perf_counter() - t0, float64_calls=calls["float64"])
     return seen
@@ -312,6 +314,7 @@ def main(argv: Any = None) -> None:
     parser.add_argument("--inverse_interval", type=int, default=3)
     parser.add_argument("--scenario", default="plain", choices=["plain", "unused", "nonfinite"])  # --job: also "nangrad"
     parser.add_argument("--compare_hook", action="store_true", help="also train a copy through the DDP comm hook")
+    parser.add_argument("--stagger", action="store_true", help="stagger_refresh=True (spread eigendecompositions)")
     parser.add_argument("--job", action="append", default=[], help="name,mode,sharding,scenario,resume,save_at[,options]")
     parser.add_argument("--eigh_failure", action="store_true", help="after the runs: a forced eigh failure on one owner")
     opts = parser.parse_args(argv)

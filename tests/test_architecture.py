@@ -17,6 +17,7 @@ LAYERS: Dict[str, float] = {
     "fop_math": 0,
     "profiling": 0,
     "curvature": 1,
+    "refresh": 1.5,
     "preconditioner": 2,
     "gradients": 2,
     "adamw": 2,

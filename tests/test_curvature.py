@@ -13,6 +13,7 @@ import gc
 import weakref
 
 import hf_fop.curvature as curvature
+import hf_fop.refresh as refresh
 from hf_fop import FOP, FOPConfig
 from hf_fop.curvature import find_layers
 from hf_fop.fop_math import kron_fisher, vec
@@ -553,8 +554,8 @@ def test_eigendecomposition_does_not_swallow_out_of_memory(monkeypatch):
     def no_memory(mat):
         raise oom
 
-    monkeypatch.setattr(curvature, "eigh_float32", no_memory)
-    monkeypatch.setattr(curvature, "eigh_float64", lambda m: calls.append(1))
+    monkeypatch.setattr(refresh, "eigh_float32", no_memory)
+    monkeypatch.setattr(refresh, "eigh_float64", lambda m: calls.append(1))
     F.cross_entropy(model(torch.randn(4, 3)), torch.zeros(4, dtype=torch.long)).backward()
     with pytest.raises(torch.OutOfMemoryError) as info:
         opt.step()
@@ -574,3 +575,73 @@ def test_capture_hooks_with_a_padding_mask_do_not_synchronise(monkeypatch):
             _token_loss(model(x[2 * k : 2 * k + 2]), y[2 * k : 2 * k + 2]).backward()
     assert opt.capturing and all(layer.a_sum is not None and layer.s_sums for layer in opt.layers)
     assert counter.calls == []
+
+
+# ---------------------------------------------------------------- capture on a row subsample
+def _masked_sequence(seed: int = 0):
+    """A Linear layer's (B, T, d) input and output gradient with padding: 6 sequences of 40 tokens, 2 of 3 real."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, 40, 5, generator=g)
+    grad = torch.randn(6, 40, 3, generator=g)
+    mask = (torch.rand(6, 40, generator=g) < 2 / 3).long()
+    layer = find_layers(nn.Sequential(nn.Linear(5, 3)), FOPConfig())[0][0]
+    return layer, x, grad, curvature.PaddingMask(mask)
+
+
+def test_subsampled_capture_uses_the_drawn_rows_exactly():
+    """With ``capture_rows`` R < N rows: A's sum and count, and S's sum, are over the R drawn rows (with
+    replacement, masks applied), S scaled by N / R; the same draws as ``torch.randint`` on the same generator."""
+    layer, x, grad, mask = _masked_sequence()
+    limit, n = 32, 6 * 40
+    gram, count = curvature._input_gram(layer, x, mask, limit, torch.Generator().manual_seed(7))
+    index = torch.randint(n, (limit,), generator=torch.Generator().manual_seed(7))
+    w = mask.weights.reshape(-1, 1)[index]
+    rows = torch.cat([x.reshape(n, 5)[index], torch.ones(limit, 1)], 1) * w
+    torch.testing.assert_close(gram, rows.T @ rows)
+    assert float(count) == float(w.sum())
+    s_gram = curvature._output_gram(layer, grad, mask, limit, torch.Generator().manual_seed(8))
+    index = torch.randint(n, (limit,), generator=torch.Generator().manual_seed(8))
+    g_rows = grad.reshape(n, 3)[index] * mask.weights.reshape(-1, 1)[index]
+    torch.testing.assert_close(s_gram, g_rows.T @ g_rows * (n / limit))
+
+
+def test_subsampled_capture_is_unbiased_and_full_below_the_limit():
+    layer, x, grad, mask = _masked_sequence(1)
+    full_a, full_count = curvature._input_gram(layer, x, mask)
+    full_s = curvature._output_gram(layer, grad, mask)
+    same, same_count = curvature._input_gram(layer, x, mask, 240, torch.Generator().manual_seed(0))
+    assert torch.equal(same, full_a) and float(same_count) == float(full_count)  # N <= R: every row, no draw
+    gen = torch.Generator().manual_seed(1)
+    draws = [curvature._input_gram(layer, x, mask, 24, gen) for _ in range(3000)]
+    mean_a = sum(g for g, _ in draws) / sum(float(c) for _, c in draws)  # ratio estimate of the mean a a^T
+    mean_s = sum(curvature._output_gram(layer, grad, mask, 24, gen) for _ in range(3000)) / 3000
+    assert ((mean_a - full_a / float(full_count)).norm() / (full_a / float(full_count)).norm()) < 0.02
+    assert ((mean_s - full_s).norm() / full_s.norm()) < 0.03
+
+
+def test_subsampled_capture_draws_depend_on_the_step_only():
+    """Two optimizers on the same model and data draw the same rows at every step (resume gives the same draws);
+    different steps draw differently."""
+    factors = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+        opt = FOP(model, lr=0.1, capture_rows=4, factor_decay=0.0)
+        x, y = torch.randn(16, 5, generator=torch.Generator().manual_seed(2)), torch.arange(16) % 3
+        seen = []
+        for _ in range(2):
+            with opt.sub_batch(0):
+                F.cross_entropy(model(x[:8]), y[:8]).backward()
+            with opt.sub_batch(1):
+                F.cross_entropy(model(x[8:]), y[8:]).backward()
+            opt.step()
+            opt.zero_grad()
+            seen.append(opt.layers[0].A.clone())
+        factors.append(seen)
+    assert torch.equal(factors[0][0], factors[1][0]) and torch.equal(factors[0][1], factors[1][1])
+    assert not torch.equal(factors[0][0], factors[0][1])  # another step, other rows (lr 0.1 barely moves x's layer)
+
+
+def test_capture_rows_must_be_positive():
+    with pytest.raises(ValueError, match=r"FOPConfig.capture_rows=0 is invalid: expected None \(every row\) or an integer >= 1"):
+        FOPConfig(capture_rows=0)

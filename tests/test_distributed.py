@@ -324,6 +324,31 @@ def test_factors_meet_only_on_inverse_steps_and_match_one_process(tmp_path, npro
     assert sent == [grads + flags + (triu if step % inverse_interval == 0 else 0) for step in range(steps)]
 
 
+@pytest.mark.parametrize("mode", ["fop", "kfac"])
+def test_staggered_refresh_averages_only_the_due_layers_and_matches_one_process(tmp_path, mode):
+    """The default staggered refresh under 2 processes: each step averages (all_reduce) and decomposes only the layers
+    whose slot it is (step 0: every layer, their first factors), and the run equals one process fed the same
+    sub-batches with the same schedule."""
+    from dist_workers import single_process
+
+    from hf_fop.refresh import refresh_slots
+
+    steps, inverse_interval = 6, 3
+    records = plain_torchrun(2, tmp_path / "run", "--mode", mode, "--steps", str(steps), "--inverse_interval",
+                             str(inverse_interval), "--stagger")
+    _assert_plain_replicas_identical(records)
+    _assert_matches_single(records, single_process(2, mode, steps, 1, inverse_interval, "plain", stagger_refresh=True))
+    managed = {"fc1": (7, 8), "extra": (9, 8), "fc2": (8, 4)}  # (A side with the bias column, S side), in model order
+    slots = dict(zip(managed, refresh_slots([i**3 + o**3 for i, o in managed.values()], inverse_interval)))
+    assert sorted(slots.values()) == [0, 1, 2]  # one layer per step of the cycle (``extra``, unused, never has factors)
+    dims = {n: managed[n] for n in ("fc1", "fc2")}  # the layers holding factors
+    triu = {n: 4 * sum(d * (d + 1) // 2 for d in dims[n]) for n in dims}
+    n_params = sum(v.numel() for v in records[0]["params"].values())
+    base = (4 * (n_params + 7) if mode == "fop" else 0) + 4 * (3 + 1)  # gradients + capture counts and flag
+    due = [list(dims) if step == 0 else [n for n in dims if slots[n] == step % inverse_interval] for step in range(steps)]
+    assert records[0]["bytes_per_step"] == [base + sum(triu[n] for n in names) for names in due]
+
+
 def test_a_rank_with_nonfinite_factors_makes_every_rank_skip(tmp_path):
     """Step 1: only the last rank's A overflows (its gradients stay finite); the one-element flag skips it everywhere."""
     records = plain_torchrun(2, tmp_path / "run", "--steps", "3", "--scenario", "nonfinite")
@@ -413,10 +438,13 @@ def test_specialists_two_processes_match_one_process_resume_across_modes_and_sur
     out = tmp_path / "run"
     records = plain_torchrun(2, out, "--steps", "6", "--accum", "2", "--inverse_interval", "3", "--eigh_failure",
                              "--job", "spec,fop,specialists,plain,-,4", "--job", "rep,fop,replicated,plain,{out}/spec_4.pt,5",
-                             "--job", "spec2,fop,specialists,plain,{out}/rep_5.pt,-", "--job", "nangrad,fop,specialists,nangrad,-,-")
+                             "--job", "spec2,fop,specialists,plain,{out}/rep_5.pt,-", "--job", "nangrad,fop,specialists,nangrad,-,-",
+                             "--job", "stagger,fop,specialists,plain,-,-,stagger_refresh=true")
     one = single_process(2, "fop", 6, 2, 3, "plain", save=str(tmp_path / "one_4.pt"), save_at=4)
     for name in ("spec", "rep", "spec2"):
         _assert_run_matches(records, name, one)
+    # the default staggered refresh: owners decompose their layers on the layers' slot steps, as one process does
+    _assert_run_matches(records, "stagger", single_process(2, "fop", 6, 2, 3, "plain", stagger_refresh=True))
     resumed = single_process(2, "fop", 6, 2, 3, "plain", resume=str(out / "spec_4.pt"))
     _assert_matches_single([resumed], one)
     saved = torch.load(out / "spec_4.pt", weights_only=False)["optimizer"]["fop"]["layers"]

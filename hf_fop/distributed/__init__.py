@@ -37,9 +37,9 @@ def make_distributor(engine: CurvatureEngine, config: FOPConfig, world_size: Opt
     """
     world_size = world()[1] if world_size is None else world_size
     if world_size == 1:
-        return SingleProcessCurvature(engine)
+        return SingleProcessCurvature(engine, config)
     device = engine.layers[0].weight.device if engine.layers else engine.device
     comm = Collectives(device)
     if config.curvature_sharding == "specialists":
         return SpecialistCurvature(engine, config, comm)
-    return ReplicatedCurvature(engine, comm)
+    return ReplicatedCurvature(engine, config, comm)

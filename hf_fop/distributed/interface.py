@@ -21,8 +21,10 @@ from typing import Dict, List, Optional, Tuple
 
 from torch import Tensor
 
+from ..config import FOPConfig
 from ..curvature import CurvatureEngine, KFACLayer
 from ..fop_math import LayerResult
+from ..refresh import refresh_layers
 
 Factors = Dict[str, Tuple[Tensor, Tensor]]
 """``{layer name: (A (in, in), S (out, out))}``."""
@@ -34,8 +36,9 @@ class CurvatureDistributor(ABC):
     comm = None
     """The :class:`~hf_fop.distributed.collectives.Collectives` of a multi-process distributor; ``None`` in one process."""
 
-    def __init__(self, engine: CurvatureEngine) -> None:
+    def __init__(self, engine: CurvatureEngine, config: FOPConfig) -> None:
         self.engine = engine
+        self.config = config
 
     @abstractmethod
     def owns(self, layer: KFACLayer) -> bool:
@@ -46,8 +49,9 @@ class CurvatureDistributor(ABC):
         """``(factors to give engine.update_factors, every rank's new factors are finite)`` (collective)."""
 
     @abstractmethod
-    def refresh_bases(self, only_missing: bool) -> None:
-        """Eigendecompose the factors where this distribution keeps them (collective)."""
+    def refresh_bases(self, layers: List[KFACLayer]) -> None:
+        """Eigendecompose the factors of ``layers`` (the same list on every rank) where this distribution keeps them
+        (collective)."""
 
     def share_results(self, layers: List[KFACLayer], results: Dict[str, Optional[LayerResult]]) -> Dict[str, Optional[LayerResult]]:
         """Every layer's :class:`LayerResult` on every rank, from the ranks that own them (collective)."""
@@ -82,5 +86,5 @@ class SingleProcessCurvature(CurvatureDistributor):
     def exchange_factors(self, new: Factors) -> Tuple[Factors, bool]:
         return new, True
 
-    def refresh_bases(self, only_missing: bool) -> None:
-        self.engine.update_eigenbases(only_missing=only_missing)
+    def refresh_bases(self, layers: List[KFACLayer]) -> None:
+        refresh_layers(self.engine, layers, self.config.max_eigh_failures)

@@ -14,11 +14,13 @@ finiteness flag, so every rank takes the same skip-step decision.
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import List, Sequence, Set, Tuple
 
 import torch
 
+from ..config import FOPConfig
 from ..curvature import CurvatureEngine, KFACLayer
+from ..refresh import refresh_layers
 from .collectives import Collectives, capture_counts, pack_triangles, unpack_triangles
 from .interface import CurvatureDistributor, Factors
 
@@ -26,18 +28,18 @@ from .interface import CurvatureDistributor, Factors
 class ReplicatedCurvature(CurvatureDistributor):
     """Every rank decomposes every factor and computes every layer's direction; factor traffic on inverse steps only."""
 
-    def __init__(self, engine: CurvatureEngine, comm: Collectives) -> None:
-        super().__init__(engine)
+    def __init__(self, engine: CurvatureEngine, config: FOPConfig, comm: Collectives) -> None:
+        super().__init__(engine, config)
         self.comm = comm
-        self._unsynced = False
-        """The ranks' factors may differ (local updates since the last average)."""
+        self._unsynced: Set[str] = set()
+        """Layers whose factors may differ across ranks (local updates since their last average)."""
 
     def owns(self, layer: KFACLayer) -> bool:
         return True
 
     @property
     def partial(self) -> bool:
-        return self._unsynced
+        return bool(self._unsynced)
 
     def exchange_factors(self, new: Factors) -> Tuple[Factors, bool]:
         layers = self.engine.layers
@@ -55,26 +57,29 @@ class ReplicatedCurvature(CurvatureDistributor):
             elif count != world_size:
                 pair = (pair[0] * (world_size / count), pair[1] * (world_size / count))
             out[layer.name] = pair
-        if out:
-            self._unsynced = True
+        self._unsynced.update(out)
         return out, True
 
-    def refresh_bases(self, only_missing: bool) -> None:
-        """Average the factors (:meth:`make_full`), then every rank eigendecomposes every layer's."""
-        self.make_full()
-        self.engine.update_eigenbases(only_missing=only_missing)
+    def refresh_bases(self, layers: List[KFACLayer]) -> None:
+        """Average these layers' factors over the ranks (:meth:`_average`), then every rank decomposes them."""
+        self._average(layers)
+        refresh_layers(self.engine, layers, self.config.max_eigh_failures)
 
     def make_full(self) -> None:
         """Replace every rank's factors by their mean over ranks (one ``all_reduce`` of upper triangles)."""
-        if not self._unsynced:
+        self._average(self.engine.layers)
+
+    def _average(self, layers: Sequence[KFACLayer]) -> None:
+        """The mean over ranks of the factors of those ``layers`` that changed since their last average."""
+        due = [layer for layer in layers if layer.name in self._unsynced and layer.A is not None]
+        if not due:
             return
-        mats = [mat for layer in self.engine.layers if layer.A is not None for mat in (layer.A, layer.S)]
-        if mats:
-            buf = pack_triangles(mats)
-            self.comm.all_reduce(buf)
-            buf /= self.comm.world_size
-            unpack_triangles(mats, buf)
-        self._unsynced = False
+        mats = [mat for layer in due for mat in (layer.A, layer.S)]
+        buf = pack_triangles(mats)
+        self.comm.all_reduce(buf)
+        buf /= self.comm.world_size
+        unpack_triangles(mats, buf)
+        self._unsynced.difference_update(layer.name for layer in due)
 
     def state_loaded(self) -> None:
-        self._unsynced = False
+        self._unsynced = set()

@@ -40,7 +40,7 @@ owner only and the AdamW parameters' gradients to everybody; otherwise (the acce
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.distributed as dist
@@ -49,6 +49,7 @@ from torch import Tensor
 from ..config import FOPConfig
 from ..curvature import CurvatureEngine, EigenBasis, KFACLayer
 from ..fop_math import LayerResult, LayerStats
+from ..refresh import refresh_layers
 from .collectives import Collectives, capture_counts, pack_triangles, unpack_triangles
 from .interface import CurvatureDistributor, Factors
 
@@ -90,8 +91,7 @@ class SpecialistCurvature(CurvatureDistributor):
     """Owners decompose and precondition their layers, every rank applies every update (see the module docstring)."""
 
     def __init__(self, engine: CurvatureEngine, config: FOPConfig, comm: Collectives) -> None:
-        super().__init__(engine)
-        self.config = config
+        super().__init__(engine, config)
         self.comm = comm
         self.rank, self.world_size = comm.rank, comm.world_size
         shapes = [(layer.in_dim, layer.out_dim) for layer in engine.layers]
@@ -101,8 +101,8 @@ class SpecialistCurvature(CurvatureDistributor):
         """Owner rank of each managed layer (the same on every rank)."""
         self.full = True
         """Every rank holds the full curvature state (after construction, loading or :meth:`make_full`)."""
-        self.dirty = False
-        """Factor updates since the owners last received the global factors."""
+        self.dirty: Set[str] = set()
+        """Layers with factor updates since their owner last received the global factors."""
 
     @property
     def partial(self) -> bool:
@@ -143,16 +143,16 @@ class SpecialistCurvature(CurvatureDistributor):
             else:
                 pair = (pair[0] / count, pair[1] / count)
             out[layer.name] = pair
-        if out:
-            self.dirty = True
+        self.dirty.update(out)
         return out, True
 
-    def _send_to_owners(self) -> None:
-        """Give each owner the global factors of its layers (one ``reduce`` of packed upper triangles per owner)."""
+    def _send_to_owners(self, layers: List[KFACLayer]) -> None:
+        """Give each owner the global factors of those of ``layers`` that changed since (one ``reduce`` of packed upper
+        triangles per owner)."""
         self._localize()
-        if not self.dirty:
+        layers = [layer for layer in layers if layer.name in self.dirty and layer.A is not None]
+        if not layers:
             return
-        layers = [layer for layer in self.engine.layers if layer.A is not None]
         works = []
         bufs = []
         for rank in range(self.world_size):
@@ -171,15 +171,16 @@ class SpecialistCurvature(CurvatureDistributor):
                 for layer in owned:
                     layer.A.zero_()
                     layer.S.zero_()
-        self.dirty = False
+        self.dirty.difference_update(layer.name for layer in layers)
 
-    def refresh_bases(self, only_missing: bool) -> None:
-        """Owners eigendecompose their layers' global factors; an owner's failure past the limit stops every rank."""
-        self._send_to_owners()
+    def refresh_bases(self, layers: List[KFACLayer]) -> None:
+        """Owners eigendecompose the global factors of their ``layers``; an owner's failure past the limit stops every
+        rank."""
+        self._send_to_owners(layers)
         failed = 0
         error: Optional[RuntimeError] = None
         try:
-            self.engine.update_eigenbases(only_missing=only_missing, select=self.owns)
+            refresh_layers(self.engine, [layer for layer in layers if self.owns(layer)], self.config.max_eigh_failures)
         except RuntimeError as err:  # max_eigh_failures reached: tell the other ranks before raising
             error = err
             limit = self.config.max_eigh_failures
@@ -286,12 +287,12 @@ class SpecialistCurvature(CurvatureDistributor):
         for owned, buf in self._broadcast_from_owners(layers, _pack_basis, basis_size):
             _unpack_bases(owned, buf)
         self.full = True
-        self.dirty = False
+        self.dirty = set()
 
     def state_loaded(self) -> None:
         """A loaded state is the full one on every rank; it is localised at the next factor update."""
         self.full = True
-        self.dirty = False
+        self.dirty = set()
 
 
 def _factor_mats(layers: List[KFACLayer]) -> List[Tensor]:

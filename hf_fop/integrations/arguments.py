@@ -91,6 +91,17 @@ class FOPTrainingArguments(TrainingArguments):
             "choices": ["absolute", "relative"],
         },
     )
+    fop_capture_rows: int = field(
+        default=_CONFIG_DEFAULTS.capture_rows or 0,
+        metadata={"help": "Curvature capture reads at most this many rows (tokens) of each managed layer's input and "
+                  "output gradient per forward/backward, drawn at random (unbiased), so its cost stops growing with "
+                  "the batch; 0 reads every row. >= 0."},
+    )
+    fop_stagger_refresh: bool = field(
+        default=_CONFIG_DEFAULTS.stagger_refresh,
+        metadata={"help": "Spread each inverse cycle's eigendecompositions over its fop_inverse_interval steps (no step "
+                  "pays for every layer at once); false decomposes every layer on the cycle's first step."},
+    )
     fop_curvature_sharding: str = field(
         default="replicated",
         metadata={
@@ -210,6 +221,8 @@ class FOPTrainingArguments(TrainingArguments):
             kl_clip=None if self.fop_kl_clip == 0 else self.fop_kl_clip,
             damping_mode=self.fop_damping_mode,
             curvature_sharding=self.fop_curvature_sharding,
+            capture_rows=None if self.fop_capture_rows == 0 else self.fop_capture_rows,
+            stagger_refresh=self.fop_stagger_refresh,
         )
         try:
             return FOPConfig(**values)
