@@ -211,24 +211,39 @@ def _flat_rows(layer: KFACLayer, t: Tensor, mask: Optional[PaddingMask]) -> Tupl
 
 
 def _subsample(
-    rows: Tensor, weights: Optional[Tensor], limit: Optional[int], generator: Optional[torch.Generator]
-) -> Tuple[Tensor, Optional[Tensor], float]:
-    """At most ``limit`` of the ``N`` rows, drawn uniformly with replacement, as float32 with the mask applied, and
-    ``N / R`` (the factor that makes a sum over the ``R`` drawn rows an unbiased estimate of the sum over all rows).
+    rows: Tensor, weights: Optional[Tensor], limit: Optional[int], generator: Optional[torch.Generator], bias: bool
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Float32 rows with the mask applied, and the bias column (the mask weights, or ``None`` for all ones), as
+    ``(rows (R, d), column (R, 1) or None)``: every row when ``N <= limit``; otherwise ``limit`` rows drawn with
+    replacement with probability ``p_i`` proportional to their squared norm (bias column included), each scaled by
+    ``1 / sqrt(R p_i)``, so that ``sum_drawn x x^T`` is an unbiased estimate of ``sum_all x x^T``.
 
-    The rows are gathered before the float32 cast and the mask, so the capture's cost stops growing with the batch.
+    Norm-proportional sampling keeps the estimate good when a few rows carry most of the curvature (the output
+    gradients of a classifier's pooled token, say); zero rows (padding) are never drawn. The rows are gathered
+    before the float32 cast, so the capture's cost stops growing with the batch.
     """
     n = rows.shape[0]
-    scale = 1.0
-    if limit is not None and n > limit:
-        index = torch.randint(n, (limit,), generator=generator, device=rows.device)
-        rows = rows.index_select(0, index)
-        weights = weights.index_select(0, index) if weights is not None else None
-        scale = n / limit
-    rows = rows.float()
-    if weights is not None:
-        rows = rows * weights
-    return rows, weights, scale
+    if limit is None or n <= limit:
+        rows = rows.float()
+        if weights is not None:
+            rows = rows * weights
+        return rows, weights
+    with torch.autocast(device_type=rows.device.type, enabled=False):
+        square = rows.float().square().sum(1, keepdim=True)  # (N, 1); the full-precision copy is never kept
+        if bias:
+            square = square + 1.0
+        if weights is not None:
+            square = square * weights.square()
+        # a floor keeps an all-zero batch drawable; zero rows add nothing whatever their scale, so it stays unbiased
+        square = square + torch.finfo(torch.float32).tiny
+        total = square.sum()
+        index = torch.multinomial(square.reshape(-1), limit, replacement=True, generator=generator)
+        scale = torch.rsqrt(square.index_select(0, index) * (limit / total))  # 1 / sqrt(R p_i), (R, 1)
+        picked = rows.index_select(0, index).float() * scale
+        column = scale if weights is None else weights.index_select(0, index) * scale
+        if weights is not None:
+            picked = picked * weights.index_select(0, index)
+    return picked, (column if bias or weights is not None else None)
 
 
 def _input_gram(
@@ -238,10 +253,10 @@ def _input_gram(
     """``rows^T rows`` of the layer input's float32 rows (expand convention) with a bias column of ones appended,
     ``(in + 1, in + 1)`` (``(in, in)`` without bias), and the count of real rows it sums over.
 
-    ``limit``: use at most that many rows, drawn at random (:func:`_subsample`); A is the sum over the count either
-    way, so it estimates the same mean. The bias column's blocks (``rows^T 1`` and the row count) are computed from
-    the rows as they are, so the rows are never copied to append a column. Padded rows are zero, bias column
-    included, so they add nothing.
+    ``limit``: estimate the sum from at most that many drawn rows (:func:`_subsample`); the count is every real
+    row's either way. The bias column's blocks (``rows^T 1`` and the row count) are computed from the rows as they
+    are, so the rows are never copied to append a column. Padded rows are zero, bias column included, so they add
+    nothing.
     """
     module = layer.module
     if layer.kind == "conv2d":
@@ -251,12 +266,13 @@ def _input_gram(
         flat, weights = patches.transpose(1, 2).reshape(-1, patches.shape[1]), None
     else:
         flat, weights = _flat_rows(layer, x, mask)
-    rows, weights, _ = _subsample(flat, weights, limit, generator)
-    count: Union[int, Tensor] = rows.shape[0] if weights is None else weights.sum()
+    count: Union[int, Tensor] = flat.shape[0] if weights is None else weights.sum()
+    rows, ones = _subsample(flat, weights, limit, generator, module.bias is not None)
     gram = _gram(rows)
     if module.bias is None:
         return gram, count
-    ones = rows.new_ones(rows.shape[0], 1) if weights is None else weights.float()  # a masked row's bias is its weight
+    if ones is None:  # every row, no mask: the bias column is ones
+        ones = rows.new_ones(rows.shape[0], 1)
     with torch.autocast(device_type=rows.device.type, enabled=False):
         column, corner = rows.T @ ones, ones.T @ ones  # (in, 1), (1, 1)
     return torch.cat([torch.cat([gram, column], 1), torch.cat([column.T, corner], 1)], 0), count
@@ -267,19 +283,18 @@ def _output_gram(
     generator: Optional[torch.Generator] = None, loss_scale: float = 1.0,
 ) -> Tensor:
     """``sum_rows s s^T`` of the output gradient's float32 rows ``(out, out)`` (padded rows zeroed, ``loss_scale``
-    divided out of the rows); with ``limit``, the unbiased estimate ``N / R sum_{drawn rows}`` from at most
-    ``limit`` random rows."""
+    divided out of the rows); with ``limit``, its unbiased estimate from at most ``limit`` drawn rows
+    (:func:`_subsample`)."""
     if layer.kind == "conv2d":
         if g.dim() == 3:
             g = g.unsqueeze(0)
         flat, weights = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1]), None
     else:
         flat, weights = _flat_rows(layer, g, mask)
-    rows, _, scale = _subsample(flat, weights, limit, generator)
+    rows, _ = _subsample(flat, weights, limit, generator, bias=False)
     if loss_scale != 1.0:
         rows = rows / loss_scale
-    gram = _gram(rows)
-    return gram if scale == 1.0 else gram * scale
+    return _gram(rows)
 
 
 def _gram(rows: Tensor) -> Tensor:
@@ -344,8 +359,14 @@ def _label_shift(model: nn.Module) -> int:
 
 
 def _forward_hook(engine_ref: "weakref.ReferenceType[CurvatureEngine]", index: int) -> Callable:
-    """Forward hook of managed layer ``index``; holds the engine weakly (a collected engine captures nothing)."""
+    """Forward hook of managed layer ``index``; holds the engine weakly (a collected engine captures nothing).
 
+    Opaque to ``torch.compile`` (``torch.compiler.disable``): a compiled model runs it eagerly between graphs instead
+    of tracing the engine's Python state into guards that change every step (and recompiling). The hooks exist on
+    capture steps only (:attr:`CurvatureEngine.capture`), so the other steps run the model's own graphs.
+    """
+
+    @torch.compiler.disable
     def hook(module: nn.Module, inputs: Tuple[Tensor, ...], output: Tensor) -> None:
         engine = engine_ref()
         if engine is not None:
@@ -386,8 +407,7 @@ class CurvatureEngine:
             layer.masked = encoder is None or id(layer.module) in encoder
         self.label_shift = _label_shift(model)
         """Logit position t is scored against ``labels[:, t + label_shift]`` (1 for causal LMs)."""
-        self.capture = False
-        """Set by the optimizer: the coming forward/backward passes belong to a curvature step."""
+        self._capture = False
         self.enabled = True
         """False in evaluation mode (``FOP.eval()``): nothing is captured."""
         self.group = -1
@@ -406,7 +426,24 @@ class CurvatureEngine:
         self._take_over()
         self._handles: List[torch.utils.hooks.RemovableHandle] = []
         self._finalizer = weakref.finalize(self, _remove_handles, self._handles)
-        self._install_hooks()
+
+    @property
+    def capture(self) -> bool:
+        """Whether the coming forward/backward passes belong to a curvature step (set by the optimizer).
+
+        The layers carry the capture hooks only while it is true: the other steps run the model as it is.
+        """
+        return self._capture
+
+    @capture.setter
+    def capture(self, value: bool) -> None:
+        self._capture = bool(value)
+        if self.released is not None:
+            return
+        if self._capture and not self._handles:
+            self._install_hooks()
+        elif not self._capture and self._handles:
+            _remove_handles(self._handles)
 
     # ------------------------------------------------------------ lifetime
     def _take_over(self) -> None:
@@ -430,7 +467,7 @@ class CurvatureEngine:
             _OWNERS[layer.module] = weakref.ref(self)
 
     def _install_hooks(self) -> None:
-        """Register the forward hooks."""
+        """Register the forward hooks (into the list the finalizer holds)."""
         ref = weakref.ref(self)
         for index, layer in enumerate(self.layers):
             self._handles.append(layer.module.register_forward_hook(_forward_hook(ref, index)))
@@ -477,7 +514,7 @@ class CurvatureEngine:
         self.padding_mask = None if mask is None else PaddingMask(mask)
 
     def _active(self, module: nn.Module) -> bool:
-        return self.capture and self.enabled and module.training and torch.is_grad_enabled()
+        return self.released is None and self._capture and self.enabled and module.training and torch.is_grad_enabled()
 
     def _on_forward(self, layer: KFACLayer, module: nn.Module, inputs: Tuple[Tensor, ...], output: Tensor) -> None:
         if not self._active(module) or not output.requires_grad:

@@ -391,21 +391,21 @@ class FOP(torch.optim.Optimizer):
             layer for layer in self.engine.layers if id(layer.weight) in in_group and self.grads.has_gradient(layer.params)
         ]
         results: Dict[str, Optional[LayerResult]] = {}
-        dir_hats: Dict[str, Tensor] = {}
+        deltas: Dict[str, Tensor] = {}
         for layer in layers:
             if distributor.owns(layer):
                 results[layer.name], dir_hat = layer_direction(layer, self.config, diffs)
-                if dir_hat is not None:
-                    dir_hats[layer.name] = dir_hat
+                # back to parameter coordinates at once (no second copy of every direction); without a basis the
+                # identity step: the gradient itself
+                deltas[layer.name] = (
+                    layer_gradient(layer) if dir_hat is None else unrotate(dir_hat, layer.basis_s.q, layer.basis_a.q)
+                )
         results = distributor.share_results(layers, results)
         scale = kl_clip_scale(self.config.kl_clip, [r.kl for r in results.values() if r is not None], lr)
-        deltas: Dict[str, Tensor] = {}
-        for layer in layers:
-            if layer.name in dir_hats:
-                dir_hat = dir_hats[layer.name] if scale is None else dir_hats[layer.name] * scale
-                deltas[layer.name] = unrotate(dir_hat, layer.basis_s.q, layer.basis_a.q)
-            elif distributor.owns(layer):  # identity step: the gradient itself
-                deltas[layer.name] = layer_gradient(layer)
+        if scale is not None:  # the trust region scales every preconditioned direction (not identity steps)
+            clipped = [deltas[l.name] for l in layers if l.name in deltas and results[l.name] is not None]
+            if clipped:
+                torch._foreach_mul_(clipped, scale)
         deltas = distributor.share_directions(layers, deltas)
         for layer in layers:
             if results[layer.name] is None:
