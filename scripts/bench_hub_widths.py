@@ -778,25 +778,33 @@ def plot(result: Dict[str, Any], path: Path) -> None:
 
 
 # ------------------------------------------------------------------ plan
+def _clocked(fn: Callable[[], Any], sync: Callable[[], None]) -> Tuple[float, float]:
+    """``(wall seconds, CPU seconds of this process)`` of ``fn()``."""
+    sync()
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    sync()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
 def estimate_seconds(spec: ModelSpec, tokens: Sequence[int], steps: Optional[int], memory_tokens: Optional[int],
-                     device: torch.device) -> Dict[str, float]:  # fmt: skip
+                     device: torch.device, threads: int) -> Dict[str, float]:  # fmt: skip
     """Estimated seconds of :func:`measure_model` (+ memory) from short timings on this machine: one AdamW and one
     FOP passes at the smallest token count (scaled linearly in tokens), one eigendecomposition and one product of the
-    model's largest factor side (scaled as d^3) for the refresh and the rotations."""
+    model's largest factor side (scaled as d^3) for the refresh and the rotations.
+
+    ``seconds``: from wall-clock timings (this machine at its current load); ``seconds_idle``: from CPU time divided by
+    ``threads`` (what an idle machine would take if the threads scaled perfectly; CPU only)."""
     model = build_model(spec, device)
     sync = _sync_fn(device)
     t0 = min(tokens)
     halves = split_halves(make_batch(spec, batch_size(spec, t0), device))
-    times = {}
+    clocks: Dict[str, Tuple[float, float]] = {}
     for kind in ("adamw", "fop"):  # AdamW's passes first: FOP's hooks capture once it exists
         opt = make_optimizer(kind, model)
         for _ in range(2):  # warm-up, then timed
             opt.zero_grad(set_to_none=True)
-            sync()
-            start = time.perf_counter()
-            run_passes(kind, model, opt, halves)
-            sync()
-            times[kind] = time.perf_counter() - start
+            clocks[kind] = _clocked(lambda: run_passes(kind, model, opt, halves), sync)
         opt.zero_grad(set_to_none=True)
     assert isinstance(opt, FOP)
     length = cycle_steps(opt.config)
@@ -804,30 +812,29 @@ def estimate_seconds(spec: ModelSpec, tokens: Sequence[int], steps: Optional[int
     d = max(max(dims))
     mat = torch.randn(d, d, device=device)
     mat = mat @ mat.T
-    sync()
-    start = time.perf_counter()
-    torch.linalg.eigh(mat)
-    sync()
-    eigh_per_d3 = (time.perf_counter() - start) / d**3
-    start = time.perf_counter()
-    mat @ mat
-    sync()
-    flop_rate = 2 * d**3 / (time.perf_counter() - start)
-    refresh = sum(eigh_per_d3 * (a**3 + b**3) for a, b in dims)
-    opt_step = {k: rotation_flops(dims, r) / flop_rate for k, r in ROTATIONS.items()}
-    tiny = 2 * (spec.seq if spec.family == "vit" else TINY_SEQ) / (batch_size(spec, t0) * spec.seq)
-    total = sum(2 * refresh + (length + 1) * (opt_step[k] + tiny * times["fop"]) for k in opt_step)  # the windows
-    for t in tokens:
-        scale = batch_size(spec, t) / batch_size(spec, t0)
-        n = steps or default_steps(t)
-        adamw, fop = scale * times["adamw"], scale * times["fop"]
-        total += n * adamw + sum(n * (fop + opt_step[k]) + refresh + fop for k in opt_step)
-    if memory_tokens is not None:
-        scale = batch_size(spec, memory_tokens) / batch_size(spec, t0)
-        total += 3 * 5.0 + 2 * scale * times["adamw"] + sum(2 * (scale * times["fop"] + opt_step[k]) + refresh
-                                                             for k in opt_step)  # fmt: skip
-    return {"seconds": total, "passes_adamw_s": times["adamw"], "passes_fop_s": times["fop"], "refresh_s": refresh,
-            "opt_step_fop_s": opt_step["fop"], "cycle_steps": float(length)}  # fmt: skip
+    clocks["eigh"] = _clocked(lambda: torch.linalg.eigh(mat), sync)
+    clocks["mm"] = _clocked(lambda: mat @ mat, sync)
+
+    def total(seconds: Dict[str, float]) -> float:
+        refresh = sum(seconds["eigh"] / d**3 * (a**3 + b**3) for a, b in dims)
+        opt_step = {k: rotation_flops(dims, r) / (2 * d**3) * seconds["mm"] for k, r in ROTATIONS.items()}
+        tiny = 2 * (spec.seq if spec.family == "vit" else TINY_SEQ) / (batch_size(spec, t0) * spec.seq)
+        out = sum(2 * refresh + (length + 1) * (opt_step[k] + tiny * seconds["fop"]) for k in opt_step)  # windows
+        for t in tokens:
+            scale = batch_size(spec, t) / batch_size(spec, t0)
+            n = steps or default_steps(t)
+            out += n * scale * seconds["adamw"] + sum(n * (scale * seconds["fop"] + opt_step[k]) + refresh
+                                                      + scale * seconds["fop"] for k in opt_step)  # fmt: skip
+        if memory_tokens is not None:  # + about 5 s per interpreter start
+            scale = batch_size(spec, memory_tokens) / batch_size(spec, t0)
+            out += 15.0 + 2 * scale * seconds["adamw"] + sum(2 * (scale * seconds["fop"] + opt_step[k]) + refresh
+                                                            for k in opt_step)  # fmt: skip
+        return out
+
+    wall = {k: w for k, (w, _) in clocks.items()}
+    idle = {k: c / threads for k, (_, c) in clocks.items()}
+    return {"seconds": total(wall), "seconds_idle": total(idle) if device.type == "cpu" else total(wall),
+            "passes_adamw_s": wall["adamw"], "passes_fop_s": wall["fop"], "cycle_steps": float(length)}  # fmt: skip
 
 
 # ------------------------------------------------------------------ main
@@ -910,14 +917,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         return {}
     memory_tokens = None if args.no_memory else (args.memory_tokens or min(tokens))
     if args.plan:
-        plan = {s.name: estimate_seconds(s, tokens, args.steps, memory_tokens, device) for s in specs}
+        plan = {s.name: estimate_seconds(s, tokens, args.steps, memory_tokens, device, args.threads) for s in specs}
         for name, e in plan.items():
-            print(f"# {name}: ~{e['seconds'] / 60:.1f} min (passes at {min(tokens)} tokens: AdamW {e['passes_adamw_s']:.2f} s, "
-                  f"FOP {e['passes_fop_s']:.2f} s; refresh ~{e['refresh_s']:.1f} s; FOP opt.step ~{e['opt_step_fop_s']:.2f} s; "
-                  f"cycle {e['cycle_steps']:.0f} steps)", file=sys.stderr)  # fmt: skip
-        total = sum(e["seconds"] for e in plan.values())
-        print(f"# estimated total: {total / 60:.1f} min on {args.threads} thread(s) (+- 50%)", file=sys.stderr)
-        result = {"plan": plan, "estimated_seconds": total}
+            _log(f"{name}: ~{e['seconds'] / 60:.1f} min at the current load, ~{e['seconds_idle'] / 60:.1f} min idle "
+                 f"(passes at {min(tokens)} tokens: AdamW {e['passes_adamw_s']:.2f} s, FOP {e['passes_fop_s']:.2f} s; "
+                 f"cycle {e['cycle_steps']:.0f} steps)")  # fmt: skip
+        total, idle = sum(e["seconds"] for e in plan.values()), sum(e["seconds_idle"] for e in plan.values())
+        _log(f"estimated total on {args.threads} thread(s), +-50%: {total / 60:.1f} min at the current load "
+             f"(load average {os.getloadavg()[0]:.1f}), {idle / 60:.1f} min on an idle machine")
+        result = {"plan": plan, "estimated_seconds": total, "estimated_seconds_idle": idle}
         print(json.dumps(result))
         return result
     t_start = time.perf_counter()
