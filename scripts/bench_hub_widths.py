@@ -34,8 +34,8 @@ steps that capture). So, per model, for K-FAC and FOP:
    ``torch.profiler``; each position's ``opt.step()`` seconds ``o_p`` and whether it captured curvature (``c_p``,
    from the ``factor_updates`` counter) are recorded, and the optimizer state before the last window step (position
    0) is kept;
-2. *real steps* at each token count, from that state: positions ``0 .. n-1`` (``--steps``, default 4/3/2 at
-   <=4k/<=16k/more tokens), plus the position with the largest ``o_p`` and one position of each kind (capturing /
+2. *real steps* at each token count, from that state: positions ``0 .. n-1`` (``--steps``, default 3 up to 4k
+   tokens, else 2), plus the position with the largest ``o_p`` and one position of each kind (capturing /
    not) if they are not among them (reached by untimed 2-example steps). The token-dependent part of a step of kind
    ``c`` is ``u(c) = median over real steps q of kind c of (step_q - o_q)``: the passes, plus whatever
    ``opt.step()`` does that depends on the token count after all, plus the profiler's overhead in ``o_q`` (removed);
@@ -146,9 +146,6 @@ class ModelSpec:
     image: int = 0
     patch: int = 0
     pretrained: bool = False
-
-    def label(self) -> str:
-        return f"{self.name} ({self.hidden}/{self.intermediate}, {self.layers} layers, {self.seq} tokens/example)"
 
 
 SPECS: Dict[str, ModelSpec] = {
@@ -316,8 +313,8 @@ def positions_to_measure(opt_s: Sequence[float], capture: Sequence[bool], steps:
 
 
 def default_steps(tokens: int) -> int:
-    """Real steps per optimizer and point: 4 up to 4k tokens, 3 up to 16k, 2 above (the 30-minute budget)."""
-    return 4 if tokens <= 4096 else 3 if tokens <= 16384 else 2
+    """Real steps per optimizer and point: 3 up to 4k tokens, 2 above (the 30-minute budget)."""
+    return 3 if tokens <= 4096 else 2
 
 
 def parse_tokens(text: str) -> int:
@@ -468,9 +465,12 @@ def schedule_window(runners: Sequence[Runner], tiny: Sequence[Dict[str, Tensor]]
     return out
 
 
-def profile_passes(r: Runner, halves: Sequence[Dict[str, Tensor]], device: torch.device) -> Dict[str, Any]:
-    """Profile the passes of a capturing step (state from the snapshot, position 0), then discard them."""
+def profile_passes(r: Runner, halves: Sequence[Dict[str, Tensor]], tiny: Sequence[Dict[str, Tensor]], length: int,
+                   device: torch.device) -> Dict[str, Any]:  # fmt: skip
+    """Profile the passes of a capturing step (the first from the snapshot's position 0), then discard them."""
     r.opt.load_state_dict(r.snapshot)
+    while not r.capture[r.position(length)]:
+        r.step(tiny)
     r.sync()
     with profile(activities=_activities(device)) as prof:
         with record_function(PASSES_SCOPE):
@@ -521,7 +521,7 @@ def measure_point(runners: Dict[str, Runner], spec: ModelSpec, tokens: int, step
             res.update(step_s=cyc["mean_s"], median_step_s=cyc["median_s"], cycle_steps_s=cyc["steps_s"],
                        token_part_s=cyc["token_part_s"])  # fmt: skip
             by_kind = {c: [s["passes_s"] for s in real[kind] if r.capture[s["position"]] == c] for c in (True, False)}
-            prof = profile_passes(r, halves, device)
+            prof = profile_passes(r, halves, tiny, length, device)
             res["passes_shares"] = prof["passes_shares"]
             res["breakdown_ms"] = breakdown(
                 statistics.median(by_kind[True]), statistics.median(by_kind[False]) if by_kind[False] else None,
@@ -856,7 +856,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", choices=tuple(SPECS), help=f"default: all ({', '.join(SPECS)})")
     p.add_argument("--tokens", nargs="+", type=parse_tokens, help="tokens per step, e.g. 2k 8k 32k (the default)")
     p.add_argument("--quick", action="store_true", help="MiniLM at 2k tokens only (< 3 min on 2 idle cores)")
-    p.add_argument("--steps", type=_positive("steps"), help="real steps per optimizer and point (default 4/3/2)")
+    p.add_argument("--steps", type=_positive("steps"), help="real steps per optimizer and point (default 3 up to 4k tokens, else 2)")
     p.add_argument("--memory-tokens", type=parse_tokens, help="token count of the memory runs (default: smallest)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--whole-cycle", action="store_true", help="also time whole real cycles of K-FAC and FOP (check)")
