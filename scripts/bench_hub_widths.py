@@ -236,7 +236,7 @@ def split_halves(inputs: Dict[str, Tensor]) -> Tuple[Dict[str, Tensor], Dict[str
 
 
 def make_optimizer(kind: str, model: nn.Module) -> torch.optim.Optimizer:
-    """``adamw``: torch AdamW (foreach); ``kfac``/``fop``: :class:`FOP` with the shipped defaults (AdamW part lr 1e-4)."""
+    """``adamw``: torch AdamW (foreach); ``kfac``/``fop``: :class:`FOP`, shipped defaults (AdamW part: lr 1e-4)."""
     if kind == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=ADAMW_LR, foreach=True)
     return FOP(model, mode=kind, adamw_lr=ADAMW_LR)
@@ -266,8 +266,8 @@ def cycle_steps(config: FOPConfig) -> int:
 
 # ------------------------------------------------------------------ pure arithmetic
 def rotation_flops(dims: Sequence[Tuple[int, int]], rotations: int) -> int:
-    """FLOPs of ``rotations`` eigenbasis rotations of every layer ``(d_in, d_out)``: ``2 d_in d_out (d_in + d_out)`` each
-    (``Q_S^T G`` and ``(.) Q_A``, two GEMMs)."""
+    """FLOPs of ``rotations`` eigenbasis rotations of every layer ``(d_in, d_out)``: ``2 d_in d_out (d_in + d_out)``
+    each (``Q_S^T G`` and ``(.) Q_A``, two GEMMs)."""
     return sum(rotations * 2 * d_in * d_out * (d_in + d_out) for d_in, d_out in dims)
 
 
@@ -318,12 +318,12 @@ def default_steps(tokens: int) -> int:
 
 
 def parse_tokens(text: str) -> int:
-    """``"2048"`` or ``"2k"`` (x1024) to an integer in [2, 2**20]; else ``argparse.ArgumentTypeError`` naming --tokens."""
+    """``"2048"`` or ``"2k"`` (x1024) to an integer in [2, 2**20]; else an ``ArgumentTypeError`` naming --tokens."""
     raw = text.strip().lower()
     try:
         value = int(raw[:-1]) * 1024 if raw.endswith("k") else int(raw)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--tokens: expected an integer or a number of k (x1024), e.g. 2k, got {text!r}")
+        raise argparse.ArgumentTypeError(f"--tokens: expected an integer or k (x1024), e.g. 2k, got {text!r}")
     if not 2 <= value <= MAX_TOKENS:
         raise argparse.ArgumentTypeError(f"--tokens must be in [2, {MAX_TOKENS}] tokens per step, got {text!r}")
     return value
@@ -376,7 +376,11 @@ def shares(table: Dict[str, Dict[str, float]], groups: Dict[str, Sequence[str]])
     return {name: sum(totals.get(p, 0.0) for p in members) / whole for name, members in groups.items()}
 
 
-PASSES_GROUPS = {"fwd_bwd": ("passes",), "capture": ("capture_forward", "capture_backward"), "sub_batches": ("sub_batches",)}
+PASSES_GROUPS = {
+    "fwd_bwd": ("passes",),
+    "capture": ("capture_forward", "capture_backward"),
+    "sub_batches": ("sub_batches",),
+}
 OPT_GROUPS = {
     "refresh": ("refresh",),
     "precondition": ("precondition",),
@@ -482,7 +486,8 @@ def profile_passes(r: Runner, halves: Sequence[Dict[str, Tensor]], tiny: Sequenc
 
 
 def measure_point(runners: Dict[str, Runner], spec: ModelSpec, tokens: int, steps: int, length: int,
-                  device: torch.device, tiny: Sequence[Dict[str, Tensor]], whole_cycle: bool) -> Dict[str, Any]:  # fmt: skip
+                  device: torch.device, tiny: Sequence[Dict[str, Tensor]], whole_cycle: bool
+                  ) -> Dict[str, Any]:  # fmt: skip
     """Real steps of the three optimizers at ``tokens`` (round-robin), the profiled passes and the cycle figures."""
     batch = batch_size(spec, tokens)
     halves = split_halves(make_batch(spec, batch, device))
@@ -591,8 +596,9 @@ def measure_model(spec: ModelSpec, tokens: Sequence[int], steps: Optional[int], 
     runners["adamw"].step(tiny)  # AdamW allocates its state; K-FAC/FOP warm up in the window
     start = time.perf_counter()
     window = schedule_window([runners["kfac"], runners["fop"]], tiny, length, device)
+    per_position = "; ".join(f"{k} " + " ".join(f"{1e3 * o:.0f}" for o in runners[k].opt_s) for k in ("kfac", "fop"))
     _log(f"{spec.name}: schedule window of {length} steps in {time.perf_counter() - start:.0f} s; opt.step ms per "
-         "position: " + "; ".join(f"{k} " + " ".join(f"{1e3 * o:.0f}" for o in runners[k].opt_s) for k in ("kfac", "fop")))
+         f"position: {per_position}")
     for kind in ("kfac", "fop"):
         runners[kind].opt_shares = window[kind]["opt_shares"]
     points = []
@@ -667,7 +673,8 @@ def measure_memory(name: str, tokens: int, args: argparse.Namespace) -> Dict[str
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     for kind in OPTIMIZERS:
         cmd = [sys.executable, __file__, "--memory-child", kind, "--models", name, "--tokens", str(tokens),
-               "--device", args.device, "--threads", str(args.threads)] + (["--smoke"] if args.smoke else [])  # fmt: skip
+               "--device", args.device, "--threads", str(args.threads)]  # fmt: skip
+        cmd += ["--smoke"] if args.smoke else []
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"memory run of {kind} on {name} failed:\n{done.stderr[-2000:]}")
@@ -699,10 +706,11 @@ def goals(models: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 def markdown(result: Dict[str, Any]) -> str:
     """The tables of a result: ratios per model x token count, where the time goes, memory, goals."""
-    lines = [f"{result['machine']}; torch {result['torch']}; {result['date']}; load average (1 min) at start "
+    lines = [("SMOKE RUN (tiny widths, not the hub models): " if result["smoke"] else "")
+             + f"{result['machine']}; torch {result['torch']}; {result['date']}; load average (1 min) at start "
              f"{result['load_avg_1m']:.1f}; run took {result['seconds'] / 60:.1f} min.", "",
-             "| model | tokens (batch) | AdamW ms | K-FAC ms | FOP ms | FOP/AdamW | K-FAC/AdamW | limit FOP | limit K-FAC "
-             "| FOP/AdamW bound | max/median AdamW, K-FAC, FOP |",
+             "| model | tokens (batch) | AdamW ms | K-FAC ms | FOP ms | FOP/AdamW | K-FAC/AdamW | limit FOP "
+             "| limit K-FAC | FOP/AdamW bound | max/median AdamW, K-FAC, FOP |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for m in result["models"]:
         for p in m["points"]:
@@ -726,8 +734,9 @@ def markdown(result: Dict[str, Any]) -> str:
               "|---|---|---|---|---|"]  # fmt: skip
     for m in result["models"]:
         s = m["schedule"]
-        lines.append(f"| {m['model']} | {m['cycle_steps']} | {s['kfac']['eigh_per_cycle']}, {s['fop']['eigh_per_cycle']} "
-                     f"| {m['params'] / 1e6:.1f} M | {m['managed_layers']} |")  # fmt: skip
+        eighs = f"{s['kfac']['eigh_per_cycle']}, {s['fop']['eigh_per_cycle']}"
+        params = f"{m['params'] / 1e6:.1f} M"
+        lines.append(f"| {m['model']} | {m['cycle_steps']} | {eighs} | {params} | {m['managed_layers']} |")
     if any("memory" in m for m in result["models"]):
         lines += ["", "| model | tokens | optimizer | peak MiB | state MiB (main run) |", "|---|---|---|---|---|"]
         for m in result["models"]:
@@ -742,7 +751,8 @@ def markdown(result: Dict[str, Any]) -> str:
 
 
 def plot(result: Dict[str, Any], path: Path) -> None:
-    """FOP/AdamW and K-FAC/AdamW against tokens per step, one panel per model, ``1 + limit`` dotted (log x)."""
+    """FOP/AdamW and K-FAC/AdamW against tokens per step, one panel per model, ``1 + limit`` dotted and FOP's goal
+    ``1.15 (1 + limit)`` dash-dotted (log x)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -759,6 +769,8 @@ def plot(result: Dict[str, Any], path: Path) -> None:
                     label=f"{'FOP' if kind == 'fop' else 'K-FAC'}/AdamW")  # fmt: skip
             ax.plot(xs, [1 + p[f"rotation_limit_{kind}"] for p in m["points"]], ":", color=color,
                     label=f"1 + rotation limit ({'FOP' if kind == 'fop' else 'K-FAC'})")  # fmt: skip
+        ax.plot(xs, [p["fop_over_adamw_bound"] for p in m["points"]], "-.", color="tab:red", linewidth=0.8,
+                label="goal: 1.15 (1 + limit FOP)")  # fmt: skip
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [f"{x / 1024:.3g}k" for x in xs])
@@ -770,7 +782,8 @@ def plot(result: Dict[str, Any], path: Path) -> None:
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(models):]:
         ax.set_visible(False)
-    fig.suptitle(f"{result['machine']}; {result['date']}", fontsize=9)
+    fig.suptitle(("SMOKE RUN (tiny widths); " if result["smoke"] else "") + f"{result['machine']}; {result['date']}",
+                 fontsize=9)  # fmt: skip
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -856,7 +869,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", choices=tuple(SPECS), help=f"default: all ({', '.join(SPECS)})")
     p.add_argument("--tokens", nargs="+", type=parse_tokens, help="tokens per step, e.g. 2k 8k 32k (the default)")
     p.add_argument("--quick", action="store_true", help="MiniLM at 2k tokens only (< 3 min on 2 idle cores)")
-    p.add_argument("--steps", type=_positive("steps"), help="real steps per optimizer and point (default 3 up to 4k tokens, else 2)")
+    p.add_argument("--steps", type=_positive("steps"), help="real steps per optimizer and point (default: 3 up to 4k "
+                   "tokens, else 2)")  # fmt: skip
     p.add_argument("--memory-tokens", type=parse_tokens, help="token count of the memory runs (default: smallest)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--whole-cycle", action="store_true", help="also time whole real cycles of K-FAC and FOP (check)")
@@ -929,8 +943,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         print(json.dumps(result))
         return result
     t_start = time.perf_counter()
-    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
-               else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads")  # fmt: skip
+    cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads"
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     result: Dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine, "device": device.type, "threads": args.threads, "load_avg_1m": os.getloadavg()[0],
