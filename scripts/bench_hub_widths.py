@@ -42,8 +42,9 @@ steps that capture). So, per model, for K-FAC and FOP:
 3. the cycle: step ``p`` costs ``o_p + u(c_p)``; **ms/step** is the mean over the ``L`` positions, the
    **median step** their median. The **max step** is the largest *real* step measured.
 
-``--whole-cycle`` also times ``L`` consecutive real steps of K-FAC and FOP at every point and reports their mean next
-to the composed figure (tests/test_bench_hub_widths.py checks the two agree on a small model). AdamW's steps are all
+``--whole-cycle`` also times ``L`` consecutive real steps of the three optimizers (round-robin) at every point and
+reports their mean next to the composed figure (tests/test_bench_hub_widths.py checks that the /AdamW ratios of the
+two agree on a small model). AdamW's steps are all
 alike: its ms/step, median and max are those of ``n`` real steps. The three optimizers step round-robin, one step
 each, to share the drift of a busy machine.
 
@@ -74,7 +75,10 @@ is the peak resident set above the resident set after imports (CPU; ``VmHWM``) o
 ``torch.cuda.max_memory_allocated`` (CUDA). **Optimizer-state bytes**: tensor bytes of ``optimizer.state_dict()`` of
 the main run's optimizers after their last step.
 
-Subnormal floats are flushed (``torch.set_flush_denormal``, see bench_step.py). ``--device cuda`` synchronises
+``--clock cpu`` times steps by the CPU time of this process instead of elapsed time: on a machine shared with other
+jobs and with ``--threads 1`` it is about what an idle machine's elapsed time would be (preemption does not count;
+cache and memory-bandwidth contention still do); the tests use it. Subnormal floats are flushed
+(``torch.set_flush_denormal``, see bench_step.py). ``--device cuda`` synchronises
 around every timed region and profiles device time (not run in this project so far: no GPU).
 
 Outputs: a markdown table per model x token count (stdout and ``OUT.md``), ``OUT.json`` (and one JSON line on
@@ -165,6 +169,8 @@ SMOKE_TOKENS = (128, 256)
 QUICK = {"models": ("minilm",), "tokens": (2048,)}
 MAX_TOKENS = 1 << 20
 TINY_SEQ = 8
+CLOCKS: Dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+"""Step timers: elapsed seconds, or CPU seconds of this process (all its threads)."""
 """Tokens per text example in the schedule window's 2-example batch (ViT keeps its 197)."""
 
 
@@ -410,6 +416,7 @@ class Runner:
     model: nn.Module
     opt: torch.optim.Optimizer
     sync: Callable[[], None]
+    clock: Callable[[], float]  # seconds: time.perf_counter (wall) or time.process_time (--clock cpu)
     snapshot: Optional[Dict[str, Any]] = None
     opt_s: List[float] = field(default_factory=list)  # window: opt.step() seconds per position
     capture: List[bool] = field(default_factory=list)  # window: whether each position captured
@@ -418,10 +425,10 @@ class Runner:
     def step(self, halves: Sequence[Dict[str, Tensor]], scope: Optional[str] = None) -> Tuple[float, float]:
         """One step; returns (passes seconds, opt.step + zero_grad seconds); ``scope`` wraps opt.step for profiles."""
         self.sync()
-        t0 = time.perf_counter()
+        t0 = self.clock()
         run_passes(self.kind, self.model, self.opt, halves)
         self.sync()
-        t1 = time.perf_counter()
+        t1 = self.clock()
         if scope is None:
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
@@ -430,7 +437,7 @@ class Runner:
                 self.opt.step()
                 self.opt.zero_grad(set_to_none=True)
         self.sync()
-        return t1 - t0, time.perf_counter() - t1
+        return t1 - t0, self.clock() - t1
 
     def counter(self, name: str) -> int:
         return int(self.opt.diagnostics()[name]) if isinstance(self.opt, FOP) else 0
@@ -549,18 +556,28 @@ def measure_point(runners: Dict[str, Runner], spec: ModelSpec, tokens: int, step
 
 def measure_whole_cycle(runners: Dict[str, Runner], halves: Sequence[Dict[str, Tensor]], length: int,
                         out: Dict[str, Any]) -> None:  # fmt: skip
-    """``length`` consecutive real steps of K-FAC and FOP (round-robin) from position 0; their mean per kind."""
-    curv = {k: r for k, r in runners.items() if k != "adamw"}
-    for r in curv.values():
-        r.opt.load_state_dict(r.snapshot)
-    totals = {k: [] for k in curv}
+    """``length`` consecutive real steps of each optimizer (round-robin; K-FAC and FOP from position 0): their mean
+    ``whole_cycle_s``, and for K-FAC/FOP ``whole_cycle_over_amortised`` (against ``step_s``) and
+    ``whole_ratio_over_amortised`` (their /AdamW ratio measured so, against the composed one: the check that drift
+    between the two measurements does not move)."""
+    for kind, r in runners.items():
+        if kind != "adamw":
+            r.opt.load_state_dict(r.snapshot)
+    steps: Dict[str, List[Tuple[float, float]]] = {k: [] for k in runners}
     for _ in range(length):
-        for kind, r in curv.items():
-            totals[kind].append(sum(r.step(halves)))
-    for kind, values in totals.items():
-        res = out["times"][kind]
-        res["whole_cycle_s"] = sum(values) / length
-        res["whole_cycle_over_amortised"] = res["whole_cycle_s"] / res["step_s"]
+        for kind, r in runners.items():
+            steps[kind].append(r.step(halves))
+    times = out["times"]
+    for kind, values in steps.items():
+        times[kind]["whole_cycle_steps"] = [{"passes_s": a, "opt_s": b} for a, b in values]
+        times[kind]["whole_cycle_s"] = sum(a + b for a, b in values) / length
+    for kind in runners:
+        if kind != "adamw":
+            res = times[kind]
+            res["whole_cycle_over_amortised"] = res["whole_cycle_s"] / res["step_s"]
+            res["whole_ratio_over_amortised"] = (res["whole_cycle_s"] / times["adamw"]["whole_cycle_s"]) / (
+                res["step_s"] / times["adamw"]["step_s"]
+            )
 
 
 def passes_flops(spec: ModelSpec, model: nn.Module, device: torch.device) -> float:
@@ -576,7 +593,7 @@ def passes_flops(spec: ModelSpec, model: nn.Module, device: torch.device) -> flo
 
 
 def measure_model(spec: ModelSpec, tokens: Sequence[int], steps: Optional[int], device: torch.device,
-                  whole_cycle: bool) -> Dict[str, Any]:  # fmt: skip
+                  whole_cycle: bool, clock: Callable[[], float]) -> Dict[str, Any]:  # fmt: skip
     """Every point of one model: schedule window, then each token count (see the module docstring)."""
     base = build_model(spec, device)
     sync = _sync_fn(device)
@@ -585,7 +602,7 @@ def measure_model(spec: ModelSpec, tokens: Sequence[int], steps: Optional[int], 
     runners: Dict[str, Runner] = {}
     for kind in OPTIMIZERS:
         model = copy.deepcopy(base)
-        runners[kind] = Runner(kind, model, make_optimizer(kind, model), sync)
+        runners[kind] = Runner(kind, model, make_optimizer(kind, model), sync, clock)
     del base
     fop_opt = runners["fop"].opt
     assert isinstance(fop_opt, FOP)
@@ -707,7 +724,8 @@ def goals(models: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
 def markdown(result: Dict[str, Any]) -> str:
     """The tables of a result: ratios per model x token count, where the time goes, memory, goals."""
     lines = [("SMOKE RUN (tiny widths, not the hub models): " if result["smoke"] else "")
-             + f"{result['machine']}; torch {result['torch']}; {result['date']}; load average (1 min) at start "
+             + f"{result['machine']}; {result['clock']} clock; torch {result['torch']}; {result['date']}; "
+             f"load average (1 min) at start "
              f"{result['load_avg_1m']:.1f}; run took {result['seconds'] / 60:.1f} min.", "",
              "| model | tokens (batch) | AdamW ms | K-FAC ms | FOP ms | FOP/AdamW | K-FAC/AdamW | limit FOP "
              "| limit K-FAC | FOP/AdamW bound | max/median AdamW, K-FAC, FOP |",
@@ -876,6 +894,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--whole-cycle", action="store_true", help="also time whole real cycles of K-FAC and FOP (check)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=_positive("threads"), default=os.cpu_count() or 1, help="torch threads")
+    p.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                   help="wall: elapsed time; cpu: CPU time of this process (a shared machine, with --threads 1)")
     p.add_argument("--out", type=Path, help="write OUT.json, OUT.md and OUT.png (e.g. docs/hub_widths)")
     p.add_argument("--plan", action="store_true", help="print the estimated run time and exit")
     p.add_argument("--from-json", type=Path, metavar="JSON", help="re-render the tables (and --out) of a saved run")
@@ -884,6 +904,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch.cuda.is_available() is False on this machine")
+    if args.clock == "cpu" and args.device == "cuda":
+        p.error("--clock cpu times the host process only: use --clock wall with --device cuda")
     if args.quick and (args.models or args.tokens):
         p.error("--quick fixes --models and --tokens (MiniLM at 2k tokens); drop one or the other")
     if args.memory_child and (not args.models or len(args.models) != 1 or not args.tokens or len(args.tokens) != 1):
@@ -948,11 +970,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     result: Dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine, "device": device.type, "threads": args.threads, "load_avg_1m": os.getloadavg()[0],
-        "torch": torch.__version__, "smoke": args.smoke, "tokens_requested": tokens, "models": [],
+        "torch": torch.__version__, "smoke": args.smoke, "clock": args.clock, "tokens_requested": tokens, "models": [],
     }  # fmt: skip
     print(f"# {machine}; torch {torch.__version__}; models {[s.name for s in specs]}; tokens {tokens}", file=sys.stderr)
     for spec in specs:
-        m = measure_model(spec, tokens, args.steps, device, args.whole_cycle)
+        m = measure_model(spec, tokens, args.steps, device, args.whole_cycle, CLOCKS[args.clock])
         if memory_tokens is not None:
             m["memory_tokens"] = batch_size(spec, memory_tokens) * spec.seq
             m["memory"] = measure_memory(spec.name, memory_tokens, args)
