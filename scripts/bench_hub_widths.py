@@ -241,11 +241,41 @@ def split_halves(inputs: Dict[str, Tensor]) -> Tuple[Dict[str, Tensor], Dict[str
     return {k: v[:half] for k, v in inputs.items()}, {k: v[half:] for k, v in inputs.items()}
 
 
+CONFIG: Dict[str, Any] = {}
+"""``--config`` overrides of the shipped ``FOPConfig`` defaults (empty: the defaults, as a user gets them)."""
+
+
+def parse_config(items: Sequence[str]) -> Dict[str, Any]:
+    """``["capture_rows=256", "stagger_refresh=false"]`` -> FOPConfig overrides, typed by the fields' defaults
+    (``none`` -> ``None``); an unknown field or a bad value raises ``ValueError`` naming it."""
+    defaults = {f.name: getattr(FOPConfig(), f.name) for f in fields(FOPConfig)}
+    out: Dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in defaults:
+            raise ValueError(f"--config {item!r}: expected FIELD=VALUE with FIELD one of {sorted(defaults)}")
+        default = defaults[name]
+        if text.lower() == "none":
+            value: Any = None
+        elif isinstance(default, bool):
+            if text.lower() not in ("true", "false"):
+                raise ValueError(f"--config {item!r}: {name} takes true or false")
+            value = text.lower() == "true"
+        elif isinstance(default, (int, float)) or default is None:
+            value = float(text) if any(c in text for c in ".e") else int(text)
+        else:
+            value = text
+        out[name] = value
+    FOPConfig(**out)  # validated here, with FOPConfig's own messages
+    return out
+
+
 def make_optimizer(kind: str, model: nn.Module) -> torch.optim.Optimizer:
-    """``adamw``: torch AdamW (foreach); ``kfac``/``fop``: :class:`FOP`, shipped defaults (AdamW part: lr 1e-4)."""
+    """``adamw``: torch AdamW (foreach); ``kfac``/``fop``: :class:`FOP`, shipped defaults and ``--config`` (AdamW
+    part: lr 1e-4)."""
     if kind == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=ADAMW_LR, foreach=True)
-    return FOP(model, mode=kind, adamw_lr=ADAMW_LR)
+    return FOP(model, **{"mode": kind, "adamw_lr": ADAMW_LR, **CONFIG})
 
 
 def run_passes(kind: str, model: nn.Module, opt: torch.optim.Optimizer, halves: Sequence[Dict[str, Tensor]]) -> None:
@@ -690,6 +720,7 @@ def measure_memory(name: str, tokens: int, args: argparse.Namespace) -> Dict[str
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     for kind in OPTIMIZERS:
         cmd = [sys.executable, __file__, "--memory-child", kind, "--models", name, "--tokens", str(tokens),
+               *(["--config", *args.config] if args.config else []),
                "--device", args.device, "--threads", str(args.threads)]  # fmt: skip
         cmd += ["--smoke"] if args.smoke else []
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -898,6 +929,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="wall: elapsed time; cpu: CPU time of this process (a shared machine, with --threads 1)")
     p.add_argument("--out", type=Path, help="write OUT.json, OUT.md and OUT.png (e.g. docs/hub_widths)")
     p.add_argument("--plan", action="store_true", help="print the estimated run time and exit")
+    p.add_argument("--config", nargs="+", default=[], metavar="FIELD=VALUE",
+                   help="override FOPConfig defaults for K-FAC and FOP, e.g. capture_rows=256 factor_interval=2")
     p.add_argument("--from-json", type=Path, metavar="JSON", help="re-render the tables (and --out) of a saved run")
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny widths, for tests
     p.add_argument("--memory-child", choices=OPTIMIZERS, help=argparse.SUPPRESS)
@@ -914,6 +947,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"--from-json: no such file {args.from_json}")
     if args.memory_tokens is not None and args.no_memory:
         p.error("--memory-tokens and --no-memory contradict each other")
+    try:
+        CONFIG.clear()
+        CONFIG.update(parse_config(args.config))
+    except ValueError as err:
+        p.error(str(err))
     return args
 
 

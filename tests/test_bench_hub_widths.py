@@ -224,3 +224,12 @@ def test_outputs_and_rerendering(smoke, tmp_path):
     again = tmp_path / "again"
     hub.main(["--from-json", str(out.with_suffix(".json")), "--out", str(again)])
     assert again.with_suffix(".md").read_text() == table
+
+
+def test_config_overrides_are_typed_by_the_defaults_and_checked():
+    assert hub.parse_config(["capture_rows=256", "stagger_refresh=false", "kl_clip=none", "damping=0.05"]) == {
+        "capture_rows": 256, "stagger_refresh": False, "kl_clip": None, "damping": 0.05}
+    with pytest.raises(ValueError, match=r"--config 'capture_row=2': expected FIELD=VALUE with FIELD one of"):
+        hub.parse_config(["capture_row=2"])
+    with pytest.raises(ValueError, match=r"FOPConfig.factor_interval=0 is invalid"):
+        hub.parse_config(["factor_interval=0"])
