@@ -305,6 +305,47 @@ def test_clm_example_streams_local_text_files(tmp_path):
     assert np.isfinite(metrics["final_perplexity"]) and metrics["final_perplexity"] > 1.0
 
 
+def _blocks(dataset: Any) -> List[List[int]]:
+    return [list(map(int, row["input_ids"])) for row in dataset]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_clm_example_skips_blank_lines_of_a_text_corpus(tmp_path, capsys, streaming):
+    """wikitext-style corpora: blank lines give no tokens, so the blocks equal those of the corpus without them."""
+    lines = [line for text in list(load_chatterbot_dialogs()["train"]["text"])[:120] for line in text.split("\n")]
+    with_blanks = [x for i, line in enumerate(lines) for x in ([line, "", " "] if i % 5 == 0 else [line])]
+    assert len(with_blanks) < 1000  # one map batch of 1000 records: the blocks do not depend on where batches end...
+    with_blanks += [""] * (1007 - len(with_blanks))  # ...and the second batch holds 7 blank records only
+    blank_count = len(with_blanks) - len(lines)
+    tokenizer = load_example("run_clm").train_bpe(iter(lines), 300, str(tmp_path / "bpe"))
+    built = {}
+    for name, corpus in (("plain", lines), ("blanks", with_blanks)):
+        (tmp_path / f"{name}.txt").write_text("\n".join(corpus) + "\n")
+        args = TINY_GPT2 + ["--output_dir", str(tmp_path / name), "--train_file", str(tmp_path / f"{name}.txt"),
+                            "--validation_file", str(tmp_path / f"{name}.txt"), "--tokenizer_name", str(tmp_path / "bpe"),
+                            "--max_eval_samples", "2000", "--report_to", "none", "--max_steps", "2"]
+        built[name] = load_example("run_clm").build(args + (["--streaming"] if streaming else []))[0]
+    plain, blanks = built["plain"], built["blanks"]
+    assert _blocks(blanks.eval_dataset) == _blocks(plain.eval_dataset) != []  # streamed eval: the file's order
+    out = capsys.readouterr().out  # a stream is read (and its blank records met) only now
+    if streaming:
+        assert "Skipped 1 records of the evaluation stream so far (the last: record 1)" in out
+        assert "Skipped 10 records of the evaluation stream so far" in out
+    else:
+        assert _blocks(blanks.train_dataset) == _blocks(plain.train_dataset)
+        assert f"Skipping {blank_count} of {len(with_blanks)} records of the training split" in out
+    blanks.train()
+    assert blanks.state.global_step == 2 and np.isfinite(_losses(blanks)).all()
+    assert tokenizer.eos_token_id in _blocks(blanks.eval_dataset)[0]
+
+
+def test_clm_example_names_a_record_that_is_not_text(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"text": 7}\n{"text": 8}\n')
+    with pytest.raises(ValueError, match=r"Record 0: column 'text' \(--text_column\) holds int 7, not text"):
+        load_example("run_clm").build(TINY_GPT2 + ["--output_dir", str(tmp_path / "o"), "--train_file", str(tmp_path / "train.jsonl"), "--validation_file", str(tmp_path / "train.jsonl"),
+                                                   "--max_steps", "1"])
+
+
 # ------------------------------------------------------------------ two processes
 def _free_port() -> int:
     import socket
