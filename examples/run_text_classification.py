@@ -85,7 +85,7 @@ def build(argv: Optional[List[str]] = None):
         raise ValueError(f"--max_seq_length={text.max_seq_length} is invalid: expected an integer >= 2.")
     train, evaluation = load_splits(data, args.seed, default=load_chatterbot_topics, stratify_column=text.label_column)
     require_columns(train, {"text_column": text.text_column, "text_pair_column": text.text_pair_column})
-    names = label_names(train, text.label_column, data.class_names, data.streaming)
+    names = label_names(train, text.label_column, data.class_names, data.streaming, data.num_labels)
     model_path = model_args.model_name_or_path or default_model_path()
     tokenizer = from_pretrained(AutoTokenizer, model_args.tokenizer_name or model_path, what="--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path")
     model = from_pretrained(

@@ -219,6 +219,22 @@ def test_text_example_streams_local_csv_with_string_labels_and_pairs(tmp_path):
     assert "token_type_ids" in batch  # the pair was encoded as two segments
 
 
+def test_text_example_streams_integer_labels_with_num_labels(tmp_path):
+    model = _tiny_bert_folder(tmp_path / "bert", num_labels=2)
+    rows = _topic_rows("train", 48)
+    ids = load_chatterbot_topics()["train"].features["label"].names
+    Dataset.from_dict({"text": rows["question"], "label": [ids.index(t) for t in rows["topic"]]}).to_csv(tmp_path / "t.csv")
+    argv = ["--output_dir", str(tmp_path / "out"), "--model_name_or_path", str(model), "--train_file", str(tmp_path / "t.csv"),
+            "--validation_file", str(tmp_path / "t.csv"), "--streaming", "--max_steps", "2", "--per_device_train_batch_size", "8",
+            "--eval_strategy", "no", "--max_eval_samples", "16"]
+    with pytest.raises(ValueError, match=r"not a ClassLabel.*pass --class_names .* or --num_labels N"):
+        load_example("run_text_classification").build(argv)
+    trainer, metrics = run("run_text_classification", argv + ["--num_labels", "8"])
+    assert trainer.model.config.id2label == {i: f"LABEL_{i}" for i in range(8)}  # transformers' own default names
+    assert trainer.model.classifier.out_features == 8 and trainer.state.global_step == 2
+    assert np.isfinite(metrics["final_loss"])
+
+
 def _write_csv(path: Path, rows: Dict[str, list]) -> str:
     Dataset.from_dict(rows).to_csv(path)
     return str(path)
