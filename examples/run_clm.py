@@ -52,7 +52,9 @@ from fop_examples.metrics import compute_perplexity, token_nll
 from fop_examples.common import (  # noqa: I001 (one shared module for every example)
     COMMON_DEFAULTS,
     DataArguments,
+    LoraArguments,
     TextModelArguments,
+    apply_lora,
     column_names,
     from_pretrained,
     load_splits,
@@ -164,7 +166,9 @@ def build_tokenizer(model_args: TextModelArguments, lm: LMArguments, args: FOPTr
 
 def build(argv: Optional[List[str]] = None):
     """Parse the arguments and build ``(trainer, eval_dataset, args)``."""
-    model_args, data, lm, args = parse_args((TextModelArguments, DataArguments, LMArguments, FOPTrainingArguments), DEFAULTS, argv)
+    model_args, data, lm, lora, args = parse_args(
+        (TextModelArguments, DataArguments, LMArguments, LoraArguments, FOPTrainingArguments), DEFAULTS, argv
+    )
     if lm.block_size < 2:
         raise ValueError(f"--block_size={lm.block_size} is invalid: expected an integer >= 2.")
     if not 0.0 <= lm.dropout < 1.0:
@@ -186,6 +190,8 @@ def build(argv: Optional[List[str]] = None):
             resid_pdrop=lm.dropout, embd_pdrop=lm.dropout, attn_pdrop=lm.dropout,
         )
         model = GPT2LMHeadModel(config)
+    if lora.use_peft:
+        model = apply_lora(model, lora, "CAUSAL_LM")
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
     def tokenize_and_group(texts: LMTexts, batch: Dict[str, List[Any]], indices: List[int]) -> Dict[str, Any]:

@@ -36,7 +36,9 @@ from fop_examples.common import (  # noqa: I001 (one shared module for every exa
     COMMON_DEFAULTS,
     DataArguments,
     LabelEncoder,
+    LoraArguments,
     TextModelArguments,
+    apply_lora,
     column_names,
     from_pretrained,
     label_names,
@@ -80,7 +82,9 @@ def default_model_path() -> str:
 
 def build(argv: Optional[List[str]] = None):
     """Parse the arguments and build ``(trainer, eval_dataset, args)``."""
-    model_args, data, text, args = parse_args((TextModelArguments, DataArguments, TextArguments, FOPTrainingArguments), DEFAULTS, argv)
+    model_args, data, text, lora, args = parse_args(
+        (TextModelArguments, DataArguments, TextArguments, LoraArguments, FOPTrainingArguments), DEFAULTS, argv
+    )
     if text.max_seq_length < 2:
         raise ValueError(f"--max_seq_length={text.max_seq_length} is invalid: expected an integer >= 2.")
     train, evaluation = load_splits(data, args.seed, default=load_chatterbot_topics, stratify_column=text.label_column)
@@ -93,6 +97,8 @@ def build(argv: Optional[List[str]] = None):
         id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}, ignore_mismatched_sizes=True,
     )
     set_pad_token(tokenizer, model.config)
+    if lora.use_peft:
+        model = apply_lora(model, lora, "SEQ_CLS")
     encode = LabelEncoder(names, text.label_column)
 
     def check_text(values: List[Any], indices: List[int], column: str) -> List[str]:

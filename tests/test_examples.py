@@ -69,13 +69,15 @@ def test_every_script_flag_has_help_text_and_only_its_own_flags(name, model_clas
     from fop_examples.common import DataArguments
 
     module = load_example(name)
-    for cls in (getattr(scripts_common, model_class), DataArguments, getattr(module, extra)):
+    lora = (scripts_common.LoraArguments,) if model_class == "TextModelArguments" else ()  # --use_peft: the text scripts
+    for cls in (getattr(scripts_common, model_class), DataArguments, getattr(module, extra), *lora):
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no --help text"
     assert module.__doc__ and "Two CPU processes" in module.__doc__
     with pytest.raises(SystemExit):
         module.build(["--help"])
-    assert ("--tokenizer_name" in capsys.readouterr().out) == (model_class == "TextModelArguments")  # no image tokenizer
+    out = capsys.readouterr().out
+    assert ("--tokenizer_name" in out) == ("--lora_target_modules" in out) == (model_class == "TextModelArguments")
 
 
 # ------------------------------------------------------------------ image classification

@@ -101,6 +101,57 @@ class DataArguments:
     )
 
 
+@dataclass
+class LoraArguments:
+    """LoRA adapters through peft, with the flag names of transformers' and TRL's scripts (text scripts)."""
+
+    use_peft: bool = field(
+        default=False,
+        metadata={"help": "Train LoRA adapters (peft) instead of the whole model: the pretrained weights stay frozen; FOP "
+                  "manages the adapters' lora_A / lora_B Linear layers and the task head peft trains."},
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank r (>= 1): lora_A is r x in, lora_B is out x r."})
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling alpha (> 0): the adapter's output is scaled by alpha / r."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapters' input, in [0, 1)."})
+    lora_target_modules: Optional[List[str]] = field(
+        default=None,
+        metadata={"help": "Names of the modules that get adapters (e.g. query value); default: peft's choice for the "
+                  "model type (query, value for BERT; c_attn for GPT-2)."},
+    )
+
+
+def apply_lora(model: Any, lora: LoraArguments, task_type: str) -> Any:
+    """``peft.get_peft_model(model, LoraConfig(...))`` for ``--use_peft`` (``task_type``: ``"SEQ_CLS"``, ``"CAUSAL_LM"``).
+
+    Only the adapters (and, for ``SEQ_CLS``, the classification head) keep ``requires_grad``; FOP skips frozen layers.
+    """
+    if lora.lora_r < 1:
+        raise ValueError(f"--lora_r={lora.lora_r} is invalid: expected an integer >= 1.")
+    if not lora.lora_alpha > 0:
+        raise ValueError(f"--lora_alpha={lora.lora_alpha} is invalid: expected a number > 0.")
+    if not 0.0 <= lora.lora_dropout < 1.0:
+        raise ValueError(f"--lora_dropout={lora.lora_dropout} is invalid: expected a probability in [0, 1).")
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as err:
+        raise ImportError("--use_peft needs the peft package: pip install peft (or pip install -e '.[test]').") from err
+    config = LoraConfig(task_type=task_type, r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                        target_modules=lora.lora_target_modules)
+    try:
+        model = get_peft_model(model, config)
+    except ValueError as err:
+        if lora.lora_target_modules is None and "target_modules" in str(err):
+            raise ValueError(
+                f"peft has no default LoRA target modules for model type {model.config.model_type!r}: name them with "
+                "--lora_target_modules (e.g. q_proj v_proj)."
+            ) from None
+        raise
+    trainable, total = model.get_nb_trainable_parameters()
+    print(f"LoRA (r={lora.lora_r}, alpha={lora.lora_alpha:g}) on {sorted(model.peft_config['default'].target_modules)}: "
+          f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%).")
+    return model
+
+
 STREAM_EVAL_DEFAULT = 512
 
 
