@@ -302,7 +302,7 @@ def test_clm_example_trains_conv1d_layers_checkpoints_and_resumes(tmp_path):
         assert f"fop/{layer}/beta" in logged, layer  # HF Conv1D layers are FOP-managed
     assert not any("lm_head" in k or "wte" in k for k in logged)  # tied lm_head / embeddings stay on AdamW
     assert metrics["final_perplexity"] == pytest.approx(np.exp(metrics["final_mean_nll"]), rel=1e-9)
-    # transformers 5.24's eval loss divides the NLL sum over the 31 predicted tokens of a block by all 32 labels
+    # transformers 5.24's and 5.25's eval loss divides the NLL sum over the 31 predicted tokens of a block by all 32 labels
     assert metrics["final_mean_nll"] == pytest.approx(metrics["final_loss"] * 32 / 31, rel=1e-5)
     assert (tmp_path / "full" / "tokenizer" / "tokenizer.json").is_file()
     resumed, again = run("run_clm", argv + ["--output_dir", str(tmp_path / "full"),
