@@ -18,7 +18,9 @@ stops the run, naming it. GPT-2's ``Conv1D`` layers
 (c_attn, c_proj, c_fc) are K-FAC/FOP-managed; the embeddings and the tied ``lm_head`` stay on AdamW.
 
 Your data: ``--dataset_name`` or ``--train_file`` / ``--validation_file`` (txt, csv, json, jsonl, parquet)
-with ``--text_column``; ``--streaming`` streams it (needs ``--max_steps``). Two CPU processes:
+with ``--text_column``; ``--streaming`` streams it (needs ``--max_steps``). ``--use_peft`` (``--lora_r``,
+``--lora_alpha``, ``--lora_dropout``, ``--lora_target_modules``) trains LoRA adapters of a pretrained
+``--model_name_or_path`` through peft (docs/finetuning.md). Two CPU processes:
 
     OMP_NUM_THREADS=1 accelerate launch --config_file examples/accelerate_cpu_2proc.yaml \\
         examples/run_clm.py --output_dir out/clm_2proc

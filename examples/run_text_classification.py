@@ -13,7 +13,10 @@ json, jsonl, parquet) with ``--text_column``, optional ``--text_pair_column`` (s
 ``--label_column`` (class ids or names); ``--model_name_or_path`` any Hub id or local folder. The tokenizer
 runs on the fly (batched ``map``), batches are padded per batch (``DataCollatorWithPadding``) and their
 ``attention_mask`` reaches FOP's padding mask, so padded positions never enter the curvature. ``--streaming``
-streams the data (needs ``--max_steps``). ``--fop_optimizer kfac|trainer`` runs the baselines. Two CPU processes:
+streams the data (needs ``--max_steps``; a label column that is not a ClassLabel needs ``--class_names`` or, for ids
+0..N-1, ``--num_labels N``). ``--use_peft`` (``--lora_r``, ``--lora_alpha``, ``--lora_dropout``,
+``--lora_target_modules``) trains LoRA adapters through peft; start those at ``--learning_rate 1e-2 --fop_damping
+1e-2 --fop_momentum 0.9`` (docs/finetuning.md), not at the full fine-tuning defaults. ``--fop_optimizer kfac|trainer`` runs the baselines. Two CPU processes:
 
     OMP_NUM_THREADS=1 accelerate launch --config_file examples/accelerate_cpu_2proc.yaml \\
         examples/run_text_classification.py --output_dir out/text_topics_2proc
