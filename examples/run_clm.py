@@ -12,11 +12,15 @@ tokenizer algorithm, ``--bpe_vocab_size`` tokens) is trained with the ``tokenize
 training split and saved to ``<output_dir>/tokenizer`` (reused when it exists, e.g. on resume). With
 ``--tokenizer_name`` or ``--model_name_or_path`` (Hub id or local folder) their tokenizer is used instead.
 Texts are tokenized (batched ``map``), each document ends with the eos token, and the token stream is cut
-into blocks of ``--block_size`` (the remainder of each map batch is dropped). GPT-2's ``Conv1D`` layers
+into blocks of ``--block_size`` (the remainder of each map batch is dropped). Blank records (the empty lines of a
+``.txt`` corpus or of wikitext) give no tokens and are skipped, with their count printed; a record that is not text
+stops the run, naming it. GPT-2's ``Conv1D`` layers
 (c_attn, c_proj, c_fc) are K-FAC/FOP-managed; the embeddings and the tied ``lm_head`` stay on AdamW.
 
 Your data: ``--dataset_name`` or ``--train_file`` / ``--validation_file`` (txt, csv, json, jsonl, parquet)
-with ``--text_column``; ``--streaming`` streams it (needs ``--max_steps``). Two CPU processes:
+with ``--text_column``; ``--streaming`` streams it (needs ``--max_steps``). ``--use_peft`` (``--lora_r``,
+``--lora_alpha``, ``--lora_dropout``, ``--lora_target_modules``) trains LoRA adapters of a pretrained
+``--model_name_or_path`` through peft (docs/finetuning.md). Two CPU processes:
 
     OMP_NUM_THREADS=1 accelerate launch --config_file examples/accelerate_cpu_2proc.yaml \\
         examples/run_clm.py --output_dir out/clm_2proc
@@ -27,11 +31,13 @@ Prints ``final perplexity: ...`` (exp of the mean token NLL on the evaluation bl
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import chain
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Optional
 
 from transformers import (
     AutoModelForCausalLM,
@@ -48,7 +54,9 @@ from fop_examples.metrics import compute_perplexity, token_nll
 from fop_examples.common import (  # noqa: I001 (one shared module for every example)
     COMMON_DEFAULTS,
     DataArguments,
+    LoraArguments,
     TextModelArguments,
+    apply_lora,
     column_names,
     from_pretrained,
     load_splits,
@@ -80,6 +88,51 @@ DEFAULTS: Dict[str, Any] = dict(
     num_train_epochs=10, learning_rate=0.02, fop_adamw_lr=3e-3, fop_damping=1e-2, warmup_steps=10,
     logging_steps=10, eval_strategy="epoch",
 )
+
+
+class LMTexts:
+    """The texts of one split's ``--text_column`` for language modelling.
+
+    Blank records (``""``, whitespace only, or missing) are normal in LM corpora (wikitext, one record per line of a
+    ``.txt`` file) and give no tokens: they are skipped. A record that is not a string raises, naming it.
+    """
+
+    def __init__(self, column: str, split: str, streaming: bool) -> None:
+        self.column = column
+        self.split = split
+        self.streaming = streaming
+        self.skipped = 0
+        """Blank records met by ``__call__`` (streams: so far)."""
+
+    @staticmethod
+    def is_blank(value: Any) -> bool:
+        return value is None or (isinstance(value, str) and not value.strip())
+
+    def report_blank_column(self, values: Iterable[Any]) -> None:
+        """Print how many of a map-style split's records are blank (and so skipped)."""
+        values = list(values)
+        blank = sum(self.is_blank(v) for v in values)
+        if blank:
+            print(f"Skipping {blank} of {len(values)} records of the {self.split} split: empty text in column "
+                  f"{self.column!r} gives no tokens.")
+
+    def __call__(self, values: List[Any], indices: List[int]) -> List[str]:
+        """The non-blank texts of a batch (record ``indices[i]`` holds ``values[i]``)."""
+        kept = []
+        for value, index in zip(values, indices):
+            if self.is_blank(value):
+                self.skipped += 1
+                if self.streaming and math.log10(self.skipped).is_integer():  # a stream has no count in advance: 1, 10, 100...
+                    print(f"Skipped {self.skipped} records of the {self.split} stream so far (the last: record {index}): "
+                          f"empty text in column {self.column!r} gives no tokens.")
+                continue
+            if not isinstance(value, str):
+                raise ValueError(
+                    f"Record {index}: column {self.column!r} (--text_column) holds {type(value).__name__} {value!r}, "
+                    "not text."
+                )
+            kept.append(value)
+        return kept
 
 
 def _texts(split: Any, column: str, limit: int) -> Iterator[str]:
@@ -115,7 +168,9 @@ def build_tokenizer(model_args: TextModelArguments, lm: LMArguments, args: FOPTr
 
 def build(argv: Optional[List[str]] = None):
     """Parse the arguments and build ``(trainer, eval_dataset, args)``."""
-    model_args, data, lm, args = parse_args((TextModelArguments, DataArguments, LMArguments, FOPTrainingArguments), DEFAULTS, argv)
+    model_args, data, lm, lora, args = parse_args(
+        (TextModelArguments, DataArguments, LMArguments, LoraArguments, FOPTrainingArguments), DEFAULTS, argv
+    )
     if lm.block_size < 2:
         raise ValueError(f"--block_size={lm.block_size} is invalid: expected an integer >= 2.")
     if not 0.0 <= lm.dropout < 1.0:
@@ -137,23 +192,26 @@ def build(argv: Optional[List[str]] = None):
             resid_pdrop=lm.dropout, embd_pdrop=lm.dropout, attn_pdrop=lm.dropout,
         )
         model = GPT2LMHeadModel(config)
+    if lora.use_peft:
+        model = apply_lora(model, lora, "CAUSAL_LM")
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
-    def tokenize_and_group(batch: Dict[str, List[Any]], indices: List[int]) -> Dict[str, Any]:
-        for value, index in zip(batch[lm.text_column], indices):
-            if value is None or not str(value).strip():
-                raise ValueError(f"Record {index}: empty text in column {lm.text_column!r}.")
-        ids = tokenizer([str(v) for v in batch[lm.text_column]])["input_ids"]
+    def tokenize_and_group(texts: LMTexts, batch: Dict[str, List[Any]], indices: List[int]) -> Dict[str, Any]:
+        kept = texts(batch[lm.text_column], indices)
+        ids = tokenizer(kept)["input_ids"] if kept else []  # a batch of blank lines only gives no tokens
         stream = list(chain.from_iterable(x + eos for x in ids))
         usable = (len(stream) // lm.block_size) * lm.block_size
         blocks = [stream[i : i + lm.block_size] for i in range(0, usable, lm.block_size)]
         return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
 
-    def prepare(split):
-        return preprocess(split, tokenize_and_group, remove_columns=column_names(split))
+    def prepare(split: Any, name: str) -> Any:
+        texts = LMTexts(lm.text_column, name, data.streaming)
+        if not data.streaming:  # counted here, not in map(), which a cached rerun skips
+            texts.report_blank_column(split[lm.text_column])
+        return preprocess(split, partial(tokenize_and_group, texts), remove_columns=column_names(split))
 
     trainer = FOPTrainer(
-        model=model, args=args, train_dataset=prepare(train), eval_dataset=prepare(evaluation),
+        model=model, args=args, train_dataset=prepare(train, "training"), eval_dataset=prepare(evaluation, "evaluation"),
         data_collator=default_data_collator, compute_metrics=compute_perplexity, preprocess_logits_for_metrics=token_nll,
         processing_class=tokenizer,
     )

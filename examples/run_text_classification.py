@@ -13,7 +13,10 @@ json, jsonl, parquet) with ``--text_column``, optional ``--text_pair_column`` (s
 ``--label_column`` (class ids or names); ``--model_name_or_path`` any Hub id or local folder. The tokenizer
 runs on the fly (batched ``map``), batches are padded per batch (``DataCollatorWithPadding``) and their
 ``attention_mask`` reaches FOP's padding mask, so padded positions never enter the curvature. ``--streaming``
-streams the data (needs ``--max_steps``). ``--fop_optimizer kfac|trainer`` runs the baselines. Two CPU processes:
+streams the data (needs ``--max_steps``; a label column that is not a ClassLabel needs ``--class_names`` or, for ids
+0..N-1, ``--num_labels N``). ``--use_peft`` (``--lora_r``, ``--lora_alpha``, ``--lora_dropout``,
+``--lora_target_modules``) trains LoRA adapters through peft; start those at ``--learning_rate 1e-2 --fop_damping
+1e-2 --fop_momentum 0.9`` (docs/finetuning.md), not at the full fine-tuning defaults. ``--fop_optimizer kfac|trainer`` runs the baselines. Two CPU processes:
 
     OMP_NUM_THREADS=1 accelerate launch --config_file examples/accelerate_cpu_2proc.yaml \\
         examples/run_text_classification.py --output_dir out/text_topics_2proc
@@ -36,7 +39,9 @@ from fop_examples.common import (  # noqa: I001 (one shared module for every exa
     COMMON_DEFAULTS,
     DataArguments,
     LabelEncoder,
+    LoraArguments,
     TextModelArguments,
+    apply_lora,
     column_names,
     from_pretrained,
     label_names,
@@ -80,12 +85,14 @@ def default_model_path() -> str:
 
 def build(argv: Optional[List[str]] = None):
     """Parse the arguments and build ``(trainer, eval_dataset, args)``."""
-    model_args, data, text, args = parse_args((TextModelArguments, DataArguments, TextArguments, FOPTrainingArguments), DEFAULTS, argv)
+    model_args, data, text, lora, args = parse_args(
+        (TextModelArguments, DataArguments, TextArguments, LoraArguments, FOPTrainingArguments), DEFAULTS, argv
+    )
     if text.max_seq_length < 2:
         raise ValueError(f"--max_seq_length={text.max_seq_length} is invalid: expected an integer >= 2.")
     train, evaluation = load_splits(data, args.seed, default=load_chatterbot_topics, stratify_column=text.label_column)
     require_columns(train, {"text_column": text.text_column, "text_pair_column": text.text_pair_column})
-    names = label_names(train, text.label_column, data.class_names, data.streaming)
+    names = label_names(train, text.label_column, data.class_names, data.streaming, data.num_labels)
     model_path = model_args.model_name_or_path or default_model_path()
     tokenizer = from_pretrained(AutoTokenizer, model_args.tokenizer_name or model_path, what="--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path")
     model = from_pretrained(
@@ -93,6 +100,8 @@ def build(argv: Optional[List[str]] = None):
         id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}, ignore_mismatched_sizes=True,
     )
     set_pad_token(tokenizer, model.config)
+    if lora.use_peft:
+        model = apply_lora(model, lora, "SEQ_CLS")
     encode = LabelEncoder(names, text.label_column)
 
     def check_text(values: List[Any], indices: List[int], column: str) -> List[str]:

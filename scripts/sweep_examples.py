@@ -64,12 +64,12 @@ def main(argv: List[str]) -> List[Dict[str, Any]]:
     with open(os.path.join(opts.out, f"sweep_{opts.script}.json"), "w") as f:
         json.dump({"script": opts.script, "extra": extra, "runs": rows}, f, indent=1)
     metric = METRICS[opts.script]
-    print(f"\n| lr | damping | first loss | last loss | final {metric} | fop/eta | fop/kl_base | seconds |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\n| lr | damping | first loss | last loss | final {metric} | eval loss | fop/eta | fop/kl_base | seconds |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         value = r[f"final_{metric}"]
-        print(f"| {r['lr']:g} | {r['damping']:g} | {r['first_loss']:.3f} | {r['last_loss']:.3f} | "
-              f"{value:.4f} | {r.get('fop/eta', math.nan):.3f} | {r.get('fop/kl_base', math.nan):.3g} | {r['seconds']:.0f} |")
+        print(f"| {r['lr']:g} | {r['damping']:g} | {r['first_loss']:.3f} | {r['last_loss']:.3f} | {value:.4f} | "
+              f"{r['final_loss']:.4f} | {r.get('fop/eta', math.nan):.3f} | {r.get('fop/kl_base', math.nan):.3g} | {r['seconds']:.0f} |")
     return rows
 
 

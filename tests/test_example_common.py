@@ -63,6 +63,8 @@ def test_map_style_without_validation_is_split_stratified(tmp_path):
         (dict(max_train_samples=0), r"--max_train_samples=0 is invalid"),
         (dict(test_size=1.0), r"--test_size=1.0 is invalid"),
         (dict(validation_file="v.csv"), r"--validation_file needs --train_file"),
+        (dict(num_labels=1), r"--num_labels=1 is invalid: expected an integer >= 2"),
+        (dict(num_labels=3, class_names=["a", "b"]), r"--num_labels=3 and --class_names \(2 names\) disagree"),
     ],
 )
 def test_data_arguments_are_checked(tmp_path, kw, message):
@@ -84,8 +86,14 @@ def test_columns_and_labels_are_checked_with_the_available_names(tmp_path):
     assert label_names(ds, "target", None, streaming=False) == ["neg", "pos"]
     stream = ds.to_iterable_dataset()
     assert column_names(stream) == ["sentence", "target"]
-    with pytest.raises(ValueError, match="pass --class_names"):
+    with pytest.raises(ValueError, match=r"pass --class_names NAME0 NAME1 \.\.\. .*or --num_labels N"):
         label_names(stream, "target", None, streaming=True)
+    assert label_names(stream, "target", None, streaming=True, num_labels=3) == ["LABEL_0", "LABEL_1", "LABEL_2"]
+    assert label_names(stream, "target", ["x", "y"], streaming=True, num_labels=2) == ["x", "y"]
+    classes = Dataset.from_dict({"y": [0, 1]}, features=Features({"y": ClassLabel(names=["no", "yes"])}))
+    assert label_names(classes.to_iterable_dataset(), "y", None, streaming=True, num_labels=2) == ["no", "yes"]
+    with pytest.raises(ValueError, match=r"--num_labels=3 disagrees with column 'y', a ClassLabel of 2 classes"):
+        label_names(classes, "y", None, streaming=False, num_labels=3)
     encode = LabelEncoder(["neg", "pos"], "target")
     assert (encode("pos", 0), encode(1, 1), encode("0", 2)) == (1, 1, 0)
     with pytest.raises(ValueError, match=r"Record 4: label 2 is outside \[0, num_labels=2\)"):

@@ -69,13 +69,15 @@ def test_every_script_flag_has_help_text_and_only_its_own_flags(name, model_clas
     from fop_examples.common import DataArguments
 
     module = load_example(name)
-    for cls in (getattr(scripts_common, model_class), DataArguments, getattr(module, extra)):
+    lora = (scripts_common.LoraArguments,) if model_class == "TextModelArguments" else ()  # --use_peft: the text scripts
+    for cls in (getattr(scripts_common, model_class), DataArguments, getattr(module, extra), *lora):
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no --help text"
     assert module.__doc__ and "Two CPU processes" in module.__doc__
     with pytest.raises(SystemExit):
         module.build(["--help"])
-    assert ("--tokenizer_name" in capsys.readouterr().out) == (model_class == "TextModelArguments")  # no image tokenizer
+    out = capsys.readouterr().out
+    assert ("--tokenizer_name" in out) == ("--lora_target_modules" in out) == (model_class == "TextModelArguments")
 
 
 # ------------------------------------------------------------------ image classification
@@ -219,6 +221,22 @@ def test_text_example_streams_local_csv_with_string_labels_and_pairs(tmp_path):
     assert "token_type_ids" in batch  # the pair was encoded as two segments
 
 
+def test_text_example_streams_integer_labels_with_num_labels(tmp_path):
+    model = _tiny_bert_folder(tmp_path / "bert", num_labels=2)
+    rows = _topic_rows("train", 48)
+    ids = load_chatterbot_topics()["train"].features["label"].names
+    Dataset.from_dict({"text": rows["question"], "label": [ids.index(t) for t in rows["topic"]]}).to_csv(tmp_path / "t.csv")
+    argv = ["--output_dir", str(tmp_path / "out"), "--model_name_or_path", str(model), "--train_file", str(tmp_path / "t.csv"),
+            "--validation_file", str(tmp_path / "t.csv"), "--streaming", "--max_steps", "2", "--per_device_train_batch_size", "8",
+            "--eval_strategy", "no", "--max_eval_samples", "16"]
+    with pytest.raises(ValueError, match=r"not a ClassLabel.*pass --class_names .* or --num_labels N"):
+        load_example("run_text_classification").build(argv)
+    trainer, metrics = run("run_text_classification", argv + ["--num_labels", "8"])
+    assert trainer.model.config.id2label == {i: f"LABEL_{i}" for i in range(8)}  # transformers' own default names
+    assert trainer.model.classifier.out_features == 8 and trainer.state.global_step == 2
+    assert np.isfinite(metrics["final_loss"])
+
+
 def _write_csv(path: Path, rows: Dict[str, list]) -> str:
     Dataset.from_dict(rows).to_csv(path)
     return str(path)
@@ -284,7 +302,7 @@ def test_clm_example_trains_conv1d_layers_checkpoints_and_resumes(tmp_path):
         assert f"fop/{layer}/beta" in logged, layer  # HF Conv1D layers are FOP-managed
     assert not any("lm_head" in k or "wte" in k for k in logged)  # tied lm_head / embeddings stay on AdamW
     assert metrics["final_perplexity"] == pytest.approx(np.exp(metrics["final_mean_nll"]), rel=1e-9)
-    # transformers 5.24's eval loss divides the NLL sum over the 31 predicted tokens of a block by all 32 labels
+    # transformers 5.24's and 5.25's eval loss divides the NLL sum over the 31 predicted tokens of a block by all 32 labels
     assert metrics["final_mean_nll"] == pytest.approx(metrics["final_loss"] * 32 / 31, rel=1e-5)
     assert (tmp_path / "full" / "tokenizer" / "tokenizer.json").is_file()
     resumed, again = run("run_clm", argv + ["--output_dir", str(tmp_path / "full"),
@@ -303,6 +321,47 @@ def test_clm_example_streams_local_text_files(tmp_path):
     ])
     assert trainer.state.global_step == 3
     assert np.isfinite(metrics["final_perplexity"]) and metrics["final_perplexity"] > 1.0
+
+
+def _blocks(dataset: Any) -> List[List[int]]:
+    return [list(map(int, row["input_ids"])) for row in dataset]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_clm_example_skips_blank_lines_of_a_text_corpus(tmp_path, capsys, streaming):
+    """wikitext-style corpora: blank lines give no tokens, so the blocks equal those of the corpus without them."""
+    lines = [line for text in list(load_chatterbot_dialogs()["train"]["text"])[:120] for line in text.split("\n")]
+    with_blanks = [x for i, line in enumerate(lines) for x in ([line, "", " "] if i % 5 == 0 else [line])]
+    assert len(with_blanks) < 1000  # one map batch of 1000 records: the blocks do not depend on where batches end...
+    with_blanks += [""] * (1007 - len(with_blanks))  # ...and the second batch holds 7 blank records only
+    blank_count = len(with_blanks) - len(lines)
+    tokenizer = load_example("run_clm").train_bpe(iter(lines), 300, str(tmp_path / "bpe"))
+    built = {}
+    for name, corpus in (("plain", lines), ("blanks", with_blanks)):
+        (tmp_path / f"{name}.txt").write_text("\n".join(corpus) + "\n")
+        args = TINY_GPT2 + ["--output_dir", str(tmp_path / name), "--train_file", str(tmp_path / f"{name}.txt"),
+                            "--validation_file", str(tmp_path / f"{name}.txt"), "--tokenizer_name", str(tmp_path / "bpe"),
+                            "--max_eval_samples", "2000", "--report_to", "none", "--max_steps", "2"]
+        built[name] = load_example("run_clm").build(args + (["--streaming"] if streaming else []))[0]
+    plain, blanks = built["plain"], built["blanks"]
+    assert _blocks(blanks.eval_dataset) == _blocks(plain.eval_dataset) != []  # streamed eval: the file's order
+    out = capsys.readouterr().out  # a stream is read (and its blank records met) only now
+    if streaming:
+        assert "Skipped 1 records of the evaluation stream so far (the last: record 1)" in out
+        assert "Skipped 10 records of the evaluation stream so far" in out
+    else:
+        assert _blocks(blanks.train_dataset) == _blocks(plain.train_dataset)
+        assert f"Skipping {blank_count} of {len(with_blanks)} records of the training split" in out
+    blanks.train()
+    assert blanks.state.global_step == 2 and np.isfinite(_losses(blanks)).all()
+    assert tokenizer.eos_token_id in _blocks(blanks.eval_dataset)[0]
+
+
+def test_clm_example_names_a_record_that_is_not_text(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"text": 7}\n{"text": 8}\n')
+    with pytest.raises(ValueError, match=r"Record 0: column 'text' \(--text_column\) holds int 7, not text"):
+        load_example("run_clm").build(TINY_GPT2 + ["--output_dir", str(tmp_path / "o"), "--train_file", str(tmp_path / "train.jsonl"), "--validation_file", str(tmp_path / "train.jsonl"),
+                                                   "--max_steps", "1"])
 
 
 # ------------------------------------------------------------------ two processes

@@ -91,9 +91,65 @@ class DataArguments:
     )
     class_names: Optional[List[str]] = field(
         default=None,
-        metadata={"help": "Class names in label-id order (classification). Needed with --streaming when the label column "
+        metadata={"help": "Class names in label-id order (classification). Needed with --streaming (or --num_labels) when the label column "
                   "is not a ClassLabel; string labels are mapped to their position in this list."},
     )
+    num_labels: Optional[int] = field(
+        default=None,
+        metadata={"help": "Number of classes N >= 2 (classification), instead of --class_names when the labels are the "
+                  "ids 0..N-1: the classes are named LABEL_0 ... LABEL_<N-1>, as transformers names them."},
+    )
+
+
+@dataclass
+class LoraArguments:
+    """LoRA adapters through peft, with the flag names of transformers' and TRL's scripts (text scripts)."""
+
+    use_peft: bool = field(
+        default=False,
+        metadata={"help": "Train LoRA adapters (peft) instead of the whole model: the pretrained weights stay frozen; FOP "
+                  "manages the adapters' lora_A / lora_B Linear layers and the task head peft trains."},
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank r (>= 1): lora_A is r x in, lora_B is out x r."})
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling alpha (> 0): the adapter's output is scaled by alpha / r."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapters' input, in [0, 1)."})
+    lora_target_modules: Optional[List[str]] = field(
+        default=None,
+        metadata={"help": "Names of the modules that get adapters (e.g. query value); default: peft's choice for the "
+                  "model type (query, value for BERT; c_attn for GPT-2)."},
+    )
+
+
+def apply_lora(model: Any, lora: LoraArguments, task_type: str) -> Any:
+    """``peft.get_peft_model(model, LoraConfig(...))`` for ``--use_peft`` (``task_type``: ``"SEQ_CLS"``, ``"CAUSAL_LM"``).
+
+    Only the adapters (and, for ``SEQ_CLS``, the classification head) keep ``requires_grad``; FOP skips frozen layers.
+    """
+    if lora.lora_r < 1:
+        raise ValueError(f"--lora_r={lora.lora_r} is invalid: expected an integer >= 1.")
+    if not lora.lora_alpha > 0:
+        raise ValueError(f"--lora_alpha={lora.lora_alpha} is invalid: expected a number > 0.")
+    if not 0.0 <= lora.lora_dropout < 1.0:
+        raise ValueError(f"--lora_dropout={lora.lora_dropout} is invalid: expected a probability in [0, 1).")
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as err:
+        raise ImportError("--use_peft needs the peft package: pip install peft (or pip install -e '.[test]').") from err
+    config = LoraConfig(task_type=task_type, r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                        target_modules=lora.lora_target_modules)
+    try:
+        model = get_peft_model(model, config)
+    except ValueError as err:
+        if lora.lora_target_modules is None and "target_modules" in str(err):
+            raise ValueError(
+                f"peft has no default LoRA target modules for model type {model.config.model_type!r}: name them with "
+                "--lora_target_modules (e.g. q_proj v_proj)."
+            ) from None
+        raise
+    trainable, total = model.get_nb_trainable_parameters()
+    print(f"LoRA (r={lora.lora_r}, alpha={lora.lora_alpha:g}) on {sorted(model.peft_config['default'].target_modules)}: "
+          f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%).")
+    return model
 
 
 STREAM_EVAL_DEFAULT = 512
@@ -134,6 +190,13 @@ def check_data_args(data: DataArguments, max_steps: int, max_steps_flag: str = "
             raise ValueError(f"--{name}={value} is invalid: expected an integer >= 1 (or leave it unset).")
     if not 0.0 < data.test_size < 1.0:
         raise ValueError(f"--test_size={data.test_size} is invalid: expected a fraction in (0, 1).")
+    if data.num_labels is not None:
+        if data.num_labels < 2:
+            raise ValueError(f"--num_labels={data.num_labels} is invalid: expected an integer >= 2 (classes).")
+        if data.class_names and len(data.class_names) != data.num_labels:
+            raise ValueError(
+                f"--num_labels={data.num_labels} and --class_names ({len(data.class_names)} names) disagree: give one of them."
+            )
     if data.validation_file is not None and data.train_file is None:
         raise ValueError("--validation_file needs --train_file (the training data of the same format).")
 
@@ -240,8 +303,11 @@ def require_columns(dataset: AnyDataset, columns: Mapping[str, Optional[str]], w
             raise ValueError(f"{what} has no column {column!r} (--{flag}); available columns: {available}.")
 
 
-def label_names(dataset: AnyDataset, label_column: str, given: Optional[Sequence[str]], streaming: bool) -> List[str]:
-    """Class names in id order: ``--class_names``, else the ClassLabel's names, else (map-style) the sorted values."""
+def label_names(
+    dataset: AnyDataset, label_column: str, given: Optional[Sequence[str]], streaming: bool, num_labels: Optional[int] = None
+) -> List[str]:
+    """Class names in id order: ``--class_names``, else the ClassLabel's names, else ``LABEL_i`` for ``--num_labels``,
+    else (map-style) the sorted values."""
     available = column_names(dataset)
     if label_column not in available:
         raise ValueError(
@@ -252,11 +318,19 @@ def label_names(dataset: AnyDataset, label_column: str, given: Optional[Sequence
     features = getattr(dataset, "features", None)
     feature = features.get(label_column) if features is not None else None
     if isinstance(feature, ClassLabel):
+        if num_labels is not None and num_labels != feature.num_classes:
+            raise ValueError(
+                f"--num_labels={num_labels} disagrees with column {label_column!r}, a ClassLabel of {feature.num_classes} "
+                f"classes {feature.names}: leave --num_labels out."
+            )
         return list(feature.names)
+    if num_labels is not None:
+        return [f"LABEL_{i}" for i in range(num_labels)]
     if streaming:
         raise ValueError(
             f"Column {label_column!r} of the streamed dataset is not a ClassLabel, so its classes cannot be read without "
-            "reading the whole stream: pass --class_names NAME0 NAME1 ... (in label-id order)."
+            "reading the whole stream: pass --class_names NAME0 NAME1 ... (in label-id order), or --num_labels N when "
+            "the labels are the ids 0..N-1."
         )
     values = [v for v in dataset[label_column] if v is not None]
     if not values:

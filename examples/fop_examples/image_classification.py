@@ -86,7 +86,7 @@ def load_task(
     """``(model, train, evaluation)``: the model and the preprocessed splits (see module docstring)."""
     train, evaluation = load_splits(data, seed, default=load_digits_images, stratify_column=image.label_column)
     require_columns(train, {"image_column": image.image_column, "label_column": image.label_column})
-    names = label_names(train, image.label_column, data.class_names, data.streaming)
+    names = label_names(train, image.label_column, data.class_names, data.streaming, data.num_labels)
     model, processor = build_model(model_args, image, names)
     encode = LabelEncoder(names, image.label_column)
 
