@@ -504,7 +504,8 @@ class FOP(torch.optim.Optimizer):
             d_w = diffs[w] if w in diffs else torch.zeros_like(w)
             d_hat = rotate(layer.grad_matrix(d_w, diffs.get(b) if b is not None else None), q_s, q_a)
             dir_hat, st = fop_direction_eigen(
-                g_hat, d_hat, s, a, damping, self.config.eps, self.config.use_beta, self.config.use_eta
+                g_hat, d_hat, s, a, damping, self.config.eps, self.config.use_beta, self.config.use_eta,
+                self.config.projection_metric,
             )
         else:
             dir_hat, st = kfac_direction_eigen(g_hat, s, a, damping)

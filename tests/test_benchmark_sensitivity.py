@@ -236,3 +236,85 @@ def test_tiny_run_writes_json_pngs_markdown_and_resumes(tmp_path):
     assert again["report"]["meta"]["runs_this_session"] == 0 and len(again["report"]["runs"]) == n
     rerendered = bs.main(["--from-json", path, "--out", out])
     assert rerendered["analysis"] == result["analysis"]
+
+
+def _metric_settings():
+    """The smoke settings with the projection-metric phases: FOP in the fisher metric (abs_clip) and one trace cell."""
+    s = _settings()
+    s.metric_variants, s.trace_variants, s.trace_lr, s.trace_damping = ["abs_clip_fisher"], ["abs_clip"], [0.1], [1e-2]
+    return s
+
+
+def test_metric_phases_plan_fop_in_the_fisher_metric_and_rerun_untraced_cells():
+    s = _metric_settings()
+    empty = s_plan.plan(s, {})
+    assert [r["phase"] for r in empty][-3:] == ["fisher grid digits/mlp", "fisher seeds digits/mlp", "traces digits/mlp"]
+    grid = s_grid.metric_grid_specs(s, s.pairs)  # FOP only (K-FAC has no projection), the full grid, the largest batch
+    assert {(sp.optimizer, sp.variant, sp.batch, sp.phase) for sp in grid} == {("fop", "abs_clip_fisher", 1078, "grid")}
+    assert sorted((sp.lr, sp.damping) for sp in grid) == [(0.01, 0.01), (0.1, 0.01)]
+    seeds = s_grid.metric_seed_specs(s, {}, s.pairs)  # before the grid ran: its best cell is the corner placeholder
+    assert {(sp.lr, sp.seed) for sp in seeds} == {(0.01, 0), (0.01, 1), (0.1, 0), (0.1, 1)}  # and the default cell's twin
+    assert all(sp.variant == "abs_clip_fisher" and sp.phase == ("grid" if sp.seed == 0 else "seeds") for sp in seeds)
+    traced = s_grid.trace_specs(s, {}, s.pairs)  # K-FAC and FOP damped in trace_variants: grid and seeds, largest batch
+    assert {(sp.optimizer, sp.variant, sp.batch) for sp in traced} == {("kfac", "abs_clip", 1078), ("fop", "abs_clip", 1078)}
+    core = [sp for sp in s_grid.grid_specs(s, True, s.pairs) if sp.variant == "abs_clip"]
+    assert {sp.key() for sp in traced if sp.seed == 0} == {sp.key() for sp in core}
+    assert sorted((sp.optimizer, sp.lr, sp.seed) for sp in traced if sp.seed > 0) == [
+        ("fop", 0.01, 1), ("fop", 0.1, 1), ("kfac", 0.01, 1), ("kfac", 0.1, 1)  # placeholder best cell, default cell
+    ]
+    done = {
+        sp.key(): {**_run([1], [0.9]), "spec": asdict(sp), "cpu_seconds_total": 1.0}
+        for sp in s_grid.grid_specs(s, True, s.pairs) + grid
+    }
+    rows = {r["phase"]: r for r in s_plan.plan(s, done)}
+    assert rows["traces digits/mlp"]["runs"] == 4 and rows["traces digits/mlp"]["done"] == 0  # stored without diagnostics
+    for sp in core:
+        done[sp.key()]["diagnostics_curve"] = {}
+    assert {r["phase"]: r for r in s_plan.plan(s, done)}["traces digits/mlp"]["runs"] == 0  # the seeds are the seed phase's
+    assert not s_grid.is_done(None, False, True) and s_grid.is_done(done[core[0].key()], True, True)
+    sgd = next(r for r in done.values() if r["spec"]["optimizer"] == "sgd")
+    assert s_grid.is_done(sgd, True, True)  # SGD and AdamW have no diagnostics to keep
+    with pytest.raises(ValueError, match="variant='rel' has no fisher-metric twin"):
+        s_grid.fisher_twin("rel")
+
+
+def test_variants_reach_the_optimizer_config():
+    s = _settings()
+    data = bdata.Splits(*(torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long)) * 3, name="digits", n_classes=10)
+    for variant, (damping_mode, clip, fisher, metric) in s_grid.VARIANTS.items():
+        spec = s_grid.RunSpec("grid", "digits", "mlp", "fop", variant, 1078, 0.1, 1e-2, 0, 1)
+        config = s_runner.make_optimizer(bmodels.build_model("mlp", data, 0), spec, s).config
+        assert (config.damping_mode, config.kl_clip, config.fisher_type, config.projection_metric) == (
+            damping_mode, s.kl_clip if clip else None, fisher, metric
+        ), variant
+
+
+def test_tiny_metric_run_traces_both_metrics_and_reruns_deterministically(tmp_path):
+    s = _metric_settings()
+    path = str(tmp_path / "m.json")
+    report = s_runner.run_benchmark(s, path, workers=1, progress=False)
+    s_runner.save_report(path, report)
+    with open(path) as f:
+        report = json.load(f)
+    analysis = s_analysis.analyse(report)
+    (row,) = analysis["metric"]["rows"]
+    assert row["fisher"]["area"]["cells"] == 2 and row["damped"]["area"]["cells"] == 2 and row["kfac"]["area"]["cells"] == 2
+    assert row["fisher"]["default"]["seeds"] == 2 and row["fisher"]["best"]["seeds"] == 2
+    (trace,) = analysis["metric"]["traces"]
+    assert trace["kfac"]["beta_abs"] == 0.0 and trace["kfac"]["kl_cross"] == trace["kfac"]["kl_orth"] == 0.0
+    assert trace["damped"]["beta_abs"] > 0 and trace["fisher"]["beta_abs"] > 0
+    assert trace["damped"]["s_proj"] != trace["fisher"]["s_proj"]  # the variant reached the projection
+    cell = s_grid.RunSpec("grid", "digits", "mlp", "fop", "abs_clip", 1078, 0.1, 1e-2, 0, 6).key()  # FOP damped, the trace cell
+    curve = report["runs"][cell]["diagnostics_curve"]
+    assert len(curve["beta_mean"]) == len(report["runs"][cell]["epochs"])
+    md = "\n".join(s_render.metric_lines(report["meta"]["settings"], analysis["metric"]))
+    assert "Projection metric" in md and sum(line.startswith("| digits | mlp | abs_clip | ") for line in md.splitlines()) == 2
+    assert "| digits | mlp | abs_clip | 0.1 | 0.01 | " in md  # the trace row
+    # a stored run without diagnostics is run again by the traces phase, and reproduces its curve
+    stored = report["runs"][cell]
+    report["runs"][cell] = {k: v for k, v in stored.items() if k != "diagnostics_curve"}
+    s_runner.save_report(path, report)
+    again = s_runner.run_benchmark(s, path, workers=1, progress=False)
+    assert again["meta"]["runs_this_session"] == 1
+    assert bcommon.finite_json(again["runs"][cell]["test_acc"]) == stored["test_acc"]
+    assert bcommon.finite_json(again["runs"][cell]["diagnostics_curve"]) == stored["diagnostics_curve"]

@@ -6,6 +6,8 @@ construction, naming the field and its valid range; :func:`parse_fop_args`
 reports them on the command line as one argparse error line. The FOP learning rate
 eta0 is the Trainer's ``learning_rate`` (scheduled as usual); ``weight_decay``,
 ``adam_beta1/2`` and ``adam_epsilon`` configure FOP's AdamW-managed parameters.
+Every default gives :class:`FOPConfig`'s default except ``learning_rate``, whose
+default (5e-5) is the Trainer's AdamW value: set it (``FOPConfig().lr`` is 0.1).
 """
 
 from __future__ import annotations
@@ -47,18 +49,18 @@ class FOPTrainingArguments(TrainingArguments):
         default="empirical",
         metadata={"help": "Fisher for the S factor: 'empirical' (training labels) or 'mc' (labels sampled from the model).", "choices": ["empirical", "mc"]},
     )
-    fop_momentum: float = field(default=0.0, metadata={"help": "Heavy-ball momentum of the managed layers' direction, in [0, 1)."})
+    fop_momentum: float = field(default=0.9, metadata={"help": "Heavy-ball momentum of the managed layers' direction, in [0, 1); 0 turns it off."})
     fop_factor_decay: float = field(default=0.95, metadata={"help": "Running-average decay of the A and S factors, in [0, 1)."})
     fop_factor_interval: int = field(default=1, metadata={"help": "Optimizer steps between factor (A, S) updates, >= 1."})
     fop_inverse_interval: int = field(
-        default=10, metadata={"help": "Optimizer steps between eigendecompositions, a positive multiple of fop_factor_interval."}
+        default=5, metadata={"help": "Optimizer steps between eigendecompositions, a positive multiple of fop_factor_interval."}
     )
     fop_eps: float = field(default=1e-12, metadata={"help": "Epsilon of the projection coefficient's denominator (eq. 4), >= 0."})
     fop_use_eta: bool = field(default=True, metadata={"help": "Scale each layer's step by eta* (eq. 17)."})
     fop_use_beta: bool = field(default=True, metadata={"help": "Add beta* g_perp to the mean gradient (eq. 6)."})
     fop_adamw_lr: Optional[float] = field(
-        default=None,
-        metadata={"help": "Peak learning rate of the AdamW-managed parameters (norms, embeddings); default: learning_rate. >= 0."},
+        default=3e-3,
+        metadata={"help": "Peak learning rate of the AdamW-managed parameters (norms, embeddings), >= 0; None: learning_rate."},
     )
     fop_max_factor_dim: int = field(
         default=8192, metadata={"help": "Layers with a factor side larger than this go to AdamW, >= 1."}
@@ -90,6 +92,14 @@ class FOPTrainingArguments(TrainingArguments):
             "help": "Several processes: 'replicated' (every rank decomposes every factor) or 'specialists' (each "
             "managed layer's owner rank alone decomposes its factors and computes its direction; the paper's Algorithm 1).",
             "choices": ["replicated", "specialists"],
+        },
+    )
+    fop_projection_metric: str = field(
+        default="damped",
+        metadata={
+            "help": "Metric of FOP's projection of g1 - g2 (eq. 4-5): 'damped' (M = F + damping I, the preconditioner's) "
+            "or 'fisher' (the undamped Kronecker Fisher F of the paper's Lemma 1; beta* = 0 where g_avg is in F's null space).",
+            "choices": ["damped", "fisher"],
         },
     )
     fop_scale_lr_with_batch: Optional[int] = field(
@@ -181,6 +191,7 @@ class FOPTrainingArguments(TrainingArguments):
             kl_clip=None if self.fop_kl_clip == 0 else self.fop_kl_clip,
             damping_mode=self.fop_damping_mode,
             curvature_sharding=self.fop_curvature_sharding,
+            projection_metric=self.fop_projection_metric,
         )
         try:
             return FOPConfig(**values)

@@ -1,12 +1,16 @@
 """Sensitivity benchmark, what the runs say: stable areas per (dataset, model, optimizer variant), seed summaries
-per (batch, cell), and the stable area per batch size on the ladder grid's cells."""
+per (batch, cell), the stable area per batch size on the ladder grid's cells, and the projection metric's comparison
+(FOP with the damped or the undamped Fisher in eq. 4-5, beside K-FAC)."""
 
 from __future__ import annotations
 
+import math
+import statistics
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..common import mean_std
-from .grid import CURVATURE, RunSpec, Settings, ladder_grid_specs, reach, select_best
+from .grid import CURVATURE, RunSpec, Settings, fisher_twin, ladder_grid_specs, reach, select_best
+
 
 def analyse(report: Dict[str, Any]) -> Dict[str, Any]:
     """Stable areas per (dataset, model, optimizer variant) and seed summaries per (batch, cell).
@@ -20,7 +24,9 @@ def analyse(report: Dict[str, Any]) -> Dict[str, Any]:
     areas, summaries = [], []
     for dataset, model in s["pairs"]:
         target = s["targets"][dataset][model]
+        metric_variants = s.get("metric_variants", [])
         names = [("sgd", None), ("adamw", None)] + [(o, v) for v in s["variants"] for o in CURVATURE]
+        names += [("fop", v) for v in metric_variants]
         for name, variant in names:
             grid = [
                 r for r in runs if r["spec"]["phase"] == "grid" and r["spec"]["dataset"] == dataset
@@ -31,7 +37,7 @@ def analyse(report: Dict[str, Any]) -> Dict[str, Any]:
             ok = [r for r in grid if reach(r, target) is not None]
             diverged = [r for r in grid if r["diverged"]]
             best = select_best(grid, target)
-            core = variant is None or variant in s["core_variants"]
+            core = variant is None or variant in s["core_variants"] or variant in metric_variants
             lrs, dampings = (s["lr_grid"], s["damping_grid"]) if core else (s["subgrid_lr"], s["subgrid_damping"])
             have = {(r["spec"]["lr"], r["spec"]["damping"]) for r in grid}
             expected = {(lr, d) for lr in lrs for d in ([None] if variant is None else dampings)}
@@ -68,7 +74,75 @@ def analyse(report: Dict[str, Any]) -> Dict[str, Any]:
                     "final_test_acc": mean_std([r["final_test_acc"] for r in rs]),
                     "diverged": sum(r["diverged"] for r in rs),
                 })
-    return {"areas": areas, "summaries": summaries, "batch_areas": batch_areas(report)}
+    out = {"areas": areas, "summaries": summaries, "batch_areas": batch_areas(report)}
+    if s.get("metric_variants"):
+        out["metric"] = {"rows": metric_rows(s, areas, summaries), "traces": traces(report)}
+    return out
+
+
+def metric_rows(s: Dict[str, Any], areas: List[Dict[str, Any]], summaries: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Per (dataset, model) and trace variant ``v`` (``abs``, ``abs_clip``) at the largest batch: the stable areas of
+    K-FAC[v], FOP[v] (damped metric) and FOP[v_fisher], and the seed summaries (epochs to target) at the default cell
+    and at each one's best cell. Entries are None where the runs are missing."""
+    out = []
+    d = s["default"]
+    for dataset, model in s["pairs"]:
+        largest = s["batches"][dataset][-1]
+        area = {(a["optimizer"], a["variant"]): a for a in areas if (a["dataset"], a["model"]) == (dataset, model)}
+        summary = {
+            (r["optimizer"], r["variant"], r["lr"], r["damping"]): r for r in summaries
+            if (r["dataset"], r["model"], r["batch"]) == (dataset, model, largest)
+        }
+        for variant in s.get("trace_variants", []):
+            row: Dict[str, Any] = {"dataset": dataset, "model": model, "variant": variant}
+            for label, (name, v) in (("kfac", ("kfac", variant)), ("damped", ("fop", variant)), ("fisher", ("fop", fisher_twin(variant)))):
+                a = area.get((name, v))
+                row[label] = {
+                    "area": a,
+                    "default": summary.get((name, v, d["lr"], d["damping"])) if variant == d["variant"] else None,
+                    "best": summary.get((name, v, a["best_lr"], a["best_damping"])) if a else None,
+                }
+            out.append(row)
+    return out
+
+
+def curve_mean(run: Dict[str, Any], key: str) -> float:
+    """Mean over a run's evaluations of one of its ``diagnostics_curve`` values (NaN where none is finite)."""
+    values = [v for v in run["diagnostics_curve"].get(key, []) if v is not None and math.isfinite(v)]
+    return statistics.fmean(values) if values else math.nan
+
+
+def traces(report: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Per (dataset, model, trace variant, lr, damping) of the trace cells: for K-FAC, FOP (damped metric) and FOP
+    (fisher metric) the final test accuracy, epochs to target, and the means over the run of |beta*|, s_proj and the
+    KL terms (per unit lr^2) and of the trust-region factor; None for a run missing or stored without diagnostics."""
+    s = report["meta"]["settings"]
+    runs = report["runs"]
+    out = []
+    for dataset, model in s["pairs"]:
+        batch = s["batches"][dataset][-1]
+        per = s["epochs"][dataset][model]
+        epochs = per.get(str(batch), per.get(batch))  # JSON keys are strings
+        target = s["targets"][dataset][model]
+        for variant in s.get("trace_variants", []):
+            for lr in s["trace_lr"]:
+                for damping in s["trace_damping"]:
+                    row: Dict[str, Any] = {"dataset": dataset, "model": model, "variant": variant, "lr": lr, "damping": damping}
+                    for label, (name, v) in (("kfac", ("kfac", variant)), ("damped", ("fop", variant)), ("fisher", ("fop", fisher_twin(variant)))):
+                        run = runs.get(RunSpec("grid", dataset, model, name, v, batch, lr, damping, 0, epochs).key())
+                        if run is None or "diagnostics_curve" not in run:
+                            row[label] = None
+                            continue
+                        hit = reach(run, target)
+                        row[label] = {
+                            "final_test_acc": run["final_test_acc"], "diverged": run["diverged"], "epochs_to_target": hit[0] if hit else None,
+                            **{k: curve_mean(run, key) for k, key in (
+                                ("beta_abs", "beta_abs_mean"), ("s_proj", "s_proj_mean"), ("kl_base", "kl_base"), ("kl_cross", "kl_cross"),
+                                ("kl_orth", "kl_orth"), ("kl_clip_scale", "kl_clip_scale"),
+                            )},
+                        }
+                    out.append(row)
+    return out
 
 
 def batch_areas(report: Dict[str, Any]) -> List[Dict[str, Any]]:

@@ -8,22 +8,27 @@ phases pick their cells (:func:`cells`) from the finished grids with :func:`sele
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 from ..models import MODELS
 
 CURVATURE = ("kfac", "fop")
 VARIANTS = {
-    # name: (damping_mode, kl_clip applied?, fisher_type)
-    "abs": ("absolute", False, "empirical"),
-    "abs_clip": ("absolute", True, "empirical"),
-    "rel": ("relative", False, "empirical"),
-    "rel_clip": ("relative", True, "empirical"),
-    "abs_mc": ("absolute", False, "mc"),
-    "rel_clip_mc": ("relative", True, "mc"),
-    "abs_clip_mc": ("absolute", True, "mc"),
+    # name: (damping_mode, kl_clip applied?, fisher_type, projection_metric)
+    "abs": ("absolute", False, "empirical", "damped"),
+    "abs_clip": ("absolute", True, "empirical", "damped"),
+    "rel": ("relative", False, "empirical", "damped"),
+    "rel_clip": ("relative", True, "empirical", "damped"),
+    "abs_mc": ("absolute", False, "mc", "damped"),
+    "rel_clip_mc": ("relative", True, "mc", "damped"),
+    "abs_clip_mc": ("absolute", True, "mc", "damped"),
+    "abs_fisher": ("absolute", False, "empirical", "fisher"),
+    "abs_clip_fisher": ("absolute", True, "empirical", "fisher"),
 }
-RUN_FIELDS = ("kl_clip", "momentum", "adamw_weight_decay", "adamw_lr_curvature", "warmup_fraction", "evals_per_run", "n_train", "vit")
+RUN_FIELDS = (
+    "kl_clip", "momentum", "adamw_weight_decay", "adamw_lr_curvature", "inverse_interval", "warmup_fraction", "evals_per_run",
+    "n_train", "vit",
+)
 """The settings that define how one run is done (beyond its key): a resumed run must keep them; the others only choose runs."""
 
 
@@ -40,6 +45,13 @@ class Settings:
     ladder grid phase (seed 0 at each batch of ``ladder_grid_batch[dataset]``, smaller than the largest; empty: no
     such phase); its cells
     must lie in the largest batch's grid of every optimizer it runs, for a like-for-like stable area.
+    ``metric_variants``: FOP variants with the ``"fisher"`` projection metric, run on the full grid at the largest
+    batch (with seeds at their best cell and at the default cell's twin, ``default["variant"] + "_fisher"``);
+    ``trace_variants``: the core variants whose K-FAC/FOP runs at the largest batch (grid and seeds) must keep their
+    per-step diagnostics (beta*, KL terms; rerun otherwise), the damped side of that comparison;
+    ``trace_lr`` x ``trace_damping``: the cells whose diagnostics the report tabulates.
+    ``momentum``, ``adamw_lr_curvature``, ``inverse_interval``, ``kl_clip`` and the default cell are the shipped
+    ``FOPConfig`` defaults (``tests/test_defaults.py``).
     """
 
     profile: str
@@ -65,9 +77,14 @@ class Settings:
     ladder_grid_variants: List[str] = field(default_factory=list)
     ladder_grid_lr: List[float] = field(default_factory=list)
     ladder_grid_damping: List[float] = field(default_factory=list)
+    metric_variants: List[str] = field(default_factory=list)
+    trace_variants: List[str] = field(default_factory=list)
+    trace_lr: List[float] = field(default_factory=list)
+    trace_damping: List[float] = field(default_factory=list)
     momentum: float = 0.9
     adamw_weight_decay: float = 0.01
     adamw_lr_curvature: float = 3e-3
+    inverse_interval: int = 5
     warmup_fraction: float = 0.05
     evals_per_run: int = 30
 
@@ -104,6 +121,10 @@ def make_settings(profile: str, default: Dict[str, Any]) -> Settings:
             ladder_grid_variants=["abs", "abs_clip"],
             ladder_grid_lr=[1e-3, 1e-2, 1e-1, 1.0],
             ladder_grid_damping=[1e-3, 1e-2, 1e-1],
+            metric_variants=["abs_fisher", "abs_clip_fisher"],
+            trace_variants=["abs", "abs_clip"],
+            trace_lr=[1e-1],
+            trace_damping=[1e-3, 1e-2, 1e-1],
         )
     if profile == "quick":
         return Settings(
@@ -299,33 +320,104 @@ def seed_specs(
     return specs
 
 
-Phase = Tuple[str, bool, Callable[[], List[RunSpec]]]
+def fisher_twin(variant: str) -> str:
+    """The ``"fisher"``-metric variant of a damped-metric one (``abs_clip`` -> ``abs_clip_fisher``)."""
+    twin = f"{variant}_fisher"
+    if twin not in VARIANTS:
+        raise ValueError(f"variant={variant!r} has no fisher-metric twin in VARIANTS.")
+    return twin
+
+
+def metric_grid_specs(s: Settings, pairs: Sequence[Tuple[str, str]]) -> List[RunSpec]:
+    """FOP in each of ``metric_variants`` on the full lr x damping grid at the largest batch, seed 0 (phase ``"grid"``;
+    K-FAC has no projection, so its damped-metric runs are the comparison)."""
+    specs: List[RunSpec] = []
+    for dataset, model in pairs:
+        batch = s.batches[dataset][-1]
+        epochs = s.epochs[dataset][model][batch]
+        for variant in s.metric_variants:
+            specs += [RunSpec("grid", dataset, model, "fop", variant, batch, lr, d, 0, epochs) for lr in s.lr_grid for d in s.damping_grid]
+    return specs
+
+
+def metric_seed_specs(s: Settings, results: Dict[str, Dict[str, Any]], pairs: Sequence[Tuple[str, str]]) -> List[RunSpec]:
+    """Seeds 0 .. seeds-1 of FOP at the largest batch at the best cell of each of ``metric_variants`` and at the default
+    cell with the fisher metric (seed 0 is the grid's run)."""
+    specs, seen = [], set()
+    for dataset, model in pairs:
+        batch = s.batches[dataset][-1]
+        epochs = s.epochs[dataset][model][batch]
+        target = s.targets[dataset][model]
+        chosen = []
+        for variant in s.metric_variants:
+            grid = _grid_runs(results, dataset, model, "fop", variant)
+            b = select_best(grid, target)["spec"] if grid else {"lr": s.lr_grid[0], "damping": s.damping_grid[0]}
+            chosen.append((variant, b["lr"], b["damping"]))
+        chosen.append((fisher_twin(s.default["variant"]), s.default["lr"], s.default["damping"]))
+        for variant, lr, damping in chosen:
+            for seed in range(s.seeds):
+                spec = RunSpec("grid" if seed == 0 else "seeds", dataset, model, "fop", variant, batch, lr, damping, seed, epochs)
+                if spec.key() not in seen:
+                    seen.add(spec.key())
+                    specs.append(spec)
+    return specs
+
+
+def trace_specs(s: Settings, results: Dict[str, Dict[str, Any]], pairs: Sequence[Tuple[str, str]]) -> List[RunSpec]:
+    """K-FAC and FOP in ``trace_variants`` at the largest batch: their full lr x damping grid (seed 0) and their seeds
+    at the best and default cells. These runs must keep their per-step diagnostics (a stored one without them is run
+    again), so that the metric comparison sets runs of the same code side by side."""
+    specs = [
+        sp for sp in grid_specs(s, True, pairs) if sp.optimizer in CURVATURE and sp.variant in s.trace_variants
+    ]
+    largest = lambda ds: [s.batches[ds][-1]]  # noqa: E731
+    specs += [
+        sp for sp in seed_specs(s, results, largest, "seeds", pairs)
+        if sp.optimizer in CURVATURE and sp.variant in s.trace_variants and sp.seed > 0
+    ]
+    return specs
+
+
+class Phase(NamedTuple):
+    """One phase: ``specs()`` lists its runs when it starts (seeds and ladder read the best cells of finished grids);
+    a stored run is run again if ``timed`` and stored without CPU time, or ``traced`` and stored without diagnostics."""
+
+    name: str
+    timed: bool
+    specs: Callable[[], List[RunSpec]]
+    traced: bool = False
 
 
 def phases(s: Settings, results: Dict[str, Dict[str, Any]]) -> List[Phase]:
-    """(name, timed, specs) per phase, most important first so that a partial run stays useful.
+    """The phases, most important first so that a partial run stays useful.
 
-    ``timed``: the phase's runs feed the time-to-target tables, so a stored run without CPU time is run again.
-    ``specs`` is called when the phase starts (seeds and ladder read the best cells of the finished grids).
+    ``timed``: the phase's runs feed the time-to-target tables; ``traced``: the metric comparison's diagnostics.
     """
     largest = lambda ds: [s.batches[ds][-1]]  # noqa: E731
     smaller = lambda ds: s.batches[ds][:-1]  # noqa: E731
     out: List[Phase] = []
     for pair in s.pairs:  # cheap pairs first, each complete: core grid, seeds at its best and default cells, other variants, ladder
         name = f"{pair[0]}/{pair[1]}"
-        out.append((f"grid {name}", False, lambda pair=pair: grid_specs(s, True, [pair])))
-        out.append((f"seeds {name}", True, lambda pair=pair: seed_specs(s, results, largest, "seeds", [pair])))
-        out.append((f"variants {name}", False, lambda pair=pair: grid_specs(s, False, [pair])))
-        out.append((f"ladder {name}", True, lambda pair=pair: seed_specs(s, results, smaller, "ladder", [pair])))
+        out.append(Phase(f"grid {name}", False, lambda pair=pair: grid_specs(s, True, [pair])))
+        out.append(Phase(f"seeds {name}", True, lambda pair=pair: seed_specs(s, results, largest, "seeds", [pair])))
+        out.append(Phase(f"variants {name}", False, lambda pair=pair: grid_specs(s, False, [pair])))
+        out.append(Phase(f"ladder {name}", True, lambda pair=pair: seed_specs(s, results, smaller, "ladder", [pair])))
     if s.ladder_grid_batch:  # added after the rest (issue 9): last, so that the earlier phases keep their order
         for pair in s.pairs:
             name = f"{pair[0]}/{pair[1]}"
-            out.append((f"ladder grid {name}", False, lambda pair=pair: ladder_grid_specs(s, [pair])))
+            out.append(Phase(f"ladder grid {name}", False, lambda pair=pair: ladder_grid_specs(s, [pair])))
+    if s.metric_variants:  # the projection metric (issue 18), after all of the above
+        for pair in s.pairs:
+            name = f"{pair[0]}/{pair[1]}"
+            out.append(Phase(f"fisher grid {name}", False, lambda pair=pair: metric_grid_specs(s, [pair])))
+            out.append(Phase(f"fisher seeds {name}", True, lambda pair=pair: metric_seed_specs(s, results, [pair])))
+            out.append(Phase(f"traces {name}", True, lambda pair=pair: trace_specs(s, results, [pair]), traced=True))
     return out
 
 
-def is_done(result: Optional[Dict[str, Any]], timed: bool) -> bool:
-    """A stored run is reused unless it is missing, or ``timed`` and stored without CPU time."""
-    return result is not None and (not timed or "cpu_seconds" in result)
-
-
+def is_done(result: Optional[Dict[str, Any]], timed: bool, traced: bool = False) -> bool:
+    """A stored run is reused unless it is missing, ``timed`` and stored without CPU time, or ``traced`` and a K-FAC/FOP
+    run stored without per-step diagnostics (``diagnostics_curve``)."""
+    if result is None or (timed and "cpu_seconds" not in result):
+        return False
+    return not traced or result["spec"]["variant"] is None or "diagnostics_curve" in result

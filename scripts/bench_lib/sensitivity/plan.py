@@ -42,11 +42,11 @@ def plan(s: Settings, results: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]
     are the sum of the three, and sum / workers is its wall time on idle cores.
     """
     rows, seen = [], set()
-    for name, timed, make in phases(s, results):
-        row = {"phase": name, "runs": 0, "done": 0, "cpu_measured": 0.0, "cpu_estimated_done": 0.0, "cpu_to_run": 0.0}
-        for spec in make():
+    for phase in phases(s, results):
+        row = {"phase": phase.name, "runs": 0, "done": 0, "cpu_measured": 0.0, "cpu_estimated_done": 0.0, "cpu_to_run": 0.0}
+        for spec in phase.specs():
             key = spec.key()
-            done = is_done(results.get(key), timed)
+            done = is_done(results.get(key), phase.timed, phase.traced)
             if key in seen and (done or key not in results):
                 continue  # planned already (seed 0 at the largest batch is the grid's run), and not to be run again
             seen.add(key)

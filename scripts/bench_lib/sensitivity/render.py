@@ -29,7 +29,7 @@ def plot_heatmaps(report: Dict[str, Any], out_dir: str, suffix: str) -> List[str
     paths = []
     for dataset, model in s["pairs"]:
         target = s["targets"][dataset][model]
-        panels = [(o, v) for v in s["variants"] for o in CURVATURE]
+        panels = [(o, v) for v in s["variants"] for o in CURVATURE] + [("fop", v) for v in s.get("metric_variants", [])]
         panels = [p for p in panels if any(r["spec"]["dataset"] == dataset and r["spec"]["model"] == model and (r["spec"]["optimizer"], r["spec"]["variant"]) == p for r in runs)]
         if not panels:
             continue
@@ -164,7 +164,85 @@ def render_markdown(report: Dict[str, Any], analysis: Dict[str, Any], pngs: Sequ
             f"{'' if r['timed'] == r['reached'] else ' (' + str(r['timed']) + ' timed)'} | "
             f"{_fmt(r['final_test_acc'], 3)} |"
         )
+    lines += metric_lines(s, analysis.get("metric"))
     lines += [""] + [f"![{os.path.basename(p)}]({os.path.relpath(p, md_dir)})" for p in pngs]
     return "\n".join(lines)
+
+
+def _area(a: Optional[Dict[str, Any]]) -> str:
+    return "-" if a is None else f"{a['reached']}/{a['cells']} ({a['stable_area']:.0%}; {a['diverged']} div.)"
+
+
+def _epochs(r: Optional[Dict[str, Any]], cell: bool = False) -> str:
+    """Epochs to target of a seed summary: ``mean ± std (reached/seeds)``, with its cell when ``cell``."""
+    if r is None:
+        return "-"
+    where = f"lr {r['lr']:g}, λ {r['damping']:g}: " if cell else ""
+    return f"{where}{_fmt(r['epochs_to_target'])} ({r['reached']}/{r['seeds']})"
+
+
+def _num(x: Optional[float], digits: int = 3) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{x:.{digits}g}"
+
+
+def metric_lines(s: Dict[str, Any], metric: Optional[Dict[str, Any]]) -> List[str]:
+    """The projection metric's tables (empty for a JSON without the fisher variants)."""
+    if not metric:
+        return []
+    d = s["default"]
+    lines = [
+        "",
+        "Projection metric (eq. 4-5 in the damped `M = F + λI`, FOP's default, or in the undamped Kronecker `F`, "
+        "variants `_fisher`), largest batch: stable area on the full lr x damping grid (seed 0; reached / cells, "
+        "diverged cells), and epochs to the target (mean ± std over the seeds that reach it; reached / seeds) at the "
+        f"default cell (lr {d['lr']:g}, damping {d['damping']:g}) and at each optimizer's best cell. K-FAC has no "
+        "projection: its runs serve both metrics.",
+        "",
+        "| dataset | model | variant | K-FAC area | FOP damped area | FOP fisher area | K-FAC default | FOP damped default "
+        "| FOP fisher default | K-FAC best | FOP damped best | FOP fisher best |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in metric["rows"]:
+        parts = [_area(r[k]["area"]) for k in ("kfac", "damped", "fisher")]
+        parts += [_epochs(r[k]["default"]) for k in ("kfac", "damped", "fisher")]
+        parts += [_epochs(r[k]["best"], cell=True) for k in ("kfac", "damped", "fisher")]
+        lines.append(f"| {r['dataset']} | {r['model']} | {r['variant']} | " + " | ".join(parts) + " |")
+    lines += [
+        "",
+        "What the projection does at low and high damping (seed 0, lr " + ", ".join(f"{x:g}" for x in s["trace_lr"])
+        + "): means over the run's steps of the layer mean of |beta*| and of s_proj, the share of the FOP terms in "
+        "the step's KL norm, (kl_cross + kl_orth) / (kl_base + kl_cross + kl_orth) from the run means (per unit lr², "
+        "summed over layers), K-FAC's kl_base, and the trust-region factor nu (`_clip` only; 1 = idle). "
+        "Final test accuracy K-FAC / FOP damped / FOP fisher; * reaches the target.",
+        "",
+        "| dataset | model | variant | lr | damping | final acc K-FAC / damped / fisher | mean abs beta* damped / fisher "
+        "| mean s_proj damped / fisher | FOP KL share damped / fisher | K-FAC kl_base | nu K-FAC / damped / fisher |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in metric["traces"]:
+        runs = [r[k] for k in ("kfac", "damped", "fisher")]
+
+        def acc(x: Optional[Dict[str, Any]]) -> str:
+            if x is None:
+                return "-"
+            return f"{x['final_test_acc']:.3f}{'*' if x['epochs_to_target'] is not None else ''}{' div.' if x['diverged'] else ''}"
+
+        def share(x: Optional[Dict[str, Any]]) -> str:
+            if x is None:
+                return "-"
+            total = x["kl_base"] + x["kl_cross"] + x["kl_orth"]
+            return _num((x["kl_cross"] + x["kl_orth"]) / total if total > 0 else math.nan, 2)
+
+        fop = runs[1:]
+        lines.append(
+            f"| {r['dataset']} | {r['model']} | {r['variant']} | {r['lr']:g} | {r['damping']:g} | "
+            + " / ".join(acc(x) for x in runs) + " | "
+            + " / ".join("-" if x is None else _num(x["beta_abs"]) for x in fop) + " | "
+            + " / ".join("-" if x is None else _num(x["s_proj"]) for x in fop) + " | "
+            + " / ".join(share(x) for x in fop) + " | "
+            + ("-" if runs[0] is None else _num(runs[0]["kl_base"])) + " | "
+            + " / ".join("-" if x is None else _num(x["kl_clip_scale"], 2) for x in runs) + " |"
+        )
+    return lines
 
 

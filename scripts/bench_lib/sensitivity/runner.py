@@ -24,12 +24,14 @@ from ..models import build_model
 from .grid import RUN_FIELDS, VARIANTS, RunSpec, Settings, is_done, phases
 from .plan import format_plan, plan
 
-def make_optimizer(model: nn.Module, spec: RunSpec, s: Settings, steps_per_epoch: int) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, spec: RunSpec, s: Settings) -> torch.optim.Optimizer:
+    """The optimizer of ``spec``: SGD (momentum), AdamW, or K-FAC/FOP with the cell's lr, damping and variant and the
+    benchmark's fixed settings; every ``FOPConfig`` field not set here keeps its shipped default."""
     if spec.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=s.momentum)
     if spec.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=s.adamw_weight_decay)
-    damping_mode, clip, fisher = VARIANTS[spec.variant or ""]
+    damping_mode, clip, fisher, metric = VARIANTS[spec.variant or ""]
     return FOP(
         model,
         lr=spec.lr,
@@ -38,11 +40,24 @@ def make_optimizer(model: nn.Module, spec: RunSpec, s: Settings, steps_per_epoch
         damping_mode=damping_mode,
         kl_clip=s.kl_clip if clip else None,
         fisher_type=fisher,
+        projection_metric=metric,
         momentum=s.momentum,
-        factor_interval=1,
-        inverse_interval=5 if steps_per_epoch <= 2 else 10,
+        inverse_interval=s.inverse_interval,
         adamw_lr=s.adamw_lr_curvature,
     )
+
+
+TRACED = ("beta_mean", "beta_abs_mean", "s_proj_mean", "eta_mean", "kl_base", "kl_cross", "kl_orth", "kl_clip_scale")
+"""The K-FAC/FOP diagnostics a run keeps at every evaluation (``diagnostics_curve``): layer means of beta*, |beta*|,
+s_proj and eta*, the KL terms summed over layers (per unit lr^2) and the trust-region factor."""
+
+
+def traced_diagnostics(opt: FOP) -> Dict[str, float]:
+    """:data:`TRACED` of the last step (``beta_abs_mean`` from the per-layer ``<layer>/beta``); absent keys are NaN."""
+    d = opt.diagnostics()
+    betas = [abs(v) for k, v in d.items() if k.endswith("/beta")]
+    d["beta_abs_mean"] = sum(betas) / len(betas) if betas else math.nan
+    return {k: d.get(k, math.nan) for k in TRACED}
 
 
 @torch.no_grad()
@@ -58,14 +73,15 @@ def train_run(spec: RunSpec, data: Splits, s: Settings) -> Dict[str, Any]:
     """Train one fresh model; returns the curve and final accuracies.
 
     The curve: ``epochs``, ``test_acc``, ``seconds`` (training wall time) and ``cpu_seconds`` (training CPU
-    time of this process, ``time.process_time``; the one to compare on a shared machine). ``cpu_seconds_total``
+    time of this process, ``time.process_time``; the one to compare on a shared machine), and for K-FAC/FOP
+    ``diagnostics_curve`` (:data:`TRACED` of the epoch's last step, per evaluation). ``cpu_seconds_total``
     is the whole run's CPU time (model, training, evaluations): what the run costs a core.
     """
     cpu_start = time.process_time()
     model = build_model(spec.model, data, spec.seed, s.vit.get(spec.dataset))
     n = len(data.y_train)
     steps_per_epoch = n // spec.batch
-    opt = make_optimizer(model, spec, s, steps_per_epoch)
+    opt = make_optimizer(model, spec, s)
     total = steps_per_epoch * spec.epochs
     base = [g["lr"] for g in opt.param_groups]
     eval_every = max(1, spec.epochs // s.evals_per_run)
@@ -76,6 +92,8 @@ def train_run(spec: RunSpec, data: Splits, s: Settings) -> Dict[str, Any]:
     mc = fop and opt.config.fisher_type == "mc"
     diverged_loss = 4 * math.log(data.n_classes)
     out: Dict[str, Any] = {"spec": asdict(spec), "epochs": [], "seconds": [], "cpu_seconds": [], "test_acc": [], "diverged": False}
+    if fop:
+        out["diagnostics_curve"] = {k: [] for k in TRACED}
     step, seconds, cpu = 0, 0.0, 0.0
     for epoch in range(1, spec.epochs + 1):
         batches = epoch_batches(data.x_train, data.y_train, spec.batch, gen)
@@ -117,6 +135,9 @@ def train_run(spec: RunSpec, data: Splits, s: Settings) -> Dict[str, Any]:
             out["seconds"].append(round(seconds, 4))
             out["cpu_seconds"].append(round(cpu, 4))
             out["test_acc"].append(acc)
+            if fop:
+                for k, v in traced_diagnostics(opt).items():
+                    out["diagnostics_curve"][k].append(v)
         if out["diverged"]:
             break
     model.eval()
@@ -191,11 +212,11 @@ def run_benchmark(s: Settings, json_path: str, workers: int, progress: bool = Tr
         torch.set_num_threads(1)
     cpu_done = 0.0
     try:
-        for i, (phase, timed, make) in enumerate(phases(s, results)):
-            todo = [sp for sp in make() if not is_done(results.get(sp.key()), timed)]
+        for i, phase in enumerate(phases(s, results)):
+            todo = [sp for sp in phase.specs() if not is_done(results.get(sp.key()), phase.timed, phase.traced)]
             if bar is not None:  # the runs left as far as known now (later seeds/ladder cells are placeholders until their grid ran)
                 bar.total = bar.n + sum(r["runs"] - r["done"] for r in plan(s, results)[i:])
-                bar.set_description(phase)
+                bar.set_description(phase.name)
                 bar.refresh()
             runner = pool.imap_unordered(_run_one, todo) if pool else map(_run_one, todo)
             for result in runner:
