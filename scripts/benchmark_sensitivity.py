@@ -21,7 +21,11 @@ Optimizers: SGD (momentum 0.9), AdamW, and K-FAC / FOP in these variants:
 project's configuration before issue 9), ``abs_clip`` (absolute damping with
 ``kl_clip``: the shipped default), ``rel`` and ``rel_clip`` (relative damping
 without / with ``kl_clip``), ``abs_mc`` and ``abs_clip_mc`` (the Monte-Carlo
-Fisher, which the paper's ASDL K-FAC uses).
+Fisher, which the paper's ASDL K-FAC uses), ``abs_fisher`` and
+``abs_clip_fisher`` (FOP's projection in the undamped Fisher, issue 18). The
+fixed settings of K-FAC/FOP (momentum 0.9, eigendecomposition every 5 steps,
+AdamW lr 3e-3) and the default cell are ``FOPConfig()``'s defaults
+(``tests/test_defaults.py``).
 
 Phases, per (dataset, model), cheapest pair first, so that a partial run is
 complete on the pairs it reached:
@@ -42,6 +46,11 @@ complete on the pairs it reached:
    on ``ladder_grid_lr`` x ``ladder_grid_damping`` at each batch of
    ``ladder_grid_batch[dataset]`` (about 2% and 10% of the training split), so that the
    stable area is measured per batch size, on cells the largest batch's grid shares.
+6. the *projection metric*, per (dataset, model): FOP in ``metric_variants``
+   (``_fisher``) on the full grid at the largest batch, seeds at their best cell
+   and at the default cell's twin, and the *traces*: K-FAC/FOP runs of
+   ``trace_variants`` at the largest batch (grid and seeds) stored without
+   per-step diagnostics (beta*, s_proj, KL terms) are run again with them.
 
 Time: every run records its CPU seconds (``time.process_time`` in a worker of
 one thread; training only for the time-to-target curves, the whole run for its
