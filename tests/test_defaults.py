@@ -17,7 +17,9 @@ bs = load_script("scripts", "benchmark_sensitivity")
 
 
 def _differences(a: FOPConfig, b: FOPConfig) -> dict:
-    return {f.name: (getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(FOPConfig) if getattr(a, f.name) != getattr(b, f.name)}
+    """``{field: (a's value, b's value)}`` for every field where the two configs differ."""
+    names = [f.name for f in dataclasses.fields(FOPConfig)]
+    return {n: (getattr(a, n), getattr(b, n)) for n in names if getattr(a, n) != getattr(b, n)}
 
 
 def _default_cell_configs():

@@ -43,7 +43,8 @@ def _problem(out: int, inp: int, seed: int):
     """Kronecker factors A ``(in, in)``, S ``(out, out)`` and two gradients ``(out, in)``, float64."""
     gen = torch.Generator().manual_seed(100 + seed)
     a_fac, s_fac = _spd(inp, gen), _spd(out, gen)
-    return a_fac, s_fac, torch.randn(out, inp, generator=gen, dtype=torch.float64), torch.randn(out, inp, generator=gen, dtype=torch.float64)
+    g1, g2 = (torch.randn(out, inp, generator=gen, dtype=torch.float64) for _ in range(2))
+    return a_fac, s_fac, g1, g2
 
 
 def _eigen(a_fac, s_fac, g1, g2, damping, eps, metric):
@@ -163,7 +164,8 @@ def test_g_avg_in_the_fisher_null_space_falls_back_to_beta_zero(name, dtype, eps
     assert abs(damped.beta.item()) < 1e-5
     # dense reference in the same precision: F = diag(F_hat) in this (identity) eigenbasis
     fisher = kron_fisher(torch.diag(a), torch.diag(s))
-    ref, ref_stats = fop_direction_dense(vec(g_avg + g_diff / 2), vec(g_avg - g_diff / 2), fisher, damping, eps, projection_metric="fisher")
+    g1, g2 = vec(g_avg + g_diff / 2), vec(g_avg - g_diff / 2)
+    ref, ref_stats = fop_direction_dense(g1, g2, fisher, damping, eps, projection_metric="fisher")
     assert ref_stats.beta.item() == 0.0 and ref_stats.s_proj.item() == 0.0
     assert torch.allclose(vec(direction), ref, rtol=1e-5)
 
@@ -202,14 +204,18 @@ class SeqModel(nn.Module):
 
 
 def _mlp():
-    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)), lambda n, g: (torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g))
+    """A 2-layer MLP and a draw of ``n`` examples ``(x (n, 4), y (n,))``."""
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    return model, lambda n, g: (torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g))
 
 
 def _sequence():
+    """Token-wise Linear layers and ``(x (n, 6, 3), y (n, 6))``."""
     return SeqModel(), lambda n, g: (torch.randn(n, 6, 3, generator=g), torch.randint(0, 2, (n, 6), generator=g))
 
 
 def _conv():
+    """Conv2d then Linear and ``(x (n, 2, 5, 5), y (n,))``."""
     model = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(27, 3))
     return model, lambda n, g: (torch.randn(n, 2, 5, 5, generator=g), torch.randint(0, 3, (n,), generator=g))
 
