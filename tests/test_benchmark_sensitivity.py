@@ -289,6 +289,29 @@ def test_variants_reach_the_optimizer_config():
         ), variant
 
 
+def test_metric_pairs_compare_the_two_metrics_cell_by_cell():
+    s = _metric_settings()  # grid cells (0.01, 0.01), (0.1, 0.01); target 0.5
+    runs = {}
+
+    def add(variant, lr, accs, cpu_per_epoch, diverged=False):
+        sp = s_grid.RunSpec("grid", "digits", "mlp", "fop", variant, 1078, lr, 1e-2, 0, 6)
+        epochs = list(range(1, len(accs) + 1))
+        runs[sp.key()] = {"spec": asdict(sp), "epochs": epochs, "test_acc": accs, "final_test_acc": accs[-1], "diverged": diverged,
+                          "cpu_seconds": [cpu_per_epoch * e for e in epochs], "final_val_acc": accs[-1]}
+
+    add("abs_clip", 0.01, [0.2, 0.6, 0.7], 0.1)  # damped reaches at epoch 2
+    add("abs_clip_fisher", 0.01, [0.6, 0.7, 0.8], 0.2)  # fisher at epoch 1
+    add("abs_clip", 0.1, [0.2, 0.3, 0.4], 0.1)  # damped never
+    add("abs_clip_fisher", 0.1, [0.3, 0.6, 0.1], 0.3, diverged=True)  # reached, then diverged: not stable
+    report = {"meta": {"settings": json.loads(json.dumps(bcommon.finite_json(asdict(s))))}, "runs": runs}
+    (row,) = s_analysis.metric_pairs(report)
+    assert (row["cells"], row["both"], row["only_damped"], row["only_fisher"], row["neither"]) == (2, 1, 0, 0, 1)
+    assert (row["diverged_damped"], row["diverged_fisher"]) == (0, 1)
+    assert row["acc_diff"] == pytest.approx(((0.8 - 0.7) + (0.1 - 0.4)) / 2)
+    assert row["epochs_ratio"] == pytest.approx(0.5) and (row["fisher_faster"], row["damped_faster"]) == (1, 0)
+    assert row["cpu_per_epoch_ratio"] == pytest.approx(2.0)  # the diverged cell is left out
+
+
 def test_tiny_metric_run_traces_both_metrics_and_reruns_deterministically(tmp_path):
     s = _metric_settings()
     path = str(tmp_path / "m.json")
@@ -300,6 +323,8 @@ def test_tiny_metric_run_traces_both_metrics_and_reruns_deterministically(tmp_pa
     (row,) = analysis["metric"]["rows"]
     assert row["fisher"]["area"]["cells"] == 2 and row["damped"]["area"]["cells"] == 2 and row["kfac"]["area"]["cells"] == 2
     assert row["fisher"]["default"]["seeds"] == 2 and row["fisher"]["best"]["seeds"] == 2
+    (pair,) = analysis["metric"]["pairs"]
+    assert pair["cells"] == 2 and pair["both"] + pair["only_damped"] + pair["only_fisher"] + pair["neither"] == 2
     (trace,) = analysis["metric"]["traces"]
     assert trace["kfac"]["beta_abs"] == 0.0 and trace["kfac"]["kl_cross"] == trace["kfac"]["kl_orth"] == 0.0
     assert trace["damped"]["beta_abs"] > 0 and trace["fisher"]["beta_abs"] > 0
@@ -308,8 +333,8 @@ def test_tiny_metric_run_traces_both_metrics_and_reruns_deterministically(tmp_pa
     curve = report["runs"][cell]["diagnostics_curve"]
     assert len(curve["beta_mean"]) == len(report["runs"][cell]["epochs"])
     md = "\n".join(s_render.metric_lines(report["meta"]["settings"], analysis["metric"]))
-    assert "Projection metric" in md and sum(line.startswith("| digits | mlp | abs_clip | ") for line in md.splitlines()) == 2
-    assert "| digits | mlp | abs_clip | 0.1 | 0.01 | " in md  # the trace row
+    assert "Projection metric" in md and sum(line.startswith("| digits | mlp | abs_clip | ") for line in md.splitlines()) == 3
+    assert "| digits | mlp | abs_clip | 0.1 | 0.01 | " in md  # the trace row (the others: areas, cell-by-cell pairs)
     # a stored run without diagnostics is run again by the traces phase, and reproduces its curve
     stored = report["runs"][cell]
     report["runs"][cell] = {k: v for k, v in stored.items() if k != "diagnostics_curve"}

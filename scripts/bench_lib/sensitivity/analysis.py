@@ -76,7 +76,7 @@ def analyse(report: Dict[str, Any]) -> Dict[str, Any]:
                 })
     out = {"areas": areas, "summaries": summaries, "batch_areas": batch_areas(report)}
     if s.get("metric_variants"):
-        out["metric"] = {"rows": metric_rows(s, areas, summaries), "traces": traces(report)}
+        out["metric"] = {"rows": metric_rows(s, areas, summaries), "pairs": metric_pairs(report), "traces": traces(report)}
     return out
 
 
@@ -103,6 +103,46 @@ def metric_rows(s: Dict[str, Any], areas: List[Dict[str, Any]], summaries: List[
                     "best": summary.get((name, v, a["best_lr"], a["best_damping"])) if a else None,
                 }
             out.append(row)
+    return out
+
+
+def metric_pairs(report: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """FOP in the damped and the fisher metric cell by cell on the full grid at the largest batch (seed 0), per
+    (dataset, model, trace variant): cells where both / only one / neither reach the target, diverged cells, the mean
+    final test accuracy difference (fisher - damped), the mean ratio of epochs to target over the cells both reach,
+    and the ratio of training CPU seconds per epoch over the cells neither diverged in (same session, same machine)."""
+    s = report["meta"]["settings"]
+    runs = report["runs"]
+    out = []
+    for dataset, model in s["pairs"]:
+        batch = s["batches"][dataset][-1]
+        per = s["epochs"][dataset][model]
+        epochs = per.get(str(batch), per.get(batch))
+        target = s["targets"][dataset][model]
+        for variant in s.get("trace_variants", []):
+            pairs = []
+            for lr in s["lr_grid"]:
+                for damping in s["damping_grid"]:
+                    key = lambda v: RunSpec("grid", dataset, model, "fop", v, batch, lr, damping, 0, epochs).key()  # noqa: E731
+                    d, f = runs.get(key(variant)), runs.get(key(fisher_twin(variant)))
+                    if d is not None and f is not None:
+                        pairs.append((d, f))
+            if not pairs:
+                continue
+            hit = [(reach(d, target), reach(f, target)) for d, f in pairs]
+            both = [(hd[0], hf[0]) for hd, hf in hit if hd and hf]
+            calm = [(d, f) for d, f in pairs if not d["diverged"] and not f["diverged"] and d.get("cpu_seconds") and f.get("cpu_seconds")]
+            per_epoch = lambda rs: sum(r["cpu_seconds"][-1] for r in rs) / sum(r["epochs"][-1] for r in rs)  # noqa: E731
+            out.append({
+                "dataset": dataset, "model": model, "variant": variant, "cells": len(pairs),
+                "both": len(both), "only_damped": sum(bool(hd) and not hf for hd, hf in hit),
+                "only_fisher": sum(bool(hf) and not hd for hd, hf in hit), "neither": sum(not hd and not hf for hd, hf in hit),
+                "diverged_damped": sum(d["diverged"] for d, _ in pairs), "diverged_fisher": sum(f["diverged"] for _, f in pairs),
+                "acc_diff": statistics.fmean(f["final_test_acc"] - d["final_test_acc"] for d, f in pairs),
+                "epochs_ratio": statistics.fmean(ef / ed for ed, ef in both) if both else math.nan,
+                "fisher_faster": sum(ef < ed for ed, ef in both), "damped_faster": sum(ed < ef for ed, ef in both),
+                "cpu_per_epoch_ratio": per_epoch([f for _, f in calm]) / per_epoch([d for d, _ in calm]) if calm else math.nan,
+            })
     return out
 
 

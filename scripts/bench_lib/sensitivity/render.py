@@ -209,6 +209,24 @@ def metric_lines(s: Dict[str, Any], metric: Optional[Dict[str, Any]]) -> List[st
         lines.append(f"| {r['dataset']} | {r['model']} | {r['variant']} | " + " | ".join(parts) + " |")
     lines += [
         "",
+        "FOP damped against FOP fisher cell by cell (the full grid, largest batch, seed 0): cells reaching the target "
+        "in both / only damped / only fisher / neither, diverged cells (damped / fisher), mean final test accuracy "
+        "difference fisher - damped (points), mean ratio fisher / damped of the epochs to target over the cells both "
+        "reach (with the cells where each is faster), and the ratio of training CPU seconds per epoch over the cells "
+        "neither diverged in.",
+        "",
+        "| dataset | model | variant | both / only damped / only fisher / neither | diverged damped / fisher "
+        "| acc fisher - damped | epochs fisher / damped (faster: fisher, damped) | CPU s per epoch fisher / damped |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in metric.get("pairs", []):
+        lines.append(
+            f"| {r['dataset']} | {r['model']} | {r['variant']} | {r['both']} / {r['only_damped']} / {r['only_fisher']} / "
+            f"{r['neither']} | {r['diverged_damped']} / {r['diverged_fisher']} | {100 * r['acc_diff']:+.2f} | "
+            f"{_num(r['epochs_ratio'])} ({r['fisher_faster']}, {r['damped_faster']}) | {_num(r['cpu_per_epoch_ratio'])} |"
+        )
+    lines += [
+        "",
         "What the projection does at low and high damping (seed 0, lr " + ", ".join(f"{x:g}" for x in s["trace_lr"])
         + "): means over the run's steps of the layer mean of |beta*| and of s_proj, the share of the FOP terms in "
         "the step's KL norm, (kl_cross + kl_orth) / (kl_base + kl_cross + kl_orth) from the run means (per unit lr², "
