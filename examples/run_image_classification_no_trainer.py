@@ -62,6 +62,7 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[ModelArguments, DataAr
     p.add_argument("--fop_damping", type=float, default=1e-3, help="Damping lambda of K-FAC/FOP.")
     p.add_argument("--fop_adamw_lr", type=float, default=3e-3, help="AdamW lr of the parameters FOP does not manage (LayerNorm, embeddings).")
     p.add_argument("--fop_inverse_interval", type=int, default=5, help="Steps between eigendecompositions of the factors.")
+    p.add_argument("--fop_momentum", type=float, default=0.0, help="Heavy-ball momentum of K-FAC/FOP (the lr and damping here were tuned without it).")
     p.add_argument("--fop_factor_interval", type=int, default=1, help="Steps between curvature captures.")
     p.add_argument("--weight_decay", type=float, default=0.0, help="Weight decay (every optimizer).")
     p.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping of g_avg (0 disables).")
@@ -94,7 +95,7 @@ def build_optimizer(args: argparse.Namespace, model: torch.nn.Module, accelerato
         return torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     config = FOPConfig(
         lr=args.learning_rate, damping=args.fop_damping, mode=args.fop_optimizer, adamw_lr=args.fop_adamw_lr,
-        inverse_interval=args.fop_inverse_interval, factor_interval=args.fop_factor_interval,
+        inverse_interval=args.fop_inverse_interval, factor_interval=args.fop_factor_interval, momentum=args.fop_momentum,
         weight_decay=args.weight_decay, adamw_weight_decay=args.weight_decay,
     )
     opt = FOP(model, config)

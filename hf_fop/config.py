@@ -10,6 +10,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional, Tuple
 
+from .fop_math import PROJECTION_METRICS
+
 MODES = ("fop", "kfac")
 FISHER_TYPES = ("empirical", "mc")
 DAMPING_MODES = ("absolute", "relative")
@@ -41,6 +43,9 @@ class FOPConfig:
 
     Learning rates are per optimizer step; ``damping`` is the lambda of
     ``M = A (x) S + lambda * I`` in the units of the per-example Fisher.
+    The defaults are the configuration the sensitivity benchmark measures as
+    its default cell (docs/benchmarks.md; ``tests/test_defaults.py`` fails when
+    the two differ).
     """
 
     lr: float = 0.1
@@ -51,24 +56,24 @@ class FOPConfig:
     """``"fop"`` (Fisher-orthogonal projection) or ``"kfac"`` (plain K-FAC on the same engine)."""
     fisher_type: str = "empirical"
     """``"empirical"`` (training backward) or ``"mc"`` (labels sampled from the model)."""
-    momentum: float = 0.0
-    """Heavy-ball momentum on the preconditioned direction of managed layers."""
+    momentum: float = 0.9
+    """Heavy-ball momentum on the preconditioned direction of managed layers (0 turns it off)."""
     weight_decay: float = 0.0
     """Decoupled weight decay of managed layers' weights (multiplied by the lr; biases get none)."""
     factor_decay: float = 0.95
     """Running-average decay of the A and S factors (0 keeps only the newest)."""
     factor_interval: int = 1
     """Steps between factor (A, S) updates."""
-    inverse_interval: int = 10
-    """Steps between eigendecompositions; a multiple of ``factor_interval``."""
+    inverse_interval: int = 5
+    """Steps between eigendecompositions; a multiple of ``factor_interval`` (5: the paper's longest interval)."""
     eps: float = 1e-12
     """epsilon of eq. (4), the projection coefficient's denominator."""
     use_eta: bool = True
     """Scale each layer's step by eta* (eq. 17); ``False`` fixes eta* = 1."""
     use_beta: bool = True
     """Add beta* g_perp (eq. 6); ``False`` fixes beta* = 0 (K-FAC direction)."""
-    adamw_lr: Optional[float] = None
-    """Learning rate of the AdamW-managed parameters; ``None`` uses ``lr``."""
+    adamw_lr: Optional[float] = 3e-3
+    """Learning rate of the AdamW-managed parameters (norms, embeddings); ``None`` uses ``lr``."""
     adamw_betas: Tuple[float, float] = (0.9, 0.999)
     adamw_eps: float = 1e-8
     adamw_weight_decay: float = 0.0
@@ -99,6 +104,10 @@ class FOPConfig:
     curvature_sharding: str = "replicated"
     """Several processes: ``"replicated"`` (every rank decomposes every factor and computes every layer's direction)
     or ``"specialists"`` (each layer's owner rank alone does, :mod:`hf_fop.specialists`). Ignored in one process."""
+    projection_metric: str = "damped"
+    """The metric in which ``g1 - g2`` is made orthogonal to ``g_avg`` (eq. 4-5): ``"damped"`` (``M = F + lambda I``,
+    the preconditioner's) or ``"fisher"`` (the undamped Kronecker ``F`` of the paper's Lemma 1; ``beta* = 0`` where
+    ``g_avg`` is in ``F``'s null space). ``beta*`` and ``eta*`` use ``M^-1`` either way (docs/projection_metric.md)."""
 
     def __post_init__(self) -> None:
         _check_real("lr", self.lr, 0.0, math.inf, False, True)
@@ -161,6 +170,8 @@ class FOPConfig:
             _fail("stagger_refresh", self.stagger_refresh, "True or False")
         if self.curvature_sharding not in CURVATURE_SHARDINGS:
             _fail("curvature_sharding", self.curvature_sharding, f"one of {CURVATURE_SHARDINGS}")
+        if self.projection_metric not in PROJECTION_METRICS:
+            _fail("projection_metric", self.projection_metric, f"one of {PROJECTION_METRICS}")
 
     @property
     def effective_adamw_lr(self) -> float:

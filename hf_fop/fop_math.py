@@ -6,8 +6,14 @@ Two implementations of the same math:
   ``M = A (x) S + lambda I``, where ``M`` is diagonal: ``M_hat[i, j] = s_i a_j + lambda``.
   Every inner product is an elementwise sum. This is what the optimizer runs.
 * :func:`fop_direction_dense` builds nothing implicit: it takes the dense
-  damped Fisher ``M`` (``n x n``) and vectors, and solves with it. It is the
-  reference the fast version is tested against.
+  Fisher ``F`` (``n x n``) and vectors, and solves with ``M = F + lambda I``. It
+  is the reference the fast version is tested against.
+
+The projection of eq. (4)-(5) runs in one of :data:`PROJECTION_METRICS`:
+``"damped"`` (``<.,.>_M``) or ``"fisher"`` (``<.,.>_F``, the undamped Kronecker
+Fisher ``F_hat[i, j] = s_i a_j`` of the paper's Lemma 1). Both coefficients,
+``beta*`` and ``eta*``, use ``M^-1`` in either case: they come from the
+quadratic model of the step ``M^-1 g_comb`` that is actually taken.
 
 The coefficients minimise the spec's local quadratic models (step
 ``Delta = -eta * M^-1 g_comb``):
@@ -83,14 +89,46 @@ def _zero_if_tiny(num: Tensor, den: Tensor, scale: Tensor) -> Tensor:
     return torch.where(den > tiny, num / torch.where(den > tiny, den, torch.ones_like(den)), torch.zeros_like(den))
 
 
-def m_projection_eigen(g_avg_hat: Tensor, g_diff_hat: Tensor, m_hat: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
-    """Eq. (4)-(5) in the eigenbasis: ``(s_proj, g_perp_hat)`` with ``M`` diagonal (``m_hat``, shape ``(out, in)``).
+PROJECTION_METRICS = ("damped", "fisher")
+"""The metric of the projection, eq. (4)-(5): ``"damped"`` ``M = F + lambda I``, ``"fisher"`` the undamped ``F``."""
 
-    Lemma 1: ``<g_perp, g_avg>_M = eps * s_proj``.
+
+def projection_eigen(g_avg_hat: Tensor, g_diff_hat: Tensor, p_hat: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    """Eq. (4)-(5) in the eigenbasis: ``(s_proj, g_perp_hat)`` in the metric ``P`` that is diagonal there
+    (``p_hat``, shape ``(out, in)``: ``M_hat`` or ``F_hat``).
+
+    Lemma 1: ``<g_perp, g_avg>_P = eps * s_proj``.
     """
-    m_avg = g_avg_hat * m_hat  # M g_avg
-    s_proj = _dot(g_diff_hat, m_avg) / (_dot(g_avg_hat, m_avg) + eps)
+    p_avg = g_avg_hat * p_hat  # P g_avg
+    s_proj = _dot(g_diff_hat, p_avg) / (_dot(g_avg_hat, p_avg) + eps)
     return s_proj, torch.addcmul(g_diff_hat, g_avg_hat, s_proj, value=-1)
+
+
+def in_fisher_range(n_f: Tensor, f_max: Tensor, n_euclid: Tensor) -> Tensor:
+    """Whether ``g_avg`` is visible to ``F``: ``<g_avg, g_avg>_F > eps_mach * max eig(F) * ||g_avg||^2`` (0-dim bool).
+
+    ``n_f``: ``<g_avg, g_avg>_F``; ``f_max``: ``F``'s largest eigenvalue; ``n_euclid``: ``||g_avg||^2``. At or below
+    that bound ``g_avg`` lies in ``F``'s null space (e.g. a dead unit, a constant-zero input) or within float
+    eigenvalue noise of it, and so does ``<g_diff, g_avg>_F`` (Cauchy-Schwarz): eq. (4) would divide noise by
+    ``eps``. ``g_avg = 0`` is out of range.
+    """
+    return n_f > torch.finfo(n_f.dtype).eps * f_max * n_euclid
+
+
+def fisher_projection_eigen(
+    g_avg_hat: Tensor, g_diff_hat: Tensor, f_hat: Tensor, f_max: Tensor, eps: float
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Eq. (4)-(5) in the undamped ``F`` (``f_hat[i, j] = s_i a_j``, ``f_max`` its largest entry): ``(s_proj,
+    g_perp_hat, visible)``. Where ``g_avg`` is not visible to ``F`` (:func:`in_fisher_range`), ``s_proj = 0`` and
+    ``g_perp = g_diff`` (the caller then takes ``beta* = 0``).
+
+    Lemma 1: ``<g_perp, g_avg>_F = eps * s_proj`` (on the fallback both sides are 0 up to ``F``'s noise).
+    """
+    f_avg = g_avg_hat * f_hat  # F g_avg
+    n_f = _dot(g_avg_hat, f_avg)
+    visible = in_fisher_range(n_f, f_max, _dot(g_avg_hat, g_avg_hat))
+    s_proj = torch.where(visible, _dot(g_diff_hat, f_avg) / (n_f + eps), torch.zeros_like(n_f))
+    return s_proj, torch.addcmul(g_diff_hat, g_avg_hat, s_proj, value=-1), visible
 
 
 def fop_direction_eigen(
@@ -102,16 +140,26 @@ def fop_direction_eigen(
     eps: float,
     use_beta: bool = True,
     use_eta: bool = True,
+    projection_metric: str = "damped",
 ) -> Tuple[Tensor, LayerStats]:
     """FOP direction ``eta* M^-1 g_comb`` in the eigenbasis (shape ``(out, in)``) and its stats.
 
     ``g_avg_hat`` and ``g_diff_hat`` are ``g_avg`` and ``g1 - g2`` already
-    rotated by :func:`rotate`; ``s``/``a`` are the eigenvalues of S and A.
+    rotated by :func:`rotate`; ``s``/``a`` are the eigenvalues of S and A (>= 0,
+    as the optimizer clamps them). ``projection_metric`` (one of
+    :data:`PROJECTION_METRICS`) is the metric of eq. (4)-(5); with ``"fisher"``,
+    ``beta* = 0`` where :func:`in_fisher_range` says ``g_avg`` is in F's null space.
     """
+    if projection_metric not in PROJECTION_METRICS:
+        raise ValueError(f"projection_metric={projection_metric!r} is invalid: expected one of {PROJECTION_METRICS}.")
     f_hat = torch.outer(s, a)
     m_hat = f_hat + damping
     m_inv = m_hat.reciprocal()  # one division pass, then products
-    s_proj, g_perp = m_projection_eigen(g_avg_hat, g_diff_hat, m_hat, eps)
+    if projection_metric == "damped":
+        s_proj, g_perp = projection_eigen(g_avg_hat, g_diff_hat, m_hat, eps)
+        visible = None
+    else:
+        s_proj, g_perp, visible = fisher_projection_eigen(g_avg_hat, g_diff_hat, f_hat, s.max() * a.max(), eps)
     u = g_avg_hat * m_inv  # M^-1 g_avg
     w = g_perp * m_inv  # M^-1 g_perp
     n_avg = _dot(g_avg_hat, u)
@@ -121,6 +169,8 @@ def fop_direction_eigen(
     # ||g_diff||^2_{M^-1} = e + 2 s_proj d + s_proj^2 n_avg (g_diff = g_perp + s_proj g_avg): the scale of rounding noise
     n_diff = e + 2 * s_proj * d + s_proj * s_proj * n_avg
     beta = _zero_if_tiny(d, e, n_avg + n_diff) if use_beta else zero
+    if visible is not None:  # F's null space: no F-orthogonal information, K-FAC's direction
+        beta = torch.where(visible, beta, zero)
     direction = torch.addcmul(u, w, beta)
     if use_eta:
         eta = _zero_if_tiny(n_avg + beta * d, n_avg + 2 * beta * d + beta * beta * e, n_avg)
@@ -162,24 +212,32 @@ def fop_direction_dense(
     damping: float,
     eps: float,
     w1: float = 0.5,
+    projection_metric: str = "damped",
 ) -> Tuple[Tensor, LayerStats]:
     """Reference FOP direction from a dense Fisher.
 
     ``g1``, ``g2``: flat gradients ``(n,)``; ``fisher``: ``(n, n)`` undamped
-    Fisher; ``g_avg = w1 g1 + (1 - w1) g2``. Returns ``eta* M^-1 g_comb``
-    ``(n,)`` and the stats, computed with explicit solves.
+    Fisher; ``g_avg = w1 g1 + (1 - w1) g2``; ``projection_metric``: eq. (4)-(5)
+    in ``M = fisher + damping I`` (``"damped"``) or in ``fisher`` (``"fisher"``,
+    with ``beta* = 0`` where :func:`in_fisher_range` fails). Returns
+    ``eta* M^-1 g_comb`` ``(n,)`` and the stats, computed with explicit solves.
     """
+    if projection_metric not in PROJECTION_METRICS:
+        raise ValueError(f"projection_metric={projection_metric!r} is invalid: expected one of {PROJECTION_METRICS}.")
     m = fisher + damping * torch.eye(fisher.shape[0], dtype=fisher.dtype, device=fisher.device)
     g_avg = w1 * g1 + (1 - w1) * g2
     g_diff = g1 - g2
-    s_proj = (g_diff @ m @ g_avg) / (g_avg @ m @ g_avg + eps)
+    metric = m if projection_metric == "damped" else fisher
+    n_p = g_avg @ metric @ g_avg
+    visible = projection_metric == "damped" or bool(in_fisher_range(n_p, torch.linalg.eigvalsh(fisher).max(), g_avg @ g_avg))
+    s_proj = (g_diff @ metric @ g_avg) / (n_p + eps) if visible else torch.zeros_like(n_p)
     g_perp = g_diff - s_proj * g_avg
     minv_avg = torch.linalg.solve(m, g_avg)
     minv_perp = torch.linalg.solve(m, g_perp)
     d = g_avg @ minv_perp
     e = g_perp @ minv_perp
     n_diff = g_diff @ torch.linalg.solve(m, g_diff)
-    beta = _zero_if_tiny(d, e, g_avg @ minv_avg + n_diff)
+    beta = _zero_if_tiny(d, e, g_avg @ minv_avg + n_diff) if visible else torch.zeros_like(d)
     g_comb = g_avg + beta * g_perp
     minv_comb = torch.linalg.solve(m, g_comb)
     eta = (g_avg @ minv_comb) / (g_comb @ minv_comb)

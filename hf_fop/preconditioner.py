@@ -58,7 +58,9 @@ def layer_direction(
     if diffs is not None and (w in diffs or (b is not None and b in diffs)):
         d_w = diffs[w] if w in diffs else torch.zeros_like(w)
         d_hat = rotate(layer.grad_matrix(d_w, diffs.get(b) if b is not None else None), q_s, q_a)
-        dir_hat, stats = fop_direction_eigen(g_hat, d_hat, s, a, damping, config.eps, config.use_beta, config.use_eta)
+        dir_hat, stats = fop_direction_eigen(
+            g_hat, d_hat, s, a, damping, config.eps, config.use_beta, config.use_eta, config.projection_metric
+        )
     else:
         dir_hat, stats = kfac_direction_eigen(g_hat, s, a, damping)
     kl = None

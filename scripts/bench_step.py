@@ -135,7 +135,7 @@ def make_optimizer(kind: str, model: nn.Module, interval: int) -> torch.optim.Op
         return torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
     return FOP(
         model, lr=1e-2, damping=1e-2, mode=kind, factor_interval=interval, inverse_interval=interval, adamw_lr=1e-3,
-        damping_mode="absolute", kl_clip=None,  # the setting the timings in docs/performance.md were taken with
+        damping_mode="absolute", kl_clip=None, momentum=0.0,  # the setting the timings in docs/performance.md were taken with
     )
 
 

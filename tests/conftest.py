@@ -12,8 +12,10 @@ from typing import List
 
 import pytest
 
-# the examples' support package (fop_examples) lives beside the scripts, as in transformers' examples
+# the examples' support package (fop_examples) lives beside the scripts, as in transformers' examples; the benchmarks'
+# (bench_lib) beside theirs
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 LONG_MODULES = ("test_distributed.py", "test_examples.py", "test_accelerate_loop.py")
 """Modules made mostly of real 2- and 3-process runs."""

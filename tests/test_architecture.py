@@ -13,9 +13,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "hf_fop"
 
 LAYERS: Dict[str, float] = {
     # core: pure math and state, then the optimizer that orchestrates them
-    "config": 0,
     "fop_math": 0,
     "profiling": 0,
+    "config": 0.5,  # validates against fop_math's PROJECTION_METRICS
     "curvature": 1,
     "refresh": 1.5,
     "preconditioner": 2,

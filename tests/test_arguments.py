@@ -48,6 +48,17 @@ def test_trust_region_and_damping_mode_flags_parse_and_validate(tmp_path):
         FOPTrainingArguments(str(tmp_path), fop_damping_mode="scaled")
 
 
+def test_projection_metric_flag_reaches_the_config(tmp_path):
+    parser = HfArgumentParser(FOPTrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--fop_projection_metric", "fisher"])
+    assert args.fop_config().projection_metric == "fisher"
+    assert FOPTrainingArguments(str(tmp_path)).fop_config().projection_metric == "damped"
+    with pytest.raises(SystemExit):
+        parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--fop_projection_metric", "euclidean"])
+    with pytest.raises(ValueError, match=r"FOPTrainingArguments\.fop_projection_metric='euclidean' is invalid: expected one of"):
+        FOPTrainingArguments(str(tmp_path), fop_projection_metric="euclidean")
+
+
 def test_trainer_fields_reach_the_config(tmp_path):
     args = FOPTrainingArguments(str(tmp_path), weight_decay=0.1, adam_beta1=0.8, adam_epsilon=1e-6)
     config = args.fop_config()
@@ -103,7 +114,9 @@ def test_lr_scales_linearly_with_the_global_batch(tmp_path):
     assert (args.learning_rate, args.fop_adamw_lr) == (0.01, 1e-3)
     again = dataclasses.replace(args)
     assert again.fop_config().lr == pytest.approx(0.02) and again.fop_config().adamw_lr == pytest.approx(2e-3)
-    plain = FOPTrainingArguments(str(tmp_path), use_cpu=True, learning_rate=0.01, per_device_train_batch_size=64)
+    plain = FOPTrainingArguments(
+        str(tmp_path), use_cpu=True, learning_rate=0.01, fop_adamw_lr=None, per_device_train_batch_size=64
+    )
     assert plain.effective_learning_rate == 0.01 and plain.fop_config().adamw_lr is None
 
 

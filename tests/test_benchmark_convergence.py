@@ -1,4 +1,4 @@
-"""Tests of scripts/benchmark_convergence.py: its pieces against oracles, and a ``--smoke`` run (the ``--quick`` code paths, smaller)."""
+"""Tests of scripts/benchmark_convergence.py and its parts (scripts/bench_lib/convergence): its pieces against oracles, and a ``--smoke`` run (the ``--quick`` code paths, smaller)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,16 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
+from bench_lib import common as bcommon, data as bdata
+from bench_lib.convergence import analysis as c_analysis, grid as c_grid, render as c_render, runner as c_runner
 from script_loader import load_script
 
 bc = load_script("scripts", "benchmark_convergence")
-cm = load_script("scripts", "convergence_models")
 
 
 # ------------------------------------------------------------------ pieces
 def test_digits_splits_are_disjoint_fixed_and_standardised():
-    a, b = cm.load_digits_splits(0), cm.load_digits_splits(0)
+    a, b = bdata.load_digits_splits(0), bdata.load_digits_splits(0)
     assert a.sizes() == {"train": 1078, "val": 359, "test": 360}
     assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
     assert a.x_train.shape == (1078, 1, 8, 8) and a.y_train.dtype == torch.int64
@@ -27,73 +28,73 @@ def test_digits_splits_are_disjoint_fixed_and_standardised():
     assert torch.unique(rows, dim=0).shape[0] == torch.unique(original, dim=0).shape[0]
     assert abs(a.x_train.mean().item()) < 1e-4 and abs(a.x_train.std().item() - 1) < 1e-3
     assert set(a.y_train.tolist()) == set(range(10))
-    c = cm.load_digits_splits(1)
+    c = bdata.load_digits_splits(1)
     assert not torch.equal(a.y_test, c.y_test)
 
 
 @pytest.mark.parametrize("name", ["vit", "mlp"])
 def test_models_give_logits_and_are_seeded(name):
     x = torch.randn(5, 1, 8, 8)
-    m1, m2 = cm.build_model(name, "cpu", 3), cm.build_model(name, "cpu", 3)
+    m1, m2 = c_grid.build_model(name, "cpu", 3), c_grid.build_model(name, "cpu", 3)
     assert m1(x).shape == (5, 10)
     assert torch.equal(m1(x), m2(x))
-    assert not torch.equal(m1(x), cm.build_model(name, "cpu", 4)(x))
+    assert not torch.equal(m1(x), c_grid.build_model(name, "cpu", 4)(x))
 
 
 def test_build_model_rejects_bad_arguments():
     with pytest.raises(ValueError, match="model='cnn'"):
-        cm.build_model("cnn", "cpu", 0)
+        c_grid.build_model("cnn", "cpu", 0)
     with pytest.raises(ValueError, match="device_kind='tpu'"):
-        cm.build_model("mlp", "tpu", 0)
+        c_grid.build_model("mlp", "tpu", 0)
 
 
 def test_lr_factor_warmup_then_cosine():
     total, frac = 100, 0.05  # 5 warmup steps
-    assert [bc.lr_factor(i, total, frac) for i in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
-    assert bc.lr_factor(5, total, frac) == pytest.approx(1.0)
+    assert [bcommon.lr_factor(i, total, frac) for i in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert bcommon.lr_factor(5, total, frac) == pytest.approx(1.0)
     mid = 5 + (total - 5) / 2
-    assert bc.lr_factor(int(mid), total, frac) == pytest.approx(0.5 * (1 + math.cos(math.pi * (int(mid) - 5) / 95)))
-    values = [bc.lr_factor(i, total, frac) for i in range(5, total)]
+    assert bcommon.lr_factor(int(mid), total, frac) == pytest.approx(0.5 * (1 + math.cos(math.pi * (int(mid) - 5) / 95)))
+    values = [bcommon.lr_factor(i, total, frac) for i in range(5, total)]
     assert all(x >= y for x, y in zip(values, values[1:]))
-    assert bc.lr_factor(total, total, frac) == pytest.approx(0.0, abs=1e-12)
+    assert bcommon.lr_factor(total, total, frac) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_reach_select_and_summarize():
     run = {"epochs": [1, 2, 3], "seconds": [0.5, 1.0, 1.5], "test_acc": [0.5, 0.91, 0.95],
            "final_test_acc": 0.95, "final_val_acc": 0.9, "final_val_loss": 0.3, "total_seconds": 1.5}
-    assert bc.reach(run, 0.9) == (2, 1.0)
-    assert bc.reach(run, 0.96) is None
+    assert c_analysis.reach(run, 0.9) == (2, 1.0)
+    assert c_analysis.reach(run, 0.96) is None
     other = {**run, "test_acc": [0.2, 0.4, 0.6], "final_test_acc": 0.6, "final_val_acc": 0.5, "final_val_loss": 0.2,
              "total_seconds": 2.5}
-    assert bc.select_best([other, run]) is run  # higher val acc wins
+    assert c_analysis.select_best([other, run]) is run  # higher val acc wins
     tie = {**run, "final_val_loss": 0.1}
-    assert bc.select_best([run, tie]) is tie  # equal val acc: lower val loss wins
-    s = bc.summarize([run, {**run, "test_acc": [0.92, 0.93, 0.94], "final_test_acc": 0.94}, other], 0.9)
+    assert c_analysis.select_best([run, tie]) is tie  # equal val acc: lower val loss wins
+    s = c_analysis.summarize([run, {**run, "test_acc": [0.92, 0.93, 0.94], "final_test_acc": 0.94}, other], 0.9)
     assert s["seeds"] == 3 and s["reached"] == 2
     assert s["epochs_mean"] == pytest.approx(1.5) and s["epochs_std"] == pytest.approx(math.sqrt(0.5))
     assert s["seconds_mean"] == pytest.approx(0.75)
     assert s["final_test_acc_mean"] == pytest.approx((0.95 + 0.94 + 0.6) / 3)
-    assert bc._fmt_reach(s).endswith("(2/3 seeds)")
-    assert bc._fmt_reach(bc.summarize([other], 0.9)) == "-"
+    assert c_render._fmt_reach(s).endswith("(2/3 seeds)")
+    assert c_render._fmt_reach(c_analysis.summarize([other], 0.9)) == "-"
 
 
 def test_markdown_section_replaces_only_its_block(tmp_path):
     path = tmp_path / "bench.md"
     path.write_text("# Benchmarks\n\nnarrative before\n")
-    bc.write_markdown_section(str(path), "convergence", "table v1")
+    bcommon.write_markdown_section(str(path), "convergence", "table v1")
     path.write_text(path.read_text() + "\nnarrative after\n")
-    bc.write_markdown_section(str(path), "convergence", "table v2")
+    bcommon.write_markdown_section(str(path), "convergence", "table v2")
     text = path.read_text()
     assert "table v1" not in text and text.count("table v2") == 1
     assert "narrative before" in text and "narrative after" in text
     assert text.index("narrative before") < text.index("table v2") < text.index("narrative after")
-    bc.write_markdown_section(str(path), "other", "x")
+    bcommon.write_markdown_section(str(path), "other", "x")
     assert "table v2" in path.read_text() and "<!-- other:begin -->\nx\n<!-- other:end -->" in path.read_text()
 
 
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="profile='huge'"):
-        bc.make_settings("huge")
+        c_grid.make_settings("huge")
     with pytest.raises(SystemExit):
         bc.parse_args(["--device", "tpu"])
     with pytest.raises(SystemExit):
@@ -101,18 +102,18 @@ def test_bad_arguments_are_named():
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
             bc.parse_args(["--device", "cuda"])
-    s = bc.make_settings("quick")
-    data = cm.load_digits_splits(0)
+    s = c_grid.make_settings("quick")
+    data = bdata.load_digits_splits(0)
     with pytest.raises(ValueError, match="batch=2000"):
-        bc.train_run(bc.RunSpec("mlp", "sgd", 2000, 0.1, None, 0, 1, "grid"), data, s, torch.device("cpu"))
+        c_runner.train_run(c_grid.RunSpec("mlp", "sgd", 2000, 0.1, None, 0, 1, "grid"), data, s, torch.device("cpu"))
 
 
 def test_kfac_plain_backward_matches_fop_without_beta_on_sub_batches():
     """The benchmark's K-FAC (one backward of the batch) and FOP with beta = 0 (two halves) take the same steps."""
-    s = bc.make_settings("quick")
-    data = cm.load_digits_splits(0)
+    s = c_grid.make_settings("quick")
+    data = bdata.load_digits_splits(0)
     runs = [
-        bc.train_run(bc.RunSpec("mlp", name, 128, 0.03, 0.1, 0, 2, "grid"), data, s, torch.device("cpu"))
+        c_runner.train_run(c_grid.RunSpec("mlp", name, 128, 0.03, 0.1, 0, 2, "grid"), data, s, torch.device("cpu"))
         for name in ("kfac", "fop_no_beta")
     ]
     assert runs[0].test_acc == runs[1].test_acc
@@ -130,7 +131,7 @@ def test_paired_damping_counts_and_leaves_out_failed_pairs():
 
     accs = {1.0: (0.85, 0.90), 2.0: (0.55, 0.50), 3.0: (0.10, 0.12)}  # (kfac, fop)
     runs = [run("kfac", lr, k) for lr, (k, _) in accs.items()] + [run("fop", lr, f) for lr, (_, f) in accs.items()]
-    (row,) = bc.paired_damping({"meta": {"settings": settings}, "runs": runs})
+    (row,) = c_analysis.paired_damping({"meta": {"settings": settings}, "runs": runs})
     assert row["pairs"] == 3 and row["both_failed"] == 1
     assert row["fop_better"] == 1 and row["kfac_better"] == 1
     assert row["mean_diff"] == pytest.approx(0.0, abs=1e-9)
@@ -151,7 +152,7 @@ def test_smoke_run_writes_json_markdown_and_pngs(smoke_run):
     s = data["meta"]["settings"]
     assert s["profile"] == "smoke" and data["meta"]["machine"] and data["meta"]["date_utc"]
     assert "--smoke" in data["meta"]["command"]
-    assert len(data["table"]) == len(s["models"]) * len(s["batch_sizes"]) * len(bc.OPTIMIZERS)
+    assert len(data["table"]) == len(s["models"]) * len(s["batch_sizes"]) * len(c_grid.OPTIMIZERS)
     for row in data["table"]:
         assert row["seeds"] == s["seeds"]
         assert 0.0 <= row["final_test_acc_mean"] <= 1.0

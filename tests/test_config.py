@@ -38,6 +38,7 @@ INVALID = [
     ("kl_clip", "1e-3", r"None \(no trust region\) or a number"),
     ("damping_mode", "scaled", "one of"),
     ("curvature_sharding", "sharded", r"one of \('replicated', 'specialists'\)"),
+    ("projection_metric", "euclidean", r"one of \(.damped., .fisher.\)"),
 ]
 
 
@@ -56,7 +57,7 @@ def test_inverse_interval_must_be_a_multiple_of_factor_interval():
 
 
 def test_replace_validates_and_normalises():
-    cfg = FOPConfig(exclude_modules="classifier", exclude_types=nn.LayerNorm)
+    cfg = FOPConfig(exclude_modules="classifier", exclude_types=nn.LayerNorm, adamw_lr=None)
     assert cfg.exclude_modules == ("classifier",) and cfg.exclude_types == (nn.LayerNorm,)
     assert cfg.replace(lr=0.5).lr == 0.5 and cfg.replace(lr=0.5).exclude_types == (nn.LayerNorm,)
     assert cfg.effective_adamw_lr == cfg.lr and cfg.replace(adamw_lr=1e-3).effective_adamw_lr == 1e-3

@@ -9,7 +9,7 @@ from hf_fop.fop_math import (
     fop_direction_eigen,
     kfac_direction_eigen,
     kron_fisher,
-    m_projection_eigen,
+    projection_eigen,
     rotate,
     unrotate,
     unvec,
@@ -53,7 +53,7 @@ def test_lemma1_m_orthogonality_on_the_eigenbasis_path(out, inp, damping, eps):
     ea, qa = torch.linalg.eigh(a_fac)
     es, qs = torch.linalg.eigh(s_fac)
     g_avg, g_diff = (g1 + g2) / 2, g1 - g2
-    s_proj, g_perp_hat = m_projection_eigen(
+    s_proj, g_perp_hat = projection_eigen(
         rotate(g_avg, qs, qa), rotate(g_diff, qs, qa), damped_eigenvalues(es, ea, damping), eps
     )
     g_perp = unrotate(g_perp_hat, qs, qa)

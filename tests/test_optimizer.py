@@ -67,7 +67,7 @@ def _dense_reference_update(model, batches, damping, lr, grad_factor=1.0):
 
 
 def _run_fop_step(model, batches, damping, lr, grad_factor=1.0):
-    opt = FOP(model, lr=lr, damping=damping, factor_decay=0.0, **PAPER)
+    opt = FOP(model, lr=lr, damping=damping, factor_decay=0.0, momentum=0.0, **PAPER)
     for k, (x_, y_) in enumerate(batches):
         with opt.sub_batch(k):
             _mse(model, x_, y_).backward()
@@ -282,7 +282,7 @@ def test_model_without_manageable_layers_warns_and_runs_adamw():
     ref = nn.Sequential(nn.LayerNorm(4), nn.Embedding(5, 4))
     ref.load_state_dict(model.state_dict())
     with pytest.warns(UserWarning, match="no Linear, Conv2d or Conv1D layer"):
-        opt = FOP(model, lr=1e-2, adamw_weight_decay=0.1)
+        opt = FOP(model, lr=1e-2, adamw_lr=None, adamw_weight_decay=0.1)
     # the Trainer's rule: LayerNorm weight and bias get no decay, the embedding does
     torch_opt = torch.optim.AdamW(
         [{"params": [ref[1].weight], "weight_decay": 0.1}, {"params": list(ref[0].parameters()), "weight_decay": 0.0}],
@@ -329,7 +329,7 @@ def test_momentum_and_decoupled_weight_decay_follow_their_formulas():
     twin = nn.Linear(4, 3)
     lr, mu, wd = 0.3, 0.8, 0.05
     opt = FOP(model, lr=lr, momentum=mu, weight_decay=wd, mode="kfac")
-    plain = FOP(twin, lr=lr, mode="kfac")  # gives the raw direction d_t = (p - p') / lr
+    plain = FOP(twin, lr=lr, momentum=0.0, mode="kfac")  # gives the raw direction d_t = (p - p') / lr
     buf = None
     for step in range(3):
         twin.load_state_dict(model.state_dict())
@@ -423,7 +423,7 @@ def test_fop_update_differs_from_kfac_by_the_beta_g_perp_term(use_eta):
     expected = unvec(lr * (eta * beta * minv_perp + (eta - 1) * minv_avg), (3, 5))
     w = []
     for net, mode in ((model, "fop"), (twin, "kfac")):
-        opt = FOP(net, lr=lr, damping=damping, factor_decay=0.0, mode=mode, use_eta=use_eta, **PAPER)
+        opt = FOP(net, lr=lr, damping=damping, factor_decay=0.0, momentum=0.0, mode=mode, use_eta=use_eta, **PAPER)
         for k, (x_, y_) in enumerate((b1, b2)):
             with opt.sub_batch(k):
                 _mse(net, x_, y_).backward()
@@ -570,7 +570,7 @@ def test_kl_clip_scale_and_step_match_a_dense_computation(mode, damping_mode):
     before = [torch.cat([m.weight, m.bias[:, None]], 1).detach().double().clone() for m in (model[0], model[2])]
     g1s = _layer_grad_matrices(model, *batches[0])
     g2s = _layer_grad_matrices(model, *batches[1])
-    opt = FOP(model, lr=lr, damping=damping, factor_decay=0.0, kl_clip=kl_clip, mode=mode, damping_mode=damping_mode)
+    opt = FOP(model, lr=lr, damping=damping, factor_decay=0.0, momentum=0.0, kl_clip=kl_clip, mode=mode, damping_mode=damping_mode)
     if mode == "fop":
         for k, (x_, y_) in enumerate(batches):
             with opt.sub_batch(k):

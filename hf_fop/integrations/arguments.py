@@ -6,6 +6,8 @@ construction, naming the field and its valid range; :func:`parse_fop_args`
 reports them on the command line as one argparse error line. The FOP learning rate
 eta0 is the Trainer's ``learning_rate`` (scheduled as usual); ``weight_decay``,
 ``adam_beta1/2`` and ``adam_epsilon`` configure FOP's AdamW-managed parameters.
+Every default gives :class:`FOPConfig`'s default except ``learning_rate``, whose
+default (5e-5) is the Trainer's AdamW value: set it (``FOPConfig().lr`` is 0.1).
 """
 
 from __future__ import annotations
@@ -41,15 +43,15 @@ class FOPTrainingArguments(TrainingArguments):
         },
     )
     fop_damping: float = field(
-        default=1e-2,
+        default=_CONFIG_DEFAULTS.damping,
         metadata={"help": "Damping lambda added to each layer's Kronecker Fisher (times its mean eigenvalue with fop_damping_mode relative); > 0."},
     )
     fop_fisher_type: str = field(
-        default="empirical",
+        default=_CONFIG_DEFAULTS.fisher_type,
         metadata={"help": "Fisher for the S factor: 'empirical' (training labels) or 'mc' (labels sampled from the model).", "choices": ["empirical", "mc"]},
     )
-    fop_momentum: float = field(default=0.0, metadata={"help": "Heavy-ball momentum of the managed layers' direction, in [0, 1)."})
-    fop_factor_decay: float = field(default=0.95, metadata={"help": "Running-average decay of the A and S factors, in [0, 1)."})
+    fop_momentum: float = field(default=_CONFIG_DEFAULTS.momentum, metadata={"help": "Heavy-ball momentum of the managed layers' direction, in [0, 1); 0 turns it off."})
+    fop_factor_decay: float = field(default=_CONFIG_DEFAULTS.factor_decay, metadata={"help": "Running-average decay of the A and S factors, in [0, 1)."})
     fop_factor_interval: Optional[int] = field(
         default=None,
         metadata={"help": f"Optimizer steps between factor (A, S) updates, >= 1; default {_CONFIG_DEFAULTS.factor_interval} "
@@ -60,32 +62,32 @@ class FOPTrainingArguments(TrainingArguments):
         metadata={"help": "Optimizer steps between eigendecompositions, a positive multiple of fop_factor_interval; "
                   f"default {_CONFIG_DEFAULTS.inverse_interval} (or the fop_curvature_schedule's)."},
     )
-    fop_eps: float = field(default=1e-12, metadata={"help": "Epsilon of the projection coefficient's denominator (eq. 4), >= 0."})
-    fop_use_eta: bool = field(default=True, metadata={"help": "Scale each layer's step by eta* (eq. 17)."})
-    fop_use_beta: bool = field(default=True, metadata={"help": "Add beta* g_perp to the mean gradient (eq. 6)."})
+    fop_eps: float = field(default=_CONFIG_DEFAULTS.eps, metadata={"help": "Epsilon of the projection coefficient's denominator (eq. 4), >= 0."})
+    fop_use_eta: bool = field(default=_CONFIG_DEFAULTS.use_eta, metadata={"help": "Scale each layer's step by eta* (eq. 17)."})
+    fop_use_beta: bool = field(default=_CONFIG_DEFAULTS.use_beta, metadata={"help": "Add beta* g_perp to the mean gradient (eq. 6)."})
     fop_adamw_lr: Optional[float] = field(
-        default=None,
-        metadata={"help": "Peak learning rate of the AdamW-managed parameters (norms, embeddings); default: learning_rate. >= 0."},
+        default=_CONFIG_DEFAULTS.adamw_lr,
+        metadata={"help": "Peak learning rate of the AdamW-managed parameters (norms, embeddings), >= 0; None: learning_rate."},
     )
     fop_max_factor_dim: int = field(
-        default=8192, metadata={"help": "Layers with a factor side larger than this go to AdamW, >= 1."}
+        default=_CONFIG_DEFAULTS.max_factor_dim, metadata={"help": "Layers with a factor side larger than this go to AdamW, >= 1."}
     )
     fop_exclude_modules: List[str] = field(
         default_factory=list,
         metadata={"help": "fnmatch patterns of module names left to AdamW (e.g. 'classifier' 'lm_head')."},
     )
     fop_max_eigh_failures: int = field(
-        default=3, metadata={"help": "Consecutive failed eigendecompositions of one factor before raising, >= 1."}
+        default=_CONFIG_DEFAULTS.max_eigh_failures, metadata={"help": "Consecutive failed eigendecompositions of one factor before raising, >= 1."}
     )
     fop_log_per_layer: bool = field(
         default=False, metadata={"help": "Also log per-layer beta/eta/s_proj/KL terms under fop/<layer>/... ."}
     )
     fop_kl_clip: float = field(
-        default=1e-3,
+        default=_CONFIG_DEFAULTS.kl_clip or 0.0,
         metadata={"help": "Trust region: bound lr^2 * sum_l Delta_l^T M_l Delta_l of each step by this; > 0, or 0 for none (the paper)."},
     )
     fop_damping_mode: str = field(
-        default="absolute",
+        default=_CONFIG_DEFAULTS.damping_mode,
         metadata={
             "help": "'absolute' (lambda = fop_damping) or 'relative' (each layer's lambda = fop_damping * mean eigenvalue of its A (x) S).",
             "choices": ["absolute", "relative"],
@@ -103,11 +105,19 @@ class FOPTrainingArguments(TrainingArguments):
                   "pays for every layer at once); false decomposes every layer on the cycle's first step."},
     )
     fop_curvature_sharding: str = field(
-        default="replicated",
+        default=_CONFIG_DEFAULTS.curvature_sharding,
         metadata={
             "help": "Several processes: 'replicated' (every rank decomposes every factor) or 'specialists' (each "
             "managed layer's owner rank alone decomposes its factors and computes its direction; the paper's Algorithm 1).",
             "choices": ["replicated", "specialists"],
+        },
+    )
+    fop_projection_metric: str = field(
+        default=_CONFIG_DEFAULTS.projection_metric,
+        metadata={
+            "help": "Metric of FOP's projection of g1 - g2 (eq. 4-5): 'damped' (M = F + damping I, the preconditioner's) "
+            "or 'fisher' (the undamped Kronecker Fisher F of the paper's Lemma 1; beta* = 0 where g_avg is in F's null space).",
+            "choices": ["damped", "fisher"],
         },
     )
     fop_scale_lr_with_batch: Optional[int] = field(
@@ -223,6 +233,7 @@ class FOPTrainingArguments(TrainingArguments):
             curvature_sharding=self.fop_curvature_sharding,
             capture_rows=None if self.fop_capture_rows == 0 else self.fop_capture_rows,
             stagger_refresh=self.fop_stagger_refresh,
+            projection_metric=self.fop_projection_metric,
         )
         try:
             return FOPConfig(**values)
