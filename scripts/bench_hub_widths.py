@@ -115,6 +115,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from bench_lib.common import parse_config_overrides  # noqa: E402
 from bench_step import state_bytes  # noqa: E402
 from fop_phases import count_ops, split_by_phase  # noqa: E402
 
@@ -245,29 +246,7 @@ CONFIG: Dict[str, Any] = {}
 """``--config`` overrides of the shipped ``FOPConfig`` defaults (empty: the defaults, as a user gets them)."""
 
 
-def parse_config(items: Sequence[str]) -> Dict[str, Any]:
-    """``["capture_rows=256", "stagger_refresh=false"]`` -> FOPConfig overrides, typed by the fields' defaults
-    (``none`` -> ``None``); an unknown field or a bad value raises ``ValueError`` naming it."""
-    defaults = {f.name: getattr(FOPConfig(), f.name) for f in fields(FOPConfig)}
-    out: Dict[str, Any] = {}
-    for item in items:
-        name, sep, text = item.partition("=")
-        if not sep or name not in defaults:
-            raise ValueError(f"--config {item!r}: expected FIELD=VALUE with FIELD one of {sorted(defaults)}")
-        default = defaults[name]
-        if text.lower() == "none":
-            value: Any = None
-        elif isinstance(default, bool):
-            if text.lower() not in ("true", "false"):
-                raise ValueError(f"--config {item!r}: {name} takes true or false")
-            value = text.lower() == "true"
-        elif isinstance(default, (int, float)) or default is None:
-            value = float(text) if any(c in text for c in ".e") else int(text)
-        else:
-            value = text
-        out[name] = value
-    FOPConfig(**out)  # validated here, with FOPConfig's own messages
-    return out
+parse_config = parse_config_overrides
 
 
 def make_optimizer(kind: str, model: nn.Module) -> torch.optim.Optimizer:

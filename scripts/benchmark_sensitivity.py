@@ -85,6 +85,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_lib.common import write_markdown_section  # noqa: E402
 from bench_lib.sensitivity.analysis import analyse  # noqa: E402
+from bench_lib.common import parse_config_overrides  # noqa: E402
 from bench_lib.sensitivity.grid import VARIANTS, make_settings  # noqa: E402
 from bench_lib.sensitivity.plan import format_plan, plan  # noqa: E402
 from bench_lib.sensitivity.render import plot_heatmaps, render_markdown  # noqa: E402
@@ -103,10 +104,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--default-damping", type=float, default=1e-2, help="K-FAC/FOP default cell: damping (FOPConfig's default)")
     p.add_argument("--default-variant", default="abs_clip", choices=sorted(VARIANTS), help="K-FAC/FOP default cell: variant")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--config", nargs="+", default=[], metavar="FIELD=VALUE",
+                   help="FOPConfig overrides for every K-FAC/FOP run, e.g. capture_rows=256 (default: the shipped "
+                   "defaults); use another --out")
     p.add_argument("--plan", action="store_true", help="only print the plan: runs per phase, done, and CPU seconds (measured, estimated)")
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error(f"--workers {args.workers} is invalid: expected an integer >= 1.")
+    try:
+        args.config = parse_config_overrides(args.config)
+    except (TypeError, ValueError) as e:
+        p.error(str(e))
     return args
 
 
@@ -123,7 +131,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         suffix = "" if report["meta"]["settings"]["profile"] == "full" else f"_{report['meta']['settings']['profile']}"
     else:
         default = {"lr": args.default_lr, "damping": args.default_damping, "variant": args.default_variant}
-        settings = make_settings(profile, default)
+        settings = make_settings(profile, default, args.config)
         json_path = os.path.join(out, f"sensitivity_results{suffix}.json")
         if args.plan:
             text = format_plan(plan(settings, load_report(settings, json_path)["runs"]), args.workers)

@@ -7,9 +7,12 @@ import os
 import platform
 import re
 import statistics
-from typing import Any, List, Sequence, Tuple
+from dataclasses import fields
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
+
+from hf_fop import FOPConfig
 
 
 def lr_factor(step: int, total: int, warmup_fraction: float) -> float:
@@ -77,3 +80,28 @@ def write_markdown_section(path: str, key: str, body: str) -> None:
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     with open(path, "w") as f:
         f.write(text)
+
+
+def parse_config_overrides(items: Sequence[str], flag: str = "--config") -> Dict[str, Any]:
+    """``["capture_rows=256", "stagger_refresh=false"]`` -> FOPConfig overrides, typed by the fields' defaults
+    (``none`` -> ``None``); an unknown field or a bad value raises ``ValueError`` naming it and the flag."""
+    defaults = {f.name: getattr(FOPConfig(), f.name) for f in fields(FOPConfig)}
+    out: Dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in defaults:
+            raise ValueError(f"{flag} {item!r}: expected FIELD=VALUE with FIELD one of {sorted(defaults)}")
+        default = defaults[name]
+        if text.lower() == "none":
+            value: Any = None
+        elif isinstance(default, bool):
+            if text.lower() not in ("true", "false"):
+                raise ValueError(f"{flag} {item!r}: {name} takes true or false")
+            value = text.lower() == "true"
+        elif isinstance(default, (int, float)) or default is None:
+            value = float(text) if any(c in text for c in ".e") else int(text)
+        else:
+            value = text
+        out[name] = value
+    FOPConfig(**out)  # validated here, with FOPConfig's own messages
+    return out

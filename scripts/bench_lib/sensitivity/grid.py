@@ -27,7 +27,7 @@ VARIANTS = {
 }
 RUN_FIELDS = (
     "kl_clip", "momentum", "adamw_weight_decay", "adamw_lr_curvature", "inverse_interval", "warmup_fraction", "evals_per_run",
-    "n_train", "vit",
+    "n_train", "vit", "config",
 )
 """The settings that define how one run is done (beyond its key): a resumed run must keep them; the others only choose runs."""
 
@@ -82,6 +82,9 @@ class Settings:
     trace_lr: List[float] = field(default_factory=list)
     trace_damping: List[float] = field(default_factory=list)
     momentum: float = 0.9
+    config: Dict[str, Any] = field(default_factory=dict)
+    """``FOPConfig`` overrides for every K-FAC/FOP run (``--config``), beyond the cell's own fields; empty in the
+    runs the docs report (the shipped defaults)."""
     adamw_weight_decay: float = 0.01
     adamw_lr_curvature: float = 3e-3
     inverse_interval: int = 5
@@ -89,8 +92,25 @@ class Settings:
     evals_per_run: int = 30
 
 
-def make_settings(profile: str, default: Dict[str, Any]) -> Settings:
-    """``"full"`` (designed for < 60 min with 2 workers on 2 idle cores), ``"quick"`` (< 3 min) or ``"smoke"`` (tests)."""
+def make_settings(profile: str, default: Dict[str, Any], config: Optional[Dict[str, Any]] = None) -> Settings:
+    """``"full"`` (designed for < 60 min with 2 workers on 2 idle cores), ``"quick"`` (< 3 min) or ``"smoke"`` (tests);
+    ``config``: :attr:`Settings.config`."""
+    settings = _profile_settings(profile, default)
+    overrides = dict(config or {})
+    fixed = sorted(set(overrides) & set(CELL_FIELDS))
+    if fixed:
+        raise ValueError(f"--config {fixed}: set by each cell of the grid (lr, damping, variant); choose other fields.")
+    settings.config = overrides
+    return settings
+
+
+CELL_FIELDS = ("lr", "damping", "mode", "damping_mode", "kl_clip", "fisher_type", "projection_metric", "momentum",
+               "inverse_interval", "adamw_lr")
+"""``FOPConfig`` fields the runner sets from the cell and the benchmark's fixed settings (not ``--config``'s)."""
+
+
+def _profile_settings(profile: str, default: Dict[str, Any]) -> Settings:
+    """The grid, budgets and fixed settings of one profile."""
     all_variants = ["abs", "abs_clip", "rel_clip", "rel", "abs_mc", "abs_clip_mc"]
     small_vit = {"hidden": 32, "layers": 2, "heads": 4}
     if profile == "full":

@@ -132,7 +132,8 @@ def render_markdown(report: Dict[str, Any], analysis: Dict[str, Any], pngs: Sequ
         f"(the paper's setting and this project's previous configuration); `rel` = relative damping; `_clip` = "
         f"kl_clip {s['kl_clip']:g}; `_mc` = Monte-Carlo Fisher. Default cell: {d['variant']}, lr {d['lr']:g}, "
         f"damping {d['damping']:g}. Stable area = fraction of the grid cells whose test accuracy reaches the target "
-        f"within the epoch budget (targets: {s['targets']}).",
+        f"within the epoch budget (targets: {s['targets']})."
+        + (f" Every K-FAC/FOP run with the `FOPConfig` overrides {s['config']} (`--config`)." if s.get("config") else ""),
         "",
         "| dataset | model | optimizer | stable area | on the sub-grid | diverged cells | best cell (lr, damping) |",
         "|---|---|---|---|---|---|---|",

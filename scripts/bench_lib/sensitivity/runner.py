@@ -44,6 +44,7 @@ def make_optimizer(model: nn.Module, spec: RunSpec, s: Settings) -> torch.optim.
         momentum=s.momentum,
         inverse_interval=s.inverse_interval,
         adamw_lr=s.adamw_lr_curvature,
+        **s.config,
     )
 
 
@@ -184,7 +185,8 @@ def load_report(s: Settings, json_path: str) -> Dict[str, Any]:
         report = json.load(f)
     stored = report["meta"].get("settings", {})
     new = json.loads(json.dumps(finite_json(asdict(s))))
-    changed = [k for k in RUN_FIELDS if stored.get(k) != new[k]]
+    written_before = {"config": {}}  # fields added later: a report without them was written with their default
+    changed = [k for k in RUN_FIELDS if stored.get(k, written_before.get(k)) != new[k]]
     if changed:
         raise ValueError(f"{json_path} was written with other {changed}; use another --out or delete it.")
     return report
