@@ -324,5 +324,5 @@ def main(argv: Any = None) -> None:
 if __name__ == "__main__":
     import faulthandler
 
-    faulthandler.dump_traceback_later(240, exit=True)  # a hang (e.g. a collective one rank skipped) fails with every thread's stack, before the tests' 300 s timeout
+    faulthandler.dump_traceback_later(540, exit=True)  # a hang (e.g. a collective one rank skipped) fails with every thread's stack, before the tests' 600 s timeout (generous: a loaded 2-core machine runs these 2-10x slower)
     main()

@@ -27,7 +27,7 @@ def _free_port() -> int:
 
 
 def _run(cmd: List[str]) -> None:
-    proc = subprocess.run(cmd, cwd=ROOT, env=single_thread_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=single_thread_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
@@ -194,7 +194,7 @@ def test_fsdp_configuration_is_rejected(tmp_path):
     out.mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
            HELPERS, "--out", str(out), "--steps", "1", "--fsdp"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=single_thread_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=single_thread_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "FOPTrainer does not support FSDP yet" in proc.stderr + proc.stdout
 
@@ -207,7 +207,7 @@ def streamed_env_cpu(tmp_path_factory) -> List[Dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
            HELPERS, "--out", str(out), "--steps", "3", "--stream", "--no_cpu"]
     env = {**single_thread_env(), "ACCELERATE_USE_CPU": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
@@ -249,7 +249,7 @@ def test_two_processes_without_the_cpu_flag_stop_with_the_fix(tmp_path, streamed
     out.mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
            HELPERS, "--out", str(out), "--steps", "1", "--no_cpu"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=single_thread_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=single_thread_env(), capture_output=True, text=True, timeout=600)
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "every process would train its own unsharded copy" in text
