@@ -137,7 +137,7 @@ def run_worker() -> None:
 if __name__ == "__main__":
     import faulthandler
 
-    faulthandler.dump_traceback_later(240, exit=True)  # a hang (e.g. a collective one rank skipped) fails with every thread's stack, before the tests' 300 s timeout
+    faulthandler.dump_traceback_later(540, exit=True)  # a hang (e.g. a collective one rank skipped) fails with every thread's stack, before the test's 600 s timeout
     import sys
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
