@@ -736,7 +736,9 @@ def markdown(result: Dict[str, Any]) -> str:
     lines = [("SMOKE RUN (tiny widths, not the hub models): " if result["smoke"] else "")
              + f"{result['machine']}; {result['clock']} clock; torch {result['torch']}; {result['date']}; "
              f"load average (1 min) at start "
-             f"{result['load_avg_1m']:.1f}; run took {result['seconds'] / 60:.1f} min.", "",
+             f"{result['load_avg_1m']:.1f}; run took {result['seconds'] / 60:.1f} min. K-FAC and FOP: "
+             + (f"FOPConfig defaults with `--config` {_config_text(result['config_overrides'])}."
+                if result.get("config_overrides") else "the shipped FOPConfig defaults."), "",
              "| model | tokens (batch) | AdamW ms | K-FAC ms | FOP ms | FOP/AdamW | K-FAC/AdamW | limit FOP "
              "| limit K-FAC | FOP/AdamW bound | max/median AdamW, K-FAC, FOP |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -910,7 +912,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--plan", action="store_true", help="print the estimated run time and exit")
     p.add_argument("--config", nargs="+", default=[], metavar="FIELD=VALUE",
                    help="override FOPConfig defaults for K-FAC and FOP, e.g. capture_rows=256 factor_interval=2")
-    p.add_argument("--from-json", type=Path, metavar="JSON", help="re-render the tables (and --out) of a saved run")
+    p.add_argument("--from-json", type=Path, nargs="+", metavar="JSON",
+                   help="re-render the tables (and --out) of saved runs; several runs of different models are merged")
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny widths, for tests
     p.add_argument("--memory-child", choices=OPTIMIZERS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -922,8 +925,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("--quick fixes --models and --tokens (MiniLM at 2k tokens); drop one or the other")
     if args.memory_child and (not args.models or len(args.models) != 1 or not args.tokens or len(args.tokens) != 1):
         p.error("--memory-child needs exactly one --models and one --tokens")
-    if args.from_json is not None and not args.from_json.is_file():
-        p.error(f"--from-json: no such file {args.from_json}")
+    missing = [str(f) for f in args.from_json or [] if not f.is_file()]
+    if missing:
+        p.error(f"--from-json: no such file {', '.join(missing)}")
     if args.memory_tokens is not None and args.no_memory:
         p.error("--memory-tokens and --no-memory contradict each other")
     try:
@@ -944,6 +948,29 @@ def resolve(args: argparse.Namespace) -> Tuple[List[ModelSpec], List[int]]:
     return [specs[n] for n in names], sorted(set(tokens))
 
 
+def _config_text(overrides: Dict[str, Any]) -> str:
+    return " ".join(f"{k}={'none' if v is None else v}" for k, v in overrides.items())
+
+
+def merge_results(results: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """One result from runs of different models (run side by side, one per core): their models in order, the goals
+    recomputed; the runs must agree on machine, clock, threads and ``--config``. The header keeps the first run's
+    date and load, the longest run's minutes and the highest load average."""
+    first = results[0]
+    for key in ("machine", "clock", "threads", "device", "smoke", "config_overrides"):
+        values = {json.dumps(r.get(key), sort_keys=True) for r in results}
+        if len(values) > 1:
+            raise ValueError(f"--from-json: the runs differ in {key}: {sorted(values)}")
+    names = [m["model"] for r in results for m in r["models"]]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--from-json: a model appears in more than one run: {names}")
+    merged = dict(first, models=[m for r in results for m in r["models"]])
+    merged["seconds"] = max(r["seconds"] for r in results)
+    merged["load_avg_1m"] = max(r["load_avg_1m"] for r in results)
+    merged["goals"] = goals(merged["models"])
+    return merged
+
+
 def write_outputs(result: Dict[str, Any], out: Optional[Path]) -> None:
     """Print the tables; with ``out``, write ``out``.json/.md/.png."""
     text = markdown(result)
@@ -957,8 +984,8 @@ def write_outputs(result: Dict[str, Any], out: Optional[Path]) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
-    if args.from_json is not None:
-        saved = json.loads(args.from_json.read_text())
+    if args.from_json:
+        saved = merge_results([json.loads(f.read_text()) for f in args.from_json])
         write_outputs(saved, args.out)
         return saved
     torch.set_num_threads(args.threads)
@@ -988,6 +1015,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine, "device": device.type, "threads": args.threads, "load_avg_1m": os.getloadavg()[0],
         "torch": torch.__version__, "smoke": args.smoke, "clock": args.clock, "tokens_requested": tokens, "models": [],
+        "config_overrides": dict(CONFIG),
     }  # fmt: skip
     print(f"# {machine}; torch {torch.__version__}; models {[s.name for s in specs]}; tokens {tokens}", file=sys.stderr)
     for spec in specs:

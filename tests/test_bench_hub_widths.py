@@ -233,3 +233,26 @@ def test_config_overrides_are_typed_by_the_defaults_and_checked():
         hub.parse_config(["capture_row=2"])
     with pytest.raises(ValueError, match=r"FOPConfig.factor_interval=0 is invalid"):
         hub.parse_config(["factor_interval=0"])
+
+
+def test_runs_of_different_models_merge_into_one_report(smoke, tmp_path):
+    """Two runs side by side (one model each) re-render as the run of both: same tables; runs that differ in
+    ``--config`` or share a model are refused."""
+    result, out = smoke
+    table = out.with_suffix(".md").read_text()
+    assert "the shipped FOPConfig defaults" in table
+    halves = []
+    for i, m in enumerate(result["models"]):
+        half = dict(result, models=[m], goals=hub.goals([m]))
+        halves.append(tmp_path / f"half{i}.json")
+        halves[-1].write_text(json.dumps(half))
+    merged = tmp_path / "merged"
+    hub.main(["--from-json", *map(str, halves), "--out", str(merged)])
+    assert merged.with_suffix(".md").read_text() == table
+    other = dict(json.loads(halves[1].read_text()), config_overrides={"capture_rows": 1024})
+    halves[1].write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="differ in config_overrides"):
+        hub.main(["--from-json", *map(str, halves)])
+    assert "with `--config` capture_rows=1024" in hub.markdown(other)
+    with pytest.raises(ValueError, match="more than one run"):
+        hub.main(["--from-json", str(halves[0]), str(halves[0])])
