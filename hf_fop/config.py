@@ -103,7 +103,7 @@ class FOPConfig:
     layer on the cycle's first step."""
     curvature_sharding: str = "replicated"
     """Several processes: ``"replicated"`` (every rank decomposes every factor and computes every layer's direction)
-    or ``"specialists"`` (each layer's owner rank alone does, :mod:`hf_fop.specialists`). Ignored in one process."""
+    or ``"specialists"`` (each layer's owner rank alone does, :mod:`hf_fop.distributed.specialists`). Ignored in one process."""
     projection_metric: str = "damped"
     """The metric in which ``g1 - g2`` is made orthogonal to ``g_avg`` (eq. 4-5): ``"damped"`` (``M = F + lambda I``,
     the preconditioner's) or ``"fisher"`` (the undamped Kronecker ``F`` of the paper's Lemma 1; ``beta* = 0`` where

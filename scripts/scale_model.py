@@ -18,7 +18,7 @@ Per rank and optimizer step, with ``k_i`` the inverse interval:
 * replicated: every rank decomposes every factor and computes every direction,
   ``sum_l (eigh(d_A) + eigh(d_S)) / k_i + dir_l``;
 * specialists: layer ``l`` is computed by its owner only, with the owners
-  ``hf_fop.specialists.assign_owners`` gives (greedy balance of the
+  ``hf_fop.distributed.specialists.assign_owners`` gives (greedy balance of the
   ``d^3`` cost model), and the slowest rank sets the pace:
   ``max_r sum_{l owned by r} (...)``.
 
@@ -47,7 +47,7 @@ from transformers import ViTConfig, ViTForImageClassification
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hf_fop.fop_math import rotate, unrotate  # noqa: E402
-from hf_fop.specialists import assign_owners  # noqa: E402
+from hf_fop.distributed.specialists import assign_owners  # noqa: E402
 
 MODELS = {
     "ViT-B/16": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),

@@ -389,7 +389,7 @@ def test_specialist_assignment_is_deterministic_and_balanced():
 
     from hf_fop import FOPConfig
     from hf_fop.curvature import find_layers
-    from hf_fop.specialists import assign_owners, layer_cost, owner_loads
+    from hf_fop.distributed.specialists import assign_owners, layer_cost, owner_loads
 
     assert layer_cost(7, 8) == 7**3 + 8**3 + 56 * 15
     assert assign_owners([(7, 8), (9, 8), (8, 4)], 2) == [1, 0, 1]  # costliest (9, 8) first, to rank 0
@@ -433,7 +433,7 @@ def test_specialists_two_processes_match_one_process_resume_across_modes_and_sur
     """
     from dist_workers import single_process
 
-    from hf_fop.specialists import assign_owners
+    from hf_fop.distributed.specialists import assign_owners
 
     out = tmp_path / "run"
     records = plain_torchrun(2, out, "--steps", "6", "--accum", "2", "--inverse_interval", "3", "--eigh_failure",

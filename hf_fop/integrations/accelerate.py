@@ -15,7 +15,7 @@ Usage (transformers' ``run_*_no_trainer.py`` style)::
 
 :func:`attach_accelerate` attaches an :class:`AccelerateRouter`, which
 routes every training forward/backward of the (unwrapped) model into FOP's
-sub-batches by itself, with the plan of :mod:`hf_fop.routing` (the one
+sub-batches by itself, with the plan of :mod:`hf_fop.integrations.routing` (the one
 FOPTrainer uses; ``n = gradient_accumulation_steps``):
 
 * one process, ``n >= 2``: the first ``ceil(n/2)`` micro-batches of the
@@ -36,7 +36,7 @@ and rescales the gradients instead: between two pieces of a sub-batch with
 ``k_a`` and ``k_b`` examples by ``k_a / k_b``, and at the end of the sub-batch by
 ``n k_last / K`` (``K``: its examples). Each sub-batch gradient is then the mean
 over its examples and ``w1`` = sub-batch 1's share of the examples
-(:func:`hf_fop.routing.weigh`), so ``g_avg`` (what ``p.grad`` holds when the
+(:func:`hf_fop.integrations.routing.weigh`), so ``g_avg`` (what ``p.grad`` holds when the
 window ends, and what ``accelerator.clip_grad_norm_`` clips) is the mean
 gradient over the window's examples: accelerate's gradient for a window of
 equal micro-batches. Curvature S is captured as the summed loss's (the
@@ -109,7 +109,7 @@ def unwrap_fop(optimizer: Any) -> Any:
 
 
 def sub_batches(optimizer: Any, batch: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
-    """Pieces of ``batch`` to run forward/backward on, one after the other (:func:`hf_fop.routing.route_micro_batch`).
+    """Pieces of ``batch`` to run forward/backward on, one after the other (:func:`hf_fop.integrations.routing.route_micro_batch`).
 
     Two halves along the batch dimension when FOP needs them (``mode="fop"``,
     one process, ``gradient_accumulation_steps == 1``): the first half gives
@@ -192,7 +192,7 @@ class AccelerateRouter:
         return int(self.accelerator.gradient_accumulation_steps)
 
     def route(self, batch: Mapping[str, Any]) -> Tuple[Piece, ...]:
-        """Pieces of ``batch`` as the next micro-batch of the window (:func:`hf_fop.routing.route_micro_batch`)."""
+        """Pieces of ``batch`` as the next micro-batch of the window (:func:`hf_fop.integrations.routing.route_micro_batch`)."""
         index = self._micro if self._state == "open" else 0
         return route_micro_batch(index, batch_size_of(batch), self.n, self.world_size, self.opt.config.mode)
 
@@ -214,7 +214,7 @@ class AccelerateRouter:
             raise RuntimeError(
                 "FOP needs two sub-batches per step, but gradient_accumulation_steps=1 on one process gives one batch "
                 "per step: run the forward/backward as `for piece in sub_batches(opt, batch): ...` "
-                "(hf_fop.accelerate_loop.sub_batches splits the batch into halves), or use "
+                "(hf_fop.integrations.accelerate.sub_batches splits the batch into halves), or use "
                 "Accelerator(gradient_accumulation_steps >= 2) (the window's first half gives g1), or FOP(mode='kfac')."
             )
         else:
@@ -294,7 +294,7 @@ class AccelerateRouter:
         """``p.grad`` of ``group`` (its last piece just ran) becomes its item-weighted mean gradient.
 
         Between pieces of a group ``p.grad = (sum_i k_i grad_i) / (n k_last)`` (accelerate divides by ``n``), so
-        ``n k_last / K`` gives ``sum_i (k_i / K) grad_i``: the loss scales of :func:`hf_fop.routing.weigh`.
+        ``n k_last / K`` gives ``sum_i (k_i / K) grad_i``: the loss scales of :func:`hf_fop.integrations.routing.weigh`.
         """
         weights = weigh(self._pieces, self._items, self.world_size)
         last = max(i for i, piece in enumerate(self._pieces) if piece.sub_batch == group)

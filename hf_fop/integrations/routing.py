@@ -1,6 +1,6 @@
 """Routing of an accumulation window into FOP's two sub-batches: one implementation, two front ends.
 
-:class:`hf_fop.FOPTrainer` and the plain Accelerate loop (:mod:`hf_fop.accelerate_loop`) both call this
+:class:`hf_fop.FOPTrainer` and the plain Accelerate loop (:mod:`hf_fop.integrations.accelerate`) both call this
 module; they differ only in how they run the pieces (the Trainer scales each piece's loss before its
 backward; the Accelerate loop, where the user calls ``accelerator.backward``, rescales the gradients
 between pieces and at the end of the window).

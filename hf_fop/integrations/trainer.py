@@ -1,7 +1,7 @@
 """``FOPTrainer``: the transformers ``Trainer`` driving the FOP optimizer.
 
 Routing of one optimizer step's micro-batches into FOP's two sub-batches and
-the scales of each piece: :mod:`hf_fop.routing` (the same plan as the plain
+the scales of each piece: :mod:`hf_fop.integrations.routing` (the same plan as the plain
 Accelerate loop's): one process, the first ``ceil(n/2)`` of the window's ``n``
 micro-batches form sub-batch 1 (g1), the rest sub-batch 2 (g2); ``n = 1``: the
 micro-batch is split into halves; several processes: each rank's micro-batches
@@ -98,14 +98,14 @@ _DIAG_AGGREGATES = {  # FOP.diagnostics() key -> logged key
 
 @dataclass
 class _Piece:
-    """A forward/backward unit: a routed piece (:class:`hf_fop.routing.Piece`) with its inputs and scales.
+    """A forward/backward unit: a routed piece (:class:`hf_fop.integrations.routing.Piece`) with its inputs and scales.
 
     ``num_items is None``: the Trainer's own loss (its ``num_items_in_batch``
     and gradient-accumulation scaling), backward as is. Otherwise the loss is
     the mean over the piece's ``num_items`` loss items (passed to the model as
     ``num_items_in_batch``, so models that honour it and models that average
     per call agree), backward with ``loss_scale`` and reported with
-    ``report_scale`` (:func:`hf_fop.routing.weigh`).
+    ``report_scale`` (:func:`hf_fop.integrations.routing.weigh`).
     """
 
     inputs: Mapping[str, Any]
@@ -284,7 +284,7 @@ class FOPTrainer(CheckpointLoadingMixin, Trainer):
     def _make_plan(
         self, batches: List[Mapping[str, Any]], num_items_in_batch: Any, device: torch.device, n: Optional[int] = None
     ) -> _Plan:
-        """The window's pieces (:func:`hf_fop.routing.route_window`, ``n`` = ``gradient_accumulation_steps``) and scales.
+        """The window's pieces (:func:`hf_fop.integrations.routing.route_window`, ``n`` = ``gradient_accumulation_steps``) and scales.
 
         Counts stay tensors on several processes (no host sync); one process reads them once (``tolist``).
         """
