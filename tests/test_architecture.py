@@ -1,5 +1,5 @@
 """The package's architecture as data: every module's layer, imports that point down only, no cycle, and a core that
-imports no HuggingFace library (read from the source with ``ast``, nothing is imported)."""
+imports no HuggingFace library (read from the source with ``ast``); and the public names, old module paths included."""
 
 from __future__ import annotations
 
@@ -149,3 +149,29 @@ def test_core_imports_no_huggingface_library():
     assert "optimizer" in core and "distributed.reducer" in core
     offending = {name: sorted(GRAPH[name]["external"] & HF_LIBRARIES) for name in core}
     assert not {k: v for k, v in offending.items() if v}, offending
+
+
+@pytest.mark.parametrize(
+    "old, new, names",
+    [
+        ("trainer", "integrations.trainer", ["FOPTrainer"]),
+        ("arguments", "integrations.arguments", ["FOPTrainingArguments", "parse_fop_args"]),
+        ("routing", "integrations.routing", ["route_window", "weigh"]),
+        ("accelerate_loop", "integrations.accelerate", ["attach_accelerate", "sub_batches", "router_of"]),
+        ("specialists", "distributed.specialists", ["SpecialistCurvature", "assign_owners", "layer_cost", "owner_loads"]),
+    ],
+)
+def test_modules_that_moved_keep_their_old_import_paths(old, new, names):
+    """The public API stays: code written against a module's old path gets the same objects from the new one."""
+    import importlib
+
+    before, after = importlib.import_module(f"hf_fop.{old}"), importlib.import_module(f"hf_fop.{new}")
+    for name in names:
+        assert getattr(before, name) is getattr(after, name), (old, name)
+
+
+def test_the_package_exports_the_documented_names():
+    import hf_fop
+
+    for name in ("FOP", "FOPConfig", "FOPTrainer", "FOPTrainingArguments", "attach_accelerate", "sub_batches"):
+        assert getattr(hf_fop, name).__name__ == name
