@@ -116,7 +116,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_lib.common import parse_config_overrides  # noqa: E402
-from bench_step import state_bytes  # noqa: E402
+from bench_step import _proc_status_bytes, state_bytes  # noqa: E402
 from fop_phases import count_ops, split_by_phase  # noqa: E402
 
 from hf_fop import FOP, FOPConfig  # noqa: E402
@@ -662,15 +662,6 @@ def measure_model(spec: ModelSpec, tokens: Sequence[int], steps: Optional[int], 
 
 
 # ------------------------------------------------------------------ memory
-def _proc_status_bytes(name: str) -> int:
-    """``VmRSS`` / ``VmHWM`` of this process in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(name + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{name} not found in /proc/self/status")
-
-
 def memory_child(kind: str, spec: ModelSpec, tokens: int, device: torch.device) -> Dict[str, float]:
     """Two steps of ``kind`` at ``tokens`` in this (fresh) process: peak bytes above the post-import baseline."""
     import transformers  # noqa: F401  (imported before the baseline, like torch and hf_fop)
