@@ -367,3 +367,27 @@ def test_config_overrides_reach_every_curvature_run_and_keep_old_reports_readabl
     assert s_runner.load_report(plain, str(path))["runs"] == {}
     with pytest.raises(ValueError, match="config"):
         s_runner.load_report(s, str(path))
+
+
+def test_compare_sensitivity_marks_exactly_the_rows_that_moved(tmp_path):
+    """scripts/compare_sensitivity.py on a real tiny run against a copy in which one FOP grid cell no longer reaches
+    the target: that stable-area row (and only it) is marked, the default cell's row is shared."""
+    compare = load_script("scripts", "compare_sensitivity")
+    s = _metric_settings()
+    path = str(tmp_path / "a.json")
+    s_runner.save_report(path, s_runner.run_benchmark(s, path, workers=1, progress=False))
+    with open(path) as f:
+        a = json.load(f)
+    b = json.loads(json.dumps(a))
+    b["meta"]["settings"]["config"] = {"capture_rows": 8}
+    cell = s_grid.RunSpec("grid", "digits", "mlp", "fop", "abs_clip", 1078, 0.1, 1e-2, 0, 6).key()
+    b["runs"][cell]["test_acc"] = [0.0] * len(b["runs"][cell]["test_acc"])
+    b["runs"][cell]["final_test_acc"] = 0.0
+    text = compare.render(a, b, "a.json", "b.json")
+    assert "(shipped defaults," in text and "(capture_rows=8," in text
+    marked = [line for line in text.splitlines() if "**" in line and line.startswith("| ")]
+    assert len(marked) == 1 and marked[0].startswith("| digits | mlp | fop[abs_clip] | grid | **")
+    assert " 1 differ " in text
+    same = compare.render(a, a, "a", "a")
+    assert " 0 differ " in same and not any("**" in line for line in same.splitlines() if line.startswith("| "))
+    assert "| digits | mlp | fop[abs_clip] | 1078 |" in text.split("Default cell")[1]
