@@ -116,7 +116,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_lib.common import parse_config_overrides  # noqa: E402
-from bench_step import _proc_status_bytes, state_bytes  # noqa: E402
+from bench_step import _positive, _proc_status_bytes, state_bytes  # noqa: E402
 from fop_phases import count_ops, split_by_phase  # noqa: E402
 
 from hf_fop import FOP, FOPConfig  # noqa: E402
@@ -872,19 +872,6 @@ def estimate_seconds(spec: ModelSpec, tokens: Sequence[int], steps: Optional[int
 
 
 # ------------------------------------------------------------------ main
-def _positive(name: str) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--{name} must be an integer >= 1, got {text!r}")
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"--{name} must be an integer >= 1, got {text}")
-        return value
-
-    return parse
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", choices=tuple(SPECS), help=f"default: all ({', '.join(SPECS)})")

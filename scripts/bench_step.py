@@ -420,8 +420,12 @@ def markdown(result: Dict[str, Any]) -> str:
 
 # -------------------------------------------------------------------- main
 def _positive(name: str) -> Callable[[str], int]:
+    """argparse type: an integer >= 1, with an error naming ``--name``."""
     def parse(text: str) -> int:
-        value = int(text)
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--{name} must be an integer >= 1, got {text!r}")
         if value < 1:
             raise argparse.ArgumentTypeError(f"--{name} must be an integer >= 1, got {text}")
         return value

@@ -106,6 +106,13 @@ def metric_rows(s: Dict[str, Any], areas: List[Dict[str, Any]], summaries: List[
     return out
 
 
+def _largest_batch(s: Dict[str, Any], dataset: str, model: str) -> Tuple[int, int, float]:
+    """``(largest batch, its epoch budget, target accuracy)`` of ``(dataset, model)`` in stored settings ``s``."""
+    batch = s["batches"][dataset][-1]
+    per = s["epochs"][dataset][model]
+    return batch, per.get(str(batch), per.get(batch)), s["targets"][dataset][model]  # JSON keys are strings
+
+
 def metric_pairs(report: Dict[str, Any]) -> List[Dict[str, Any]]:
     """FOP in the damped and the fisher metric cell by cell on the full grid at the largest batch (seed 0), per
     (dataset, model, trace variant): cells where both / only one / neither reach the target, diverged cells, the mean
@@ -115,10 +122,7 @@ def metric_pairs(report: Dict[str, Any]) -> List[Dict[str, Any]]:
     runs = report["runs"]
     out = []
     for dataset, model in s["pairs"]:
-        batch = s["batches"][dataset][-1]
-        per = s["epochs"][dataset][model]
-        epochs = per.get(str(batch), per.get(batch))
-        target = s["targets"][dataset][model]
+        batch, epochs, target = _largest_batch(s, dataset, model)
         for variant in s.get("trace_variants", []):
             pairs = []
             for lr in s["lr_grid"]:
@@ -160,10 +164,7 @@ def traces(report: Dict[str, Any]) -> List[Dict[str, Any]]:
     runs = report["runs"]
     out = []
     for dataset, model in s["pairs"]:
-        batch = s["batches"][dataset][-1]
-        per = s["epochs"][dataset][model]
-        epochs = per.get(str(batch), per.get(batch))  # JSON keys are strings
-        target = s["targets"][dataset][model]
+        batch, epochs, target = _largest_batch(s, dataset, model)
         for variant in s.get("trace_variants", []):
             for lr in s["trace_lr"]:
                 for damping in s["trace_damping"]:
