@@ -116,7 +116,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_lib.common import parse_config_overrides  # noqa: E402
-from bench_step import _positive, _proc_status_bytes, state_bytes  # noqa: E402
+from bench_step import _positive, _proc_status_bytes, peak_and_state, state_bytes  # noqa: E402
 from fop_phases import count_ops, split_by_phase  # noqa: E402
 
 from hf_fop import FOP, FOPConfig  # noqa: E402
@@ -676,12 +676,7 @@ def memory_child(kind: str, spec: ModelSpec, tokens: int, device: torch.device) 
         run_passes(kind, model, opt, halves)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        peak = _proc_status_bytes("VmHWM") - base
-    return {"peak_bytes": float(peak), "state_bytes": float(state_bytes(opt))}
+    return peak_and_state(opt, device, base)
 
 
 def measure_memory(name: str, tokens: int, args: argparse.Namespace) -> Dict[str, Dict[str, float]]:

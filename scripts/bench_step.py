@@ -301,6 +301,17 @@ def _proc_status_bytes(field_name: str) -> int:
     raise RuntimeError(f"{field_name} not found in /proc/self/status")
 
 
+def peak_and_state(opt: torch.optim.Optimizer, device: torch.device, base: int) -> Dict[str, float]:
+    """Peak memory since ``base`` (CPU: ``VmHWM`` minus the resident bytes ``base``; CUDA: max allocated) and the
+    optimizer's state bytes, after training."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = _proc_status_bytes("VmHWM") - base
+    return {"peak_bytes": float(peak), "state_bytes": float(state_bytes(opt))}
+
+
 def memory_child(kind: str, shape: Shape, interval: int, device: torch.device) -> Dict[str, float]:
     """Train ``kind`` for one curvature cycle plus two steps in this process; peak bytes and state bytes."""
     base = _proc_status_bytes("VmRSS") if device.type == "cpu" else 0
@@ -314,12 +325,7 @@ def memory_child(kind: str, shape: Shape, interval: int, device: torch.device) -
         passes()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        peak = _proc_status_bytes("VmHWM") - base
-    return {"peak_bytes": float(peak), "state_bytes": float(state_bytes(opt))}
+    return peak_and_state(opt, device, base)
 
 
 def measure_memory(shape: Shape, interval: int, device: torch.device, threads: int) -> Dict[str, Dict[str, float]]:
