@@ -348,14 +348,16 @@ def test_tiny_metric_run_traces_both_metrics_and_reruns_deterministically(tmp_pa
 def test_config_overrides_reach_every_curvature_run_and_keep_old_reports_readable(tmp_path):
     """``--config capture_rows=64``: the FOPConfig of every K-FAC/FOP run has it, the cell's own fields cannot be
     overridden, the report's setup line names it, and a report written before the field existed still loads."""
-    args = bs.parse_args(["--quick", "--config", "capture_rows=64", "stagger_refresh=false"])
-    assert args.config == {"capture_rows": 64, "stagger_refresh": False}
+    args = bs.parse_args(["--quick", "--config", "capture_rows=64", "stagger_refresh=false", "inverse_interval=4",
+                          "factor_interval=2"])
+    assert args.config == {"capture_rows": 64, "stagger_refresh": False, "inverse_interval": 4, "factor_interval": 2}
     s = s_grid.make_settings("smoke", {"lr": 0.1, "damping": 1e-2, "variant": "abs_clip"}, args.config)
     data = bdata.Splits(*(torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long)) * 3, name="digits", n_classes=10)
     for optimizer in ("kfac", "fop"):
         spec = s_grid.RunSpec("grid", "digits", "mlp", optimizer, "abs", 1078, 0.1, 1e-2, 0, 1)
         config = s_runner.make_optimizer(bmodels.build_model("mlp", data, 0), spec, s).config
         assert (config.capture_rows, config.stagger_refresh, config.lr) == (64, False, 0.1)
+        assert (config.inverse_interval, config.factor_interval) == (4, 2)  # the fixed schedule replaced
     with pytest.raises(ValueError, match=r"\['lr'\]: set by each cell"):
         s_grid.make_settings("smoke", s.default, {"lr": 1.0})
     with pytest.raises(SystemExit):

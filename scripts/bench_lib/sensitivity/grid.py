@@ -105,8 +105,10 @@ def make_settings(profile: str, default: Dict[str, Any], config: Optional[Dict[s
 
 
 CELL_FIELDS = ("lr", "damping", "mode", "damping_mode", "kl_clip", "fisher_type", "projection_metric", "momentum",
-               "inverse_interval", "adamw_lr")
-"""``FOPConfig`` fields the runner sets from the cell and the benchmark's fixed settings (not ``--config``'s)."""
+               "adamw_lr")
+"""``FOPConfig`` fields the runner sets from the cell and the benchmark's fixed settings (not ``--config``'s);
+``inverse_interval``, a fixed setting too, may be replaced by ``--config`` (the curvature schedule is what a speed
+change varies)."""
 
 
 def _profile_settings(profile: str, default: Dict[str, Any]) -> Settings:

@@ -32,6 +32,7 @@ def make_optimizer(model: nn.Module, spec: RunSpec, s: Settings) -> torch.optim.
     if spec.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=s.adamw_weight_decay)
     damping_mode, clip, fisher, metric = VARIANTS[spec.variant or ""]
+    fixed = {"inverse_interval": s.inverse_interval}  # the benchmark's fixed settings that ``--config`` may replace
     return FOP(
         model,
         lr=spec.lr,
@@ -42,9 +43,8 @@ def make_optimizer(model: nn.Module, spec: RunSpec, s: Settings) -> torch.optim.
         fisher_type=fisher,
         projection_metric=metric,
         momentum=s.momentum,
-        inverse_interval=s.inverse_interval,
         adamw_lr=s.adamw_lr_curvature,
-        **s.config,
+        **{**fixed, **s.config},
     )
 
 
