@@ -167,7 +167,9 @@ class FOP(torch.optim.Optimizer):
         """This step's sub-batch gradients (g1, g1 - g2) and their state."""
         self.distributor = make_distributor(self.engine, config)
         """Where curvature lives across processes (:class:`hf_fop.distributed.CurvatureDistributor`)."""
-        self._slots = refresh_slots([refresh_cost(layer) for layer in self.engine.layers], config.inverse_interval)
+        self._slots = refresh_slots(
+            [refresh_cost(layer) for layer in self.engine.layers], config.inverse_interval, config.factor_interval
+        )
         """Step of the inverse cycle on which each managed layer's factors are decomposed (:mod:`hf_fop.refresh`)."""
         self._record = StepRecord()
         self._on_release: List[Callable[[], None]] = []

@@ -6,7 +6,7 @@ are due.
   it raises naming the layer.
 * :func:`refresh_slots` staggers the refresh: over an inverse cycle of ``k`` steps each layer is decomposed on one
   step, its slot, chosen so that every step gets about ``1/k`` of the cycle's work (cost ``d_A^3 + d_S^3``, greedy,
-  costliest first). No step then pays for every layer at once; with ``k = 1`` every layer is due every step, as
+  costliest first, the factor-capture steps last among equals). No step then pays for every layer at once; with ``k = 1`` every layer is due every step, as
   without staggering. A layer's first factors are decomposed at once, whatever its slot.
 
 Cost on this project's 2-core CPU (torch 2.13, 2 threads, idle): ``eigh`` of 385: 6 ms, 769: 28 ms, 1537: 158 ms,
@@ -86,16 +86,20 @@ def refresh_cost(layer: KFACLayer) -> int:
     return layer.in_dim**3 + layer.out_dim**3
 
 
-def refresh_slots(costs: Sequence[int], k: int) -> List[int]:
-    """Slot in ``[0, k)`` of each layer: greedy, costliest first, to the least-loaded slot (ties: lower index, lower
-    slot). Deterministic and independent of the world size, so every distribution refreshes a layer on the same step
-    as one process does (with curvature specialists a step's layers may belong to different owners)."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"refresh_slots: k={k!r} is invalid: expected an integer >= 1 (steps per inverse cycle).")
+def refresh_slots(costs: Sequence[int], k: int, capture_every: int = 1) -> List[int]:
+    """Slot in ``[0, k)`` of each layer: greedy, costliest first, to the least-loaded slot (ties: a slot that is not a
+    capture step, i.e. ``slot % capture_every != 0``, then the lower slot; layers by lower index). A capture step
+    already pays for the factors of every layer, so the costliest decompositions go to the other steps. Deterministic
+    and independent of the world size, so every distribution refreshes a layer on the same step as one process does
+    (with curvature specialists a step's layers may belong to different owners)."""
+    for name, value in (("k", k), ("capture_every", capture_every)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"refresh_slots: {name}={value!r} is invalid: expected an integer >= 1 (steps per "
+                             f"{'inverse cycle' if name == 'k' else 'factor capture'}).")
     slots = [0] * len(costs)
     loads = [0] * k
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        slot = min(range(k), key=lambda s: (loads[s], s))
+        slot = min(range(k), key=lambda s: (loads[s], s % capture_every == 0, s))
         slots[i] = slot
         loads[slot] += costs[i]
     return slots

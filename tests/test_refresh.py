@@ -26,11 +26,27 @@ from hf_fop.refresh import refresh_slots
 )
 def test_slots_balance_the_cost_greedily(costs, k, slots):
     assert refresh_slots(costs, k) == slots
+    assert refresh_slots(costs, k, capture_every=1) == slots  # every step captures: no slot is preferred
+
+
+@pytest.mark.parametrize(
+    "costs, k, capture_every, slots",
+    [
+        ([8, 1, 1, 1], 2, 2, [1, 0, 0, 0]),  # step 0 captures: the big one goes to step 1
+        ([9, 8, 1, 1], 4, 2, [1, 3, 0, 2]),  # the two big ones on the non-capture steps 1 and 3
+        ([5, 5, 5, 5, 5], 4, 2, [1, 3, 0, 2, 1]),  # equal loads: the fifth goes to the first non-capture step
+        ([1, 2, 3, 4, 5, 6], 3, 3, [1, 2, 0, 0, 2, 1]),  # 6 + 1 | 5 + 2 | 4 + 3 as before, the costliest off step 0
+    ],
+)
+def test_slots_keep_the_costliest_refreshes_off_the_capture_steps(costs, k, capture_every, slots):
+    assert refresh_slots(costs, k, capture_every) == slots
 
 
 def test_slots_reject_a_bad_cycle_length():
     with pytest.raises(ValueError, match=r"k=0 is invalid: expected an integer >= 1"):
         refresh_slots([1], 0)
+    with pytest.raises(ValueError, match=r"capture_every=0 is invalid: expected an integer >= 1"):
+        refresh_slots([1], 2, 0)
 
 
 def _model() -> nn.Module:
@@ -82,6 +98,24 @@ def test_staggered_refresh_decomposes_each_layer_once_per_cycle_and_spreads_the_
         assert sorted(done) == sorted(names)  # each layer once per cycle of 3 steps
         assert max(sum(cost[n] for n in step) for step in cycle) < 0.5 * sum(cost.values())
     assert opt.counters["inverse_updates"] == 3  # cycles begun: steps 0, 3, 6
+
+
+def test_the_costliest_refreshes_avoid_the_factor_capture_steps():
+    """factor_interval 2, inverse_interval 4: steps 0, 2, ... capture the factors of every layer, so the two costliest
+    layers are decomposed on the odd steps; still each layer once per cycle."""
+    model = _model()
+    opt = FOP(model, lr=0.1, factor_interval=2, inverse_interval=4)
+    calls: List[List[str]] = []
+    _train(model, opt, 9, calls)
+    steps = _per_step(calls)
+    cost = {layer.name: refresh.refresh_cost(layer) for layer in opt.layers}
+    costliest = sorted(cost, key=cost.get)[-2:]
+    for cycle_start in (1, 5):
+        cycle = steps[cycle_start : cycle_start + 4]
+        assert sorted(n for step in cycle for n in step) == sorted(cost)
+        for offset, step in enumerate(cycle):
+            if (cycle_start + offset) % 2 == 0:  # a capture step
+                assert not set(step) & set(costliest), (cycle_start + offset, step)
 
 
 def test_stagger_off_decomposes_every_layer_at_the_cycle_start():
