@@ -62,10 +62,12 @@ class FOPConfig:
     """Decoupled weight decay of managed layers' weights (multiplied by the lr; biases get none)."""
     factor_decay: float = 0.95
     """Running-average decay of the A and S factors (0 keeps only the newest)."""
-    factor_interval: int = 1
-    """Steps between factor (A, S) updates."""
-    inverse_interval: int = 5
-    """Steps between eigendecompositions; a multiple of ``factor_interval`` (5: the paper's longest interval)."""
+    factor_interval: int = 10
+    """Steps between factor (A, S) captures. 10 (with ``inverse_interval`` 20 and ``capture_rows`` 2048): the
+    schedule at which a large-batch fine-tune pays little more than the method's own rotations (docs/performance.md);
+    the paper refreshed its curvature at most every 5 steps (``fop_curvature_schedule='paper'``)."""
+    inverse_interval: int = 20
+    """Steps between eigendecompositions of a layer's factors; a multiple of ``factor_interval``."""
     eps: float = 1e-12
     """epsilon of eq. (4), the projection coefficient's denominator."""
     use_eta: bool = True
@@ -93,7 +95,7 @@ class FOPConfig:
     damping_mode: str = "absolute"
     """``"absolute"``: lambda = ``damping`` for every layer; ``"relative"``: each layer's lambda is
     ``damping * mean eigenvalue of A (x) S`` (= mean(eig A) * mean(eig S)) of its current eigendecomposition."""
-    capture_rows: Optional[int] = None
+    capture_rows: Optional[int] = 2048
     """Curvature capture reads at most this many rows (tokens, positions) of each managed layer's input and output
     gradient per forward/backward pass, drawn at random (an unbiased estimate of A and S); ``None`` reads every row.
     Caps the capture's cost, ``rows x (d_in^2 + d_out^2)`` per layer, when the batch grows."""
@@ -125,7 +127,8 @@ class FOPConfig:
             _fail(
                 "inverse_interval",
                 self.inverse_interval,
-                f"a positive multiple of factor_interval={self.factor_interval}",
+                f"a positive multiple of factor_interval={self.factor_interval} (with a shorter inverse interval "
+                f"set factor_interval to one of its divisors too, e.g. factor_interval=1)",
             )
         _check_real("eps", self.eps, 0.0, math.inf, False, True)
         for name in ("use_eta", "use_beta"):

@@ -87,7 +87,7 @@ class Settings:
     runs the docs report (the shipped defaults)."""
     adamw_weight_decay: float = 0.01
     adamw_lr_curvature: float = 3e-3
-    inverse_interval: int = 5
+    inverse_interval: int = 20
     warmup_fraction: float = 0.05
     evals_per_run: int = 30
 
