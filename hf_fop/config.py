@@ -37,6 +37,19 @@ def _check_int(name: str, value: Any, low: int) -> None:
         _fail(name, value, f"an integer >= {low}")
 
 
+FACTOR_INTERVAL_CAP = 10
+"""Longest default factor interval (steps between factor captures)."""
+
+
+def default_factor_interval(inverse_interval: int) -> int:
+    """Factor interval when none is given: the largest divisor of ``inverse_interval`` that is at most
+    :data:`FACTOR_INTERVAL_CAP` (20 -> 10, 5 -> 5, 12 -> 6, 1 -> 1), so every inverse cycle captures factors; 1 for
+    an invalid ``inverse_interval`` (which :class:`FOPConfig` then rejects by name)."""
+    if isinstance(inverse_interval, bool) or not isinstance(inverse_interval, int) or inverse_interval < 1:
+        return 1
+    return max(d for d in range(1, min(inverse_interval, FACTOR_INTERVAL_CAP) + 1) if inverse_interval % d == 0)
+
+
 @dataclass
 class FOPConfig:
     """Hyperparameters of :class:`hf_fop.FOP`.
@@ -62,10 +75,11 @@ class FOPConfig:
     """Decoupled weight decay of managed layers' weights (multiplied by the lr; biases get none)."""
     factor_decay: float = 0.95
     """Running-average decay of the A and S factors (0 keeps only the newest)."""
-    factor_interval: int = 10
-    """Steps between factor (A, S) captures. 10 (with ``inverse_interval`` 20 and ``capture_rows`` 2048): the
-    schedule at which a large-batch fine-tune pays little more than the method's own rotations (docs/performance.md);
-    the paper refreshed its curvature at most every 5 steps (``fop_curvature_schedule='paper'``)."""
+    factor_interval: Optional[int] = None
+    """Steps between factor (A, S) captures; ``None`` (default): :func:`default_factor_interval` of
+    ``inverse_interval``, 10 with the default 20. With ``capture_rows`` 2048 this is the schedule at which a large-batch
+    fine-tune pays little more than the method's own rotations (docs/performance.md); the paper refreshed its
+    curvature at most every 5 steps (``fop_curvature_schedule='paper'``)."""
     inverse_interval: int = 20
     """Steps between eigendecompositions of a layer's factors; a multiple of ``factor_interval``."""
     eps: float = 1e-12
@@ -121,14 +135,17 @@ class FOPConfig:
         _check_real("momentum", self.momentum, 0.0, 1.0, False, True)
         _check_real("weight_decay", self.weight_decay, 0.0, math.inf, False, True)
         _check_real("factor_decay", self.factor_decay, 0.0, 1.0, False, True)
-        _check_int("factor_interval", self.factor_interval, 1)
         _check_int("inverse_interval", self.inverse_interval, 1)
+        self._factor_interval_given = self.factor_interval is not None  # not a field: replace() re-derives it if not
+        if self.factor_interval is None:
+            self.factor_interval = default_factor_interval(self.inverse_interval)
+        _check_int("factor_interval", self.factor_interval, 1)
         if self.inverse_interval % self.factor_interval != 0:
             _fail(
                 "inverse_interval",
                 self.inverse_interval,
-                f"a positive multiple of factor_interval={self.factor_interval} (with a shorter inverse interval "
-                f"set factor_interval to one of its divisors too, e.g. factor_interval=1)",
+                f"a positive multiple of factor_interval={self.factor_interval} (or set factor_interval to one of its "
+                "divisors, or leave it unset for the largest divisor up to 10)",
             )
         _check_real("eps", self.eps, 0.0, math.inf, False, True)
         for name in ("use_eta", "use_beta"):
@@ -181,12 +198,15 @@ class FOPConfig:
         return self.lr if self.adamw_lr is None else self.adamw_lr
 
     def replace(self, **changes: Any) -> "FOPConfig":
-        """A validated copy with ``changes`` applied (unknown names raise ``TypeError``)."""
+        """A validated copy with ``changes`` applied (unknown names raise ``TypeError``). A ``factor_interval`` that was
+        never given follows a changed ``inverse_interval`` (:func:`default_factor_interval`)."""
         known = {f.name for f in fields(self)}
         unknown = set(changes) - known
         if unknown:
             raise TypeError(f"FOPConfig has no field(s) {sorted(unknown)}; valid fields: {sorted(known)}")
         values = asdict(self)
         values["exclude_types"] = self.exclude_types
+        if "inverse_interval" in changes and "factor_interval" not in changes and not self._factor_interval_given:
+            values["factor_interval"] = None
         values.update(changes)
         return FOPConfig(**values)

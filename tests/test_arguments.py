@@ -140,9 +140,18 @@ def test_an_interval_given_with_the_paper_schedule_is_an_error_naming_both_flags
                              fop_inverse_interval=5)
 
 
-def test_fixed_curvature_schedule_keeps_the_given_intervals(tmp_path):
-    args = FOPTrainingArguments(str(tmp_path), use_cpu=True, per_device_train_batch_size=4096, fop_inverse_interval=50)
-    assert args.curvature_intervals == (1, 50) and (args.fop_config().factor_interval, args.fop_config().inverse_interval) == (1, 50)
+@pytest.mark.parametrize("given, expected", [
+    (dict(fop_inverse_interval=50), (10, 50)),  # the factor interval: the largest divisor up to 10
+    (dict(fop_inverse_interval=5), (5, 5)),
+    (dict(fop_inverse_interval=12), (6, 12)),
+    (dict(fop_factor_interval=1, fop_inverse_interval=50), (1, 50)),
+    (dict(fop_factor_interval=2), (2, 20)),
+    (dict(), (10, 20)),
+])
+def test_fixed_curvature_schedule_keeps_the_given_intervals(tmp_path, given, expected):
+    args = FOPTrainingArguments(str(tmp_path), use_cpu=True, per_device_train_batch_size=4096, **given)
+    assert args.curvature_intervals == expected
+    assert (args.fop_config().factor_interval, args.fop_config().inverse_interval) == expected
 
 
 @pytest.mark.parametrize(

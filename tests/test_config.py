@@ -4,6 +4,7 @@ import pytest
 from torch import nn
 
 from hf_fop import FOP, FOPConfig
+from hf_fop.config import default_factor_interval
 
 INVALID = [
     ("lr", -0.1, r"\[0.0, inf\)"),
@@ -54,6 +55,22 @@ def test_inverse_interval_must_be_a_multiple_of_factor_interval():
     with pytest.raises(ValueError, match="inverse_interval=5 is invalid: expected a positive multiple of factor_interval=2"):
         FOPConfig(factor_interval=2, inverse_interval=5)
     assert FOPConfig(factor_interval=5, inverse_interval=10).inverse_interval == 10
+
+
+@pytest.mark.parametrize("inverse, factor", [(20, 10), (5, 5), (12, 6), (7, 7), (30, 10), (100, 10), (1, 1)])
+def test_an_unset_factor_interval_is_the_largest_divisor_of_the_inverse_interval_up_to_10(inverse, factor):
+    assert default_factor_interval(inverse) == factor
+    assert FOPConfig(inverse_interval=inverse).factor_interval == factor
+    assert FOPConfig().replace(inverse_interval=inverse).factor_interval == factor  # follows through replace()
+    assert FOP(nn.Linear(2, 2), inverse_interval=inverse).config.factor_interval == factor
+
+
+def test_a_given_factor_interval_is_kept_by_replace():
+    cfg = FOPConfig(factor_interval=10).replace(momentum=0.5)
+    assert cfg.replace(inverse_interval=30).factor_interval == 10
+    with pytest.raises(ValueError, match="inverse_interval=5 is invalid: expected a positive multiple of factor_interval=10"):
+        cfg.replace(inverse_interval=5)
+    assert FOPConfig().factor_interval == 10 and FOPConfig().inverse_interval == 20
 
 
 def test_replace_validates_and_normalises():

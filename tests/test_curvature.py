@@ -377,7 +377,7 @@ def test_capture_only_in_training_curvature_steps():
 def test_running_average_decay():
     torch.manual_seed(9)
     model = TwoLayer(nn.Linear(3, 2), 2)
-    opt = FOP(model, lr=0.0, factor_decay=0.25)
+    opt = FOP(model, lr=0.0, factor_decay=0.25, factor_interval=1)
     xs = [torch.randn(5, 3), torch.randn(5, 3)]
     for x in xs:
         F.cross_entropy(model(x), torch.zeros(5, dtype=torch.long)).backward()
@@ -632,7 +632,7 @@ def test_subsampled_capture_draws_depend_on_the_step_only():
     for _ in range(2):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
-        opt = FOP(model, lr=0.1, capture_rows=4, factor_decay=0.0)
+        opt = FOP(model, lr=0.1, capture_rows=4, factor_decay=0.0, factor_interval=1)
         x, y = torch.randn(16, 5, generator=torch.Generator().manual_seed(2)), torch.arange(16) % 3
         seen = []
         for _ in range(2):

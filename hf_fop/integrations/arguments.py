@@ -18,7 +18,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from ..config import FOPConfig
+from ..config import FACTOR_INTERVAL_CAP, FOPConfig, default_factor_interval
 
 __all__ = [
     "CURVATURE_SCHEDULES", "FOPTrainingArguments", "OPTIMIZER_CHOICES", "PAPER_MAX_CURVATURE_INTERVAL", "paper_curvature_interval",
@@ -54,8 +54,9 @@ class FOPTrainingArguments(TrainingArguments):
     fop_factor_decay: float = field(default=_CONFIG_DEFAULTS.factor_decay, metadata={"help": "Running-average decay of the A and S factors, in [0, 1)."})
     fop_factor_interval: Optional[int] = field(
         default=None,
-        metadata={"help": f"Optimizer steps between factor (A, S) updates, >= 1; default {_CONFIG_DEFAULTS.factor_interval} "
-                  "(or the fop_curvature_schedule's)."},
+        metadata={"help": "Optimizer steps between factor (A, S) captures, >= 1; default: the largest divisor of "
+                  f"fop_inverse_interval up to {FACTOR_INTERVAL_CAP} ({_CONFIG_DEFAULTS.factor_interval} with the default "
+                  "inverse interval; or the fop_curvature_schedule's)."},
     )
     fop_inverse_interval: Optional[int] = field(
         default=None,
@@ -200,8 +201,8 @@ class FOPTrainingArguments(TrainingArguments):
         if self.fop_curvature_schedule == "paper":
             interval = paper_curvature_interval(self.global_train_batch_size)
             return interval, interval
-        factor = _CONFIG_DEFAULTS.factor_interval if self.fop_factor_interval is None else self.fop_factor_interval
         inverse = _CONFIG_DEFAULTS.inverse_interval if self.fop_inverse_interval is None else self.fop_inverse_interval
+        factor = default_factor_interval(inverse) if self.fop_factor_interval is None else self.fop_factor_interval
         return factor, inverse
 
     def fop_config(self) -> FOPConfig:

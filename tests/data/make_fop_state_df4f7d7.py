@@ -18,7 +18,8 @@ def build() -> Tuple[nn.Module, FOP, Callable[[int], None]]:
     """The model, its FOP and ``step(k)``: optimizer step k on two fixed sub-batches."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3))
-    opt = FOP(model, lr=0.1, momentum=0.9, weight_decay=0.01, inverse_interval=2, damping_mode="relative")
+    opt = FOP(model, lr=0.1, momentum=0.9, weight_decay=0.01, inverse_interval=2, damping_mode="relative",
+              factor_interval=1, capture_rows=None)  # that version captured every row of every step
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(6, 4, generator=g), torch.randint(0, 3, (6,), generator=g)) for _ in range(8)]
 
