@@ -454,6 +454,18 @@ def test_documented_large_batch_command_scales_lr_and_sets_the_curvature_schedul
     assert (config.lr, config.damping, config.factor_interval, config.inverse_interval) == (pytest.approx(8e-3), 1e-2, 1, 1)
 
 
+def test_examples_keep_their_measured_curvature_schedule_unless_a_flag_changes_it(tmp_path):
+    """The examples' figures were measured with factors every step from every row and eigenbases every 5 steps (not
+    the library's large-batch defaults); an interval flag overrides the script's schedule."""
+    base = ["--output_dir", str(tmp_path), "--max_train_samples", "8", "--report_to", "none"]
+    _, _, args = load_example("run_text_classification").build(base)
+    config = args.fop_config()
+    assert (config.factor_interval, config.inverse_interval, config.capture_rows) == (1, 5, None)
+    _, _, args = load_example("run_text_classification").build(base + ["--fop_inverse_interval", "20",
+                                                                      "--fop_factor_interval", "10"])
+    assert (args.fop_config().factor_interval, args.fop_config().inverse_interval) == (10, 20)
+
+
 def test_offline_default_can_be_streamed(tmp_path):
     trainer, metrics = run("run_clm", TINY_GPT2 + ["--output_dir", str(tmp_path), "--streaming", "--max_steps", "2",
                                                    "--max_train_samples", "200"])

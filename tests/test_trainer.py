@@ -343,7 +343,7 @@ RESUME_CASES = [
 @pytest.mark.parametrize("name,model_fn,data_fn,extra", RESUME_CASES, ids=[c[0] for c in RESUME_CASES])
 def test_resume_is_bitwise_identical(tmp_path, name, model_fn, data_fn, extra):
     def run(out: str, seed: int, resume: str = None) -> FOPTrainer:
-        args = make_args(out, max_steps=4, save_strategy="steps", save_steps=2, fop_inverse_interval=2, fop_momentum=0.5, **extra)
+        args = make_args(out, max_steps=4, save_strategy="steps", save_steps=2, fop_factor_interval=1, fop_inverse_interval=2, fop_momentum=0.5, **extra)
         trainer = FOPTrainer(model=model_fn(seed), args=args, train_dataset=data_fn())
         trainer.train(resume_from_checkpoint=resume)
         return trainer

@@ -15,7 +15,9 @@ and sends each rank its slice), so the scripts do NOT also call ``split_dataset_
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -164,8 +166,9 @@ def parse_args(
     with ``--seed`` (so a model built from scratch starts from the same weights in every run and process).
     """
     parser = HfArgumentParser(tuple(dataclass_types))
-    parser.set_defaults(**defaults)
-    parsed = parse_fop_args(parser, args=list(argv) if argv is not None else None)  # bad fop_* value: argparse error
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser.set_defaults(**_script_defaults(defaults, argv))
+    parsed = parse_fop_args(parser, args=argv)  # bad fop_* value: argparse error
     for obj in parsed:
         if isinstance(obj, ModelArguments) and obj.num_threads > 0:
             torch.set_num_threads(obj.num_threads)
@@ -173,6 +176,17 @@ def parse_args(
             check_data_args(obj, parsed[-1].max_steps)
     set_seed(parsed[-1].seed)
     return parsed
+
+
+def _script_defaults(defaults: Mapping[str, Any], argv: Sequence[str]) -> Dict[str, Any]:
+    """``defaults`` without the script's curvature intervals when the command line asks for
+    ``--fop_curvature_schedule paper``, which sets both from the global batch (an interval given with it is an error)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--fop_curvature_schedule")
+    schedule = pre.parse_known_args(argv)[0].fop_curvature_schedule
+    if schedule != "paper":
+        return dict(defaults)
+    return {k: v for k, v in defaults.items() if k not in ("fop_factor_interval", "fop_inverse_interval")}
 
 
 def check_data_args(data: DataArguments, max_steps: int, max_steps_flag: str = "max_steps") -> None:
