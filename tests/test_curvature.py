@@ -651,3 +651,20 @@ def test_subsampled_capture_draws_depend_on_the_step_only():
 def test_capture_rows_must_be_positive():
     with pytest.raises(ValueError, match=r"FOPConfig.capture_rows=0 is invalid: expected None \(every row\) or an integer >= 1"):
         FOPConfig(capture_rows=0)
+
+
+@pytest.mark.parametrize(
+    "rows, cols, dtype",
+    [(1024, 769, torch.float32), (1500, 256, torch.bfloat16), (2048, 300, torch.float32), (1023, 769, torch.float32),
+     (4096, 100, torch.float32)],
+)
+def test_gram_equals_the_full_product_and_is_symmetric(rows, cols, dtype):
+    # the blocked upper-triangle form (>= 1024 rows, >= 256 columns; columns not a multiple of the blocks) and the
+    # one-product form below either threshold give rows^T rows: against float64, and mirrored exactly
+    gen = torch.Generator().manual_seed(rows + cols)
+    x = torch.randn(rows, cols + 3, generator=gen)[:, 1:-2].to(dtype)  # a strided view, as a sliced activation is
+    gram = curvature._gram(x)
+    ref = x.double().T @ x.double()
+    assert gram.dtype == torch.float32 and gram.shape == (cols, cols)
+    torch.testing.assert_close(gram.double(), ref, rtol=1e-5, atol=1e-4 * rows)
+    assert torch.equal(gram, gram.T)
