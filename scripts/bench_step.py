@@ -14,7 +14,9 @@ eigendecompositions, rotations, FOP math):
 * ``adamw_full`` (headline only): AdamW with one backward of the full batch,
   to show what splitting the batch costs by itself.
 
-Curvature interval ``k`` means ``factor_interval = inverse_interval = k``. The
+Curvature interval ``k`` means ``factor_interval = inverse_interval = k`` unless ``--factor-interval F`` (a divisor
+of the headline's ``k``) sets the factor interval alone: ``--interval 20 --factor-interval 10`` is the shipped
+``FOPConfig`` schedule. The
 reported step time of an optimizer is the median over curvature cycles of the
 mean step time within the cycle (``k`` consecutive steps), so the curvature
 step's capture and eigendecomposition are amortised into it; the plain
@@ -129,12 +131,16 @@ def make_batch(shape: Shape, device: torch.device, seed: int = 1) -> Tuple[Tenso
     return x.to(device), y.to(device)
 
 
-def make_optimizer(kind: str, model: nn.Module, interval: int) -> torch.optim.Optimizer:
-    """``adamw``/``adamw_full``: torch AdamW (foreach); ``kfac``/``fop``: :class:`FOP` at curvature interval."""
+def make_optimizer(
+    kind: str, model: nn.Module, interval: int, factor_interval: Optional[int] = None
+) -> torch.optim.Optimizer:
+    """``adamw``/``adamw_full``: torch AdamW (foreach); ``kfac``/``fop``: :class:`FOP` with eigenbases every
+    ``interval`` steps and factors every ``factor_interval`` (default: ``interval``)."""
     if kind in ("adamw", "adamw_full"):
         return torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+    factor_interval = interval if factor_interval is None else factor_interval
     return FOP(
-        model, lr=1e-2, damping=1e-2, mode=kind, factor_interval=interval, inverse_interval=interval, adamw_lr=1e-3,
+        model, lr=1e-2, damping=1e-2, mode=kind, factor_interval=factor_interval, inverse_interval=interval, adamw_lr=1e-3,
         damping_mode="absolute", kl_clip=None, momentum=0.0,  # the setting the timings in docs/performance.md were taken with
     )
 
@@ -232,14 +238,17 @@ def _cycle_means(values: Sequence[float], interval: int) -> List[float]:
 
 
 def measure(
-    shape: Shape, kinds: Sequence[str], interval: int, cycles: int, device: torch.device
+    shape: Shape, kinds: Sequence[str], interval: int, cycles: int, device: torch.device,
+    factor_interval: Optional[int] = None,
 ) -> Dict[str, Dict[str, float]]:
-    """Round-robin timing of ``kinds`` on ``shape``: one warm-up cycle, then ``cycles`` cycles of ``interval`` steps."""
+    """Round-robin timing of ``kinds`` on ``shape``: one warm-up cycle, then ``cycles`` cycles of ``interval`` steps
+    (eigenbases every ``interval`` steps, factors every ``factor_interval``, default ``interval``)."""
+    factor_interval = interval if factor_interval is None else factor_interval
     x, y = make_batch(shape, device)
     runners = []
     for kind in kinds:
         model = build_model(shape, device)
-        opt = make_optimizer(kind, model, interval)
+        opt = make_optimizer(kind, model, interval, factor_interval)
         runner = Runner(kind, model, opt, make_step(kind, model, opt, x, y))
         if isinstance(opt, FOP):
             _timed_eigenbases(runner)
@@ -259,9 +268,9 @@ def measure(
             "state_bytes": float(state_bytes(r.opt)),
         }
         if isinstance(r.opt, FOP):
-            # step k*interval captures factors; the others do not.
-            cap = [i for i in range(len(totals)) if i % interval == 0]
-            plain = [i for i in range(len(totals)) if i % interval != 0] or cap
+            # every factor_interval-th step captures factors; the others do not.
+            cap = [i for i in range(len(totals)) if i % factor_interval == 0]
+            plain = [i for i in range(len(totals)) if i % factor_interval != 0] or cap
             res["passes_capture_s"] = statistics.median(r.passes_s[i] for i in cap)
             res["passes_plain_s"] = statistics.median(r.passes_s[i] for i in plain)
             res["opt_step_curvature_s"] = statistics.median(r.step_s[i] for i in cap)
@@ -270,6 +279,7 @@ def measure(
             diag = r.opt.diagnostics()
             res["skipped_steps"] = diag["skipped_steps"]
             res["inverse_updates"] = diag["inverse_updates"]
+            res["factor_updates"] = diag["factor_updates"]
         else:
             res["passes_plain_s"] = statistics.median(r.passes_s)
             res["opt_step_plain_s"] = statistics.median(r.step_s)
@@ -312,14 +322,16 @@ def peak_and_state(opt: torch.optim.Optimizer, device: torch.device, base: int) 
     return {"peak_bytes": float(peak), "state_bytes": float(state_bytes(opt))}
 
 
-def memory_child(kind: str, shape: Shape, interval: int, device: torch.device) -> Dict[str, float]:
+def memory_child(
+    kind: str, shape: Shape, interval: int, device: torch.device, factor_interval: Optional[int] = None
+) -> Dict[str, float]:
     """Train ``kind`` for one curvature cycle plus two steps in this process; peak bytes and state bytes."""
     base = _proc_status_bytes("VmRSS") if device.type == "cpu" else 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     x, y = make_batch(shape, device)
     model = build_model(shape, device)
-    opt = make_optimizer(kind, model, interval)
+    opt = make_optimizer(kind, model, interval, factor_interval)
     passes = make_step(kind, model, opt, x, y)
     for _ in range(interval + 2):
         passes()
@@ -328,7 +340,9 @@ def memory_child(kind: str, shape: Shape, interval: int, device: torch.device) -
     return peak_and_state(opt, device, base)
 
 
-def measure_memory(shape: Shape, interval: int, device: torch.device, threads: int) -> Dict[str, Dict[str, float]]:
+def measure_memory(
+    shape: Shape, interval: int, device: torch.device, threads: int, factor_interval: Optional[int] = None
+) -> Dict[str, Dict[str, float]]:
     """Run :func:`memory_child` for each optimizer in a fresh interpreter."""
     out = {}
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
@@ -337,7 +351,7 @@ def measure_memory(shape: Shape, interval: int, device: torch.device, threads: i
             sys.executable, __file__, "--memory-child", kind, "--device", device.type, "--threads", str(threads),
             "--hidden", str(shape.hidden), "--layers", str(shape.layers), "--batch", str(shape.batch),
             "--image", str(shape.image), "--patch", str(shape.patch), "--interval", str(interval),
-        ]  # fmt: skip
+        ] + (["--factor-interval", str(factor_interval)] if factor_interval is not None else [])  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"memory run of {kind} failed:\n{done.stderr[-2000:]}")
@@ -395,7 +409,8 @@ def plot_sweep(sweep: Dict[str, List[Dict[str, Any]]], intervals: Sequence[int],
 def markdown(result: Dict[str, Any]) -> str:
     """Markdown tables of a result (headline, memory, sweep) as written in docs/performance.md."""
     lines = [f"Headline: ViT {result['shape']}, {result['params']} parameters, curvature interval "
-             f"{result['interval']}, {result['cycles']} timed cycles; {result['machine']}; {result['date']}.", "",
+             f"{result['interval']} (factors every {result.get('factor_interval', result['interval'])}), "
+             f"{result['cycles']} timed cycles; {result['machine']}; {result['date']}.", "",
              "| optimizer | ms/step | fwd+bwd ms | opt.step ms | median single step ms | state MiB |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     for kind, t in result["times"].items():
@@ -447,6 +462,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--sweep", action="store_true", help="also the growth curves over batch size and width")
     p.add_argument("--intervals", type=_positive("intervals"), nargs="+", default=[1, 5, 10])
     p.add_argument("--interval", type=_positive("interval"), default=10, help="curvature interval of the headline")
+    p.add_argument("--factor-interval", type=_positive("factor-interval"),
+                   help="factor interval of the headline, a divisor of --interval (default: --interval); "
+                   "--interval 20 --factor-interval 10 is the shipped schedule")  # fmt: skip
     p.add_argument("--hidden", type=_positive("hidden"))
     p.add_argument("--layers", type=_positive("layers"))
     p.add_argument("--batch", type=_positive("batch"))
@@ -466,6 +484,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("--device cuda: torch.cuda.is_available() is False on this machine")
     if args.batch is not None and args.batch % 2:
         p.error(f"--batch must be even (two sub-batches), got {args.batch}")
+    if args.factor_interval is not None and (args.smoke or args.interval % args.factor_interval):
+        p.error(f"--factor-interval ({args.factor_interval}) must divide --interval ({args.interval}) and cannot be "
+                "combined with --smoke")
     if args.plot and not (args.sweep or args.markdown):
         p.error("--plot needs --sweep (or --markdown JSON of a sweep)")
     return args
@@ -521,7 +542,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     device = torch.device(args.device)
     shape, interval, cycles, sweep_cycles = resolve(args)
     if args.memory_child:
-        print(json.dumps(memory_child(args.memory_child, shape, interval, device)))
+        print(json.dumps(memory_child(args.memory_child, shape, interval, device, args.factor_interval)))
         return {}
     t_start = time.perf_counter()
     machine = (
@@ -529,8 +550,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         if device.type == "cuda"
         else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads"
     )
-    print(f"# {machine}; torch {torch.__version__}; {shape.label()}; interval {interval}", file=sys.stderr)
-    head = measure(shape, ("adamw", "adamw_full", "kfac", "fop"), interval, cycles, device)
+    factor_interval = args.factor_interval or interval
+    print(f"# {machine}; torch {torch.__version__}; {shape.label()}; interval {interval}, factor interval "
+          f"{factor_interval}", file=sys.stderr)  # fmt: skip
+    head = measure(shape, ("adamw", "adamw_full", "kfac", "fop"), interval, cycles, device, factor_interval)
     result: Dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine,
@@ -541,6 +564,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "shape": shape.__dict__,
         "params": sum(p.numel() for p in build_model(shape, torch.device("cpu")).parameters()),
         "interval": interval,
+        "factor_interval": factor_interval,
         "cycles": cycles,
         "times": head,
     }
@@ -549,7 +573,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         print(f"# {kind:10s} {1e3 * res['step_s']:8.1f} ms/step (passes {1e3 * res['passes_s']:.1f}, "
               f"opt.step {1e3 * res['opt_step_s']:.1f})", file=sys.stderr)  # fmt: skip
     if not args.no_memory:
-        mem = measure_memory(shape, interval, device, args.threads)
+        mem = measure_memory(shape, interval, device, args.threads, factor_interval)
         result["memory"] = mem
         result["peak_fop_over_adamw"] = mem["fop"]["peak_bytes"] / mem["adamw"]["peak_bytes"]
         result["peak_kfac_over_adamw"] = mem["kfac"]["peak_bytes"] / mem["adamw"]["peak_bytes"]

@@ -90,9 +90,19 @@ def test_profile_attributes_time_to_phases():
 @pytest.mark.parametrize(
     "args,message",
     [(["--batch", "7"], "--batch must be even"), (["--plot", "x.png"], "--plot needs --sweep"),
-     (["--interval", "0"], "--interval must be an integer >= 1")],
+     (["--interval", "0"], "--interval must be an integer >= 1"),
+     (["--interval", "20", "--factor-interval", "3"], "--factor-interval (3) must divide --interval (20)")],
 )  # fmt: skip
 def test_bad_arguments_name_the_option(args, message, capsys):
     with pytest.raises(SystemExit):
         bench_step.parse_args(args)
     assert message in capsys.readouterr().err
+
+
+def test_factor_interval_sets_the_capture_schedule_alone():
+    # eigenbases every 4 steps, factors every 2: over the warm-up and one timed cycle (8 steps) FOP and K-FAC update
+    # their factors 4 times and begin 2 inverse cycles
+    shape = bench_step.Shape(hidden=16, layers=1, batch=4, image=8, patch=4)
+    times = bench_step.measure(shape, ("kfac", "fop"), 4, 1, torch.device("cpu"), factor_interval=2)
+    for kind in ("kfac", "fop"):
+        assert (times[kind]["factor_updates"], times[kind]["inverse_updates"]) == (4, 2)
