@@ -16,6 +16,7 @@ MODES = ("fop", "kfac")
 FISHER_TYPES = ("empirical", "mc")
 DAMPING_MODES = ("absolute", "relative")
 CURVATURE_SHARDINGS = ("replicated", "specialists")
+ROTATION_DTYPES = ("auto", "float32", "bfloat16")
 
 
 def _fail(name: str, value: Any, valid: str) -> None:
@@ -124,6 +125,13 @@ class FOPConfig:
     """The metric in which ``g1 - g2`` is made orthogonal to ``g_avg`` (eq. 4-5): ``"damped"`` (``M = F + lambda I``,
     the preconditioner's) or ``"fisher"`` (the undamped Kronecker ``F`` of the paper's Lemma 1; ``beta* = 0`` where
     ``g_avg`` is in ``F``'s null space). ``beta*`` and ``eta*`` use ``M^-1`` either way (docs/projection_metric.md)."""
+    rotation_dtype: str = "auto"
+    """Input dtype of the rotations into and out of each layer's eigenbasis, the GEMMs that are most of a step's
+    optimizer time (they accumulate in float32; every other part of the step is float32): ``"bfloat16"`` (about 3x
+    faster where the hardware multiplies it natively; the direction is within about 1e-5 of the float32 one in
+    cosine, docs/performance.md), ``"float32"``, or ``"auto"``: bfloat16 for layers at least 256 wide on both sides
+    on CUDA devices of compute capability 8.0 and later and on CPUs with AVX512-BF16 or AMX, else float32. ``projection_metric="fisher"`` always rotates its
+    gradients in float32 (its null-space test needs the precision)."""
 
     def __post_init__(self) -> None:
         _check_real("lr", self.lr, 0.0, math.inf, False, True)
@@ -192,6 +200,8 @@ class FOPConfig:
             _fail("curvature_sharding", self.curvature_sharding, f"one of {CURVATURE_SHARDINGS}")
         if self.projection_metric not in PROJECTION_METRICS:
             _fail("projection_metric", self.projection_metric, f"one of {PROJECTION_METRICS}")
+        if self.rotation_dtype not in ROTATION_DTYPES:
+            _fail("rotation_dtype", self.rotation_dtype, f"one of {ROTATION_DTYPES}")
 
     @property
     def effective_adamw_lr(self) -> float:

@@ -63,14 +63,19 @@ class LayerResult:
     """``Delta^T M Delta`` of the layer's direction for lr = 1 (0-dim), ``None`` without a trust region."""
 
 
-def rotate(g: Tensor, q_s: Tensor, q_a: Tensor) -> Tensor:
-    """``Q_S^T G Q_A``: ``(out, in)`` gradient into the Kronecker eigenbasis."""
-    return q_s.T @ g @ q_a
+def rotate(g: Tensor, q_s: Tensor, q_a: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``Q_S^T G Q_A``: ``(out, in)`` gradient into the Kronecker eigenbasis. ``dtype`` (e.g. ``torch.bfloat16``):
+    multiply the three in that dtype and return the product in ``g``'s dtype; ``None`` multiplies as given."""
+    if dtype is None or dtype == g.dtype:
+        return q_s.T @ g @ q_a
+    return (q_s.to(dtype).T @ g.to(dtype) @ q_a.to(dtype)).to(g.dtype)
 
 
-def unrotate(g_hat: Tensor, q_s: Tensor, q_a: Tensor) -> Tensor:
-    """``Q_S G_hat Q_A^T``: back from the eigenbasis, shape ``(out, in)``."""
-    return q_s @ g_hat @ q_a.T
+def unrotate(g_hat: Tensor, q_s: Tensor, q_a: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``Q_S G_hat Q_A^T``: back from the eigenbasis, shape ``(out, in)``; ``dtype`` as in :func:`rotate`."""
+    if dtype is None or dtype == g_hat.dtype:
+        return q_s @ g_hat @ q_a.T
+    return (q_s.to(dtype) @ g_hat.to(dtype) @ q_a.to(dtype).T).to(g_hat.dtype)
 
 
 def damped_eigenvalues(s: Tensor, a: Tensor, damping: float) -> Tensor:
@@ -141,6 +146,7 @@ def fop_direction_eigen(
     use_beta: bool = True,
     use_eta: bool = True,
     projection_metric: str = "damped",
+    rounding: Optional[float] = None,
 ) -> Tuple[Tensor, LayerStats]:
     """FOP direction ``eta* M^-1 g_comb`` in the eigenbasis (shape ``(out, in)``) and its stats.
 
@@ -149,6 +155,11 @@ def fop_direction_eigen(
     as the optimizer clamps them). ``projection_metric`` (one of
     :data:`PROJECTION_METRICS`) is the metric of eq. (4)-(5); with ``"fisher"``,
     ``beta* = 0`` where :func:`in_fisher_range` says ``g_avg`` is in F's null space.
+    ``rounding``: relative precision of the rotated inputs when it is coarser than their dtype's (the epsilon of
+    bfloat16 when :func:`rotate` multiplied in it): ``beta* = 0`` where ``||g_perp|| <= 4 rounding (||g_avg||^2 +
+    ||g1 - g2||^2)^1/2`` (Euclidean, which the rotations keep), as ``g_perp`` is then rounding noise. Real sub-batch
+    gradients have ``||g_perp||`` of the order of ``||g1 - g2||``; the test matters when ``g1 - g2`` is parallel to
+    ``g_avg``, where ``M^-1`` would otherwise blow the noise up into a step.
     """
     if projection_metric not in PROJECTION_METRICS:
         raise ValueError(f"projection_metric={projection_metric!r} is invalid: expected one of {PROJECTION_METRICS}.")
@@ -169,6 +180,9 @@ def fop_direction_eigen(
     # ||g_diff||^2_{M^-1} = e + 2 s_proj d + s_proj^2 n_avg (g_diff = g_perp + s_proj g_avg): the scale of rounding noise
     n_diff = e + 2 * s_proj * d + s_proj * s_proj * n_avg
     beta = _zero_if_tiny(d, e, n_avg + n_diff) if use_beta else zero
+    if rounding is not None and use_beta:
+        size = _dot(g_avg_hat, g_avg_hat) + _dot(g_diff_hat, g_diff_hat)
+        beta = torch.where(_dot(g_perp, g_perp) > (4 * rounding) ** 2 * size, beta, zero)
     if visible is not None:  # F's null space: no F-orthogonal information, K-FAC's direction
         beta = torch.where(visible, beta, zero)
     direction = torch.addcmul(u, w, beta)

@@ -28,6 +28,11 @@ no curvature) takes an identity-preconditioned step: ``lr`` times its mean
 gradient, with momentum and weight decay as usual, counted in
 ``counters["identity_layer_steps"]`` (one per layer and step).
 
+Rotations in bfloat16 (``rotation_dtype``, :func:`hf_fop.preconditioner.rotation_dtype`): a layer whose estimated
+rounding error (:func:`hf_fop.preconditioner.rotation_error`) exceeds ``ROTATION_ERROR_LIMIT`` is computed again in
+float32 on that step, counted in ``counters["float32_rotations"]`` (one per layer and step); deciding it reads every
+low-precision layer's estimate in one host read per step.
+
 Release: ``opt.release()`` removes the curvature hooks from the model (also
 done when the optimizer is garbage-collected); a new ``FOP`` on a model whose
 layers carry a live optimizer's hooks takes them over and releases that one.
@@ -40,7 +45,7 @@ import math
 import re
 import time
 import warnings
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -52,11 +57,20 @@ from .diagnostics import StepRecord, summarize
 from .distributed import make_distributor
 from .fop_math import LayerResult, unrotate
 from .gradients import SubBatchGradients
-from .preconditioner import kl_clip_scale, layer_direction, layer_gradient
+from .preconditioner import (
+    ROTATION_ERROR_LIMIT,
+    kl_clip_scale,
+    layer_direction,
+    layer_gradient,
+    rotation_dtype,
+    rotation_error,
+)
 from .profiling import scope
 from .refresh import due_layers, refresh_cost, refresh_slots
 
-_COUNTERS = ("factor_updates", "inverse_updates", "skipped_steps", "fallback_steps", "identity_layer_steps")
+_COUNTERS = (
+    "factor_updates", "inverse_updates", "skipped_steps", "fallback_steps", "identity_layer_steps", "float32_rotations",
+)
 # transformers 5.24, Trainer.get_decay_parameter_names: no decay for LayerNorm modules and these names
 _NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
 
@@ -394,14 +408,26 @@ class FOP(torch.optim.Optimizer):
         ]
         results: Dict[str, Optional[LayerResult]] = {}
         deltas: Dict[str, Tensor] = {}
+        low: Dict[str, Tuple[KFACLayer, Tensor]] = {}  # layers rotated below float32: their estimated error
         for layer in layers:
             if distributor.owns(layer):
-                results[layer.name], dir_hat = layer_direction(layer, self.config, diffs)
-                # back to parameter coordinates at once (no second copy of every direction); without a basis the
-                # identity step: the gradient itself
-                deltas[layer.name] = (
-                    layer_gradient(layer) if dir_hat is None else unrotate(dir_hat, layer.basis_s.q, layer.basis_a.q)
-                )
+                dtype = rotation_dtype(self.config, layer)
+                results[layer.name], dir_hat = layer_direction(layer, self.config, diffs, dtype)
+                result = results[layer.name]
+                if dir_hat is None:  # no basis yet: the identity step, the gradient itself
+                    deltas[layer.name] = layer_gradient(layer)
+                    continue
+                if dtype != torch.float32 and result is not None:
+                    low[layer.name] = (layer, rotation_error(layer, result, dir_hat, diffs, dtype))
+                # back to parameter coordinates at once (no second copy of every direction)
+                deltas[layer.name] = unrotate(dir_hat, layer.basis_s.q, layer.basis_a.q, dtype)
+        if low:  # one host read for every low-precision layer of the step
+            errors = torch.stack([error for _, error in low.values()]).tolist()
+            for (name, (layer, _)), error in zip(low.items(), errors):
+                if not error <= ROTATION_ERROR_LIMIT:  # NaN included: float32 decides
+                    results[name], dir_hat = layer_direction(layer, self.config, diffs, torch.float32)
+                    deltas[name] = unrotate(dir_hat, layer.basis_s.q, layer.basis_a.q)
+                    self.counters["float32_rotations"] += 1
         results = distributor.share_results(layers, results)
         scale = kl_clip_scale(self.config.kl_clip, [r.kl for r in results.values() if r is not None], lr)
         if scale is not None:  # the trust region scales every preconditioned direction (not identity steps)

@@ -103,6 +103,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -120,6 +121,7 @@ from bench_step import _positive, _proc_status_bytes, peak_and_state, state_byte
 from fop_phases import count_ops, split_by_phase  # noqa: E402
 
 from hf_fop import FOP, FOPConfig  # noqa: E402
+from hf_fop.preconditioner import rotation_dtype  # noqa: E402
 
 OPTIMIZERS = ("adamw", "kfac", "fop")
 ROTATIONS = {"kfac": 2, "fop": 3}
@@ -647,6 +649,7 @@ def measure_model(spec: ModelSpec, tokens: Sequence[int], steps: Optional[int], 
         "params": params,
         "managed_layers": len(dims),
         "layer_dims": dims,
+        "rotation_dtypes": dict(Counter(str(rotation_dtype(config, layer)).split(".")[1] for layer in fop_opt.layers)),
         "cycle_steps": length,
         "config": {f.name: getattr(config, f.name) for f in fields(config) if isinstance(getattr(config, f.name),
                                                                                        (int, float, str, type(None)))},
@@ -746,13 +749,14 @@ def markdown(result: Dict[str, Any]) -> str:
                 b = p["times"][kind]["breakdown_ms"]
                 lines.append(f"| {m['model']} | {p['tokens']} | {kind} | {1e3 * p['times'][kind]['step_s']:.0f} | "
                              + " | ".join(f"{b[k]:.0f}" for k in PARTS) + " |")  # fmt: skip
-    lines += ["", "| model | cycle steps | eigendecompositions per cycle (K-FAC, FOP) | params | managed layers |",
-              "|---|---|---|---|---|"]  # fmt: skip
+    lines += ["", "| model | cycle steps | eigendecompositions per cycle (K-FAC, FOP) | params | managed layers "
+              "| rotations multiply in |", "|---|---|---|---|---|---|"]  # fmt: skip
     for m in result["models"]:
         s = m["schedule"]
         eighs = f"{s['kfac']['eigh_per_cycle']}, {s['fop']['eigh_per_cycle']}"
         params = f"{m['params'] / 1e6:.1f} M"
-        lines.append(f"| {m['model']} | {m['cycle_steps']} | {eighs} | {params} | {m['managed_layers']} |")
+        dtypes = ", ".join(f"{n} layers {d}" for d, n in m.get("rotation_dtypes", {}).items()) or "float32"
+        lines.append(f"| {m['model']} | {m['cycle_steps']} | {eighs} | {params} | {m['managed_layers']} | {dtypes} |")
     if any("memory" in m for m in result["models"]):
         lines += ["", "| model | tokens | optimizer | peak MiB | state MiB (main run) |", "|---|---|---|---|---|"]
         for m in result["models"]:

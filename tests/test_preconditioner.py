@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hf_fop import FOP, FOPConfig
-from hf_fop.fop_math import fop_direction_eigen, kfac_direction_eigen, rotate
-from hf_fop.preconditioner import kl_clip_scale, layer_damping, layer_direction, layer_gradient
+from hf_fop.fop_math import fop_direction_eigen, kfac_direction_eigen, rotate, unrotate
+from hf_fop.preconditioner import (
+    ROTATION_ERROR_LIMIT,
+    kl_clip_scale,
+    layer_damping,
+    layer_direction,
+    layer_gradient,
+    native_bfloat16,
+    resolve_rotation_dtype,
+    rotation_dtype,
+    rotation_error,
+)
 
 
 def test_relative_damping_is_the_mean_eigenvalue_of_the_kronecker_product():
@@ -27,10 +38,12 @@ def test_kl_clip_scale_is_min_one_sqrt_clip_over_lr2_sum():
     assert float(kl_clip_scale(1e3, terms, 0.1)) == 1.0 and kl_clip_scale(None, terms, 0.1) is None
 
 
-def test_layer_direction_rotates_the_layers_gradients_and_adds_its_kl_term():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_direction_rotates_the_layers_gradients_and_adds_its_kl_term(dtype):
+    # the rotations multiply in rotation_dtype; with bfloat16, beta* treats g_perp below its rounding as noise
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3))
-    opt = FOP(model, lr=0.1, damping=0.05)
+    opt = FOP(model, lr=0.1, damping=0.05, rotation_dtype=str(dtype).split(".")[1])
     x, y = torch.randn(8, 4), torch.randn(8, 3)
     for k in (0, 1):
         with opt.sub_batch(k):
@@ -39,14 +52,128 @@ def test_layer_direction_rotates_the_layers_gradients_and_adds_its_kl_term():
     opt.engine.update_factors(opt.engine.finalize_capture())
     opt.distributor.refresh_bases([layer])
     qs, s, qa, a = layer.basis_s.q, layer.basis_s.eigenvalues, layer.basis_a.q, layer.basis_a.eigenvalues
-    g_hat = rotate(layer_gradient(layer), qs, qa)
+    g_hat = rotate(layer_gradient(layer), qs, qa, dtype)
     diffs = opt.grads.diff
-    d_hat = rotate(layer.grad_matrix(diffs[layer.weight], diffs[layer.bias]), qs, qa)
+    d_hat = rotate(layer.grad_matrix(diffs[layer.weight], diffs[layer.bias]), qs, qa, dtype)
     result, direction = layer_direction(layer, opt.config, diffs)
-    expected, stats = fop_direction_eigen(g_hat, d_hat, s, a, 0.05, opt.config.eps)
+    rounding = torch.finfo(dtype).eps if dtype != torch.float32 else None
+    expected, stats = fop_direction_eigen(g_hat, d_hat, s, a, 0.05, opt.config.eps, rounding=rounding)
     torch.testing.assert_close(direction, expected)
     torch.testing.assert_close(result.stats.beta, stats.beta)
     kl = stats.kl_base + stats.kl_cross + stats.kl_orth + 0.05 * expected.square().sum()
     torch.testing.assert_close(result.kl, kl)
     _, kfac = layer_direction(layer, opt.config, None)  # no g1 - g2: K-FAC's M^-1 g_avg
     torch.testing.assert_close(kfac, kfac_direction_eigen(g_hat, s, a, 0.05)[0])
+
+
+@pytest.mark.parametrize(
+    "setting, native, metric, min_dim, expected",
+    [("auto", True, "damped", 256, torch.bfloat16), ("auto", True, "damped", 255, torch.float32),
+     ("auto", False, "damped", 3072, torch.float32), ("bfloat16", False, "damped", 8, torch.bfloat16),
+     ("float32", True, "damped", 3072, torch.float32), ("auto", True, "fisher", 3072, torch.float32),
+     ("bfloat16", True, "fisher", 3072, torch.float32)],
+)  # fmt: skip
+def test_rotation_dtype_follows_the_setting_the_hardware_the_width_and_the_metric(setting, native, metric, min_dim, expected):
+    assert resolve_rotation_dtype(setting, native, metric, min_dim) == expected
+
+
+def test_rotation_dtype_auto_is_the_hardware_probe_for_wide_layers():
+    opt = FOP(nn.Sequential(nn.Linear(300, 256), nn.Linear(256, 10)))
+    wide, narrow = opt.layers
+    expected = torch.bfloat16 if native_bfloat16(torch.device("cpu")) else torch.float32
+    assert rotation_dtype(opt.config, wide) == expected
+    assert rotation_dtype(opt.config, narrow) == torch.float32
+    assert rotation_dtype(opt.config.replace(rotation_dtype="float32"), wide) == torch.float32
+
+
+def _two_sub_batch_layer(rotation: str, case: str):
+    """A 48 -> 40 Linear layer with factors and eigenbases, holding two sub-batch gradients of 64 rows each.
+
+    ``"spread"``: factors from one batch, gradients from the next (as on every step that captures nothing), so the
+    gradient has weight where the curvature is small; ``"aligned"``: the gradients of the very rows the factors came
+    from, with correlated inputs and lambda = 1e-3, so the gradient lies where ``M`` is large and rounding noise
+    elsewhere would dominate the step; ``"parallel"``: like ``"aligned"``, with the second sub-batch the first with its
+    targets doubled, so ``g2 = 2 g1`` and ``g1 - g2`` is parallel to ``g_avg``.
+    """
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(48, 40, bias=False))
+    opt = FOP(model, lr=0.1, damping=1e-2 if case == "spread" else 1e-3, rotation_dtype=rotation, kl_clip=None)
+    mix = torch.eye(48) if case == "spread" else torch.randn(48, 48)
+    batches = [(torch.randn(128, 48) @ mix, torch.randn(128, 40)) for _ in range(2)]
+    if case == "parallel":
+        nn.init.zeros_(model[0].weight)  # the output is 0, so the MSE gradient is linear in the targets
+        x, y = batches[1]
+        batches[1] = (torch.cat([x[:64], x[:64]]), torch.cat([y[:64], 2 * y[:64]]))
+
+    def passes(x, y):
+        for k in (0, 1):
+            with opt.sub_batch(k):
+                F.mse_loss(model(x[64 * k : 64 * k + 64]), y[64 * k : 64 * k + 64], reduction="sum").backward()
+
+    if case == "spread":
+        passes(*batches[0])  # step 0 captures the factors and decomposes them
+        opt.step()
+        opt.zero_grad()
+        passes(*batches[1])
+    else:
+        passes(*batches[1])
+        opt.engine.update_factors(opt.engine.finalize_capture())
+        opt.distributor.refresh_bases(opt.layers)
+    return opt, opt.layers[0]
+
+
+@pytest.mark.parametrize("case", ["spread", "aligned"])
+def test_rotation_error_estimates_the_error_of_bfloat16_rotations(case):
+    opt, layer = _two_sub_batch_layer("float32", case)
+    diffs = opt.grads.diff
+    exact, direction = layer_direction(layer, opt.config, diffs, torch.float32)
+    low, low_direction = layer_direction(layer, opt.config, diffs, torch.bfloat16)
+    assert low_direction.dtype == torch.float32
+    actual = float((low_direction - direction).norm() / direction.norm())
+    estimate = float(rotation_error(layer, low, low_direction, diffs, torch.bfloat16))
+    assert 0.2 < estimate / actual < 5, (estimate, actual)
+    if case == "spread":  # the usual case: bfloat16 is kept
+        assert estimate < ROTATION_ERROR_LIMIT and actual < 0.01
+        cos = F.cosine_similarity(low_direction.reshape(-1), direction.reshape(-1), dim=0)
+        assert cos > 0.9999 and abs(float(low.stats.beta - exact.stats.beta)) < 0.01 * abs(float(exact.stats.beta))
+    else:  # noise where M is small: the estimate sends the layer back to float32
+        assert estimate > ROTATION_ERROR_LIMIT and actual > 0.1
+
+
+@pytest.mark.parametrize("case, fallbacks", [("spread", 0), ("aligned", 1)])
+def test_step_rotates_again_in_float32_where_bfloat16_would_be_noise(case, fallbacks):
+    updates = {}
+    for rotation in ("bfloat16", "float32"):
+        opt, layer = _two_sub_batch_layer(rotation, case)
+        before, count = layer.weight.detach().clone(), opt.counters["float32_rotations"]
+        opt.step()
+        updates[rotation] = (layer.weight.detach() - before).reshape(-1)
+        assert opt.counters["float32_rotations"] - count == (fallbacks if rotation == "bfloat16" else 0)
+    if fallbacks:
+        assert torch.equal(updates["bfloat16"], updates["float32"])
+    else:
+        assert not torch.equal(updates["bfloat16"], updates["float32"])
+        assert F.cosine_similarity(updates["bfloat16"], updates["float32"], dim=0) > 0.9999
+
+
+def test_bfloat16_rotations_drop_a_g_perp_that_is_rounding_noise():
+    # g1 - g2 parallel to g_avg: g_perp is 0 in exact arithmetic, bfloat16 rounding noise after the rotation; beta*
+    # must be 0 (K-FAC's direction scaled by eta*), not the ratio of two noises
+    opt, layer = _two_sub_batch_layer("bfloat16", "parallel")
+    result, direction = layer_direction(layer, opt.config, opt.grads.diff)
+    assert float(result.stats.beta) == 0.0
+    _, kfac = layer_direction(layer, opt.config, None)
+    torch.testing.assert_close(direction, kfac * result.stats.eta)
+
+
+def test_rotate_in_another_dtype_returns_the_inputs_dtype():
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(30, 20, generator=gen)
+    q_s, q_a = (torch.linalg.qr(torch.randn(n, n, generator=gen))[0] for n in (30, 20))
+    assert torch.equal(rotate(g, q_s, q_a, torch.float32), q_s.T @ g @ q_a)
+    for fn, ref in ((rotate, q_s.double().T @ g.double() @ q_a.double()),
+                    (unrotate, q_s.double() @ g.double() @ q_a.double().T)):  # fmt: skip
+        low = fn(g, q_s, q_a, torch.bfloat16)
+        assert low.dtype == torch.float32
+        torch.testing.assert_close(low.double(), ref, rtol=0, atol=0.05)
+        assert (low.double() - ref).abs().max() > 1e-5  # multiplied in bfloat16

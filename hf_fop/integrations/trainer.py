@@ -71,6 +71,8 @@ LOGGED_KEYS: Dict[str, str] = {
     "fop/inverse_updates": "steps that eigendecomposed the factors so far",
     "fop/identity_layer_steps": "layer steps taken without an eigenbasis yet (identity-preconditioned), summed over "
     "layers and steps",
+    "fop/float32_rotations": "layer steps whose bfloat16 rotations (fop_rotation_dtype) were estimated too coarse "
+    "and computed again in float32, summed over layers and steps",
     "fop/fallback_fraction": "fraction of the steps so far that had one sub-batch only (K-FAC steps)",
     "fop/<layer>/beta": "per managed layer, with fop_log_per_layer: beta*; likewise /eta, /s_proj, /kl_base, "
     "/kl_cross, /kl_orth",
@@ -90,6 +92,7 @@ _DIAG_AGGREGATES = {  # FOP.diagnostics() key -> logged key
     "factor_updates": "fop/factor_updates",
     "inverse_updates": "fop/inverse_updates",
     "identity_layer_steps": "fop/identity_layer_steps",
+    "float32_rotations": "fop/float32_rotations",
     "kl_clip_scale": "fop/kl_clip_scale",
     "damping_min": "fop/damping_min",
     "damping_max": "fop/damping_max",
