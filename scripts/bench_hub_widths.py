@@ -465,6 +465,7 @@ def schedule_window(runners: Sequence[Runner], tiny: Sequence[Dict[str, Tensor]]
     for r in runners:
         r.step(tiny)
         r.opt_s, r.capture = [0.0] * length, [False] * length
+    rotated_before = {r.kind: r.counter("float32_rotations") for r in runners}
     with profile(activities=_activities(device)) as prof:
         for i in range(length):
             for r in runners:
@@ -482,6 +483,7 @@ def schedule_window(runners: Sequence[Runner], tiny: Sequence[Dict[str, Tensor]]
         out[r.kind] = {
             "opt_shares": shares(table, OPT_GROUPS),
             "eigh_per_cycle": count_ops(prof, "aten::linalg_eigh", within=scope),
+            "float32_rotations": r.counter("float32_rotations") - rotated_before[r.kind],
             "profile_ms_per_step": table,
         }
     return out
@@ -525,8 +527,10 @@ def measure_point(runners: Dict[str, Runner], spec: ModelSpec, tokens: int, step
                 while r.position(length) != plans[kind][i]:  # untimed steps to reach a later position
                     r.step(tiny)
             position = plans[kind][i] if kind != "adamw" else 0
+            before = r.counter("float32_rotations")
             passes_s, opt_s = r.step(halves)
-            real[kind].append({"position": position, "passes_s": passes_s, "opt_s": opt_s, "step_s": passes_s + opt_s})
+            real[kind].append({"position": position, "passes_s": passes_s, "opt_s": opt_s, "step_s": passes_s + opt_s,
+                               "float32_rotations": r.counter("float32_rotations") - before})  # fmt: skip
     out: Dict[str, Any] = {"tokens": batch * spec.seq, "batch": batch, "times": {}}
     for kind, r in runners.items():
         steps_s = [s["step_s"] for s in real[kind]]
@@ -551,6 +555,7 @@ def measure_point(runners: Dict[str, Runner], spec: ModelSpec, tokens: int, step
                 prof["passes_shares"], r.opt_s, r.capture, r.opt_shares, cyc["mean_s"],
             )  # fmt: skip
             res["skipped_steps"] = r.counter("skipped_steps")
+            res["float32_rotations"] = sum(s["float32_rotations"] for s in real[kind])  # layer steps, real steps
             if res["skipped_steps"]:
                 print(f"# WARNING: {kind} skipped {res['skipped_steps']} steps (non-finite values): its timings are "
                       "not those of full steps", file=sys.stderr)  # fmt: skip
@@ -655,7 +660,8 @@ def measure_model(spec: ModelSpec, tokens: Sequence[int], steps: Optional[int], 
                                                                                        (int, float, str, type(None)))},
         "schedule": {
             kind: {"opt_s": runners[kind].opt_s, "capture": runners[kind].capture,
-                   "eigh_per_cycle": window[kind]["eigh_per_cycle"], "opt_shares": window[kind]["opt_shares"]}
+                   "eigh_per_cycle": window[kind]["eigh_per_cycle"], "opt_shares": window[kind]["opt_shares"],
+                   "float32_rotations": window[kind]["float32_rotations"]}
             for kind in ("kfac", "fop")
         },  # fmt: skip
         "state_bytes": {kind: state_bytes(r.opt) for kind, r in runners.items()},
@@ -750,13 +756,18 @@ def markdown(result: Dict[str, Any]) -> str:
                 lines.append(f"| {m['model']} | {p['tokens']} | {kind} | {1e3 * p['times'][kind]['step_s']:.0f} | "
                              + " | ".join(f"{b[k]:.0f}" for k in PARTS) + " |")  # fmt: skip
     lines += ["", "| model | cycle steps | eigendecompositions per cycle (K-FAC, FOP) | params | managed layers "
-              "| rotations multiply in |", "|---|---|---|---|---|---|"]  # fmt: skip
+              "| rotations multiply in | layer steps rotated again in float32: window (K-FAC, FOP); real steps per "
+              "token count (K-FAC, FOP) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for m in result["models"]:
         s = m["schedule"]
         eighs = f"{s['kfac']['eigh_per_cycle']}, {s['fop']['eigh_per_cycle']}"
         params = f"{m['params'] / 1e6:.1f} M"
         dtypes = ", ".join(f"{n} layers {d}" for d, n in m.get("rotation_dtypes", {}).items()) or "float32"
-        lines.append(f"| {m['model']} | {m['cycle_steps']} | {eighs} | {params} | {m['managed_layers']} | {dtypes} |")
+        again = f"{s['kfac'].get('float32_rotations', 0)}, {s['fop'].get('float32_rotations', 0)}; " + "; ".join(
+            f"{p['tokens']}: {p['times']['kfac'].get('float32_rotations', 0)}, "
+            f"{p['times']['fop'].get('float32_rotations', 0)}" for p in m["points"])  # fmt: skip
+        lines.append(f"| {m['model']} | {m['cycle_steps']} | {eighs} | {params} | {m['managed_layers']} | {dtypes} "
+                     f"| {again} |")  # fmt: skip
     if any("memory" in m for m in result["models"]):
         lines += ["", "| model | tokens | optimizer | peak MiB | state MiB (main run) |", "|---|---|---|---|---|"]
         for m in result["models"]:

@@ -11,7 +11,7 @@ damping 1e-3 and no momentum; every other setting FOP's default except the rotat
 * the **bfloat16 run** (``rotation_dtype="bfloat16"``) trains on its own: its training loss and its accuracy on the
   held-out split beside the float32 run's.
 
-    python scripts/rotation_precision.py --out docs/rotation_precision     # 200 steps, batch 32: about 10 min
+    python scripts/rotation_precision.py --steps 100 --out docs/rotation_precision   # batch 32: about 12 min
     python scripts/rotation_precision.py --steps 3 --batch 8                 # a quick look
 """
 
@@ -33,7 +33,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
 
 from hf_fop import FOP  # noqa: E402
 from hf_fop.fop_math import unrotate  # noqa: E402
-from hf_fop.preconditioner import layer_direction, rotation_dtype  # noqa: E402
+from hf_fop.preconditioner import ROTATION_ERROR_LIMIT, layer_direction, rotation_dtype, rotation_error  # noqa: E402
 
 SEQ = 64
 TASK_SETTINGS = {"lr": 1e-3, "adamw_lr": 1e-4, "damping": 1e-3, "momentum": 0.0}
@@ -101,7 +101,7 @@ def compare_directions(opt: FOP) -> Dict[str, float]:
     _, diffs = opt.grads.for_step()
     configs = {name: opt.config.replace(rotation_dtype=name) for name in DTYPES}
     flat: Dict[str, List[torch.Tensor]] = {name: [] for name in DTYPES}
-    layer_cos, d_beta, d_eta = [], [0.0], [0.0]
+    layer_cos, d_beta, d_eta, errors, estimates = [], [0.0], [0.0], [], []
     for layer in opt.layers:
         if layer.basis_a is None or not diffs:
             continue
@@ -111,7 +111,10 @@ def compare_directions(opt: FOP) -> Dict[str, float]:
             dtype = rotation_dtype(config, layer)
             out[name] = (result, unrotate(dir_hat, layer.basis_s.q, layer.basis_a.q, dtype).double().reshape(-1))
             flat[name].append(out[name][1])
+            if name == "bfloat16":
+                estimates.append(float(rotation_error(layer, result, dir_hat, diffs, dtype)))
         layer_cos.append(float(F.cosine_similarity(out["float32"][1], out["bfloat16"][1], dim=0)))
+        errors.append(float((out["bfloat16"][1] - out["float32"][1]).norm() / out["float32"][1].norm()))
         (r32, _), (r16, _) = out["float32"], out["bfloat16"]
         d_beta.append(abs(float(r32.stats.beta) - float(r16.stats.beta)))
         d_eta.append(abs(float(r32.stats.eta) - float(r16.stats.eta)))
@@ -119,7 +122,8 @@ def compare_directions(opt: FOP) -> Dict[str, float]:
         return {}
     whole = F.cosine_similarity(torch.cat(flat["float32"]), torch.cat(flat["bfloat16"]), dim=0)
     return {"cos_whole": float(whole), "cos_min_layer": min(layer_cos), "d_beta_max": max(d_beta),
-            "d_eta_max": max(d_eta)}  # fmt: skip
+            "d_eta_max": max(d_eta), "error_max": max(errors), "estimate_max": max(estimates),
+            "over_limit": sum(e > ROTATION_ERROR_LIMIT for e in estimates)}  # fmt: skip
 
 
 @torch.no_grad()
@@ -152,8 +156,14 @@ def run(steps: int, batch: int, seed: int = 0) -> Dict[str, Any]:
                 per_step.append(compare_directions(opt))
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if len(losses) % 20 == 0:
+                print(f"# {name} step {len(losses)}: loss {losses[-1]:.4f}", file=sys.stderr, flush=True)
         runs[name] = {"train_loss": losses, "accuracy": accuracy(model, tokenizer, test),
-                      "skipped_steps": opt.diagnostics()["skipped_steps"]}  # fmt: skip
+                      "skipped_steps": opt.counters["skipped_steps"],
+                      "float32_rotations": opt.counters["float32_rotations"],
+                      "layer_steps": len(opt.layers) * steps}  # fmt: skip
+        print(f"# {name}: last loss {losses[-1]:.4f}, accuracy {runs[name]['accuracy']:.4f}, layer steps rotated again "
+              f"in float32 {opt.counters['float32_rotations']} of {len(opt.layers) * steps}", file=sys.stderr, flush=True)
     compared = [s for s in per_step if s]
     summary = {
         "steps_compared": len(compared),
@@ -162,11 +172,16 @@ def run(steps: int, batch: int, seed: int = 0) -> Dict[str, Any]:
         "cos_min_layer_min": min(s["cos_min_layer"] for s in compared),
         "d_beta_max": max(s["d_beta_max"] for s in compared),
         "d_eta_max": max(s["d_eta_max"] for s in compared),
+        "error_max": max(s["error_max"] for s in compared),
+        "estimate_max": max(s["estimate_max"] for s in compared),
+        "over_limit": sum(s["over_limit"] for s in compared),
     }
     tail = max(1, steps // 10)
     for name in DTYPES:
         summary[f"{name}_last_loss"] = statistics.mean(runs[name]["train_loss"][-tail:])
         summary[f"{name}_accuracy"] = runs[name]["accuracy"]
+    summary["bfloat16_float32_rotations"] = runs["bfloat16"]["float32_rotations"]
+    summary["layer_steps"] = runs["bfloat16"]["layer_steps"]
     return {"steps": steps, "batch": batch, "seq": SEQ, "examples_train": len(train), "examples_test": len(test),
             "per_step": per_step, "runs": runs, "summary": summary}  # fmt: skip
 
@@ -185,10 +200,16 @@ def markdown(result: Dict[str, Any]) -> str:
         f"| per-layer cosine, smallest | {s['cos_min_layer_min']:.6f} |",
         f"| largest beta* difference | {s['d_beta_max']:.2e} |",
         f"| largest eta* difference | {s['d_eta_max']:.2e} |",
+        f"| largest per-layer relative error, measured | {s['error_max']:.2e} |",
+        f"| largest per-layer relative error, estimated (rotation_error) | {s['estimate_max']:.2e} |",
+        f"| layer steps estimated above the 2% limit | {s['over_limit']} |",
         "",
         "| run | training loss (last tenth of the steps) | test accuracy |",
         "|---|---|---|",
         *(f"| {n} | {s[f'{n}_last_loss']:.4f} | {s[f'{n}_accuracy']:.4f} |" for n in DTYPES),
+        "",
+        f"bfloat16 run: {s['bfloat16_float32_rotations']} of {s['layer_steps']} layer steps were rotated again in "
+        "float32 (estimated rounding error above 2%).",
     ])  # fmt: skip
 
 

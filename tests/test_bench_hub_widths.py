@@ -167,6 +167,9 @@ def test_smoke_json_has_every_field_and_consistent_ratios(smoke):
             # every factor of every layer decomposed once per inverse interval: the window held one whole cycle
             assert s["eigh_per_cycle"] == 2 * m["managed_layers"] * length // m["config"]["inverse_interval"]
         assert m["state_bytes"]["fop"] > m["state_bytes"]["adamw"] > 0
+        # the smoke widths are below rotation_dtype="auto"'s 256: float32 rotations, never rotated again
+        assert m["rotation_dtypes"] == {"float32": m["managed_layers"]}
+        assert m["schedule"]["kfac"]["float32_rotations"] == m["schedule"]["fop"]["float32_rotations"] == 0
         for kind in hub.OPTIMIZERS:
             assert m["memory"][kind]["peak_bytes"] > 0
         spec = hub.SMOKE_SPECS[m["model"]]
@@ -192,7 +195,7 @@ def test_smoke_json_has_every_field_and_consistent_ratios(smoke):
                 assert sum(b.values()) == pytest.approx(1e3 * res["step_s"], rel=1e-6)
                 assert all(b[k] >= 0 for k in ("fwd_bwd", "capture", "refresh", "precondition", "adamw"))
                 if kind != "adamw":
-                    assert res["skipped_steps"] == 0
+                    assert res["skipped_steps"] == 0 and res["float32_rotations"] == 0
                     assert b["refresh"] > 0 and b["precondition"] > 0 and b["capture"] > 0
                     positions = [s["position"] for s in res["real_steps"]]
                     assert max(range(length), key=lambda q: m["schedule"][kind]["opt_s"][q]) in positions
