@@ -30,8 +30,8 @@ gradient, with momentum and weight decay as usual, counted in
 
 Rotations in bfloat16 (``rotation_dtype``, :func:`hf_fop.preconditioner.rotation_dtype`): a layer whose estimated
 rounding error (:func:`hf_fop.preconditioner.rotation_error`) exceeds ``ROTATION_ERROR_LIMIT`` is computed again in
-float32 on that step, counted in ``counters["float32_rotations"]`` (one per layer and step); deciding it reads every
-low-precision layer's estimate in one host read per step.
+float32 on that step, counted in ``counters["float32_rotations"]`` (one per layer and step, on the rank that computes
+the layer's direction); deciding it reads every low-precision layer's estimate in one host read per step.
 
 Release: ``opt.release()`` removes the curvature hooks from the model (also
 done when the optimizer is garbage-collected); a new ``FOP`` on a model whose
@@ -413,12 +413,11 @@ class FOP(torch.optim.Optimizer):
             if distributor.owns(layer):
                 dtype = rotation_dtype(self.config, layer)
                 results[layer.name], dir_hat = layer_direction(layer, self.config, diffs, dtype)
-                result = results[layer.name]
                 if dir_hat is None:  # no basis yet: the identity step, the gradient itself
                     deltas[layer.name] = layer_gradient(layer)
                     continue
-                if dtype != torch.float32 and result is not None:
-                    low[layer.name] = (layer, rotation_error(layer, result, dir_hat, diffs, dtype))
+                if dtype != torch.float32:
+                    low[layer.name] = (layer, rotation_error(layer, results[layer.name], dir_hat, diffs, dtype))
                 # back to parameter coordinates at once (no second copy of every direction)
                 deltas[layer.name] = unrotate(dir_hat, layer.basis_s.q, layer.basis_a.q, dtype)
         if low:  # one host read for every low-precision layer of the step

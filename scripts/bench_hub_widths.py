@@ -30,7 +30,9 @@ does not depend on the tokens per step; what the passes do does (forward/backwar
 steps that capture). So, per model, for K-FAC and FOP:
 
 1. *schedule window*: after one warm-up step, ``L`` consecutive steps (positions ``1 .. L-1`` and ``0`` of the next
-   cycle: every position once, in steady state) on a batch of 2 examples (text: of 8 tokens), under
+   cycle: every position once, in steady state) on batches of 2 examples (text: of 8 tokens), a distinct batch per
+   position (a step whose gradients came from the very rows of its factors would make every bfloat16 rotation look
+   like noise to the optimizer's error estimate and be rotated again in float32, unlike real training), under
    ``torch.profiler``; each position's ``opt.step()`` seconds ``o_p`` and whether it captured curvature (``c_p``,
    from the ``factor_updates`` counter) are recorded, and the optimizer state before the last window step (position
    0) is kept;
@@ -457,13 +459,23 @@ class Runner:
         return self.counter("step") % length
 
 
-def schedule_window(runners: Sequence[Runner], tiny: Sequence[Dict[str, Tensor]], length: int,
+Tiny = Sequence[Sequence[Dict[str, Tensor]]]
+"""Small batches (two sub-batches each), one per cycle position: a step at position ``p`` off the timed token counts
+trains on ``tiny[p]``. Distinct batches, so that a step's gradients are not those its factors were captured from
+(which would make every bfloat16 rotation look like noise to the error estimate, unlike real training)."""
+
+
+def _tiny_step(r: Runner, tiny: Tiny, length: int, scope: Optional[str] = None) -> Tuple[float, float]:
+    return r.step(tiny[r.position(length) % len(tiny)], scope)
+
+
+def schedule_window(runners: Sequence[Runner], tiny: Tiny, length: int,
                     device: torch.device) -> Dict[str, Dict[str, Any]]:  # fmt: skip
-    """Warm-up step, then ``length`` profiled steps on ``tiny`` (every position once, interleaved); fills each runner's
-    ``opt_s``, ``capture`` and ``snapshot`` (state at position 0). Returns per kind the window's phase shares and
-    eigendecompositions."""
+    """Warm-up step, then ``length`` profiled steps on the ``tiny`` batches (every position once, interleaved); fills
+    each runner's ``opt_s``, ``capture`` and ``snapshot`` (state at position 0). Returns per kind the window's phase
+    shares, eigendecompositions and layer steps rotated again in float32."""
     for r in runners:
-        r.step(tiny)
+        _tiny_step(r, tiny, length)
         r.opt_s, r.capture = [0.0] * length, [False] * length
     rotated_before = {r.kind: r.counter("float32_rotations") for r in runners}
     with profile(activities=_activities(device)) as prof:
@@ -474,7 +486,7 @@ def schedule_window(runners: Sequence[Runner], tiny: Sequence[Dict[str, Tensor]]
                     assert position == 0, position
                     r.snapshot = copy.deepcopy(r.opt.state_dict())
                 before = r.counter("factor_updates")
-                _, r.opt_s[position] = r.step(tiny, scope=f"{OPT_SCOPE}:{r.kind}")
+                _, r.opt_s[position] = _tiny_step(r, tiny, length, scope=f"{OPT_SCOPE}:{r.kind}")
                 r.capture[position] = r.counter("factor_updates") > before
     out = {}
     for r in runners:
@@ -489,12 +501,12 @@ def schedule_window(runners: Sequence[Runner], tiny: Sequence[Dict[str, Tensor]]
     return out
 
 
-def profile_passes(r: Runner, halves: Sequence[Dict[str, Tensor]], tiny: Sequence[Dict[str, Tensor]], length: int,
+def profile_passes(r: Runner, halves: Sequence[Dict[str, Tensor]], tiny: Tiny, length: int,
                    device: torch.device) -> Dict[str, Any]:  # fmt: skip
     """Profile the passes of a capturing step (the first from the snapshot's position 0), then discard them."""
     r.opt.load_state_dict(r.snapshot)
     while not r.capture[r.position(length)]:
-        r.step(tiny)
+        _tiny_step(r, tiny, length)
     r.sync()
     with profile(activities=_activities(device)) as prof:
         with record_function(PASSES_SCOPE):
@@ -506,7 +518,7 @@ def profile_passes(r: Runner, halves: Sequence[Dict[str, Tensor]], tiny: Sequenc
 
 
 def measure_point(runners: Dict[str, Runner], spec: ModelSpec, tokens: int, steps: int, length: int,
-                  device: torch.device, tiny: Sequence[Dict[str, Tensor]], whole_cycle: bool
+                  device: torch.device, tiny: Tiny, whole_cycle: bool
                   ) -> Dict[str, Any]:  # fmt: skip
     """Real steps of the three optimizers at ``tokens`` (round-robin), the profiled passes and the cycle figures."""
     batch = batch_size(spec, tokens)
@@ -525,7 +537,7 @@ def measure_point(runners: Dict[str, Runner], spec: ModelSpec, tokens: int, step
                 continue
             if kind != "adamw":
                 while r.position(length) != plans[kind][i]:  # untimed steps to reach a later position
-                    r.step(tiny)
+                    _tiny_step(r, tiny, length)
             position = plans[kind][i] if kind != "adamw" else 0
             before = r.counter("float32_rotations")
             passes_s, opt_s = r.step(halves)
@@ -625,8 +637,8 @@ def measure_model(spec: ModelSpec, tokens: Sequence[int], steps: Optional[int], 
     config = fop_opt.config
     length = cycle_steps(config)
     dims = [(layer.in_dim, layer.out_dim) for layer in fop_opt.layers]
-    tiny = split_halves(make_batch(spec, 2, device, seed=3, seq=TINY_SEQ))
-    runners["adamw"].step(tiny)  # AdamW allocates its state; K-FAC/FOP warm up in the window
+    tiny = [split_halves(make_batch(spec, 2, device, seed=3 + p, seq=TINY_SEQ)) for p in range(length)]
+    runners["adamw"].step(tiny[0])  # AdamW allocates its state; K-FAC/FOP warm up in the window
     start = time.perf_counter()
     window = schedule_window([runners["kfac"], runners["fop"]], tiny, length, device)
     per_position = "; ".join(f"{k} " + " ".join(f"{1e3 * o:.0f}" for o in runners[k].opt_s) for k in ("kfac", "fop"))

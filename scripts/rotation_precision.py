@@ -9,7 +9,10 @@ damping 1e-3 and no momentum; every other setting FOP's default except the rotat
   the two whole updates (every managed layer, lr = 1, before the trust region and momentum), the smallest per-layer
   cosine, and the largest difference of FOP's beta* and eta* over layers;
 * the **bfloat16 run** (``rotation_dtype="bfloat16"``) trains on its own: its training loss and its accuracy on the
-  held-out split beside the float32 run's.
+  held-out split beside the float32 run's;
+* the **control**, a float32 run whose classifier starts 1e-6 (relative) away: training is chaotic, so any
+  difference of the order of rounding grows; the bfloat16 run's drift from the float32 run means something only
+  beyond the control's.
 
     python scripts/rotation_precision.py --steps 100 --out docs/rotation_precision   # batch 32: about 12 min
     python scripts/rotation_precision.py --steps 3 --batch 8                 # a quick look
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -36,6 +40,10 @@ from hf_fop.fop_math import unrotate  # noqa: E402
 from hf_fop.preconditioner import ROTATION_ERROR_LIMIT, layer_direction, rotation_dtype, rotation_error  # noqa: E402
 
 SEQ = 64
+RUNS = {"float32": ("float32", 0.0), "bfloat16": ("bfloat16", 0.0), "float32_perturbed": ("float32", 1e-6)}
+"""Run name: (rotation dtype, relative perturbation of the classifier's initial weights). The perturbed float32 run
+is the control: how far two float32 runs drift apart over the fine-tune from a difference of the order of
+rounding, against which the bfloat16 run's drift is read."""
 TASK_SETTINGS = {"lr": 1e-3, "adamw_lr": 1e-4, "damping": 1e-3, "momentum": 0.0}
 """The text example's settings for this task (examples/run_text_classification.py); the rest are FOPConfig's."""
 DTYPES = ("float32", "bfloat16")
@@ -146,9 +154,13 @@ def run(steps: int, batch: int, seed: int = 0) -> Dict[str, Any]:
     n_labels = train.features["label"].num_classes
     runs: Dict[str, Dict[str, Any]] = {}
     per_step: List[Dict[str, float]] = []
-    for name in DTYPES:
+    for name, (dtype, perturb) in RUNS.items():
         model = build_model(n_labels, seed)
-        opt = FOP(model, rotation_dtype=name, **TASK_SETTINGS)
+        if perturb:
+            with torch.no_grad():
+                head = model.classifier.weight
+                head.mul_(1 + perturb * torch.randn(head.shape, generator=torch.Generator().manual_seed(seed + 1)))
+        opt = FOP(model, rotation_dtype=dtype, **TASK_SETTINGS)
         losses = []
         for inputs in data:
             losses.append(_passes(model, opt, inputs))
@@ -177,13 +189,21 @@ def run(steps: int, batch: int, seed: int = 0) -> Dict[str, Any]:
         "over_limit": sum(s["over_limit"] for s in compared),
     }
     tail = max(1, steps // 10)
-    for name in DTYPES:
+    for name in RUNS:
         summary[f"{name}_last_loss"] = statistics.mean(runs[name]["train_loss"][-tail:])
         summary[f"{name}_accuracy"] = runs[name]["accuracy"]
+        if name != "float32":  # mean |log(loss / float32's loss)| over the steps: how far the curve drifted
+            pairs = zip(runs[name]["train_loss"], runs["float32"]["train_loss"])
+            summary[f"{name}_drift"] = statistics.mean(abs(math.log(a / b)) for a, b in pairs if a > 0 and b > 0)
     summary["bfloat16_float32_rotations"] = runs["bfloat16"]["float32_rotations"]
     summary["layer_steps"] = runs["bfloat16"]["layer_steps"]
     return {"steps": steps, "batch": batch, "seq": SEQ, "examples_train": len(train), "examples_test": len(test),
             "per_step": per_step, "runs": runs, "summary": summary}  # fmt: skip
+
+
+def _marks(steps: int) -> List[int]:
+    """Five steps spread over the run (1-based) at which the report shows the loss."""
+    return sorted({max(1, round(steps * k / 5)) for k in range(1, 6)})
 
 
 def markdown(result: Dict[str, Any]) -> str:
@@ -204,9 +224,15 @@ def markdown(result: Dict[str, Any]) -> str:
         f"| largest per-layer relative error, estimated (rotation_error) | {s['estimate_max']:.2e} |",
         f"| layer steps estimated above the 2% limit | {s['over_limit']} |",
         "",
-        "| run | training loss (last tenth of the steps) | test accuracy |",
-        "|---|---|---|",
-        *(f"| {n} | {s[f'{n}_last_loss']:.4f} | {s[f'{n}_accuracy']:.4f} |" for n in DTYPES),
+        "| run | training loss (last tenth of the steps) | test accuracy | mean abs log ratio of its loss to float32's, "
+        "per step |",
+        "|---|---|---|---|",
+        *(f"| {n} | {s[f'{n}_last_loss']:.4f} | {s[f'{n}_accuracy']:.4f} | "
+          + (f"{s[f'{n}_drift']:.3f}" if f"{n}_drift" in s else "-") + " |" for n in RUNS),
+        "",
+        "Training loss of the step's batch: " + "; ".join(
+            f"{n} " + ", ".join(f"{result['runs'][n]['train_loss'][i - 1]:.4f}" for i in _marks(result["steps"]))
+            for n in RUNS) + f" (steps {', '.join(map(str, _marks(result['steps'])))}).",
         "",
         f"bfloat16 run: {s['bfloat16_float32_rotations']} of {s['layer_steps']} layer steps were rotated again in "
         "float32 (estimated rounding error above 2%).",

@@ -39,9 +39,12 @@ def test_report_compares_bfloat16_with_float32_on_the_same_state(result):
     assert 0 < summary["error_max"] < 0.05 and 0 < summary["estimate_max"]
     assert summary["layer_steps"] == saved["runs"]["bfloat16"]["layer_steps"] == 3 * 38  # MiniLM: 38 managed layers
     assert 0 <= summary["bfloat16_float32_rotations"] <= summary["layer_steps"]
-    for name in rotation_precision.DTYPES:
+    for name in rotation_precision.RUNS:
         assert len(saved["runs"][name]["train_loss"]) == 3 and saved["runs"][name]["skipped_steps"] == 0
         assert 0.0 <= summary[f"{name}_accuracy"] <= 1.0
+    # the control starts elsewhere: its losses differ from the float32 run's, by a drift that is reported
+    assert saved["runs"]["float32_perturbed"]["train_loss"] != saved["runs"]["float32"]["train_loss"]
+    assert summary["float32_perturbed_drift"] > 0 and summary["bfloat16_drift"] > 0
     assert "whole-update cosine" in out.with_suffix(".md").read_text()
 
 
