@@ -30,15 +30,15 @@ does not depend on the tokens per step; what the passes do does (forward/backwar
 steps that capture). So, per model, for K-FAC and FOP:
 
 1. *schedule window*: after one warm-up step, ``L`` consecutive steps (positions ``1 .. L-1`` and ``0`` of the next
-   cycle: every position once, in steady state) on batches of 2 examples (text: of 8 tokens), a distinct batch per
-   position (a step whose gradients came from the very rows of its factors would make every bfloat16 rotation look
-   like noise to the optimizer's error estimate and be rotated again in float32, unlike real training), under
+   cycle: every position once, in steady state) on batches of 2,048 tokens (``WINDOW_TOKENS``), a distinct batch
+   per position (factors of full rank, and no step preconditioning the very rows its factors came from: either
+   would make bfloat16 rotations look like noise to the optimizer's error estimate, unlike real training), under
    ``torch.profiler``; each position's ``opt.step()`` seconds ``o_p`` and whether it captured curvature (``c_p``,
    from the ``factor_updates`` counter) are recorded, and the optimizer state before the last window step (position
    0) is kept;
 2. *real steps* at each token count, from that state: positions ``0 .. n-1`` (``--steps``, default 3 up to 4k
    tokens, else 2), plus the position with the largest ``o_p`` and one position of each kind (capturing /
-   not) if they are not among them (reached by untimed 2-example steps). The token-dependent part of a step of kind
+   not) if they are not among them (reached by untimed steps on the window's batches). The token-dependent part of a step of kind
    ``c`` is ``u(c) = median over real steps q of kind c of (step_q - o_q)``: the passes, plus whatever
    ``opt.step()`` does that depends on the token count after all, plus the profiler's overhead in ``o_q`` (removed);
 3. the cycle: step ``p`` costs ``o_p + u(c_p)``; **ms/step** is the mean over the ``L`` positions, the
@@ -173,10 +173,13 @@ DEFAULT_TOKENS = (2048, 8192, 32768)
 SMOKE_TOKENS = (128, 256)
 QUICK = {"models": ("minilm",), "tokens": (2048,)}
 MAX_TOKENS = 1 << 20
-TINY_SEQ = 8
+WINDOW_TOKENS = 2048
 CLOCKS: Dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 """Step timers: elapsed seconds, or CPU seconds of this process (all its threads)."""
-"""Tokens per text example in the schedule window's 2-example batch (ViT keeps its 197)."""
+"""Tokens per batch off the timed points (schedule window, untimed steps; at most the smallest token count measured):
+with ``capture_rows`` 2,048 per pass the factors then have full rank at the hub widths, as after some steps of real
+training. Batches of 2 short examples left them of rank ~50, so that a real batch's gradient met a curvature no real
+run has, and most bfloat16 rotations were rotated again in float32 (their noise fell where only lambda damps it)."""
 
 
 # ------------------------------------------------------------------ models and data
@@ -223,10 +226,8 @@ def batch_size(spec: ModelSpec, tokens: int) -> int:
     return max(2, 2 * round(tokens / (2 * spec.seq)))
 
 
-def make_batch(spec: ModelSpec, batch: int, device: torch.device, seed: int = 1, seq: Optional[int] = None
-               ) -> Dict[str, Tensor]:  # fmt: skip
-    """Random model inputs with labels for ``batch`` examples (keyword arguments of the model's forward); ``seq``
-    shortens text sequences (the schedule window's passes, whose size ``opt.step()`` does not depend on)."""
+def make_batch(spec: ModelSpec, batch: int, device: torch.device, seed: int = 1) -> Dict[str, Tensor]:
+    """Random model inputs with labels for ``batch`` examples (keyword arguments of the model's forward)."""
     gen = torch.Generator().manual_seed(seed)
     if spec.family == "vit":
         out = {
@@ -234,7 +235,7 @@ def make_batch(spec: ModelSpec, batch: int, device: torch.device, seed: int = 1,
             "labels": torch.randint(0, spec.labels, (batch,), generator=gen),
         }
     else:
-        ids = torch.randint(0, spec.vocab, (batch, seq or spec.seq), generator=gen)
+        ids = torch.randint(0, spec.vocab, (batch, spec.seq), generator=gen)
         labels = ids if spec.family == "gpt2" else torch.randint(0, spec.labels, (batch,), generator=gen)
         out = {"input_ids": ids, "labels": labels}
     return {k: v.to(device) for k, v in out.items()}
@@ -460,9 +461,9 @@ class Runner:
 
 
 Tiny = Sequence[Sequence[Dict[str, Tensor]]]
-"""Small batches (two sub-batches each), one per cycle position: a step at position ``p`` off the timed token counts
-trains on ``tiny[p]``. Distinct batches, so that a step's gradients are not those its factors were captured from
-(which would make every bfloat16 rotation look like noise to the error estimate, unlike real training)."""
+"""Batches of :data:`WINDOW_TOKENS` tokens (two sub-batches each), one per cycle position: a step at position ``p``
+off the timed token counts trains on ``tiny[p]``; distinct, so that no step's gradients are those its factors were
+captured from alone."""
 
 
 def _tiny_step(r: Runner, tiny: Tiny, length: int, scope: Optional[str] = None) -> Tuple[float, float]:
@@ -637,7 +638,8 @@ def measure_model(spec: ModelSpec, tokens: Sequence[int], steps: Optional[int], 
     config = fop_opt.config
     length = cycle_steps(config)
     dims = [(layer.in_dim, layer.out_dim) for layer in fop_opt.layers]
-    tiny = [split_halves(make_batch(spec, 2, device, seed=3 + p, seq=TINY_SEQ)) for p in range(length)]
+    window_batch = batch_size(spec, min(WINDOW_TOKENS, *tokens))
+    tiny = [split_halves(make_batch(spec, window_batch, device, seed=3 + p)) for p in range(length)]
     runners["adamw"].step(tiny[0])  # AdamW allocates its state; K-FAC/FOP warm up in the window
     start = time.perf_counter()
     window = schedule_window([runners["kfac"], runners["fop"]], tiny, length, device)
@@ -874,7 +876,7 @@ def estimate_seconds(spec: ModelSpec, tokens: Sequence[int], steps: Optional[int
     def total(seconds: Dict[str, float]) -> float:
         refresh = sum(seconds["eigh"] / d**3 * (a**3 + b**3) for a, b in dims)
         opt_step = {k: rotation_flops(dims, r) / (2 * d**3) * seconds["mm"] for k, r in ROTATIONS.items()}
-        tiny = 2 * (spec.seq if spec.family == "vit" else TINY_SEQ) / (batch_size(spec, t0) * spec.seq)
+        tiny = batch_size(spec, min(WINDOW_TOKENS, *tokens)) / batch_size(spec, t0)
         out = sum(2 * refresh + (length + 1) * (opt_step[k] + tiny * seconds["fop"]) for k in opt_step)  # windows
         for t in tokens:
             scale = batch_size(spec, t) / batch_size(spec, t0)
