@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -177,3 +178,17 @@ def test_rotate_in_another_dtype_returns_the_inputs_dtype():
         assert low.dtype == torch.float32
         torch.testing.assert_close(low.double(), ref, rtol=0, atol=0.05)
         assert (low.double() - ref).abs().max() > 1e-5  # multiplied in bfloat16
+
+
+def test_rotation_error_counts_the_noise_of_the_beta_term():
+    # Delta = eta (M^-1 g_avg + beta M^-1 g_perp): the rotated g1 - g2 carries noise too, weighed by beta
+    opt, layer = _two_sub_batch_layer("float32", "spread")
+    diffs = opt.grads.diff
+    result, dir_hat = layer_direction(layer, opt.config, diffs, torch.bfloat16)
+    errors = []
+    for beta in (0.0, 3.0):
+        stats = dataclasses.replace(result.stats, beta=torch.tensor(beta))
+        errors.append(float(rotation_error(layer, dataclasses.replace(result, stats=stats), dir_hat, diffs, torch.bfloat16)))
+    grad2 = sum(float(p.grad.square().sum()) for p in layer.params)
+    diff2 = sum(float(diffs[p].square().sum()) for p in layer.params if p in diffs)
+    assert errors[1] / errors[0] == pytest.approx(math.sqrt(1 + 9 * diff2 / grad2), rel=1e-4)
