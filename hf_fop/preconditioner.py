@@ -21,13 +21,13 @@ from torch import Tensor
 
 from .config import FOPConfig
 from .curvature import KFACLayer
-from .fop_math import LayerResult, fop_direction_eigen, kfac_direction_eigen, rotate
+from .fop_math import LayerResult, fop_direction_eigen, global_square_norm, kfac_direction_eigen, rotate
 
 
 AUTO_BFLOAT16_MIN_DIM = 256
 """``rotation_dtype="auto"`` rotates a layer in bfloat16 only when both its sides are at least this wide: below it,
-the conversions cost more than the multiplication saves (CPU, AVX512-BF16: 2.8x faster at 3,072 x 769, 1.1x at
-256 x 257, 4x slower at 64 x 65)."""
+the conversions cost more than the multiplication saves (CPU, AVX512-BF16, ``scripts/kernel_costs.py``: 2.7x faster
+at 3,072 x 769, 2.0x at 256 x 257, 0.8x at 128 x 129, 0.3x at 64 x 65)."""
 
 
 def resolve_rotation_dtype(
@@ -83,10 +83,10 @@ def rotation_error(
     where the noise would dominate the step.
     """
     s, a = layer.basis_s.eigenvalues, layer.basis_a.eigenvalues
-    m_inv2 = (torch.outer(s, a) + result.damping).reciprocal().square().mean()
-    norm2 = sum(p.grad.square().sum() for p in layer.params if p.grad is not None)
+    m_inv2 = torch.outer(s, a).add_(result.damping).reciprocal_().square_().mean()  # one (out, in) temporary
+    norm2 = global_square_norm([p.grad for p in layer.params if p.grad is not None], s.device)
     if diffs is not None:  # beta* = 0 for a layer without g1 - g2
-        norm2 = norm2 + result.stats.beta.square() * sum(diffs[p].square().sum() for p in layer.params if p in diffs)
+        norm2 = norm2 + result.stats.beta.square() * global_square_norm([diffs[p] for p in layer.params if p in diffs], s.device)
     u = torch.finfo(dtype).eps / 2
     noise = result.stats.eta.abs() * (3**0.5 * u) * torch.sqrt(norm2 * m_inv2)
     return noise / torch.linalg.vector_norm(dir_hat).clamp_min(torch.finfo(torch.float32).tiny)

@@ -460,23 +460,23 @@ class Runner:
         return self.counter("step") % length
 
 
-Tiny = Sequence[Sequence[Dict[str, Tensor]]]
+WindowBatches = Sequence[Sequence[Dict[str, Tensor]]]
 """Batches of :data:`WINDOW_TOKENS` tokens (two sub-batches each), one per cycle position: a step at position ``p``
-off the timed token counts trains on ``tiny[p]``; distinct, so that no step's gradients are those its factors were
+off the timed token counts trains on ``window_batches[p]``; distinct, so that no step's gradients are those its factors were
 captured from alone."""
 
 
-def _tiny_step(r: Runner, tiny: Tiny, length: int, scope: Optional[str] = None) -> Tuple[float, float]:
-    return r.step(tiny[r.position(length) % len(tiny)], scope)
+def _window_step(r: Runner, window_batches: WindowBatches, length: int, scope: Optional[str] = None) -> Tuple[float, float]:
+    return r.step(window_batches[r.position(length) % len(window_batches)], scope)
 
 
-def schedule_window(runners: Sequence[Runner], tiny: Tiny, length: int,
+def schedule_window(runners: Sequence[Runner], window_batches: WindowBatches, length: int,
                     device: torch.device) -> Dict[str, Dict[str, Any]]:  # fmt: skip
-    """Warm-up step, then ``length`` profiled steps on the ``tiny`` batches (every position once, interleaved); fills
+    """Warm-up step, then ``length`` profiled steps on the ``window_batches`` (every position once, interleaved); fills
     each runner's ``opt_s``, ``capture`` and ``snapshot`` (state at position 0). Returns per kind the window's phase
     shares, eigendecompositions and layer steps rotated again in float32."""
     for r in runners:
-        _tiny_step(r, tiny, length)
+        _window_step(r, window_batches, length)
         r.opt_s, r.capture = [0.0] * length, [False] * length
     rotated_before = {r.kind: r.counter("float32_rotations") for r in runners}
     with profile(activities=_activities(device)) as prof:
@@ -487,7 +487,7 @@ def schedule_window(runners: Sequence[Runner], tiny: Tiny, length: int,
                     assert position == 0, position
                     r.snapshot = copy.deepcopy(r.opt.state_dict())
                 before = r.counter("factor_updates")
-                _, r.opt_s[position] = _tiny_step(r, tiny, length, scope=f"{OPT_SCOPE}:{r.kind}")
+                _, r.opt_s[position] = _window_step(r, window_batches, length, scope=f"{OPT_SCOPE}:{r.kind}")
                 r.capture[position] = r.counter("factor_updates") > before
     out = {}
     for r in runners:
@@ -502,12 +502,12 @@ def schedule_window(runners: Sequence[Runner], tiny: Tiny, length: int,
     return out
 
 
-def profile_passes(r: Runner, halves: Sequence[Dict[str, Tensor]], tiny: Tiny, length: int,
+def profile_passes(r: Runner, halves: Sequence[Dict[str, Tensor]], window_batches: WindowBatches, length: int,
                    device: torch.device) -> Dict[str, Any]:  # fmt: skip
     """Profile the passes of a capturing step (the first from the snapshot's position 0), then discard them."""
     r.opt.load_state_dict(r.snapshot)
     while not r.capture[r.position(length)]:
-        _tiny_step(r, tiny, length)
+        _window_step(r, window_batches, length)
     r.sync()
     with profile(activities=_activities(device)) as prof:
         with record_function(PASSES_SCOPE):
@@ -519,7 +519,7 @@ def profile_passes(r: Runner, halves: Sequence[Dict[str, Tensor]], tiny: Tiny, l
 
 
 def measure_point(runners: Dict[str, Runner], spec: ModelSpec, tokens: int, steps: int, length: int,
-                  device: torch.device, tiny: Tiny, whole_cycle: bool
+                  device: torch.device, window_batches: WindowBatches, whole_cycle: bool
                   ) -> Dict[str, Any]:  # fmt: skip
     """Real steps of the three optimizers at ``tokens`` (round-robin), the profiled passes and the cycle figures."""
     batch = batch_size(spec, tokens)
@@ -538,7 +538,7 @@ def measure_point(runners: Dict[str, Runner], spec: ModelSpec, tokens: int, step
                 continue
             if kind != "adamw":
                 while r.position(length) != plans[kind][i]:  # untimed steps to reach a later position
-                    _tiny_step(r, tiny, length)
+                    _window_step(r, window_batches, length)
             position = plans[kind][i] if kind != "adamw" else 0
             before = r.counter("float32_rotations")
             passes_s, opt_s = r.step(halves)
@@ -561,7 +561,7 @@ def measure_point(runners: Dict[str, Runner], spec: ModelSpec, tokens: int, step
             res.update(step_s=cyc["mean_s"], median_step_s=cyc["median_s"], cycle_steps_s=cyc["steps_s"],
                        token_part_s=cyc["token_part_s"])  # fmt: skip
             by_kind = {c: [s["passes_s"] for s in real[kind] if r.capture[s["position"]] == c] for c in (True, False)}
-            prof = profile_passes(r, halves, tiny, length, device)
+            prof = profile_passes(r, halves, window_batches, length, device)
             res["passes_shares"] = prof["passes_shares"]
             res["breakdown_ms"] = breakdown(
                 statistics.median(by_kind[True]), statistics.median(by_kind[False]) if by_kind[False] else None,
@@ -639,10 +639,10 @@ def measure_model(spec: ModelSpec, tokens: Sequence[int], steps: Optional[int], 
     length = cycle_steps(config)
     dims = [(layer.in_dim, layer.out_dim) for layer in fop_opt.layers]
     window_batch = batch_size(spec, min(WINDOW_TOKENS, *tokens))
-    tiny = [split_halves(make_batch(spec, window_batch, device, seed=3 + p)) for p in range(length)]
-    runners["adamw"].step(tiny[0])  # AdamW allocates its state; K-FAC/FOP warm up in the window
+    window_batches = [split_halves(make_batch(spec, window_batch, device, seed=3 + p)) for p in range(length)]
+    runners["adamw"].step(window_batches[0])  # AdamW allocates its state; K-FAC/FOP warm up in the window
     start = time.perf_counter()
-    window = schedule_window([runners["kfac"], runners["fop"]], tiny, length, device)
+    window = schedule_window([runners["kfac"], runners["fop"]], window_batches, length, device)
     per_position = "; ".join(f"{k} " + " ".join(f"{1e3 * o:.0f}" for o in runners[k].opt_s) for k in ("kfac", "fop"))
     _log(f"{spec.name}: schedule window of {length} steps in {time.perf_counter() - start:.0f} s; opt.step ms per "
          f"position: {per_position}")
@@ -651,7 +651,7 @@ def measure_model(spec: ModelSpec, tokens: Sequence[int], steps: Optional[int], 
     points = []
     for t in tokens:
         start = time.perf_counter()
-        point = measure_point(runners, spec, t, steps or default_steps(t), length, device, tiny, whole_cycle)
+        point = measure_point(runners, spec, t, steps or default_steps(t), length, device, window_batches, whole_cycle)
         flops = flops_per_example * point["batch"]
         point["passes_gflop"] = flops / 1e9
         for kind, rot in ROTATIONS.items():
@@ -876,8 +876,8 @@ def estimate_seconds(spec: ModelSpec, tokens: Sequence[int], steps: Optional[int
     def total(seconds: Dict[str, float]) -> float:
         refresh = sum(seconds["eigh"] / d**3 * (a**3 + b**3) for a, b in dims)
         opt_step = {k: rotation_flops(dims, r) / (2 * d**3) * seconds["mm"] for k, r in ROTATIONS.items()}
-        tiny = batch_size(spec, min(WINDOW_TOKENS, *tokens)) / batch_size(spec, t0)
-        out = sum(2 * refresh + (length + 1) * (opt_step[k] + tiny * seconds["fop"]) for k in opt_step)  # windows
+        share = batch_size(spec, min(WINDOW_TOKENS, *tokens)) / batch_size(spec, t0)  # a window batch's passes
+        out = sum(2 * refresh + (length + 1) * (opt_step[k] + share * seconds["fop"]) for k in opt_step)  # windows
         for t in tokens:
             scale = batch_size(spec, t) / batch_size(spec, t0)
             n = steps or default_steps(t)

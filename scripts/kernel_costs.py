@@ -1,0 +1,93 @@
+"""Cost of the step's big kernels on this machine, one thread, process CPU seconds (best of ``--repeats``):
+
+* a rotation ``Q_S^T G Q_A`` (:func:`hf_fop.fop_math.rotate`) of an ``(out, in)`` gradient in float32 and with
+  bfloat16 inputs (conversions included): what ``FOPConfig.rotation_dtype`` trades, and where ``"auto"``'s
+  256-wide floor comes from;
+* the capture's Gram ``rows^T rows`` (:func:`hf_fop.curvature._gram`, block upper triangle) against one full
+  product;
+* ``torch.linalg.eigh`` of a factor of side ``d`` (float32).
+
+    OMP_NUM_THREADS=1 python scripts/kernel_costs.py            # the shapes of docs/performance.md, about 1 min
+    OMP_NUM_THREADS=1 python scripts/kernel_costs.py --small    # tiny shapes, seconds (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hf_fop.curvature import _gram  # noqa: E402
+from hf_fop.fop_math import rotate  # noqa: E402
+
+ROTATIONS = ((64, 65), (128, 129), (256, 257), (384, 385), (768, 769), (3072, 769), (768, 3073))
+GRAMS = ((2048, 3072), (2048, 768), (512, 3072))
+EIGH = (769, 3073)
+SMALL = {"rotations": ((16, 17), (32, 33)), "grams": ((1024, 256),), "eigh": (33,)}
+
+
+def best_ms(fn: Callable[[], object], repeats: int) -> float:
+    """Smallest process CPU milliseconds of ``repeats`` calls of ``fn`` after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.process_time()
+        fn()
+        best = min(best, time.process_time() - t0)
+    return 1e3 * best
+
+
+def measure(rotations: Sequence[Tuple[int, int]], grams: Sequence[Tuple[int, int]], eigh: Sequence[int],
+            repeats: int) -> Dict[str, List[Dict[str, float]]]:  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    out: Dict[str, List[Dict[str, float]]] = {"rotation": [], "gram": [], "eigh": []}
+    for rows, cols in rotations:
+        g = torch.randn(rows, cols, generator=gen)
+        q_s, q_a = (torch.linalg.qr(torch.randn(n, n, generator=gen))[0] for n in (rows, cols))
+        f32 = best_ms(lambda: rotate(g, q_s, q_a), repeats)
+        bf16 = best_ms(lambda: rotate(g, q_s, q_a, torch.bfloat16), repeats)
+        speedup = f32 / bf16 if bf16 > 0 else float("inf")
+        out["rotation"].append({"out": rows, "in": cols, "float32_ms": f32, "bfloat16_ms": bf16, "speedup": speedup})
+    for n, d in grams:
+        x = torch.randn(n, d, generator=gen)
+        full = best_ms(lambda: x.T @ x, repeats)
+        blocked = best_ms(lambda: _gram(x), repeats)
+        out["gram"].append({"rows": n, "cols": d, "full_ms": full, "blocked_ms": blocked})
+    for d in eigh:
+        x = torch.randn(4 * d, d, generator=gen)
+        factor = x.T @ x / (4 * d)
+        out["eigh"].append({"dim": d, "ms": best_ms(lambda: torch.linalg.eigh(factor), repeats)})
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[Dict[str, float]]]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--small", action="store_true", help="tiny shapes (seconds)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats must be >= 1, got {args.repeats}")
+    torch.set_num_threads(args.threads)
+    shapes = SMALL if args.small else {"rotations": ROTATIONS, "grams": GRAMS, "eigh": EIGH}
+    result = measure(shapes["rotations"], shapes["grams"], shapes["eigh"], args.repeats)
+    for r in result["rotation"]:
+        print(f"rotate {r['out']} x {r['in']}: float32 {r['float32_ms']:.1f} ms, bfloat16 {r['bfloat16_ms']:.1f} ms "
+              f"({r['speedup']:.2f}x)")  # fmt: skip
+    for r in result["gram"]:
+        print(f"gram {r['rows']} x {r['cols']}: one product {r['full_ms']:.1f} ms, block triangle {r['blocked_ms']:.1f} ms")
+    for r in result["eigh"]:
+        print(f"eigh {r['dim']}: {r['ms']:.0f} ms")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""Smoke test of scripts/kernel_costs.py (the kernel figures of docs/performance.md): it runs and reports every shape it
+measures. Timings themselves are not checked."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+import kernel_costs  # noqa: E402
+
+
+def test_small_run_reports_every_kernel():
+    result = kernel_costs.main(["--small", "--repeats", "1"])
+    assert [(r["out"], r["in"]) for r in result["rotation"]] == list(kernel_costs.SMALL["rotations"])
+    assert [(r["rows"], r["cols"]) for r in result["gram"]] == list(kernel_costs.SMALL["grams"])
+    assert [r["dim"] for r in result["eigh"]] == list(kernel_costs.SMALL["eigh"])
+    for r in result["rotation"]:
+        assert r["speedup"] == pytest.approx(r["float32_ms"] / r["bfloat16_ms"])
+
+
+def test_repeats_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        kernel_costs.main(["--repeats", "0"])
+    assert "--repeats must be >= 1" in capsys.readouterr().err
