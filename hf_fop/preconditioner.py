@@ -78,9 +78,9 @@ def rotation_error(
     Rounding the inputs of ``Q_S^T G Q_A`` to a unit roundoff ``u`` adds noise of about ``sqrt(3) u ||G||`` spread
     evenly over the eigenbasis (from ``G``, ``Q_S`` and ``Q_A``); ``M^-1`` then weighs each entry, so the noise of
     ``eta (M^-1 g_avg + beta M^-1 g_perp)`` is about ``|eta| sqrt(3) u sqrt((||g_avg||^2 + beta^2 ||g1 - g2||^2)
-    mean(M_hat^-2))``. Small when the gradient has weight where ``M`` is small (the usual case: measured 5e-3 on
-    MiniLM's layers against 7e-3 estimated); large when the gradient lies where ``M`` is large and ``lambda`` is small,
-    where the noise would dominate the step.
+    mean(M_hat^-2))``. Small when the gradient has weight where ``M`` is small (the usual case); large when the gradient lies where ``M`` is large and ``lambda`` is small,
+    where the noise would dominate the step. Against measured errors: ``tests/test_preconditioner.py`` and
+    ``scripts/rotation_precision.py`` (MiniLM: largest 0.243 estimated, 0.232 measured).
     """
     s, a = layer.basis_s.eigenvalues, layer.basis_a.eigenvalues
     m_inv2 = torch.outer(s, a).add_(result.damping).reciprocal_().square_().mean()  # one (out, in) temporary
