@@ -118,6 +118,13 @@ class FOPConfig:
     """Spread each inverse cycle's eigendecompositions over its ``inverse_interval`` steps, about ``1/k`` of the work
     per step (:mod:`hf_fop.refresh`), so that no step is much longer than the others; ``False`` decomposes every
     layer on the cycle's first step."""
+    max_eigh_dim: Optional[int] = 1600
+    """Largest eigendecomposition of a refresh after a layer's first: a factor larger than this is refreshed in blocks
+    from its previous eigenbasis (warm-started block Jacobi, :mod:`hf_fop.refresh`), a handful of products and eigh of
+    at most this size, spread over the inverse cycle, so that no step pays for a whole ``eigh`` of a 3,072-wide factor
+    (seconds on a CPU); ``None``: every refresh is a full ``eigh`` (the paper's). With the default, the 3,072-wide
+    factors of BERT-, ViT- and GPT-2-sized models are refreshed in 4 groups (6 block rotations with an eigh of at most
+    1,537 each; MiniLM's 1,537 are decomposed whole)."""
     curvature_sharding: str = "replicated"
     """Several processes: ``"replicated"`` (every rank decomposes every factor and computes every layer's direction)
     or ``"specialists"`` (each layer's owner rank alone does, :mod:`hf_fop.distributed.specialists`). Ignored in one process."""
@@ -196,6 +203,11 @@ class FOPConfig:
                 _fail("capture_rows", self.capture_rows, "None (every row) or an integer >= 1, e.g. 1024")
         if not isinstance(self.stagger_refresh, bool):
             _fail("stagger_refresh", self.stagger_refresh, "True or False")
+        if self.max_eigh_dim is not None:
+            try:
+                _check_int("max_eigh_dim", self.max_eigh_dim, 2)
+            except ValueError:
+                _fail("max_eigh_dim", self.max_eigh_dim, "None (full eigendecompositions) or an integer >= 2, e.g. 1600")
         if self.curvature_sharding not in CURVATURE_SHARDINGS:
             _fail("curvature_sharding", self.curvature_sharding, f"one of {CURVATURE_SHARDINGS}")
         if self.projection_metric not in PROJECTION_METRICS:

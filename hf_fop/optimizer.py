@@ -66,7 +66,7 @@ from .preconditioner import (
     rotation_error,
 )
 from .profiling import scope
-from .refresh import due_layers, refresh_cost, refresh_slots
+from .refresh import due_units, refresh_slots, refresh_units, unit_cost
 
 _COUNTERS = (
     "factor_updates", "inverse_updates", "skipped_steps", "fallback_steps", "identity_layer_steps", "float32_rotations",
@@ -181,10 +181,13 @@ class FOP(torch.optim.Optimizer):
         """This step's sub-batch gradients (g1, g1 - g2) and their state."""
         self.distributor = make_distributor(self.engine, config)
         """Where curvature lives across processes (:class:`hf_fop.distributed.CurvatureDistributor`)."""
+        self._units = refresh_units(self.engine.layers, config.max_eigh_dim)
+        """An inverse cycle's refresh work (:mod:`hf_fop.refresh`): full eigendecompositions and block rotations."""
         self._slots = refresh_slots(
-            [refresh_cost(layer) for layer in self.engine.layers], config.inverse_interval, config.factor_interval
+            [unit_cost(unit, config.max_eigh_dim) for unit in self._units], config.inverse_interval,
+            config.factor_interval,
         )
-        """Step of the inverse cycle on which each managed layer's factors are decomposed (:mod:`hf_fop.refresh`)."""
+        """Step of the inverse cycle on which each unit of ``_units`` runs."""
         self._record = StepRecord()
         self._on_release: List[Callable[[], None]] = []
         self._schedule_capture()
@@ -342,7 +345,7 @@ class FOP(torch.optim.Optimizer):
             self.counters["factor_updates"] += 1
         k = self.config.inverse_interval
         fresh = [layer.name for layer in unfactored if layer.A is not None]  # first factors this step: no basis yet
-        due = due_layers(self.engine.layers, self._slots, self.global_step, k, self.config.stagger_refresh, fresh)
+        due = due_units(self._units, self._slots, self.global_step, k, self.config.stagger_refresh, fresh)
         if due:
             self.distributor.refresh_bases(due)
         if self.global_step % k == 0 and any(layer.A is not None for layer in self.engine.layers):

@@ -1,31 +1,103 @@
-"""Eigenbasis refresh: the eigendecompositions of the K-FAC factors, their fault handling, and when each layer's
-are due.
+"""Eigenbasis refresh: the eigendecompositions of the K-FAC factors, their fault handling, and when each part of the
+work is due.
 
-* :func:`refresh_layers` decomposes ``A`` and ``S`` of the given layers: ``torch.linalg.eigh`` in float32, then
-  float64; when both fail the last good basis stays (a warning), and after ``max_eigh_failures`` failures in a row
-  it raises naming the layer.
-* :func:`refresh_slots` staggers the refresh: over an inverse cycle of ``k`` steps each layer is decomposed on one
-  step, its slot, chosen so that every step gets about ``1/k`` of the cycle's work (cost ``d_A^3 + d_S^3``, greedy,
-  costliest first, the factor-capture steps last among equals). No step then pays for every layer at once; with ``k = 1`` every layer is due every step, as
-  without staggering. A layer's first factors are decomposed at once, whatever its slot.
+* :func:`refresh_bases` carries out :class:`RefreshUnit` s: a full ``torch.linalg.eigh`` of a factor (float32, then
+  float64; when both fail the last good basis stays, a warning, and after ``max_eigh_failures`` failures in a row it
+  raises naming the layer), or one **block rotation** of a factor larger than ``FOPConfig.max_eigh_dim``.
+* Block refresh (warm-started cyclic block Jacobi): a big factor's eigenvectors ``Q (n, n)`` are split into ``p``
+  groups of consecutive columns (:func:`block_bounds`); a block rotation of the groups ``(i, j)`` takes their columns
+  ``Q_ij (n, m)``, decomposes the projected factor ``Q_ij^T F Q_ij (m, m) = V diag(w) V^T`` and sets
+  ``Q_ij <- Q_ij V``, eigenvalues ``w``. ``Q`` stays orthonormal and every rotation lowers the off-diagonal mass of
+  ``Q^T F Q``; one rotation per pair of groups is one sweep, ``p (p - 1) / 2`` units per inverse cycle, each a
+  ``2 n^2 m + 4 n m^2`` flop product plus an eigh of ``m <= max_eigh_dim``. Started from the previous basis (the factor
+  moves little per cycle) one sweep keeps the basis near the exact one (``tests/test_refresh.py``,
+  ``scripts/refresh_accuracy.py``); a factor's first basis is a full eigh.
+* :func:`refresh_slots` staggers the work: over an inverse cycle of ``k`` steps each unit runs on one step, its slot,
+  chosen so that every step gets about ``1/k`` of the cycle's work (:func:`unit_cost`, greedy, costliest first, the
+  factor-capture steps last among equals). No step then pays for every layer at once, and with block refresh no step
+  pays for a whole big factor's ``eigh`` either; with ``k = 1`` everything is due every step. A layer's first factors
+  are decomposed at once, whatever its slots.
 
-Cost on this project's 2-core CPU (torch 2.13, 2 threads, idle): ``eigh`` of 385: 6 ms, 769: 28 ms, 1537: 158 ms,
-3073: 1.2 s. A warm-started refresh (one power iteration and QR from the previous basis) costs a ``d^3`` GEMM plus a
-QR, about as much as ``eigh`` on a CPU, so the refresh is amortised (the inverse interval) and spread (the slots)
-instead.
+Cost on this project's 2-core CPU (torch 2.13, one thread, ``scripts/kernel_costs.py``): ``eigh`` of 3,073 about
+5 s, about 12 float32 GEMM flops per ``d^3``; a block rotation of a 3,073 factor in 4 groups (``m`` = 1,537) about a
+quarter of that.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import time
 import warnings
-from typing import List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from .curvature import CurvatureEngine, EigenBasis, KFACLayer
 from .profiling import scope
+
+EIGH_FLOPS_PER_CUBE = 12
+"""Cost of ``eigh`` of ``d`` in float32 GEMM flops, over ``d^3`` (``scripts/kernel_costs.py`` on this CPU: 3,073 in
+5.3 s against 68 Gflop/s GEMMs); it weighs eigh against the block rotations' products in :func:`unit_cost`."""
+
+
+@dataclass(frozen=True, eq=False)
+class RefreshUnit:
+    """One piece of an inverse cycle's refresh work.
+
+    ``pair`` ``None``: full eigendecompositions of ``factors`` (``"A"`` and/or ``"S"``) of ``layer``; otherwise one
+    block rotation of the groups ``pair = (i, j)`` of its single factor (see the module docstring)."""
+
+    layer: KFACLayer
+    factors: Tuple[str, ...]
+    pair: Optional[Tuple[int, int]] = None
+
+
+def factor_dim(layer: KFACLayer, which: str) -> int:
+    """Size of factor ``which`` (``"A"``: ``in_dim``, ``"S"``: ``out_dim``)."""
+    return layer.in_dim if which == "A" else layer.out_dim
+
+
+def block_bounds(n: int, max_eigh_dim: Optional[int]) -> Optional[List[int]]:
+    """Column bounds ``[0, ..., n]`` of the ``p >= 3`` groups of a factor of size ``n`` refreshed in blocks: the fewest
+    groups with any two of them at most ``max_eigh_dim`` columns; ``None`` when ``n <= max_eigh_dim`` (or it is
+    ``None``): one full eigh."""
+    if max_eigh_dim is None or n <= max_eigh_dim:
+        return None
+    p = 3
+    while 2 * math.ceil(n / p) > max_eigh_dim:
+        p += 1
+    return [(g * n) // p for g in range(p + 1)]
+
+
+def refresh_units(layers: Sequence[KFACLayer], max_eigh_dim: Optional[int]) -> List[RefreshUnit]:
+    """An inverse cycle's work, layer by layer: one unit with the full eigendecompositions of the layer's factors up to
+    ``max_eigh_dim``, then one unit per pair of groups of each larger factor. With ``max_eigh_dim`` ``None`` (or no
+    larger factor) that is one unit per layer with both factors."""
+    units = []
+    for layer in layers:
+        bounds = {which: block_bounds(factor_dim(layer, which), max_eigh_dim) for which in ("A", "S")}
+        full = tuple(which for which in ("A", "S") if bounds[which] is None)
+        if full:
+            units.append(RefreshUnit(layer, full))
+        for which in ("A", "S"):
+            if bounds[which] is not None:
+                groups = len(bounds[which]) - 1
+                units += [RefreshUnit(layer, (which,), pair) for pair in itertools.combinations(range(groups), 2)]
+    return units
+
+
+def unit_cost(unit: RefreshUnit, max_eigh_dim: Optional[int]) -> int:
+    """Work of one unit in float32 GEMM flops: ``EIGH_FLOPS_PER_CUBE d^3`` per full eigh; ``2 n^2 m + 4 n m^2`` and an
+    eigh of ``m`` for a block rotation of ``m`` columns of a factor of size ``n``."""
+    if unit.pair is None:
+        return sum(EIGH_FLOPS_PER_CUBE * factor_dim(unit.layer, which) ** 3 for which in unit.factors)
+    n = factor_dim(unit.layer, unit.factors[0])
+    bounds = block_bounds(n, max_eigh_dim)
+    m = sum(bounds[g + 1] - bounds[g] for g in unit.pair)
+    return 2 * n * n * m + 4 * n * m * m + EIGH_FLOPS_PER_CUBE * m**3
 
 
 def eigh_float32(mat: Tensor) -> Tuple[Tensor, Tensor]:
@@ -39,28 +111,84 @@ def eigh_float64(mat: Tensor) -> Tuple[Tensor, Tensor]:
     return vals.float(), vecs.float()
 
 
-def refresh_layers(engine: CurvatureEngine, layers: Sequence[KFACLayer], max_failures: int) -> None:
-    """Eigendecompose ``A`` and ``S`` of every layer in ``layers`` (each must have factors); see the module docstring.
-
-    Host seconds go to ``engine.seconds``.
-    """
+def refresh_bases(
+    engine: CurvatureEngine, units: Sequence[RefreshUnit], max_failures: int, max_eigh_dim: Optional[int]
+) -> None:
+    """Carry out ``units`` (each layer must have factors); see the module docstring. A block rotation of a factor that
+    has no basis yet is a full eigh. Host seconds go to ``engine.seconds``."""
     t0 = time.perf_counter()
     with scope("refresh"):
-        for layer in layers:
-            layer.basis_a = _decompose(layer, "A", layer.A, layer.basis_a, max_failures)
-            layer.basis_s = _decompose(layer, "S", layer.S, layer.basis_s, max_failures)
+        for unit in units:
+            layer = unit.layer
+            for which in unit.factors:
+                mat, last = (layer.A, layer.basis_a) if which == "A" else (layer.S, layer.basis_s)
+                if unit.pair is None or last is None:
+                    basis = _decompose(layer, which, mat, last, max_failures)
+                else:
+                    basis = block_rotation(mat, last, block_bounds(mat.shape[0], max_eigh_dim), unit.pair)
+                    if basis is None:
+                        _failed(layer, which, max_failures)
+                        basis = last
+                    else:
+                        layer.eigh_failures[which] = 0
+                if which == "A":
+                    layer.basis_a = basis
+                else:
+                    layer.basis_s = basis
     engine.seconds += time.perf_counter() - t0
 
 
-def _decompose(layer: KFACLayer, which: str, mat: Tensor, last: Optional[EigenBasis], max_failures: int) -> EigenBasis:
+def unit_layers(units: Sequence[RefreshUnit]) -> List[KFACLayer]:
+    """The layers of ``units``, each once, in order."""
+    return list({id(unit.layer): unit.layer for unit in units}.values())
+
+
+def _solve(mat: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+    """``eigh`` of ``mat`` in float32, else float64; ``None`` when both fail or give non-finite results."""
     for solver in (eigh_float32, eigh_float64):
         try:
             vals, vecs = solver(mat)
         except torch.linalg.LinAlgError:  # anything else (out of memory, device errors) propagates
             continue
         if torch.isfinite(vals).all() and torch.isfinite(vecs).all():
-            layer.eigh_failures[which] = 0
-            return EigenBasis(q=vecs.contiguous(), eigenvalues=vals.clamp_min(0.0))
+            return vals, vecs
+    return None
+
+
+def _decompose(layer: KFACLayer, which: str, mat: Tensor, last: Optional[EigenBasis], max_failures: int) -> EigenBasis:
+    solved = _solve(mat)
+    if solved is not None:
+        layer.eigh_failures[which] = 0
+        return EigenBasis(q=solved[1].contiguous(), eigenvalues=solved[0].clamp_min(0.0))
+    _failed(layer, which, max_failures)
+    if last is not None:
+        return last
+    # No good basis yet: the diagonal approximation of the factor.
+    diag = torch.nan_to_num(torch.diagonal(mat).float(), nan=0.0, posinf=0.0).clamp_min(0.0)
+    return EigenBasis(q=torch.eye(mat.shape[0], device=mat.device), eigenvalues=diag)
+
+
+def block_rotation(mat: Tensor, basis: EigenBasis, bounds: Sequence[int], pair: Tuple[int, int]) -> Optional[EigenBasis]:
+    """``basis`` of the symmetric ``mat (n, n)`` with the columns of the groups ``pair`` (column ranges from ``bounds``)
+    rotated to diagonalise ``mat`` on their span: ``Q_ij <- Q_ij V``, eigenvalues ``w`` (ascending within the pair),
+    where ``Q_ij^T mat Q_ij = V diag(w) V^T``. A new basis (``basis`` is not changed); ``None`` when the pair's eigh
+    fails in float32 and float64."""
+    cols = torch.cat([torch.arange(bounds[g], bounds[g + 1], device=mat.device) for g in pair])
+    q_pair = basis.q[:, cols]  # (n, m)
+    projected = q_pair.T @ (mat.float() @ q_pair)  # (m, m)
+    solved = _solve(0.5 * (projected + projected.T))
+    if solved is None:
+        return None
+    vals, vecs = solved
+    q = basis.q.clone()
+    q[:, cols] = q_pair @ vecs
+    eigenvalues = basis.eigenvalues.clone()
+    eigenvalues[cols] = vals.clamp_min(0.0)
+    return EigenBasis(q=q, eigenvalues=eigenvalues)
+
+
+def _failed(layer: KFACLayer, which: str, max_failures: int) -> None:
+    """Count a failed decomposition of factor ``which``: raise at ``max_failures`` in a row, else warn."""
     layer.eigh_failures[which] += 1
     if layer.eigh_failures[which] >= max_failures:
         raise RuntimeError(
@@ -72,26 +200,16 @@ def _decompose(layer: KFACLayer, which: str, mat: Tensor, last: Optional[EigenBa
         f"Eigendecomposition of factor {which} of layer {layer.name!r} failed in float32 and float64; "
         "keeping the last good basis.",
         RuntimeWarning,
-        stacklevel=4,
+        stacklevel=5,
     )
-    if last is not None:
-        return last
-    # No good basis yet: the diagonal approximation of the factor.
-    diag = torch.nan_to_num(torch.diagonal(mat).float(), nan=0.0, posinf=0.0).clamp_min(0.0)
-    return EigenBasis(q=torch.eye(mat.shape[0], device=mat.device), eigenvalues=diag)
-
-
-def refresh_cost(layer: KFACLayer) -> int:
-    """Work of one layer's refresh, ``d_A^3 + d_S^3`` (eigh is cubic)."""
-    return layer.in_dim**3 + layer.out_dim**3
 
 
 def refresh_slots(costs: Sequence[int], k: int, capture_every: int = 1) -> List[int]:
-    """Slot in ``[0, k)`` of each layer: greedy, costliest first, to the least-loaded slot (ties: a slot that is not a
-    capture step, i.e. ``slot % capture_every != 0``, then the lower slot; layers by lower index). A capture step
+    """Slot in ``[0, k)`` of each unit of work: greedy, costliest first, to the least-loaded slot (ties: a slot that is
+    not a capture step, i.e. ``slot % capture_every != 0``, then the lower slot; units by lower index). A capture step
     already pays for the factors of every layer, so the costliest decompositions go to the other steps. Deterministic
-    and independent of the world size, so every distribution refreshes a layer on the same step as one process does
-    (with curvature specialists a step's layers may belong to different owners)."""
+    and independent of the world size, so every distribution refreshes a unit on the same step as one process does
+    (with curvature specialists a step's units may belong to different owners)."""
     for name, value in (("k", k), ("capture_every", capture_every)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"refresh_slots: {name}={value!r} is invalid: expected an integer >= 1 (steps per "
@@ -105,18 +223,24 @@ def refresh_slots(costs: Sequence[int], k: int, capture_every: int = 1) -> List[
     return slots
 
 
-def due_layers(
-    layers: Sequence[KFACLayer], slots: Sequence[int], step: int, k: int, stagger: bool, fresh: Sequence[str] = ()
-) -> List[KFACLayer]:
-    """Layers to decompose at ``step`` (the same on every rank): those with factors whose turn it is (their slot is
-    ``step % k`` with ``stagger``; every layer on a cycle's first step without), and the ``fresh`` ones (names of the
-    layers that got their first factors this step)."""
+def due_units(
+    units: Sequence[RefreshUnit], slots: Sequence[int], step: int, k: int, stagger: bool, fresh: Sequence[str] = ()
+) -> List[RefreshUnit]:
+    """Units to carry out at ``step`` (the same on every rank): those of layers with factors whose turn it is (their
+    slot is ``step % k`` with ``stagger``; every unit on a cycle's first step without), and for each ``fresh`` layer
+    (names of the layers that got their first factors this step) one full eigh of both factors instead of its units."""
     fresh = set(fresh)
-    out = []
-    for layer, slot in zip(layers, slots):
+    out: List[RefreshUnit] = []
+    seen_fresh: Dict[str, bool] = {}
+    for unit, slot in zip(units, slots):
+        layer = unit.layer
         if layer.A is None:
             continue
-        turn = slot == step % k if stagger else step % k == 0
-        if turn or layer.name in fresh:
-            out.append(layer)
+        if layer.name in fresh:
+            if not seen_fresh.get(layer.name):
+                seen_fresh[layer.name] = True
+                out.append(RefreshUnit(layer, ("A", "S")))
+            continue
+        if (slot == step % k) if stagger else (step % k == 0):
+            out.append(unit)
     return out

@@ -92,12 +92,12 @@ def single_process(world_size: int, mode: str, steps: int, accum: int, inverse_i
 
 
 def job_options(text: str) -> Dict[str, Any]:
-    """``"damping_mode=relative;kl_clip=none;stagger_refresh=true"`` -> FOP keyword arguments (``none`` -> ``None``,
-    ``true``/``false`` -> booleans)."""
+    """``"damping_mode=relative;kl_clip=none;stagger_refresh=true;max_eigh_dim=4"`` -> FOP keyword arguments (``none``
+    -> ``None``, ``true``/``false`` -> booleans, digits -> ``int``)."""
     out: Dict[str, Any] = {}
     for item in filter(None, text.split(";")):
         key, value = item.split("=")
-        out[key] = {"none": None, "true": True, "false": False}.get(value, value)
+        out[key] = int(value) if value.isdigit() else {"none": None, "true": True, "false": False}.get(value, value)
     return out
 
 

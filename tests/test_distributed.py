@@ -429,7 +429,8 @@ def test_specialists_two_processes_match_one_process_resume_across_modes_and_sur
     from it (checkpoint before step 5); ``spec2`` specialists resumed from that. Each equals one process fed the same
     sub-batches (allclose) with bitwise identical replicas; one process resumed from ``spec``'s checkpoint too. The
     checkpoint holds the full state of one process. A NaN gradient on one rank in a layer the other owns skips the
-    step everywhere. Then a forced eigendecomposition failure on one owner.
+    step everywhere. Staggered and block refresh (``max_eigh_dim`` 4; owners' and replicated) equal one process too.
+    Then a forced eigendecomposition failure on one owner.
     """
     from dist_workers import single_process
 
@@ -439,12 +440,18 @@ def test_specialists_two_processes_match_one_process_resume_across_modes_and_sur
     records = plain_torchrun(2, out, "--steps", "6", "--accum", "2", "--inverse_interval", "3", "--eigh_failure",
                              "--job", "spec,fop,specialists,plain,-,4", "--job", "rep,fop,replicated,plain,{out}/spec_4.pt,5",
                              "--job", "spec2,fop,specialists,plain,{out}/rep_5.pt,-", "--job", "nangrad,fop,specialists,nangrad,-,-",
-                             "--job", "stagger,fop,specialists,plain,-,-,stagger_refresh=true")
+                             "--job", "stagger,fop,specialists,plain,-,-,stagger_refresh=true",
+                             "--job", "blocks,fop,specialists,plain,-,-,stagger_refresh=true;max_eigh_dim=4",
+                             "--job", "blocksrep,fop,replicated,plain,-,-,stagger_refresh=true;max_eigh_dim=4")
     one = single_process(2, "fop", 6, 2, 3, "plain", save=str(tmp_path / "one_4.pt"), save_at=4)
     for name in ("spec", "rep", "spec2"):
         _assert_run_matches(records, name, one)
     # the default staggered refresh: owners decompose their layers on the layers' slot steps, as one process does
     _assert_run_matches(records, "stagger", single_process(2, "fop", 6, 2, 3, "plain", stagger_refresh=True))
+    # block refresh (max_eigh_dim 4: the factors of 7, 8 and 9 in 4 groups), owners' and replicated, as one process
+    blocks = single_process(2, "fop", 6, 2, 3, "plain", stagger_refresh=True, max_eigh_dim=4)
+    _assert_run_matches(records, "blocks", blocks)
+    _assert_run_matches(records, "blocksrep", blocks)
     resumed = single_process(2, "fop", 6, 2, 3, "plain", resume=str(out / "spec_4.pt"))
     _assert_matches_single([resumed], one)
     saved = torch.load(out / "spec_4.pt", weights_only=False)["optimizer"]["fop"]["layers"]

@@ -1,7 +1,10 @@
-"""hf_fop.refresh: the staggered schedule of eigendecompositions (slots as data, then on a real optimizer)."""
+"""hf_fop.refresh: the staggered schedule of the refresh work (slots as data, then on a real optimizer) and the block
+refresh of large factors (warm-started block Jacobi) against exact eigendecompositions."""
 
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Dict, List
 
 import pytest
@@ -11,7 +14,8 @@ from torch import nn
 
 import hf_fop.refresh as refresh
 from hf_fop import FOP
-from hf_fop.refresh import refresh_slots
+from hf_fop.curvature import EigenBasis
+from hf_fop.refresh import block_bounds, block_rotation, refresh_slots, refresh_units, unit_cost
 
 
 @pytest.mark.parametrize(
@@ -57,9 +61,9 @@ def _model() -> nn.Module:
 def _train(model: nn.Module, opt: FOP, steps: int, calls: List[List[str]]) -> None:
     original = opt.distributor.refresh_bases
 
-    def record(layers):  # noqa: ANN001, ANN202
-        calls.append([layer.name for layer in layers])
-        return original(layers)
+    def record(units):  # noqa: ANN001, ANN202
+        calls.append([unit.layer.name for unit in units])
+        return original(units)
 
     opt.distributor.refresh_bases = record
     g = torch.Generator().manual_seed(0)
@@ -92,7 +96,7 @@ def test_staggered_refresh_decomposes_each_layer_once_per_cycle_and_spreads_the_
     steps = _per_step(calls)
     names = [layer.name for layer in opt.layers]
     assert sorted(steps[0]) == sorted(names)  # first factors: every layer at once
-    cost: Dict[str, int] = {layer.name: refresh.refresh_cost(layer) for layer in opt.layers}
+    cost: Dict[str, int] = {unit.layer.name: unit_cost(unit, None) for unit in opt._units}
     for cycle in (steps[1:4], steps[4:7]):
         done = [name for step in cycle for name in step]
         assert sorted(done) == sorted(names)  # each layer once per cycle of 3 steps
@@ -108,7 +112,7 @@ def test_the_costliest_refreshes_avoid_the_factor_capture_steps():
     calls: List[List[str]] = []
     _train(model, opt, 9, calls)
     steps = _per_step(calls)
-    cost = {layer.name: refresh.refresh_cost(layer) for layer in opt.layers}
+    cost = {unit.layer.name: unit_cost(unit, None) for unit in opt._units}
     costliest = sorted(cost, key=cost.get)[-2:]
     for cycle_start in (1, 5):
         cycle = steps[cycle_start : cycle_start + 4]
@@ -134,3 +138,212 @@ def test_with_a_cycle_of_one_step_stagger_changes_nothing():
         _train(model, FOP(model, lr=0.1, inverse_interval=1, momentum=0.9, stagger_refresh=stagger), 4, [])
         runs.append(model)
     assert all(torch.equal(p, q) for p, q in zip(runs[0].parameters(), runs[1].parameters()))
+
+
+# ---------------------------------------------------------------- block refresh of large factors
+
+
+@pytest.mark.parametrize(
+    "n, max_eigh_dim, bounds",
+    [
+        (3073, 1600, [0, 768, 1536, 2304, 3073]),  # BERT's 3,072 + bias (the default): 4 groups, pairs <= 1,537
+        (3072, 1600, [0, 768, 1536, 2304, 3072]),
+        (3072, 2048, [0, 1024, 2048, 3072]),
+        (1600, 1600, None),  # not larger than the limit: one full eigh
+        (1537, 1600, None),  # MiniLM's 1,536 + bias
+        (3073, None, None),  # block refresh off
+        (10, 6, [0, 2, 5, 7, 10]),  # 3 groups would pair 4 + 4 > 6
+        (7, 6, [0, 2, 4, 7]),  # never fewer than 3 groups (2 would be the whole factor)
+    ],
+)
+def test_block_bounds_as_data(n, max_eigh_dim, bounds):
+    assert block_bounds(n, max_eigh_dim) == bounds
+    if bounds is not None:
+        sizes = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
+        assert max(a + b for a, b in itertools.combinations(sizes, 2)) <= max_eigh_dim
+
+
+def test_units_split_only_the_factors_larger_than_max_eigh_dim():
+    model = nn.Sequential(nn.Linear(5, 40), nn.Tanh(), nn.Linear(40, 3))  # factors: A 6, S 40 | A 41, S 3
+    opt = FOP(model, lr=0.1, max_eigh_dim=16)
+    units = [(unit.layer.name, unit.factors, unit.pair) for unit in opt._units]
+    first, second = (layer.name for layer in opt.layers)
+    assert block_bounds(40, 16) == [0, 8, 16, 24, 32, 40] and block_bounds(41, 16) == [0, 6, 13, 20, 27, 34, 41]
+    assert units == ([(first, ("A",), None)] + [(first, ("S",), p) for p in itertools.combinations(range(5), 2)]
+                     + [(second, ("S",), None)] + [(second, ("A",), p) for p in itertools.combinations(range(6), 2)])
+    assert [(u.layer.name, u.factors, u.pair) for u in refresh_units(opt.layers, None)] == [
+        (first, ("A", "S"), None), (second, ("A", "S"), None)]
+
+
+def _spd(n: int, rows: int, gen: torch.Generator, mix: torch.Tensor) -> torch.Tensor:
+    """A factor as the capture estimates one: ``X^T X / rows`` of correlated rows ``X (rows, n)`` (float64)."""
+    x = torch.randn(rows, n, generator=gen, dtype=torch.float64) @ mix.T
+    return x.T @ x / rows
+
+
+def _mixing(n: int, gen: torch.Generator) -> torch.Tensor:
+    """Correlations with a power-law spectrum, like real layers' inputs."""
+    decay = torch.arange(1, n + 1, dtype=torch.float64) ** -0.7
+    return torch.randn(n, n, generator=gen, dtype=torch.float64) / math.sqrt(n) * decay[None, :]
+
+
+def _sweep(mat: torch.Tensor, basis: EigenBasis, max_eigh_dim: int) -> EigenBasis:
+    bounds = block_bounds(mat.shape[0], max_eigh_dim)
+    for pair in itertools.combinations(range(len(bounds) - 1), 2):
+        basis = block_rotation(mat, basis, bounds, pair)
+    return basis
+
+
+def _preconditioned(basis: EigenBasis, g: torch.Tensor, damping: float) -> torch.Tensor:
+    """``(F + damping I)^-1 g`` through ``basis``: ``Q diag(1 / (w + damping)) Q^T g`` for the columns of ``g``."""
+    q, w = basis.q.double(), basis.eigenvalues.double()
+    return q @ ((q.T @ g) / (w[:, None] + damping))
+
+
+def test_block_sweeps_converge_to_the_exact_eigendecomposition():
+    """Cyclic block Jacobi from an arbitrary orthonormal basis of a fixed factor: the off-diagonal of ``Q^T F Q``
+    vanishes and the eigenvalues become ``eigh``'s."""
+    gen = torch.Generator().manual_seed(0)
+    n = 60
+    mat = _spd(n, 200, gen, _mixing(n, gen)).float()
+    q0, _ = torch.linalg.qr(torch.randn(n, n, generator=gen))
+    basis = EigenBasis(q=q0, eigenvalues=torch.zeros(n))
+    offs = []
+    for _ in range(6):
+        basis = _sweep(mat, basis, 24)
+        rotated = basis.q.T @ mat @ basis.q
+        offs.append(((rotated - torch.diag(torch.diagonal(rotated))).norm() / rotated.norm()).item())
+    assert offs[-1] < 1e-5 < offs[0], offs
+    assert all(b <= a * 1.01 + 1e-6 for a, b in zip(offs, offs[1:])), offs  # never worse (to float32 rounding)
+    exact = torch.linalg.eigvalsh(mat.double())
+    torch.testing.assert_close(basis.eigenvalues.double().sort().values, exact, rtol=1e-4, atol=1e-6 * exact.max().item())
+    torch.testing.assert_close(basis.q.T @ basis.q, torch.eye(n), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("n, max_eigh_dim", [(96, 48), (200, 80)])
+def test_one_sweep_from_the_previous_basis_keeps_the_preconditioner_exact(n, max_eigh_dim):
+    """The refresh's use: the factor moved by one capture (running average, decay 0.95, of estimates from about n
+    rows); one sweep from the last basis gives ``(F + lambda I)^-1 g`` within cosine 0.999 of the exact eigenbasis'
+    for gradients in the data's directions (lambda 1e-3 of the mean eigenvalue), where keeping the old basis is off by
+    2-5%."""
+    gen = torch.Generator().manual_seed(1)
+    mix = _mixing(n, gen)
+    old = _spd(n, n + n // 3, gen, mix)
+    new = 0.95 * old + 0.05 * _spd(n, n + n // 3, gen, mix)
+    w_old, q_old = torch.linalg.eigh(old.float())
+    stale = EigenBasis(q=q_old, eigenvalues=w_old)
+    swept = _sweep(new.float(), stale, max_eigh_dim)
+    w_new, q_new = torch.linalg.eigh(new)
+    exact = EigenBasis(q=q_new, eigenvalues=w_new)
+    grads = mix @ torch.randn(n, 64, generator=gen, dtype=torch.float64)
+    damping = 1e-3 * w_new.mean().item()
+    want = _preconditioned(exact, grads, damping)
+    cos = {name: F.cosine_similarity(_preconditioned(b, grads, damping), want, dim=0).min().item()
+           for name, b in (("swept", swept), ("stale", stale))}
+    assert cos["swept"] >= 0.999, cos
+    assert 1 - cos["swept"] < 0.05 * (1 - cos["stale"]), cos
+
+
+def test_a_block_rotation_touches_only_its_pair_and_reports_a_failed_eigh(monkeypatch):
+    gen = torch.Generator().manual_seed(2)
+    n = 30
+    mat = _spd(n, 50, gen, _mixing(n, gen)).float()
+    q0, _ = torch.linalg.qr(torch.randn(n, n, generator=gen))
+    before = EigenBasis(q=q0, eigenvalues=torch.arange(n, dtype=torch.float32))
+    bounds = block_bounds(n, 16)  # [0, 7, 15, 22, 30]
+    after = block_rotation(mat, before, bounds, (1, 3))
+    cols = list(range(7, 15)) + list(range(22, 30))
+    others = [c for c in range(n) if c not in cols]
+    assert torch.equal(after.q[:, others], q0[:, others]) and torch.equal(after.eigenvalues[others], before.eigenvalues[others])
+    assert torch.equal(before.q, q0)  # a new basis; the old one is unchanged
+    rotated = after.q[:, cols].T @ mat @ after.q[:, cols]
+    torch.testing.assert_close(rotated, torch.diag(after.eigenvalues[cols]), atol=1e-5, rtol=0)
+    # the span of the pair's columns is kept: the other columns stay orthogonal to it
+    torch.testing.assert_close(after.q.T @ after.q, torch.eye(n), atol=2e-6, rtol=0)
+
+    def fail(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise torch.linalg.LinAlgError("no convergence")
+
+    monkeypatch.setattr(torch.linalg, "eigh", fail)
+    assert block_rotation(mat, before, bounds, (0, 1)) is None
+
+
+def _wide_model() -> nn.Module:
+    torch.manual_seed(4)
+    return nn.Sequential(nn.Linear(6, 40), nn.Tanh(), nn.Linear(40, 3))
+
+
+def test_block_refresh_in_the_optimizer_bounds_every_later_eigh_and_runs_each_pair_once_per_cycle(monkeypatch):
+    sizes: List[List[int]] = []
+    original = refresh.eigh_float32
+
+    def recording(mat):  # noqa: ANN001, ANN202
+        sizes[-1].append(mat.shape[0])
+        return original(mat)
+
+    monkeypatch.setattr(refresh, "eigh_float32", recording)
+    model = _wide_model()
+    opt = FOP(model, lr=0.1, max_eigh_dim=16, inverse_interval=4, factor_interval=2)
+    calls: List[List[str]] = []
+    original_refresh = opt.distributor.refresh_bases
+
+    def record(units):  # noqa: ANN001, ANN202
+        sizes.append([])
+        calls.append([(unit.layer.name, unit.factors, unit.pair) for unit in units])
+        return original_refresh(units)
+
+    opt.distributor.refresh_bases = record
+    _train(model, opt, 9, [])
+    assert sorted(sizes[0]) == [3, 7, 40, 41]  # first factors: full eigh of every factor
+    assert max(max(s) for s in sizes[1:]) <= 16
+    first_cycle = [entry for step in calls[1:] for entry in step][: len(opt._units)]
+    everything = [(u.layer.name, u.factors, u.pair) for u in opt._units]
+    done = [entry for step in calls[1:] for entry in step]
+    assert sorted(map(repr, done)) == sorted(map(repr, everything * 2))  # steps 1-8: two cycles, each unit once each
+    assert first_cycle  # the refresh ran
+    assert opt.counters["skipped_steps"] == 0
+    for layer in opt.layers:
+        for basis in (layer.basis_a, layer.basis_s):
+            torch.testing.assert_close(basis.q.T @ basis.q, torch.eye(basis.q.shape[0]), atol=2e-6, rtol=0)
+
+
+def _kfac_direction(q_s: torch.Tensor, s: torch.Tensor, q_a: torch.Tensor, a: torch.Tensor, grad: torch.Tensor,
+                    damping: float) -> torch.Tensor:
+    """``(S (x) A + damping)^-1 grad`` through eigenbases: ``Q_S [(Q_S^T G Q_A) / (s a^T + damping)] Q_A^T``."""
+    return q_s @ ((q_s.T @ grad @ q_a) / (s[:, None] * a[None, :] + damping)) @ q_a.T
+
+
+def test_block_refresh_keeps_the_preconditioner_of_a_training_run_exact():
+    """Training with block refresh (max_eigh_dim 16: the 40- and 41-wide factors in 5 and 6 groups), every refresh on
+    the cycle's first step: after each of 6 cycles the layers' K-FAC directions of random gradients through the block
+    bases are within cosine 0.999 of those through the exact eigendecompositions of the same factors (the refresh
+    that full eigh would have done on that step), and the bases have moved (the factors changed)."""
+    model = _wide_model()
+    damping = 1e-2
+    opt = FOP(model, lr=0.05, damping=damping, max_eigh_dim=16, inverse_interval=4, factor_interval=2,
+              stagger_refresh=False)
+    gen = torch.Generator().manual_seed(5)
+    cos: List[float] = []
+    first = {layer.name: layer for layer in opt.layers}
+    start = {}
+    for step in range(24):
+        x, y = torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+        for k in (0, 1):
+            with opt.sub_batch(k):
+                F.cross_entropy(model(x[8 * k : 8 * k + 8]), y[8 * k : 8 * k + 8]).backward()
+        opt.step()
+        opt.zero_grad()
+        if step == 0:
+            start = {name: layer.basis_s.q.clone() for name, layer in first.items()}
+        if step % 4 == 0 and step > 0:  # a refresh step: compare with exact eigendecompositions of these factors
+            for layer in opt.layers:
+                s, q_s = torch.linalg.eigh(layer.S)
+                a, q_a = torch.linalg.eigh(layer.A)
+                grad = torch.randn(layer.out_dim, layer.in_dim, generator=gen)
+                want = _kfac_direction(q_s, s.clamp_min(0), q_a, a.clamp_min(0), grad, damping)
+                got = _kfac_direction(layer.basis_s.q, layer.basis_s.eigenvalues, layer.basis_a.q,
+                                      layer.basis_a.eigenvalues, grad, damping)
+                cos.append(F.cosine_similarity(got.reshape(-1), want.reshape(-1), dim=0).item())
+    assert len(cos) == 10 and min(cos) >= 0.999, cos
+    moved = [(layer.basis_s.q - start[layer.name]).abs().max().item() for layer in opt.layers]
+    assert min(moved) > 1e-3, moved

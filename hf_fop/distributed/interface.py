@@ -24,7 +24,7 @@ from torch import Tensor
 from ..config import FOPConfig
 from ..curvature import CurvatureEngine, KFACLayer
 from ..fop_math import LayerResult
-from ..refresh import refresh_layers
+from ..refresh import RefreshUnit, refresh_bases
 
 Factors = Dict[str, Tuple[Tensor, Tensor]]
 """``{layer name: (A (in, in), S (out, out))}``."""
@@ -49,9 +49,9 @@ class CurvatureDistributor(ABC):
         """``(factors to give engine.update_factors, every rank's new factors are finite)`` (collective)."""
 
     @abstractmethod
-    def refresh_bases(self, layers: List[KFACLayer]) -> None:
-        """Eigendecompose the factors of ``layers`` (the same list on every rank) where this distribution keeps them
-        (collective)."""
+    def refresh_bases(self, units: List[RefreshUnit]) -> None:
+        """Carry out the refresh ``units`` (the same list on every rank, :mod:`hf_fop.refresh`) where this
+        distribution keeps the bases (collective)."""
 
     def share_results(self, layers: List[KFACLayer], results: Dict[str, Optional[LayerResult]]) -> Dict[str, Optional[LayerResult]]:
         """Every layer's :class:`LayerResult` on every rank, from the ranks that own them (collective)."""
@@ -86,5 +86,5 @@ class SingleProcessCurvature(CurvatureDistributor):
     def exchange_factors(self, new: Factors) -> Tuple[Factors, bool]:
         return new, True
 
-    def refresh_bases(self, layers: List[KFACLayer]) -> None:
-        refresh_layers(self.engine, layers, self.config.max_eigh_failures)
+    def refresh_bases(self, units: List[RefreshUnit]) -> None:
+        refresh_bases(self.engine, units, self.config.max_eigh_failures, self.config.max_eigh_dim)

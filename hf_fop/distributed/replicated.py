@@ -20,7 +20,7 @@ import torch
 
 from ..config import FOPConfig
 from ..curvature import CurvatureEngine, KFACLayer
-from ..refresh import refresh_layers
+from ..refresh import RefreshUnit, refresh_bases, unit_layers
 from .collectives import Collectives, capture_counts, pack_triangles, unpack_triangles
 from .interface import CurvatureDistributor, Factors
 
@@ -60,10 +60,10 @@ class ReplicatedCurvature(CurvatureDistributor):
         self._unsynced.update(out)
         return out, True
 
-    def refresh_bases(self, layers: List[KFACLayer]) -> None:
+    def refresh_bases(self, units: List[RefreshUnit]) -> None:
         """Average these layers' factors over the ranks (:meth:`_average`), then every rank decomposes them."""
-        self._average(layers)
-        refresh_layers(self.engine, layers, self.config.max_eigh_failures)
+        self._average(unit_layers(units))
+        refresh_bases(self.engine, units, self.config.max_eigh_failures, self.config.max_eigh_dim)
 
     def make_full(self) -> None:
         """Replace every rank's factors by their mean over ranks (one ``all_reduce`` of upper triangles)."""

@@ -49,7 +49,7 @@ from torch import Tensor
 from ..config import FOPConfig
 from ..curvature import CurvatureEngine, EigenBasis, KFACLayer
 from ..fop_math import LayerResult, LayerStats
-from ..refresh import refresh_layers
+from ..refresh import RefreshUnit, refresh_bases, unit_layers
 from .collectives import Collectives, capture_counts, pack_triangles, unpack_triangles
 from .interface import CurvatureDistributor, Factors
 
@@ -173,14 +173,15 @@ class SpecialistCurvature(CurvatureDistributor):
                     layer.S.zero_()
         self.dirty.difference_update(layer.name for layer in layers)
 
-    def refresh_bases(self, layers: List[KFACLayer]) -> None:
-        """Owners eigendecompose the global factors of their ``layers``; an owner's failure past the limit stops every
-        rank."""
-        self._send_to_owners(layers)
+    def refresh_bases(self, units: List[RefreshUnit]) -> None:
+        """Owners carry out the ``units`` of their layers on the global factors; an owner's failure past the limit stops
+        every rank."""
+        self._send_to_owners(unit_layers(units))
         failed = 0
         error: Optional[RuntimeError] = None
         try:
-            refresh_layers(self.engine, [layer for layer in layers if self.owns(layer)], self.config.max_eigh_failures)
+            owned = [unit for unit in units if self.owns(unit.layer)]
+            refresh_bases(self.engine, owned, self.config.max_eigh_failures, self.config.max_eigh_dim)
         except RuntimeError as err:  # max_eigh_failures reached: tell the other ranks before raising
             error = err
             limit = self.config.max_eigh_failures
