@@ -5,7 +5,9 @@
   256-wide floor comes from;
 * the capture's Gram ``rows^T rows`` (:func:`hf_fop.curvature._gram`, block upper triangle) against one full
   product;
-* ``torch.linalg.eigh`` of a factor of side ``d`` (float32).
+* ``torch.linalg.eigh`` of a factor of side ``d`` (float32), and where ``d > max_eigh_dim`` one block rotation of
+  the block refresh (:func:`hf_fop.refresh.block_rotation`, the first and last groups) and the sweep it is one of
+  (that time the number of pairs).
 
     OMP_NUM_THREADS=1 python scripts/kernel_costs.py            # the shapes of docs/performance.md, about 1 min
     OMP_NUM_THREADS=1 python scripts/kernel_costs.py --small    # tiny shapes, seconds (tests)
@@ -24,13 +26,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hf_fop.curvature import _gram  # noqa: E402
+from hf_fop.config import FOPConfig  # noqa: E402
+from hf_fop.curvature import EigenBasis, _gram  # noqa: E402
 from hf_fop.fop_math import rotate  # noqa: E402
+from hf_fop.refresh import block_bounds, block_rotation  # noqa: E402
 
 ROTATIONS = ((64, 65), (128, 129), (256, 257), (384, 385), (768, 769), (3072, 769), (768, 3073))
 GRAMS = ((2048, 3072), (2048, 768), (512, 3072))
 EIGH = (769, 3073)
-SMALL = {"rotations": ((16, 17), (32, 33)), "grams": ((1024, 256),), "eigh": (33,)}
+SMALL = {"rotations": ((16, 17), (32, 33)), "grams": ((1024, 256),), "eigh": (33,), "max_eigh_dim": 16}
 
 
 def best_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -45,7 +49,7 @@ def best_ms(fn: Callable[[], object], repeats: int) -> float:
 
 
 def measure(rotations: Sequence[Tuple[int, int]], grams: Sequence[Tuple[int, int]], eigh: Sequence[int],
-            repeats: int) -> Dict[str, List[Dict[str, float]]]:  # fmt: skip
+            repeats: int, max_eigh_dim: Optional[int]) -> Dict[str, List[Dict[str, float]]]:  # fmt: skip
     gen = torch.Generator().manual_seed(0)
     out: Dict[str, List[Dict[str, float]]] = {"rotation": [], "gram": [], "eigh": []}
     for rows, cols in rotations:
@@ -63,7 +67,15 @@ def measure(rotations: Sequence[Tuple[int, int]], grams: Sequence[Tuple[int, int
     for d in eigh:
         x = torch.randn(4 * d, d, generator=gen)
         factor = x.T @ x / (4 * d)
-        out["eigh"].append({"dim": d, "ms": best_ms(lambda: torch.linalg.eigh(factor), repeats)})
+        entry = {"dim": d, "ms": best_ms(lambda: torch.linalg.eigh(factor), repeats)}
+        bounds = block_bounds(d, max_eigh_dim)
+        if bounds is not None:
+            vals, vecs = torch.linalg.eigh(factor)
+            basis, groups = EigenBasis(q=vecs, eigenvalues=vals), len(bounds) - 1
+            block = best_ms(lambda: block_rotation(factor, basis, bounds, (0, groups - 1)), repeats)
+            pairs = groups * (groups - 1) // 2
+            entry.update(max_eigh_dim=max_eigh_dim, groups=groups, block_ms=block, sweep_ms=pairs * block)
+        out["eigh"].append(entry)
     return out
 
 
@@ -72,19 +84,24 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[Dict[str, float
     p.add_argument("--small", action="store_true", help="tiny shapes (seconds)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--max-eigh-dim", type=int, default=FOPConfig().max_eigh_dim,
+                   help="block refresh of factors larger than this (default: FOPConfig's; --small: 16)")
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
     torch.set_num_threads(args.threads)
     shapes = SMALL if args.small else {"rotations": ROTATIONS, "grams": GRAMS, "eigh": EIGH}
-    result = measure(shapes["rotations"], shapes["grams"], shapes["eigh"], args.repeats)
+    max_eigh_dim = SMALL["max_eigh_dim"] if args.small else args.max_eigh_dim
+    result = measure(shapes["rotations"], shapes["grams"], shapes["eigh"], args.repeats, max_eigh_dim)
     for r in result["rotation"]:
         print(f"rotate {r['out']} x {r['in']}: float32 {r['float32_ms']:.1f} ms, bfloat16 {r['bfloat16_ms']:.1f} ms "
               f"({r['speedup']:.2f}x)")  # fmt: skip
     for r in result["gram"]:
         print(f"gram {r['rows']} x {r['cols']}: one product {r['full_ms']:.1f} ms, block triangle {r['blocked_ms']:.1f} ms")
     for r in result["eigh"]:
-        print(f"eigh {r['dim']}: {r['ms']:.0f} ms")
+        block = (f"; block refresh ({r['groups']} groups): one rotation {r['block_ms']:.0f} ms, sweep "
+                 f"{r['sweep_ms']:.0f} ms" if "block_ms" in r else "")
+        print(f"eigh {r['dim']}: {r['ms']:.0f} ms{block}")
     print(json.dumps(result))
     return result
 
