@@ -66,7 +66,7 @@ from .preconditioner import (
     rotation_error,
 )
 from .profiling import scope
-from .refresh import due_units, refresh_slots, refresh_units, unit_cost
+from .refresh import capture_cost, due_units, refresh_slots, refresh_units, unit_cost
 
 _COUNTERS = (
     "factor_updates", "inverse_updates", "skipped_steps", "fallback_steps", "identity_layer_steps", "float32_rotations",
@@ -185,7 +185,7 @@ class FOP(torch.optim.Optimizer):
         """An inverse cycle's refresh work (:mod:`hf_fop.refresh`): full eigendecompositions and block rotations."""
         self._slots = refresh_slots(
             [unit_cost(unit, config.max_eigh_dim) for unit in self._units], config.inverse_interval,
-            config.factor_interval,
+            config.factor_interval, capture_cost(self.engine.layers, config.capture_rows),
         )
         """Step of the inverse cycle on which each unit of ``_units`` runs."""
         self._record = StepRecord()

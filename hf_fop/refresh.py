@@ -14,7 +14,7 @@ work is due.
   ``scripts/refresh_accuracy.py``); a factor's first basis is a full eigh.
 * :func:`refresh_slots` staggers the work: over an inverse cycle of ``k`` steps each unit runs on one step, its slot,
   chosen so that every step gets about ``1/k`` of the cycle's work (:func:`unit_cost`, greedy, costliest first, the
-  factor-capture steps last among equals). No step then pays for every layer at once, and with block refresh no step
+  factor-capture steps starting with their capture's cost, :func:`capture_cost`). No step then pays for every layer at once, and with block refresh no step
   pays for a whole big factor's ``eigh`` either; with ``k = 1`` everything is due every step. A layer's first factors
   are decomposed at once, whatever its slots.
 
@@ -98,6 +98,13 @@ def unit_cost(unit: RefreshUnit, max_eigh_dim: Optional[int]) -> int:
     bounds = block_bounds(n, max_eigh_dim)
     m = sum(bounds[g + 1] - bounds[g] for g in unit.pair)
     return 2 * n * n * m + 4 * n * m * m + EIGH_FLOPS_PER_CUBE * m**3
+
+
+def capture_cost(layers: Sequence[KFACLayer], rows: Optional[int], passes: int = 2) -> int:
+    """Flops of one capture step's factor products, ``2 rows (d_A^2 + d_S^2)`` per layer and pass (two sub-batches);
+    ``rows`` ``None`` (every row: unknown before the batch comes) counts 2,048."""
+    rows = 2048 if rows is None else rows
+    return sum(2 * rows * passes * (layer.in_dim**2 + layer.out_dim**2) for layer in layers)
 
 
 def eigh_float32(mat: Tensor) -> Tuple[Tensor, Tensor]:
@@ -204,10 +211,11 @@ def _failed(layer: KFACLayer, which: str, max_failures: int) -> None:
     )
 
 
-def refresh_slots(costs: Sequence[int], k: int, capture_every: int = 1) -> List[int]:
+def refresh_slots(costs: Sequence[int], k: int, capture_every: int = 1, capture_cost: int = 0) -> List[int]:
     """Slot in ``[0, k)`` of each unit of work: greedy, costliest first, to the least-loaded slot (ties: a slot that is
     not a capture step, i.e. ``slot % capture_every != 0``, then the lower slot; units by lower index). A capture step
-    already pays for the factors of every layer, so the costliest decompositions go to the other steps. Deterministic
+    already pays for the factors of every layer (``capture_cost``, in the units' cost units, is its starting load when
+    not every step captures), so the costliest refresh work goes to the other steps. Deterministic
     and independent of the world size, so every distribution refreshes a unit on the same step as one process does
     (with curvature specialists a step's units may belong to different owners)."""
     for name, value in (("k", k), ("capture_every", capture_every)):
@@ -215,7 +223,7 @@ def refresh_slots(costs: Sequence[int], k: int, capture_every: int = 1) -> List[
             raise ValueError(f"refresh_slots: {name}={value!r} is invalid: expected an integer >= 1 (steps per "
                              f"{'inverse cycle' if name == 'k' else 'factor capture'}).")
     slots = [0] * len(costs)
-    loads = [0] * k
+    loads = [capture_cost if capture_every > 1 and s % capture_every == 0 else 0 for s in range(k)]
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
         slot = min(range(k), key=lambda s: (loads[s], s % capture_every == 0, s))
         slots[i] = slot

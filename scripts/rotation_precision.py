@@ -91,7 +91,7 @@ def batches(tokenizer: Any, split: Any, batch: int, steps: int, seed: int = 0) -
     return out
 
 
-def _passes(model: torch.nn.Module, opt: FOP, inputs: Dict[str, torch.Tensor]) -> float:
+def passes(model: torch.nn.Module, opt: FOP, inputs: Dict[str, torch.Tensor]) -> float:
     """FOP's two sub-batch passes (padding excluded from the curvature); the batch's mean loss."""
     half = inputs["labels"].shape[0] // 2
     losses = []
@@ -163,7 +163,7 @@ def run(steps: int, batch: int, seed: int = 0) -> Dict[str, Any]:
         opt = FOP(model, rotation_dtype=dtype, **TASK_SETTINGS)
         losses = []
         for inputs in data:
-            losses.append(_passes(model, opt, inputs))
+            losses.append(passes(model, opt, inputs))
             if name == "float32":
                 per_step.append(compare_directions(opt))
             opt.step()

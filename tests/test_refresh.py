@@ -90,7 +90,7 @@ def _per_step(calls: List[List[str]]) -> List[List[str]]:
 
 def test_staggered_refresh_decomposes_each_layer_once_per_cycle_and_spreads_the_work():
     model = _model()
-    opt = FOP(model, lr=0.1, inverse_interval=3)
+    opt = FOP(model, lr=0.1, inverse_interval=3, factor_interval=1)  # every step captures: the slots weigh the same
     calls: List[List[str]] = []
     _train(model, opt, 7, calls)
     steps = _per_step(calls)
@@ -304,7 +304,7 @@ def test_block_refresh_in_the_optimizer_bounds_every_later_eigh_and_runs_each_pa
     assert opt.counters["skipped_steps"] == 0
     for layer in opt.layers:
         for basis in (layer.basis_a, layer.basis_s):
-            torch.testing.assert_close(basis.q.T @ basis.q, torch.eye(basis.q.shape[0]), atol=2e-6, rtol=0)
+            torch.testing.assert_close(basis.q.T @ basis.q, torch.eye(basis.q.shape[0]), atol=1e-5, rtol=0)
 
 
 def _kfac_direction(q_s: torch.Tensor, s: torch.Tensor, q_a: torch.Tensor, a: torch.Tensor, grad: torch.Tensor,
@@ -347,3 +347,55 @@ def test_block_refresh_keeps_the_preconditioner_of_a_training_run_exact():
     assert len(cos) == 10 and min(cos) >= 0.999, cos
     moved = [(layer.basis_s.q - start[layer.name]).abs().max().item() for layer in opt.layers]
     assert min(moved) > 1e-3, moved
+
+
+def test_block_refresh_resumes_bitwise(tmp_path):
+    """10 steps straight against 5 steps, a checkpoint (through a file), and 5 more in a new model and optimizer:
+    block rotations continue from the saved bases on the same slots, so the parameters are bitwise equal."""
+
+    def batches():  # noqa: ANN202
+        g = torch.Generator().manual_seed(7)
+        return [(torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(10)]
+
+    def train(model, opt, data):  # noqa: ANN001, ANN202
+        for x, y in data:
+            for k in (0, 1):
+                with opt.sub_batch(k):
+                    F.cross_entropy(model(x[8 * k : 8 * k + 8]), y[8 * k : 8 * k + 8]).backward()
+            opt.step()
+            opt.zero_grad()
+
+    options = dict(lr=0.05, max_eigh_dim=16, inverse_interval=4, factor_interval=2)
+    data = batches()
+    straight = _wide_model()
+    train(straight, FOP(straight, **options), data)
+    first = _wide_model()
+    opt = FOP(first, **options)
+    train(first, opt, data[:5])
+    torch.save({"model": first.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    resumed = _wide_model()
+    resumed.load_state_dict(saved["model"])
+    opt2 = FOP(resumed, **options)
+    opt2.load_state_dict(saved["opt"])
+    train(resumed, opt2, data[5:])
+    assert all(torch.equal(p, q) for p, q in zip(straight.parameters(), resumed.parameters()))
+
+
+@pytest.mark.parametrize(
+    "costs, k, capture_every, capture_cost, slots",
+    [
+        ([5, 5, 5, 5, 5], 4, 2, 0, [1, 3, 0, 2, 1]),  # no capture load: as the tie rule alone
+        ([5, 5, 5, 5, 5], 4, 2, 8, [1, 3, 1, 3, 0]),  # a capture step weighs 8: the third and fourth go elsewhere
+        ([5, 5, 5, 5, 5], 4, 1, 8, [0, 1, 2, 3, 0]),  # every step captures: the load is the same everywhere, ignored
+    ],
+)
+def test_slots_count_the_capture_steps_own_cost(costs, k, capture_every, capture_cost, slots):
+    assert refresh_slots(costs, k, capture_every, capture_cost) == slots
+
+
+def test_the_capture_cost_counts_rows_times_the_factor_sides():
+    model = _wide_model()  # factors 7 and 40, 41 and 3
+    opt = FOP(model, lr=0.1)
+    assert refresh.capture_cost(opt.layers, 100) == 2 * 100 * 2 * (7**2 + 40**2 + 41**2 + 3**2)
+    assert refresh.capture_cost(opt.layers, None) == refresh.capture_cost(opt.layers, 2048)
