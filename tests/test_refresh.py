@@ -399,3 +399,15 @@ def test_the_capture_cost_counts_rows_times_the_factor_sides():
     opt = FOP(model, lr=0.1)
     assert refresh.capture_cost(opt.layers, 100) == 2 * 100 * 2 * (7**2 + 40**2 + 41**2 + 3**2)
     assert refresh.capture_cost(opt.layers, None) == refresh.capture_cost(opt.layers, 2048)
+
+
+def test_in_the_optimizer_no_refresh_lands_on_a_capture_step_when_capturing_costs_more():
+    """Tiny layers: a capture of up to 2,048 rows costs far more than their eigendecompositions, so with factors every
+    2 steps and eigenbases every 4 every layer is decomposed on the odd steps (step 0 aside: first factors)."""
+    model = _model()
+    opt = FOP(model, lr=0.1, factor_interval=2, inverse_interval=4)
+    calls: List[List[str]] = []
+    _train(model, opt, 9, calls)
+    steps = _per_step(calls)
+    assert all(not steps[i] for i in (2, 4, 6, 8)), steps
+    assert sorted(n for step in steps[1:5] for n in step) == sorted(layer.name for layer in opt.layers)
