@@ -18,9 +18,10 @@ work is due.
   pays for a whole big factor's ``eigh`` either; with ``k = 1`` everything is due every step. A layer's first factors
   are decomposed at once, whatever its slots.
 
-Cost on this project's 2-core CPU (torch 2.13, one thread, ``scripts/kernel_costs.py``): ``eigh`` of 3,073 about
-5 s, about 12 float32 GEMM flops per ``d^3``; a block rotation of a 3,073 factor in 4 groups (``m`` = 1,537) about a
-quarter of that.
+Cost on this project's 2-core CPU (torch 2.13, one thread, ``OMP_NUM_THREADS=1 python scripts/kernel_costs.py``,
+2026-12-06 15:30 UTC): ``eigh`` of 3,073 3.65 s; one block rotation of it in 4 groups (``m`` = 1,537) 1.28 s, so
+its sweep of 6 is 7.7 s, about twice the ``eigh``: block refresh buys even steps with about twice the refresh work
+of the large factors (``max_eigh_dim=None`` when that matters more).
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ from .curvature import CurvatureEngine, EigenBasis, KFACLayer
 from .profiling import scope
 
 EIGH_FLOPS_PER_CUBE = 12
-"""Cost of ``eigh`` of ``d`` in float32 GEMM flops, over ``d^3`` (``scripts/kernel_costs.py`` on this CPU: 3,073 in
-5.3 s against 68 Gflop/s GEMMs); it weighs eigh against the block rotations' products in :func:`unit_cost`."""
+"""Cost of ``eigh`` of ``d`` in float32 GEMM flops, over ``d^3``: 8-12 on this CPU (``scripts/kernel_costs.py``:
+3,073 in 3.65-5.3 s against about 64 Gflop/s GEMMs); it weighs eigh against the block rotations' products and the
+capture in :func:`unit_cost` and :func:`refresh_slots`."""
 
 
 @dataclass(frozen=True, eq=False)
