@@ -20,8 +20,6 @@ the trust region and momentum) and the smallest per-layer cosine. The issue's ba
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -33,7 +31,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from rotation_precision import TASK_SETTINGS, batches, build_model, load_task, passes  # noqa: E402
+from rotation_precision import (  # noqa: E402
+    TASK_SETTINGS, batches, build_model, cosine_summary, load_task, passes, report,
+)
 
 from hf_fop import FOP  # noqa: E402
 from hf_fop.curvature import EigenBasis, KFACLayer  # noqa: E402
@@ -112,10 +112,7 @@ def run(steps: int, batch: int, max_eigh_dim: int, seed: int = 0) -> Dict[str, A
                   flush=True)
     compared = [s for s in per_step if s]
     summary = {
-        "steps_compared": len(compared),
-        "cos_whole_min": min(s["cos_whole"] for s in compared),
-        "cos_whole_median": statistics.median(s["cos_whole"] for s in compared),
-        "cos_min_layer_min": min(s["cos_min_layer"] for s in compared),
+        **cosine_summary(compared),
         "steps_below_0_999": sum(s["cos_whole"] < 0.999 for s in compared),
         "layers_in_blocks": len(blocked),
         "skipped_steps": opt.counters["skipped_steps"],
@@ -159,16 +156,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 f"{args.max_eigh_dim})")
     torch.set_num_threads(args.threads)
     result = run(args.steps, args.batch, args.max_eigh_dim)
-    result["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    result["torch"] = torch.__version__
-    text = markdown(result)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-        args.out.with_suffix(".md").write_text(text + "\n")
-    print(json.dumps(result["summary"]))
-    return result
+    return report(result, markdown, args.out)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import math
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -147,6 +147,13 @@ def accuracy(model: torch.nn.Module, tokenizer: Any, split: Any) -> float:
     return correct / len(split)
 
 
+def cosine_summary(compared: Sequence[Dict[str, float]]) -> Dict[str, float]:
+    """Steps compared, smallest and median whole-update cosine, smallest per-layer cosine of per-step comparisons."""
+    return {"steps_compared": len(compared), "cos_whole_min": min(s["cos_whole"] for s in compared),
+            "cos_whole_median": statistics.median(s["cos_whole"] for s in compared),
+            "cos_min_layer_min": min(s["cos_min_layer"] for s in compared)}  # fmt: skip
+
+
 def run(steps: int, batch: int, seed: int = 0) -> Dict[str, Any]:
     """Both runs (see the module docstring); per-step comparisons of the float32 run and both runs' losses."""
     tokenizer, train, test = load_task(seed)
@@ -178,10 +185,7 @@ def run(steps: int, batch: int, seed: int = 0) -> Dict[str, Any]:
               f"in float32 {opt.counters['float32_rotations']} of {len(opt.layers) * steps}", file=sys.stderr, flush=True)
     compared = [s for s in per_step if s]
     summary = {
-        "steps_compared": len(compared),
-        "cos_whole_min": min(s["cos_whole"] for s in compared),
-        "cos_whole_median": statistics.median(s["cos_whole"] for s in compared),
-        "cos_min_layer_min": min(s["cos_min_layer"] for s in compared),
+        **cosine_summary(compared),
         "d_beta_max": max(s["d_beta_max"] for s in compared),
         "d_eta_max": max(s["d_eta_max"] for s in compared),
         "error_max": max(s["error_max"] for s in compared),
@@ -239,6 +243,21 @@ def markdown(result: Dict[str, Any]) -> str:
     ])  # fmt: skip
 
 
+def report(result: Dict[str, Any], render: Callable[[Dict[str, Any]], str], out: Optional[Path]) -> Dict[str, Any]:
+    """Stamp ``result`` (date, torch), print ``render(result)``, write ``out.json`` / ``out.md`` when given, and print
+    the summary as the last line (JSON, what the tests read); returns ``result``."""
+    result["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    result["torch"] = torch.__version__
+    text = render(result)
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+        out.with_suffix(".md").write_text(text + "\n")
+    print(json.dumps(result["summary"]))
+    return result
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=200)
@@ -250,16 +269,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         p.error(f"--steps must be >= 1 and --batch even and >= 2 (got {args.steps}, {args.batch})")
     torch.set_num_threads(args.threads)
     result = run(args.steps, args.batch)
-    result["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    result["torch"] = torch.__version__
-    text = markdown(result)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-        args.out.with_suffix(".md").write_text(text + "\n")
-    print(json.dumps(result["summary"]))
-    return result
+    return report(result, markdown, args.out)
 
 
 if __name__ == "__main__":
