@@ -66,7 +66,7 @@ from .preconditioner import (
     rotation_error,
 )
 from .profiling import scope
-from .refresh import capture_cost, due_units, refresh_slots, refresh_units, unit_cost
+from .refresh import due_units, refresh_plan
 
 _COUNTERS = (
     "factor_updates", "inverse_updates", "skipped_steps", "fallback_steps", "identity_layer_steps", "float32_rotations",
@@ -181,13 +181,9 @@ class FOP(torch.optim.Optimizer):
         """This step's sub-batch gradients (g1, g1 - g2) and their state."""
         self.distributor = make_distributor(self.engine, config)
         """Where curvature lives across processes (:class:`hf_fop.distributed.CurvatureDistributor`)."""
-        self._units = refresh_units(self.engine.layers, config.max_eigh_dim)
-        """An inverse cycle's refresh work (:mod:`hf_fop.refresh`): full eigendecompositions and block rotations."""
-        self._slots = refresh_slots(
-            [unit_cost(unit, config.max_eigh_dim) for unit in self._units], config.inverse_interval,
-            config.factor_interval, capture_cost(self.engine.layers, config.capture_rows),
-        )
-        """Step of the inverse cycle on which each unit of ``_units`` runs."""
+        self._units, self._slots = refresh_plan(self.engine.layers, config)
+        """An inverse cycle's refresh work (:mod:`hf_fop.refresh`: full eigendecompositions and block rotations) and
+        the step of the cycle on which each unit runs."""
         self._record = StepRecord()
         self._on_release: List[Callable[[], None]] = []
         self._schedule_capture()

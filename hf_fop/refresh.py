@@ -31,11 +31,12 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+from .config import FOPConfig
 from .curvature import CurvatureEngine, EigenBasis, KFACLayer
 from .profiling import scope
 
@@ -233,6 +234,16 @@ def refresh_slots(costs: Sequence[int], k: int, capture_every: int = 1, capture_
     return slots
 
 
+def refresh_plan(layers: Sequence[KFACLayer], config: FOPConfig) -> Tuple[List[RefreshUnit], List[int]]:
+    """``(units, slots)``: an inverse cycle's refresh work for ``config`` (:func:`refresh_units` at its
+    ``max_eigh_dim``) and each unit's step of the cycle (:func:`refresh_slots`, capture steps loaded with
+    :func:`capture_cost` at its ``capture_rows``)."""
+    units = refresh_units(layers, config.max_eigh_dim)
+    costs = [unit_cost(unit, config.max_eigh_dim) for unit in units]
+    capture = capture_cost(layers, config.capture_rows)
+    return units, refresh_slots(costs, config.inverse_interval, config.factor_interval, capture)
+
+
 def due_units(
     units: Sequence[RefreshUnit], slots: Sequence[int], step: int, k: int, stagger: bool, fresh: Sequence[str] = ()
 ) -> List[RefreshUnit]:
@@ -241,15 +252,13 @@ def due_units(
     (names of the layers that got their first factors this step) one full eigh of both factors instead of its units."""
     fresh = set(fresh)
     out: List[RefreshUnit] = []
-    seen_fresh: Dict[str, bool] = {}
     for unit, slot in zip(units, slots):
         layer = unit.layer
         if layer.A is None:
             continue
         if layer.name in fresh:
-            if not seen_fresh.get(layer.name):
-                seen_fresh[layer.name] = True
-                out.append(RefreshUnit(layer, ("A", "S")))
+            fresh.discard(layer.name)  # its first unit stands for all of them
+            out.append(RefreshUnit(layer, ("A", "S")))
             continue
         if (slot == step % k) if stagger else (step % k == 0):
             out.append(unit)

@@ -39,7 +39,7 @@ from hf_fop import FOP  # noqa: E402
 from hf_fop.curvature import EigenBasis, KFACLayer  # noqa: E402
 from hf_fop.fop_math import unrotate  # noqa: E402
 from hf_fop.preconditioner import layer_direction  # noqa: E402
-from hf_fop.refresh import due_units, refresh_slots, refresh_units, unit_cost  # noqa: E402
+from hf_fop.refresh import due_units, refresh_plan  # noqa: E402
 
 Bases = Dict[str, Tuple[EigenBasis, EigenBasis]]
 
@@ -48,10 +48,8 @@ class ExactSchedule:
     """Full eigendecompositions of a run's factors on the steps the full-eigh schedule refreshes each layer."""
 
     def __init__(self, opt: FOP) -> None:
-        config = opt.config
-        self.units = refresh_units(opt.layers, None)
-        costs = [unit_cost(unit, None) for unit in self.units]
-        self.slots = refresh_slots(costs, config.inverse_interval, config.factor_interval)
+        config = opt.config.replace(max_eigh_dim=None)
+        self.units, self.slots = refresh_plan(opt.layers, config)
         self.k, self.stagger = config.inverse_interval, config.stagger_refresh
         self.bases: Bases = {}
 
