@@ -45,8 +45,9 @@ steps that capture). So, per model, for K-FAC and FOP:
    **median step** their median. The **max step** is the largest *real* step measured.
 
 ``--whole-cycle`` also times ``L`` consecutive real steps of the three optimizers (round-robin) at every point and
-reports their mean next to the composed figure (tests/test_bench_hub_widths.py checks that the /AdamW ratios of the
-two agree on a small model). AdamW's steps are all
+reports their mean next to the composed figure, and the ratio of the two /AdamW ratios in a table: 1 when the load
+did not change between the schedule window and the point (the composed cycle takes ``o_p`` from the window; a smoke
+run under a busy CI worker read 1.26). AdamW's steps are all
 alike: its ms/step, median and max are those of ``n`` real steps. The three optimizers step round-robin, one step
 each, to share the drift of a busy machine.
 
@@ -586,23 +587,32 @@ def measure_point(runners: Dict[str, Runner], spec: ModelSpec, tokens: int, step
 def measure_whole_cycle(runners: Dict[str, Runner], halves: Sequence[Dict[str, Tensor]], length: int,
                         out: Dict[str, Any]) -> None:  # fmt: skip
     """``length`` consecutive real steps of each optimizer (round-robin; K-FAC and FOP from position 0): their mean
-    ``whole_cycle_s``, and for K-FAC/FOP ``whole_cycle_over_amortised`` (against ``step_s``) and
-    ``whole_ratio_over_amortised`` (their /AdamW ratio measured so, against the composed one: the check that drift
-    between the two measurements does not move)."""
+    ``whole_cycle_s``, and for K-FAC/FOP ``whole_cycle_over_amortised`` (against ``step_s``),
+    ``whole_ratio_over_amortised`` (their /AdamW ratio measured so, against the composed one) and what the timed
+    steps did (``whole_cycle_positions``, ``whole_cycle_captures``, ``whole_cycle_refreshes``: one cycle's worth).
+    The two figures agree on a machine whose load does not change between the schedule window and the point; this
+    is a check for a quiet run, reported beside the tables, not a quantity the run can guarantee."""
+    steps: Dict[str, List[Tuple[float, float]]] = {k: [] for k in runners}
+    before: Dict[str, Tuple[int, int]] = {}
+    positions: Dict[str, List[int]] = {k: [] for k in runners}
     for kind, r in runners.items():
         if kind != "adamw":
             r.opt.load_state_dict(r.snapshot)
-    steps: Dict[str, List[Tuple[float, float]]] = {k: [] for k in runners}
+            before[kind] = (r.counter("factor_updates"), r.counter("inverse_updates"))
     for _ in range(length):
         for kind, r in runners.items():
+            positions[kind].append(r.position(length))
             steps[kind].append(r.step(halves))
     times = out["times"]
     for kind, values in steps.items():
         times[kind]["whole_cycle_steps"] = [{"passes_s": a, "opt_s": b} for a, b in values]
         times[kind]["whole_cycle_s"] = sum(a + b for a, b in values) / length
-    for kind in runners:
+    for kind, r in runners.items():
         if kind != "adamw":
             res = times[kind]
+            res["whole_cycle_positions"] = positions[kind]
+            res["whole_cycle_captures"] = r.counter("factor_updates") - before[kind][0]
+            res["whole_cycle_refreshes"] = r.counter("inverse_updates") - before[kind][1]
             res["whole_cycle_over_amortised"] = res["whole_cycle_s"] / res["step_s"]
             res["whole_ratio_over_amortised"] = (res["whole_cycle_s"] / times["adamw"]["whole_cycle_s"]) / (
                 res["step_s"] / times["adamw"]["step_s"]
@@ -788,6 +798,15 @@ def markdown(result: Dict[str, Any]) -> str:
             for kind, mem in m.get("memory", {}).items():
                 lines.append(f"| {m['model']} | {m['memory_tokens']} | {kind} | {mem['peak_bytes'] / 2**20:.0f} | "
                              f"{m['state_bytes'][kind] / 2**20:.1f} |")  # fmt: skip
+    if any("whole_cycle_s" in p["times"]["fop"] for m in result["models"] for p in m["points"]):
+        lines += ["", "`--whole-cycle`: L consecutive real steps of each optimizer against the composed cycle (ratio "
+                  "of the /AdamW ratios; 1 on a machine whose load stayed the same):", "",
+                  "| model | tokens | K-FAC whole/composed | FOP whole/composed |", "|---|---|---|---|"]  # fmt: skip
+        for m in result["models"]:
+            for p in m["points"]:
+                t = p["times"]
+                lines.append(f"| {m['model']} | {p['tokens']} | {t['kfac']['whole_ratio_over_amortised']:.3f} | "
+                             f"{t['fop']['whole_ratio_over_amortised']:.3f} |")  # fmt: skip
     lines += ["", "| goal | model | tokens | value | bound | met |", "|---|---|---|---|---|---|"]
     for g in result["goals"]:
         lines.append(f"| {g['goal']} | {g['model']} | {g['tokens']} | {g['value']:.3f} | {g['bound']:.3f} | "
