@@ -7,7 +7,8 @@ work is due.
 * Block refresh (warm-started cyclic block Jacobi): a big factor's eigenvectors ``Q (n, n)`` are split into ``p``
   groups of consecutive columns (:func:`block_bounds`); a block rotation of the groups ``(i, j)`` takes their columns
   ``Q_ij (n, m)``, decomposes the projected factor ``Q_ij^T F Q_ij (m, m) = V diag(w) V^T`` and sets
-  ``Q_ij <- Q_ij V``, eigenvalues ``w``. ``Q`` stays orthonormal and every rotation lowers the off-diagonal mass of
+  ``Q_ij <- Q_ij V``, eigenvalues ``w``. ``Q`` stays orthonormal (each rotation rescales its columns to unit norm, where
+  float32 rounding would otherwise accumulate sweep after sweep) and every rotation lowers the off-diagonal mass of
   ``Q^T F Q``; one rotation per pair of groups is one sweep, ``p (p - 1) / 2`` units per inverse cycle, each a
   ``2 n^2 m + 4 n m^2`` flop product plus an eigh of ``m <= max_eigh_dim``. Started from the previous basis (the factor
   moves little per cycle) one sweep keeps the basis near the exact one (``tests/test_refresh.py``,
@@ -94,7 +95,7 @@ def refresh_units(layers: Sequence[KFACLayer], max_eigh_dim: Optional[int]) -> L
 
 def unit_cost(unit: RefreshUnit, max_eigh_dim: Optional[int]) -> int:
     """Work of one unit in float32 GEMM flops: ``EIGH_FLOPS_PER_CUBE d^3`` per full eigh; ``2 n^2 m + 4 n m^2`` and an
-    eigh of ``m`` for a block rotation of ``m`` columns of a factor of size ``n``."""
+    eigh of ``m`` for a block rotation of ``m`` columns of a factor of size ``n`` (:func:`block_rotation`)."""
     if unit.pair is None:
         return sum(EIGH_FLOPS_PER_CUBE * factor_dim(unit.layer, which) ** 3 for which in unit.factors)
     n = factor_dim(unit.layer, unit.factors[0])
@@ -180,8 +181,8 @@ def _decompose(layer: KFACLayer, which: str, mat: Tensor, last: Optional[EigenBa
 
 def block_rotation(mat: Tensor, basis: EigenBasis, bounds: Sequence[int], pair: Tuple[int, int]) -> Optional[EigenBasis]:
     """``basis`` of the symmetric ``mat (n, n)`` with the columns of the groups ``pair`` (column ranges from ``bounds``)
-    rotated to diagonalise ``mat`` on their span: ``Q_ij <- Q_ij V``, eigenvalues ``w`` (ascending within the pair),
-    where ``Q_ij^T mat Q_ij = V diag(w) V^T``. A new basis (``basis`` is not changed); ``None`` when the pair's eigh
+    rotated to diagonalise ``mat`` on their span: ``Q_ij <- Q_ij V`` (columns rescaled to unit norm), eigenvalues ``w``
+    (ascending within the pair), where ``Q_ij^T mat Q_ij = V diag(w) V^T``. A new basis (``basis`` is not changed); ``None`` when the pair's eigh
     fails in float32 and float64."""
     cols = torch.cat([torch.arange(bounds[g], bounds[g + 1], device=mat.device) for g in pair])
     q_pair = basis.q[:, cols]  # (n, m)
@@ -190,8 +191,12 @@ def block_rotation(mat: Tensor, basis: EigenBasis, bounds: Sequence[int], pair: 
     if solved is None:
         return None
     vals, vecs = solved
+    rotated = q_pair @ vecs
+    # unit columns: float32 rounding leaves most of its drift from orthonormality in the column norms, and without
+    # this it accumulates, sweep after sweep, over a long run (tests/test_refresh.py)
+    rotated /= torch.linalg.vector_norm(rotated, dim=0, keepdim=True)
     q = basis.q.clone()
-    q[:, cols] = q_pair @ vecs
+    q[:, cols] = rotated
     eigenvalues = basis.eigenvalues.clone()
     eigenvalues[cols] = vals.clamp_min(0.0)
     return EigenBasis(q=q, eigenvalues=eigenvalues)
