@@ -12,6 +12,7 @@ Within each phase, self CPU (or CUDA) time is further split by operator class
 averaged over one cycle of ``--interval`` steps after a warm-up cycle.
 
     python scripts/profile_step.py --mode fop --interval 10
+    python scripts/profile_step.py --mode fop --interval 20 --factor-interval 10   # the shipped schedule
     python scripts/profile_step.py --compare-math REV   # + hf_fop/fop_math.py at git REV vs now
 """
 
@@ -82,7 +83,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--mode", choices=("fop", "kfac"), default="fop")
-    p.add_argument("--interval", type=int, default=10, help="curvature interval (steps per profiled cycle)")
+    p.add_argument("--interval", type=int, default=10, help="inverse interval (steps per profiled cycle)")
+    p.add_argument("--factor-interval", type=int,
+                   help="factor interval, a divisor of --interval (default: --interval); --interval 20 "
+                   "--factor-interval 10 is the shipped schedule")  # fmt: skip
     p.add_argument("--hidden", type=int)
     p.add_argument("--layers", type=int)
     p.add_argument("--batch", type=int)
@@ -91,6 +95,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = p.parse_args(argv)
     if args.interval < 1:
         p.error(f"--interval must be >= 1, got {args.interval}")
+    if args.factor_interval is not None and (args.factor_interval < 1 or args.interval % args.factor_interval):
+        p.error(f"--factor-interval must be a divisor of --interval ({args.interval}) and >= 1, got {args.factor_interval}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch.cuda.is_available() is False on this machine")
     torch.set_num_threads(args.threads)
@@ -100,7 +106,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     shape = Shape(hidden=args.hidden or base.hidden, layers=args.layers or base.layers, batch=args.batch or base.batch)
     x, y = make_batch(shape, device)
     model = build_model(shape, device)
-    opt = make_optimizer(args.mode, model, args.interval)
+    opt = make_optimizer(args.mode, model, args.interval, args.factor_interval)
     assert isinstance(opt, FOP)
     # K-FAC: plain accumulated backward passes, as in bench_step.py.
     passes = make_step("fop" if args.mode == "fop" else "kfac", model, opt, x, y)
@@ -122,7 +128,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     table = split_by_phase(prof, args.interval, device.type == "cuda")
     total = sum(sum(v.values()) for v in table.values())
     classes = ("mm", "eigh", "elementwise", "other")
-    print(f"# {args.mode} on {shape.label()}, interval {args.interval}, {args.threads} thread(s); ms per step",
+    print(f"# {args.mode} on {shape.label()}, inverse interval {args.interval}, factor interval "
+          f"{opt.config.factor_interval}, {args.threads} thread(s); ms per step",
           file=sys.stderr)  # fmt: skip
     print(f"# {'phase':24s}" + "".join(f"{c:>12s}" for c in classes) + f"{'total':>10s}{'share':>8s}", file=sys.stderr)
     for phase in PHASES:
@@ -130,7 +137,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         t = sum(row.values())
         print(f"# {phase:24s}" + "".join(f"{row.get(c, 0.0):12.2f}" for c in classes)
               + f"{t:10.2f}{100 * t / total:7.1f}%", file=sys.stderr)  # fmt: skip
-    result = {"mode": args.mode, "shape": shape.__dict__, "interval": args.interval, "ms_per_step": table,
+    result = {"mode": args.mode, "shape": shape.__dict__, "interval": args.interval,
+              "factor_interval": opt.config.factor_interval, "factor_updates": opt.counters["factor_updates"],
+              "ms_per_step": table,
               "total_ms_per_step": total}  # fmt: skip
     if args.compare_math:
         result["compare_math"] = compare_math(args.compare_math, opt)

@@ -85,6 +85,18 @@ def test_profile_attributes_time_to_phases():
     assert phases["precondition"].get("mm", 0) > 0  # the rotations
     total = sum(sum(v.values()) for v in phases.values())
     assert result["total_ms_per_step"] == pytest.approx(total)
+    assert result["factor_interval"] == 2 and result["factor_updates"] == 2  # warm-up and profiled cycle: 2 captures
+
+
+def test_profile_takes_the_shipped_schedule_and_rejects_a_factor_interval_that_does_not_divide():
+    done = _run("profile_step.py", "--hidden", "32", "--layers", "1", "--batch", "8", "--interval", "4",
+                "--factor-interval", "2")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (result["interval"], result["factor_interval"]) == (4, 2)
+    assert result["factor_updates"] == 4  # 8 steps (warm-up and profiled cycle), factors every 2
+    done = _run("profile_step.py", "--interval", "4", "--factor-interval", "3")
+    assert done.returncode == 2 and "--factor-interval must be a divisor of --interval (4)" in done.stderr
 
 
 @pytest.mark.parametrize(
