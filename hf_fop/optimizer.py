@@ -371,7 +371,9 @@ class FOP(torch.optim.Optimizer):
         return [group for group in self.param_groups if group["kind"] == "kfac"]
 
     def _all_finite(self, diffs: Dict[Tensor, Tensor], new_factors: Dict[str, Any]) -> bool:
-        """One fused max-abs reduction per dtype over gradients, differences and new factors; one host read."""
+        """Whether gradients, differences and new factors are all finite: one fused 2-norm reduction per dtype and one
+        host read; only when a norm is not finite (a NaN or an inf, or finite values so large that the sum of squares
+        overflows) the exact max-abs decides (on this CPU the inf-norm reduction is about 20x slower)."""
         with scope("checks"):
             return self._check_finite(diffs, new_factors)
 
@@ -383,8 +385,9 @@ class FOP(torch.optim.Optimizer):
             by_dtype.setdefault(t.dtype, []).append(t)
         if not by_dtype:
             return self.distributor.all_finite(True)
-        maxima = [torch.stack(torch._foreach_norm(ts, float("inf"))).max().float() for ts in by_dtype.values()]
-        finite = bool(torch.isfinite(torch.stack(maxima).max()))  # NaN propagates through max: one sync per step
+        finite = _finite_norms(by_dtype.values(), 2.0)  # NaN propagates through the norms and max
+        if not finite:
+            finite = _finite_norms(by_dtype.values(), float("inf"))
         return self.distributor.all_finite(finite)
 
     def _kfac_group_step(self, group: Dict[str, Any], diffs: Optional[Dict[Tensor, Tensor]]) -> None:
@@ -514,6 +517,12 @@ class FOP(torch.optim.Optimizer):
     def layers(self) -> List[KFACLayer]:
         """The managed layers (name, module, curvature state)."""
         return self.engine.layers
+
+
+def _finite_norms(groups: Iterable[List[Tensor]], order: float) -> bool:
+    """Whether the largest ``order``-norm of the tensors of every same-dtype group is finite (one host read)."""
+    norms = [torch.stack(torch._foreach_norm(ts, order)).max().float() for ts in groups]
+    return bool(torch.isfinite(torch.stack(norms).max()))
 
 
 def _unique_params(model: nn.Module) -> List[nn.Parameter]:

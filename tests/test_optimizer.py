@@ -177,6 +177,25 @@ def test_non_finite_gradients_skip_the_step_without_touching_state():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_huge_but_finite_gradients_are_not_skipped(dtype):
+    """The fast finiteness check is a 2-norm, whose sum of squares overflows for finite values above ~1e19: such a
+    step must still be taken (the exact max-abs decides), and a NaN among them still skips it."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).to(dtype)
+    opt = FOP(model, lr=1e-40, momentum=0.0)
+    x, y = torch.randn(8, 4, dtype=dtype), torch.randn(8, 2, dtype=dtype)
+    for poison in (1e30, float("nan")):
+        for k in (0, 1):
+            with opt.sub_batch(k):
+                F.mse_loss(model(x[4 * k : 4 * k + 4]), y[4 * k : 4 * k + 4]).backward()
+                model[2].weight.grad.fill_(poison)  # finite in both dtypes; squared, it overflows either
+        assert not torch.isfinite(torch._foreach_norm([model[2].weight.grad])[0]) or poison != poison
+        opt.step(), opt.zero_grad()
+    d = opt.diagnostics()
+    assert d["skipped_steps"] == 1.0 and d["step"] == 1.0
+
+
 def test_failed_eigendecomposition_retries_float64_then_keeps_last_basis(monkeypatch):
     model, (x1, y1), _ = _lin_problem(5)
     opt = FOP(model, lr=0.1, inverse_interval=1, max_eigh_failures=2)
