@@ -383,8 +383,11 @@ def _forward_hook(engine_ref: "weakref.ReferenceType[CurvatureEngine]", index: i
     """Forward hook of managed layer ``index``; holds the engine weakly (a collected engine captures nothing).
 
     Opaque to ``torch.compile`` (``torch.compiler.disable``): a compiled model runs it eagerly between graphs instead
-    of tracing the engine's Python state into guards that change every step (and recompiling). The hooks exist on
-    capture steps only (:attr:`CurvatureEngine.capture`), so the other steps run the model's own graphs.
+    of tracing the engine's Python state into guards that change every step (and recompiling). The hooks stay on the
+    layers for the engine's life and do nothing off capture steps (:attr:`CurvatureEngine.capture`): dynamo does not
+    guard on a module's hooks (``torch._dynamo.config.skip_nnmodule_hook_guards``), so hooks added only for capture
+    steps would be missing from graphs first compiled on another step (a run resumed off a capture step) and the
+    curvature would silently never be captured.
     """
 
     @torch.compiler.disable
@@ -447,24 +450,19 @@ class CurvatureEngine:
         self._take_over()
         self._handles: List[torch.utils.hooks.RemovableHandle] = []
         self._finalizer = weakref.finalize(self, _remove_handles, self._handles)
+        self._install_hooks()
 
     @property
     def capture(self) -> bool:
         """Whether the coming forward/backward passes belong to a curvature step (set by the optimizer).
 
-        The layers carry the capture hooks only while it is true: the other steps run the model as it is.
+        The hooks read it on every forward (see :func:`_forward_hook`).
         """
         return self._capture
 
     @capture.setter
     def capture(self, value: bool) -> None:
         self._capture = bool(value)
-        if self.released is not None:
-            return
-        if self._capture and not self._handles:
-            self._install_hooks()
-        elif not self._capture and self._handles:
-            _remove_handles(self._handles)
 
     # ------------------------------------------------------------ lifetime
     def _take_over(self) -> None:

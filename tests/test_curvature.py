@@ -531,6 +531,41 @@ def test_garbage_collected_fop_stops_capturing():
         FOP(model)
 
 
+def _first_compiled_step_captures_nothing(compiled: bool) -> FOP:
+    """A tiny ViT, factors every 2 steps: step 0 eager (a capture step), then steps 1-3 through ``torch.compile``
+    (``aot_eager``) when ``compiled``: its first graphs are compiled on step 1, which captures nothing, as in a run
+    resumed from a checkpoint taken off a capture step."""
+    from trainer_helpers import tiny_vit
+
+    model = tiny_vit()
+    gen = torch.Generator().manual_seed(16)
+    x, y = torch.randn(8, 1, 8, 8, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+    opt = FOP(model, lr=0.01, factor_interval=2, inverse_interval=2)
+    for step in range(4):
+        net = torch.compile(model, backend="aot_eager") if compiled and step == 1 else (net if step else model)
+        for k in (0, 1):
+            with opt.sub_batch(k):
+                F.cross_entropy(net(pixel_values=x[4 * k : 4 * k + 4]).logits, y[4 * k : 4 * k + 4]).backward()
+        opt.step(), opt.zero_grad()
+    return opt
+
+
+def test_a_model_compiled_off_a_capture_step_still_captures():
+    """Dynamo does not guard on module hooks: hooks that were present only on capture steps were missing from graphs
+    first compiled on a step without capture, and the run never captured again (1 factor update instead of 2,
+    silently)."""
+    torch._dynamo.reset()
+    try:
+        compiled = _first_compiled_step_captures_nothing(compiled=True)
+    finally:
+        torch._dynamo.reset()
+    eager = _first_compiled_step_captures_nothing(compiled=False)
+    assert compiled.counters["factor_updates"] == eager.counters["factor_updates"] == 2  # steps 0 and 2
+    for a, b in zip(compiled.layers, eager.layers):
+        torch.testing.assert_close(a.A, b.A, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.S, b.S, rtol=1e-5, atol=1e-6)
+
+
 def test_release_removes_hooks_and_forbids_further_use():
     model = TwoLayer(nn.Linear(3, 4), 4)
     opt = FOP(model)
