@@ -42,10 +42,14 @@ run eagerly between graphs on capture steps). Each optimizer runs alone after
 ``torch._dynamo.reset()`` (a reset drops every compiled graph, so the compiled
 runs cannot be round-robin): one untimed warm-up cycle, whose seconds are
 reported as the compile warm-up ``warmup_s``, then the same ``cycles`` timed
-cycles. ``graphs`` counts the graphs dynamo compiled for that optimizer
-(``counters["stats"]["unique_graphs"]``), ``timed_graphs`` those compiled
-during the timed cycles (recompiles; 0 when the warm-up compiled everything).
-The results go under ``compiled`` in the JSON, next to the eager ones.
+cycles. The reset keeps inductor's on-disk caches, so an optimizer whose
+graphs an earlier one (or an earlier run) compiled warms up faster; and run one
+after the other, the compiled figures do not share a busy machine's drift as
+the eager ones do. ``graphs`` counts the graphs dynamo compiled for that
+optimizer (``counters["stats"]["unique_graphs"]``), ``timed_graphs`` those
+compiled during the timed cycles (recompiles; 0 when the warm-up compiled
+everything). The results go under ``compiled`` in the JSON, next to the eager
+ones.
 
 Ends by printing one JSON line (``fop_over_adamw``, ``fop_over_kfac``,
 ``kfac_over_adamw`` at interval 10, ...). Usage::
@@ -548,7 +552,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--keep-denormals", action="store_true", help="do not flush subnormal floats (see the docstring)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--compile", action="store_true",
-                   help="also time the headline with torch.compile'd models (AdamW, K-FAC, FOP; not the sweep)")
+                   help="also time the headline with torch.compile'd models (AdamW, K-FAC, FOP; not the sweep); "
+                   "a cold inductor compile takes minutes on a CPU")
     p.add_argument("--compile-backend", metavar="NAME",
                    help="torch.compile backend of --compile (default: inductor; aot_eager compiles fast, for tests)")
     p.add_argument("--plot", type=Path, help="PNG of the sweep (needs --sweep)")
