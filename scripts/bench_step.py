@@ -35,10 +35,27 @@ resident set size above the interpreter's size after imports (CPU), or
 tensor bytes of ``optimizer.state_dict()`` (FOP: its AdamW moments, factors A
 and S, eigenbases).
 
+``--compile`` times the headline a second time with each optimizer's model
+wrapped by ``torch.compile(model, backend=--compile-backend)`` (the optimizer
+itself stays eager; FOP's curvature hooks are ``torch.compiler.disable``d and
+run eagerly between graphs on capture steps). Each optimizer runs alone after
+``torch._dynamo.reset()`` (a reset drops every compiled graph, so the compiled
+runs cannot be round-robin): one untimed warm-up cycle, whose seconds are
+reported as the compile warm-up ``warmup_s``, then the same ``cycles`` timed
+cycles. The reset keeps inductor's on-disk caches, so an optimizer whose
+graphs an earlier one (or an earlier run) compiled warms up faster; and run one
+after the other, the compiled figures do not share a busy machine's drift as
+the eager ones do. ``graphs`` counts the graphs dynamo compiled for that
+optimizer (``counters["stats"]["unique_graphs"]``), ``timed_graphs`` those
+compiled during the timed cycles (recompiles; 0 when the warm-up compiled
+everything). The results go under ``compiled`` in the JSON, next to the eager
+ones.
+
 Ends by printing one JSON line (``fop_over_adamw``, ``fop_over_kfac``,
 ``kfac_over_adamw`` at interval 10, ...). Usage::
 
     python scripts/bench_step.py --quick            # headline only, < 2 min on 2 cores
+    python scripts/bench_step.py --quick --compile  # + the headline with torch.compile'd models (inductor)
     python scripts/bench_step.py --sweep --plot docs/step_time_growth.png
     python scripts/bench_step.py --device cuda --sweep   # GPU-sized defaults
 """
@@ -56,7 +73,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -237,6 +254,51 @@ def _cycle_means(values: Sequence[float], interval: int) -> List[float]:
     return [sum(values[i : i + interval]) / interval for i in range(0, len(values) - interval + 1, interval)]
 
 
+def _summary(r: Runner, interval: int, factor_interval: int) -> Dict[str, float]:
+    """Seconds per step (cycle medians, see the module docstring), state bytes and, for FOP, its curvature counts
+    of one runner after its timed steps."""
+    totals = [a + b for a, b in zip(r.passes_s, r.step_s)]
+    res = {
+        "step_s": statistics.median(_cycle_means(totals, interval)),
+        "median_step_s": statistics.median(totals),
+        "passes_s": statistics.median(_cycle_means(r.passes_s, interval)),
+        "opt_step_s": statistics.median(_cycle_means(r.step_s, interval)),
+        "state_bytes": float(state_bytes(r.opt)),
+    }
+    if isinstance(r.opt, FOP):
+        # every factor_interval-th step captures factors; the others do not.
+        cap = [i for i in range(len(totals)) if i % factor_interval == 0]
+        plain = [i for i in range(len(totals)) if i % factor_interval != 0] or cap
+        res["passes_capture_s"] = statistics.median(r.passes_s[i] for i in cap)
+        res["passes_plain_s"] = statistics.median(r.passes_s[i] for i in plain)
+        res["opt_step_curvature_s"] = statistics.median(r.step_s[i] for i in cap)
+        res["opt_step_plain_s"] = statistics.median(r.step_s[i] for i in plain)
+        res["eigh_s"] = statistics.median(r.eigh_s[1:] or r.eigh_s)
+        diag = r.opt.diagnostics()
+        res["skipped_steps"] = diag["skipped_steps"]
+        res["inverse_updates"] = diag["inverse_updates"]
+        res["factor_updates"] = diag["factor_updates"]
+    else:
+        res["passes_plain_s"] = statistics.median(r.passes_s)
+        res["opt_step_plain_s"] = statistics.median(r.step_s)
+    return res
+
+
+def _make_runner(
+    kind: str, shape: Shape, interval: int, factor_interval: int, device: torch.device, x: Tensor, y: Tensor,
+    compile_backend: Union[str, Callable[..., Any], None] = None,
+) -> Runner:
+    """A fresh model and optimizer; the passes call ``torch.compile(model, backend=compile_backend)`` if given
+    (the optimizer holds the eager model, whose modules carry its hooks)."""
+    model = build_model(shape, device)
+    opt = make_optimizer(kind, model, interval, factor_interval)
+    forward: nn.Module = model if compile_backend is None else torch.compile(model, backend=compile_backend)
+    runner = Runner(kind, model, opt, make_step(kind, forward, opt, x, y))
+    if isinstance(opt, FOP):
+        _timed_eigenbases(runner)
+    return runner
+
+
 def measure(
     shape: Shape, kinds: Sequence[str], interval: int, cycles: int, device: torch.device,
     factor_interval: Optional[int] = None,
@@ -245,45 +307,46 @@ def measure(
     (eigenbases every ``interval`` steps, factors every ``factor_interval``, default ``interval``)."""
     factor_interval = interval if factor_interval is None else factor_interval
     x, y = make_batch(shape, device)
-    runners = []
-    for kind in kinds:
-        model = build_model(shape, device)
-        opt = make_optimizer(kind, model, interval, factor_interval)
-        runner = Runner(kind, model, opt, make_step(kind, model, opt, x, y))
-        if isinstance(opt, FOP):
-            _timed_eigenbases(runner)
-        runners.append(runner)
+    runners = [_make_runner(kind, shape, interval, factor_interval, device, x, y) for kind in kinds]
     sync = _sync_fn(device)
     for step in range(interval * (cycles + 1)):
         for runner in runners:
             runner.run_step(sync, record=step >= interval)
+    return {r.kind: _summary(r, interval, factor_interval) for r in runners}
+
+
+def measure_compiled(
+    shape: Shape, kinds: Sequence[str], interval: int, cycles: int, device: torch.device,
+    backend: Union[str, Callable[..., Any]], factor_interval: Optional[int] = None,
+) -> Dict[str, Dict[str, float]]:
+    """:func:`measure` with each model ``torch.compile``d by ``backend`` (a name or a dynamo backend), one optimizer
+    at a time after ``torch._dynamo.reset()``: an untimed warm-up cycle (its seconds: ``warmup_s``), then ``cycles``
+    timed cycles. Adds ``graphs`` (graphs dynamo compiled for the optimizer), ``timed_graphs`` (of those, compiled in
+    the timed cycles) and ``timed_steps``."""
+    from torch._dynamo.utils import counters
+
+    factor_interval = interval if factor_interval is None else factor_interval
+    x, y = make_batch(shape, device)
+    sync = _sync_fn(device)
     out: Dict[str, Dict[str, float]] = {}
-    for r in runners:
-        totals = [a + b for a, b in zip(r.passes_s, r.step_s)]
-        res = {
-            "step_s": statistics.median(_cycle_means(totals, interval)),
-            "median_step_s": statistics.median(totals),
-            "passes_s": statistics.median(_cycle_means(r.passes_s, interval)),
-            "opt_step_s": statistics.median(_cycle_means(r.step_s, interval)),
-            "state_bytes": float(state_bytes(r.opt)),
-        }
-        if isinstance(r.opt, FOP):
-            # every factor_interval-th step captures factors; the others do not.
-            cap = [i for i in range(len(totals)) if i % factor_interval == 0]
-            plain = [i for i in range(len(totals)) if i % factor_interval != 0] or cap
-            res["passes_capture_s"] = statistics.median(r.passes_s[i] for i in cap)
-            res["passes_plain_s"] = statistics.median(r.passes_s[i] for i in plain)
-            res["opt_step_curvature_s"] = statistics.median(r.step_s[i] for i in cap)
-            res["opt_step_plain_s"] = statistics.median(r.step_s[i] for i in plain)
-            res["eigh_s"] = statistics.median(r.eigh_s[1:] or r.eigh_s)
-            diag = r.opt.diagnostics()
-            res["skipped_steps"] = diag["skipped_steps"]
-            res["inverse_updates"] = diag["inverse_updates"]
-            res["factor_updates"] = diag["factor_updates"]
-        else:
-            res["passes_plain_s"] = statistics.median(r.passes_s)
-            res["opt_step_plain_s"] = statistics.median(r.step_s)
-        out[r.kind] = res
+    for kind in kinds:
+        torch._dynamo.reset()
+        counters.clear()
+        runner = _make_runner(kind, shape, interval, factor_interval, device, x, y, backend)
+        t0 = time.perf_counter()
+        for _ in range(interval):
+            runner.run_step(sync, record=False)
+        warmup_s = time.perf_counter() - t0
+        warm_graphs = counters["stats"]["unique_graphs"]
+        for _ in range(interval * cycles):
+            runner.run_step(sync, record=True)
+        res = _summary(runner, interval, factor_interval)
+        res["warmup_s"] = warmup_s
+        res["graphs"] = counters["stats"]["unique_graphs"]
+        res["timed_graphs"] = res["graphs"] - warm_graphs
+        res["timed_steps"] = len(runner.step_s)
+        out[kind] = res
+    torch._dynamo.reset()
     return out
 
 
@@ -424,6 +487,19 @@ def markdown(result: Dict[str, Any]) -> str:
             over = f"no (+{100 * (result[key] / goal - 1):.0f}%)" if goal is not None else ""
             met = "" if goal is None else ("yes" if result[key] <= goal else over)
             lines.append(f"| {key} | {result[key]:.3f} | {'' if goal is None else f'<= {goal}'} | {met} |")
+    if "compiled" in result:
+        comp = result["compiled"]
+        lines += ["", f"Compiled (`torch.compile(model, backend=\"{comp['backend']}\")`, each optimizer alone after "
+                  "`torch._dynamo.reset()`; warm-up = the untimed first cycle, with the compilation):", "",
+                  "| optimizer | eager ms/step | compiled ms/step | compiled/eager | warm-up s | graphs | "
+                  "graphs compiled in timed cycles |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for kind, t in comp["times"].items():
+            eager = result["times"][kind]["step_s"]
+            lines.append(f"| {kind} | {1e3 * eager:.1f} | {1e3 * t['step_s']:.1f} | {t['step_s'] / eager:.3f} | "
+                         f"{t['warmup_s']:.1f} | {t['graphs']} | {t['timed_graphs']} |")  # fmt: skip
+        lines += ["", "| ratio | eager | compiled |", "|---|---|---|"]
+        for key in ("fop_over_adamw", "fop_over_kfac", "kfac_over_adamw"):
+            lines.append(f"| {key} | {result[key]:.3f} | {comp[key]:.3f} |")
     if "memory" in result:
         lines += ["", "| optimizer | peak MiB | state MiB |", "|---|---|---|"]
         for kind, m in result["memory"].items():
@@ -475,6 +551,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=_positive("threads"), default=1, help="torch.set_num_threads")
     p.add_argument("--keep-denormals", action="store_true", help="do not flush subnormal floats (see the docstring)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the headline with torch.compile'd models (AdamW, K-FAC, FOP; not the sweep); "
+                   "a cold inductor compile takes minutes on a CPU")
+    p.add_argument("--compile-backend", metavar="NAME",
+                   help="torch.compile backend of --compile (default: inductor; aot_eager compiles fast, for tests)")
     p.add_argument("--plot", type=Path, help="PNG of the sweep (needs --sweep)")
     p.add_argument("--json-out", type=Path, help="also write the full results here")
     p.add_argument("--markdown", type=Path, metavar="JSON", help="print the tables of a saved --json-out and exit")
@@ -489,6 +570,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                 "combined with --smoke")
     if args.plot and not (args.sweep or args.markdown):
         p.error("--plot needs --sweep (or --markdown JSON of a sweep)")
+    if args.compile_backend is not None:
+        if not args.compile:
+            p.error("--compile-backend needs --compile")
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if args.compile_backend not in backends:
+            p.error(f"--compile-backend must be one of {', '.join(backends)}; got {args.compile_backend!r}")
+    elif args.compile:
+        args.compile_backend = "inductor"
     return args
 
 
@@ -572,6 +661,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     for kind, res in head.items():
         print(f"# {kind:10s} {1e3 * res['step_s']:8.1f} ms/step (passes {1e3 * res['passes_s']:.1f}, "
               f"opt.step {1e3 * res['opt_step_s']:.1f})", file=sys.stderr)  # fmt: skip
+    if args.compile:
+        compiled = measure_compiled(shape, OPTIMIZERS, interval, cycles, device, args.compile_backend, factor_interval)
+        result["compiled"] = {"backend": args.compile_backend, "times": compiled, **ratios(compiled)}
+        for kind, res in compiled.items():
+            print(f"# compiled {kind:10s} {1e3 * res['step_s']:8.1f} ms/step (eager {1e3 * head[kind]['step_s']:.1f}), "
+                  f"warm-up {res['warmup_s']:.1f} s, {res['graphs']} graphs", file=sys.stderr)  # fmt: skip
     if not args.no_memory:
         mem = measure_memory(shape, interval, device, args.threads, factor_interval)
         result["memory"] = mem

@@ -65,6 +65,72 @@ def test_smoke_run_reports_ratios_memory_and_sweep(tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_compiled_smoke_run_reports_compiled_figures_next_to_eager(tmp_path):
+    done = _run("bench_step.py", "--smoke", "--compile", "--compile-backend", "aot_eager", "--no-memory",
+                "--json-out", str(tmp_path / "out.json"))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(result["times"]) == {"adamw", "adamw_full", "kfac", "fop"}  # the eager headline is still there
+    comp = result["compiled"]
+    assert comp["backend"] == "aot_eager"
+    times = comp["times"]
+    assert set(times) == {"adamw", "kfac", "fop"}
+    for kind, t in times.items():
+        assert t["step_s"] > 0 and t["warmup_s"] > 0, kind
+        assert t["timed_steps"] == result["cycles"] * result["interval"], kind  # the warm-up cycle is not timed
+    assert comp["fop_over_adamw"] == pytest.approx(times["fop"]["step_s"] / times["adamw"]["step_s"])
+    assert comp["fop_over_kfac"] == pytest.approx(times["fop"]["step_s"] / times["kfac"]["step_s"])
+    assert comp["kfac_over_adamw"] == pytest.approx(times["kfac"]["step_s"] / times["adamw"]["step_s"])
+    for kind in ("kfac", "fop"):  # compiled, the optimizers still refresh every cycle and skip nothing
+        assert times[kind]["skipped_steps"] == 0
+        assert times[kind]["inverse_updates"] == result["cycles"] + 1
+    # graphs: AdamW's model compiles whole; K-FAC's and FOP's disabled capture hooks split the forward at each managed
+    # layer (at most L + 1 pieces, each in a static and a dynamic shape), all compiled in the warm-up cycle
+    layers = len(bench_step.make_optimizer("fop", bench_step.build_model(bench_step.SMOKE["shape"],
+                                                                         torch.device("cpu")), 2).layers)  # fmt: skip
+    assert times["adamw"]["graphs"] == 1
+    for kind in ("kfac", "fop"):
+        assert 1 < times[kind]["graphs"] <= 2 * (layers + 1), (kind, times[kind]["graphs"], layers)
+    assert all(t["timed_graphs"] == 0 for t in times.values())
+    table = bench_step.markdown(result)
+    for kind, t in times.items():
+        eager = result["times"][kind]["step_s"]
+        assert (f"| {kind} | {1e3 * eager:.1f} | {1e3 * t['step_s']:.1f} | {t['step_s'] / eager:.3f} | "
+                f"{t['warmup_s']:.1f} | {t['graphs']} | 0 |") in table  # fmt: skip
+    for key in ("fop_over_adamw", "fop_over_kfac", "kfac_over_adamw"):
+        assert f"| {key} | {result[key]:.3f} | {comp[key]:.3f} |" in table
+    del result["compiled"]
+    assert "aot_eager" not in bench_step.markdown(result)
+
+
+@pytest.mark.parametrize("new_shape_at,timed_graphs", [(1, 0), (2, 1)])
+def test_compiled_timing_counts_the_graphs_compiled_after_the_warm_up_cycle(new_shape_at, timed_graphs, monkeypatch):
+    # interval 2: steps 0 and 1 are the warm-up; a new batch size at step new_shape_at recompiles the model there
+    make_step = bench_step.make_step
+
+    def new_shape_from_step(kind, model, opt, x, y):  # noqa: ANN001, ANN202
+        passes = [make_step(kind, model, opt, x, y), make_step(kind, model, opt, x[:2], y[:2])]
+        calls = []
+
+        def step() -> None:
+            passes[len(calls) >= new_shape_at]()
+            calls.append(1)
+
+        return step
+
+    compiled = []
+
+    def backend(graph, example_inputs):  # noqa: ANN001, ANN202 (a dynamo backend that runs the graph as traced)
+        compiled.append(graph)
+        return graph.forward
+
+    monkeypatch.setattr(bench_step, "make_step", new_shape_from_step)
+    shape = bench_step.Shape(hidden=16, layers=1, batch=4, image=8, patch=4)
+    times = bench_step.measure_compiled(shape, ("adamw",), 2, 1, torch.device("cpu"), backend)["adamw"]
+    assert (times["graphs"], times["timed_graphs"], times["timed_steps"]) == (2, timed_graphs, 2)
+    assert len(compiled) == 2  # the model went through the given backend
+
+
 def test_state_bytes_counts_every_tensor_of_the_state_dict():
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters(), foreach=True)
@@ -103,12 +169,20 @@ def test_profile_takes_the_shipped_schedule_and_rejects_a_factor_interval_that_d
     "args,message",
     [(["--batch", "7"], "--batch must be even"), (["--plot", "x.png"], "--plot needs --sweep"),
      (["--interval", "0"], "--interval must be an integer >= 1"),
-     (["--interval", "20", "--factor-interval", "3"], "--factor-interval (3) must divide --interval (20)")],
+     (["--interval", "20", "--factor-interval", "3"], "--factor-interval (3) must divide --interval (20)"),
+     (["--compile", "--compile-backend", "nope"], "--compile-backend must be one of"),
+     (["--compile-backend", "aot_eager"], "--compile-backend needs --compile")],
 )  # fmt: skip
 def test_bad_arguments_name_the_option(args, message, capsys):
     with pytest.raises(SystemExit):
         bench_step.parse_args(args)
     assert message in capsys.readouterr().err
+
+
+def test_compile_backend_defaults_to_inductor_with_compile_only():
+    assert bench_step.parse_args(["--compile"]).compile_backend == "inductor"
+    assert bench_step.parse_args(["--compile", "--compile-backend", "aot_eager"]).compile_backend == "aot_eager"
+    assert bench_step.parse_args([]).compile_backend is None
 
 
 def test_factor_interval_sets_the_capture_schedule_alone():
