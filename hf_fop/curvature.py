@@ -34,7 +34,7 @@ import time
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, FrozenSet, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -432,6 +432,8 @@ class CurvatureEngine:
         self.label_shift = _label_shift(model)
         """Logit position t is scored against ``labels[:, t + label_shift]`` (1 for causal LMs)."""
         self._capture = False
+        self.capture_only: Optional[FrozenSet[str]] = None
+        """Names of the layers that capture while :attr:`capture` is true (``stagger_capture``); ``None``: every one."""
         self.enabled = True
         """False in evaluation mode (``FOP.eval()``): nothing is captured."""
         self.group = -1
@@ -537,6 +539,8 @@ class CurvatureEngine:
 
     def _on_forward(self, layer: KFACLayer, module: nn.Module, inputs: Tuple[Tensor, ...], output: Tensor) -> None:
         if not self._active(module) or not output.requires_grad:
+            return
+        if self.capture_only is not None and layer.name not in self.capture_only:
             return
         with scope("capture_forward"):
             self._capture_input(layer, inputs[0], output)

@@ -66,7 +66,7 @@ from .preconditioner import (
     rotation_error,
 )
 from .profiling import scope
-from .refresh import due_units, refresh_plan
+from .refresh import capture_slots, due_units, refresh_plan
 
 _COUNTERS = (
     "factor_updates", "inverse_updates", "skipped_steps", "fallback_steps", "identity_layer_steps", "float32_rotations",
@@ -182,6 +182,8 @@ class FOP(torch.optim.Optimizer):
         self.distributor = make_distributor(self.engine, config)
         """Where curvature lives across processes (:class:`hf_fop.distributed.CurvatureDistributor`)."""
         self._units, self._slots = refresh_plan(self.engine.layers, config)
+        self._capture_slots = capture_slots(self.engine.layers, config)
+        """Step of the factor interval on which each managed layer captures (all 0 without ``stagger_capture``)."""
         """An inverse cycle's refresh work (:mod:`hf_fop.refresh`: full eigendecompositions and block rotations) and
         the step of the cycle on which each unit runs."""
         self._record = StepRecord()
@@ -277,7 +279,15 @@ class FOP(torch.optim.Optimizer):
         return self.engine.capture
 
     def _schedule_capture(self) -> None:
-        self.engine.capture = self.global_step % self.config.factor_interval == 0
+        """Which layers the coming passes capture: every layer on the factor interval's first step, or with
+        ``stagger_capture`` those whose slot it is and those without factors yet (the same on every rank)."""
+        position = self.global_step % self.config.factor_interval
+        if not self.config.stagger_capture:
+            self.engine.capture, self.engine.capture_only = position == 0, None
+        else:
+            due = [layer for layer, slot in zip(self.engine.layers, self._capture_slots) if slot == position or layer.A is None]
+            self.engine.capture = bool(due)
+            self.engine.capture_only = None if len(due) == len(self.engine.layers) else frozenset(l.name for l in due)
         self.engine.begin_step(self.global_step)
 
     def zero_grad(self, set_to_none: bool = True) -> None:

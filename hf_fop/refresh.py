@@ -219,19 +219,26 @@ def _failed(layer: KFACLayer, which: str, max_failures: int) -> None:
     )
 
 
-def refresh_slots(costs: Sequence[int], k: int, capture_every: int = 1, capture_cost: int = 0) -> List[int]:
+def refresh_slots(
+    costs: Sequence[int], k: int, capture_every: int = 1, capture_cost: int = 0, start: Optional[Sequence[int]] = None
+) -> List[int]:
     """Slot in ``[0, k)`` of each unit of work: greedy, costliest first, to the least-loaded slot (ties: a slot that is
     not a capture step, i.e. ``slot % capture_every != 0``, then the lower slot; units by lower index). A capture step
     already pays for the factors of every layer (``capture_cost``, in the units' cost units, is its starting load when
-    not every step captures), so the costliest refresh work goes to the other steps. Deterministic
+    not every step captures), so the costliest refresh work goes to the other steps; ``start`` (``k`` loads) replaces
+    that starting load when the capture is spread over the steps (:func:`capture_slots`). Deterministic
     and independent of the world size, so every distribution refreshes a unit on the same step as one process does
     (with curvature specialists a step's units may belong to different owners)."""
     for name, value in (("k", k), ("capture_every", capture_every)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"refresh_slots: {name}={value!r} is invalid: expected an integer >= 1 (steps per "
                              f"{'inverse cycle' if name == 'k' else 'factor capture'}).")
+    if start is not None and len(start) != k:
+        raise ValueError(f"refresh_slots: start has {len(start)} loads, expected k={k}.")
     slots = [0] * len(costs)
-    loads = [capture_cost if capture_every > 1 and s % capture_every == 0 else 0 for s in range(k)]
+    loads = list(start) if start is not None else [
+        capture_cost if capture_every > 1 and s % capture_every == 0 else 0 for s in range(k)
+    ]
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
         slot = min(range(k), key=lambda s: (loads[s], s % capture_every == 0, s))
         slots[i] = slot
@@ -239,14 +246,27 @@ def refresh_slots(costs: Sequence[int], k: int, capture_every: int = 1, capture_
     return slots
 
 
+def capture_slots(layers: Sequence[KFACLayer], config: FOPConfig) -> List[int]:
+    """Step of the factor interval (in ``[0, factor_interval)``) on which each layer captures: 0 for every layer
+    unless ``stagger_capture``, else spread greedily by each layer's :func:`capture_cost` (as :func:`refresh_slots`)."""
+    if not config.stagger_capture or config.factor_interval == 1:
+        return [0] * len(layers)
+    return refresh_slots([capture_cost([layer], config.capture_rows) for layer in layers], config.factor_interval)
+
+
 def refresh_plan(layers: Sequence[KFACLayer], config: FOPConfig) -> Tuple[List[RefreshUnit], List[int]]:
     """``(units, slots)``: an inverse cycle's refresh work for ``config`` (:func:`refresh_units` at its
-    ``max_eigh_dim``) and each unit's step of the cycle (:func:`refresh_slots`, capture steps loaded with
-    :func:`capture_cost` at its ``capture_rows``)."""
+    ``max_eigh_dim``) and each unit's step of the cycle (:func:`refresh_slots`, each step starting with the
+    :func:`capture_cost` of the layers that capture on it, at ``capture_rows``)."""
     units = refresh_units(layers, config.max_eigh_dim)
     costs = [unit_cost(unit, config.max_eigh_dim) for unit in units]
-    capture = capture_cost(layers, config.capture_rows)
-    return units, refresh_slots(costs, config.inverse_interval, config.factor_interval, capture)
+    f, k = config.factor_interval, config.inverse_interval
+    if f == 1:  # every step captures every layer: no step is preferred
+        return units, refresh_slots(costs, k)
+    per_layer = [capture_cost([layer], config.capture_rows) for layer in layers]
+    slots = capture_slots(layers, config)
+    start = [sum(c for c, slot in zip(per_layer, slots) if slot == s % f) for s in range(k)]
+    return units, refresh_slots(costs, k, 1 if config.stagger_capture else f, start=start)
 
 
 def due_units(

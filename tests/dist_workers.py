@@ -55,8 +55,9 @@ def make_opt(model: nn.Module, mode: str, inverse_interval: int, scenario: str =
     """``scenario="unused"`` fixes beta* = 0: a layer only one group uses has g1 - g2 parallel to g_avg, so g_perp
     is rounding noise and beta* = D / E amplifies it (the runs would differ by noise, not by a bug)."""
     extra.setdefault("stagger_refresh", False)  # every layer decomposed on a cycle's first step, unless asked
-    return FOP(model, lr=0.05, damping=0.05, mode=mode, momentum=0.5, factor_interval=1,
-               inverse_interval=inverse_interval, factor_decay=0.8, use_beta=scenario != "unused", **extra)
+    extra.setdefault("factor_interval", 1)
+    return FOP(model, lr=0.05, damping=0.05, mode=mode, momentum=0.5, inverse_interval=inverse_interval,
+               factor_decay=0.8, use_beta=scenario != "unused", **extra)
 
 
 def uses_extra(scenario: str, rank: int) -> bool:

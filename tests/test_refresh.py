@@ -461,3 +461,96 @@ def test_in_the_optimizer_no_refresh_lands_on_a_capture_step_when_capturing_cost
     steps = _per_step(calls)
     assert all(not steps[i] for i in (2, 4, 6, 8)), steps
     assert sorted(n for step in steps[1:5] for n in step) == sorted(layer.name for layer in opt.layers)
+
+
+# ------------------------------------------------------------------ staggered capture
+def _captures_per_step(model: nn.Module, opt: FOP, steps: int) -> List[List[str]]:
+    """Names of the layers whose factors each step updated (from ``update_factors``), training on fixed batches."""
+    seen: List[List[str]] = []
+    original = opt.engine.update_factors
+
+    def record(new):  # noqa: ANN001, ANN202
+        seen[-1].extend(new)
+        return original(new)
+
+    opt.engine.update_factors = record
+    g = torch.Generator().manual_seed(8)
+    for _ in range(steps):
+        seen.append([])
+        x, y = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+        for k in (0, 1):
+            with opt.sub_batch(k):
+                F.cross_entropy(model(x[4 * k : 4 * k + 4]), y[4 * k : 4 * k + 4]).backward()
+        opt.step()
+        opt.zero_grad()
+    return seen
+
+
+def test_capture_slots_spread_the_layers_by_their_capture_cost():
+    opt = FOP(_model(), lr=0.1, factor_interval=3, inverse_interval=6, stagger_capture=True, capture_rows=8)
+    layers = opt.layers  # A/S sides 7/16, 17/12, 13/4, 5/3: capture costs 2 * 8 * 2 * (d_A^2 + d_S^2)
+    costs = [32 * (a * a + s * s) for a, s in ((7, 16), (17, 12), (13, 4), (5, 3))]
+    assert [refresh.capture_cost([layer], 8) for layer in layers] == costs
+    assert refresh.capture_slots(layers, opt.config) == refresh_slots(costs, 3) == [1, 0, 2, 2]
+    assert refresh.capture_slots(layers, opt.config.replace(stagger_capture=False)) == [0, 0, 0, 0]
+    assert refresh.capture_slots(layers, opt.config.replace(factor_interval=1, inverse_interval=6)) == [0, 0, 0, 0]
+    # the refresh's slots start from each step's capture load (k = 6 steps: capture slots repeat every 3)
+    start = [costs[1], costs[0], costs[2] + costs[3]] * 2
+    units, slots = refresh.refresh_plan(layers, opt.config)
+    assert slots == refresh_slots([unit_cost(u, opt.config.max_eigh_dim) for u in units], 6, 1, start=start)
+
+
+def test_staggered_capture_updates_each_layer_once_per_interval_on_its_slot():
+    model = _model()
+    opt = FOP(model, lr=0.1, factor_interval=3, inverse_interval=6, stagger_capture=True)
+    seen = _captures_per_step(model, opt, 10)
+    names = [layer.name for layer in opt.layers]
+    slots = dict(zip(names, refresh.capture_slots(opt.layers, opt.config)))
+    assert sorted(seen[0]) == sorted(names)  # no factors yet: every layer captures on the first step
+    for step in range(1, 10):
+        assert sorted(seen[step]) == sorted(n for n in names if slots[n] == step % 3), step
+    assert len(set(slots.values())) == 3  # 4 layers over 3 steps: no step captures every layer
+    assert opt.counters["factor_updates"] == 10  # every step captured some layer
+
+
+def test_staggered_capture_with_a_factor_interval_of_one_is_the_plain_schedule():
+    runs = []
+    for stagger in (False, True):
+        model = _model()
+        opt = FOP(model, lr=0.1, factor_interval=1, inverse_interval=3, stagger_capture=stagger)
+        runs.append((_captures_per_step(model, opt, 5), [p.detach().clone() for p in model.parameters()]))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
+def test_staggered_capture_resumes_bitwise():
+    """8 steps straight against 4, state_dicts into a new model and optimizer, and 4 more: the same layers capture on
+    the same steps, so the parameters are bitwise equal."""
+    options = dict(lr=0.1, factor_interval=3, inverse_interval=6, stagger_capture=True)
+    straight = _model()
+    opt = FOP(straight, **options)
+    seen = _captures_per_step(straight, opt, 8)
+    first = _model()
+    opt1 = FOP(first, **options)
+    head = _captures_per_step(first, opt1, 4)
+    state, weights = opt1.state_dict(), {k: v.clone() for k, v in first.state_dict().items()}
+    opt1.release()
+    second = _model()
+    second.load_state_dict(weights)
+    opt2 = FOP(second, **options)
+    opt2.load_state_dict(state)
+    assert head == seen[:4]
+    tail: List[List[str]] = []
+    original = opt2.engine.update_factors
+    opt2.engine.update_factors = lambda new: (tail[-1].extend(new), original(new))[1]
+    g = torch.Generator().manual_seed(8)
+    batches = [(torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(8)]
+    for x, y in batches[4:]:  # the batch stream of _captures_per_step, continued at step 4
+        tail.append([])
+        for k in (0, 1):
+            with opt2.sub_batch(k):
+                F.cross_entropy(second(x[4 * k : 4 * k + 4]), y[4 * k : 4 * k + 4]).backward()
+        opt2.step()
+        opt2.zero_grad()
+    assert tail == seen[4:]
+    assert all(torch.equal(a, b) for a, b in zip(straight.parameters(), second.parameters()))

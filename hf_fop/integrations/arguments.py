@@ -105,6 +105,12 @@ class FOPTrainingArguments(TrainingArguments):
         metadata={"help": "Spread each inverse cycle's eigendecompositions over its fop_inverse_interval steps (no step "
                   "pays for every layer at once); false decomposes every layer on the cycle's first step."},
     )
+    fop_stagger_capture: bool = field(
+        default=_CONFIG_DEFAULTS.stagger_capture,
+        metadata={"help": "Spread each factor interval's captures over its fop_factor_interval steps, each layer on its "
+                  "own step (balanced by cost), so no step pays for every layer's capture; false captures every layer "
+                  "on the interval's first step."},
+    )
     fop_max_eigh_dim: int = field(
         default=_CONFIG_DEFAULTS.max_eigh_dim or 0,
         metadata={"help": "Largest eigendecomposition of a refresh after a layer's first: larger factors are refreshed "
@@ -250,6 +256,7 @@ class FOPTrainingArguments(TrainingArguments):
             curvature_sharding=self.fop_curvature_sharding,
             capture_rows=None if self.fop_capture_rows == 0 else self.fop_capture_rows,
             stagger_refresh=self.fop_stagger_refresh,
+            stagger_capture=self.fop_stagger_capture,
             max_eigh_dim=None if self.fop_max_eigh_dim == 0 else self.fop_max_eigh_dim,
             projection_metric=self.fop_projection_metric,
             rotation_dtype=self.fop_rotation_dtype,
