@@ -65,6 +65,16 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 4), nn.Linear(4, 3))
 
 
+def _fop_step(model: nn.Module, opt: FOP, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One FOP step on ``(x, y)``: its two halves as the sub-batches (cross-entropy)."""
+    half = x.shape[0] // 2
+    for k in (0, 1):
+        with opt.sub_batch(k):
+            F.cross_entropy(model(x[half * k : half * (k + 1)]), y[half * k : half * (k + 1)]).backward()
+    opt.step()
+    opt.zero_grad()
+
+
 def _train(model: nn.Module, opt: FOP, steps: int, calls: List[List[str]]) -> None:
     original = opt.distributor.refresh_bases
 
@@ -377,12 +387,7 @@ def test_block_refresh_keeps_the_preconditioner_of_a_training_run_exact():
     first = {layer.name: layer for layer in opt.layers}
     start = {}
     for step in range(24):
-        x, y = torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
-        for k in (0, 1):
-            with opt.sub_batch(k):
-                F.cross_entropy(model(x[8 * k : 8 * k + 8]), y[8 * k : 8 * k + 8]).backward()
-        opt.step()
-        opt.zero_grad()
+        _fop_step(model, opt, torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen))
         if step == 0:
             start = {name: layer.basis_s.q.clone() for name, layer in first.items()}
         if step % 4 == 0 and step > 0:  # a refresh step: compare with exact eigendecompositions of these factors
@@ -477,12 +482,7 @@ def _captures_per_step(model: nn.Module, opt: FOP, steps: int) -> List[List[str]
     g = torch.Generator().manual_seed(8)
     for _ in range(steps):
         seen.append([])
-        x, y = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
-        for k in (0, 1):
-            with opt.sub_batch(k):
-                F.cross_entropy(model(x[4 * k : 4 * k + 4]), y[4 * k : 4 * k + 4]).backward()
-        opt.step()
-        opt.zero_grad()
+        _fop_step(model, opt, torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g))
     return seen
 
 
@@ -547,10 +547,6 @@ def test_staggered_capture_resumes_bitwise():
     batches = [(torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(8)]
     for x, y in batches[4:]:  # the batch stream of _captures_per_step, continued at step 4
         tail.append([])
-        for k in (0, 1):
-            with opt2.sub_batch(k):
-                F.cross_entropy(second(x[4 * k : 4 * k + 4]), y[4 * k : 4 * k + 4]).backward()
-        opt2.step()
-        opt2.zero_grad()
+        _fop_step(second, opt2, x, y)
     assert tail == seen[4:]
     assert all(torch.equal(a, b) for a, b in zip(straight.parameters(), second.parameters()))
