@@ -333,13 +333,19 @@ class FOP(torch.optim.Optimizer):
         use_fop = self.config.mode == "fop" and dual
         diffs = {p: all_diffs[p] for group in self._kfac_groups() for p in group["params"] if p in all_diffs} if use_fop else {}
         t0 = time.perf_counter()
-        factors_finite = True
         with scope("factors"):
             new_factors = self.engine.finalize_capture() if self.engine.capture else {}
-            if self.engine.capture:
-                new_factors, factors_finite = self.distributor.exchange_factors(new_factors)
         seconds_finalize = time.perf_counter() - t0
-        if not factors_finite or not self._all_finite(diffs, new_factors):
+        finite = self._local_finite(diffs, new_factors)
+        if self.engine.capture:  # the capture exchange carries the finiteness vote
+            t0 = time.perf_counter()
+            with scope("factors"):
+                new_factors, finite = self.distributor.exchange_factors(new_factors, finite)
+            seconds_finalize += time.perf_counter() - t0
+        else:
+            with scope("checks"):
+                finite = self.distributor.all_finite(finite)
+        if not finite:
             self.counters["skipped_steps"] += 1
             self._discard_step_buffers()
             self._schedule_capture()
@@ -380,25 +386,20 @@ class FOP(torch.optim.Optimizer):
     def _kfac_groups(self) -> List[Dict[str, Any]]:
         return [group for group in self.param_groups if group["kind"] == "kfac"]
 
-    def _all_finite(self, diffs: Dict[Tensor, Tensor], new_factors: Dict[str, Any]) -> bool:
-        """Whether gradients, differences and new factors are all finite: one fused 2-norm reduction per dtype and one
-        host read; only when a norm is not finite (a NaN or an inf, or finite values so large that the sum of squares
-        overflows) the exact max-abs decides (on this CPU the inf-norm reduction is about 20x slower)."""
+    def _local_finite(self, diffs: Dict[Tensor, Tensor], new_factors: Dict[str, Any]) -> bool:
+        """Whether this rank's gradients, differences and new factors are all finite: one fused 2-norm reduction per
+        dtype and one host read; only when a norm is not finite (a NaN or an inf, or finite values so large that the
+        sum of squares overflows) the exact max-abs decides (on this CPU the inf-norm reduction is about 20x slower)."""
         with scope("checks"):
-            return self._check_finite(diffs, new_factors)
-
-    def _check_finite(self, diffs: Dict[Tensor, Tensor], new_factors: Dict[str, Any]) -> bool:
-        by_dtype: Dict[torch.dtype, List[Tensor]] = {}
-        tensors = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        tensors += list(diffs.values()) + [f for pair in new_factors.values() for f in pair]
-        for t in tensors:
-            by_dtype.setdefault(t.dtype, []).append(t)
-        if not by_dtype:
-            return self.distributor.all_finite(True)
-        finite = _finite_norms(by_dtype.values(), 2.0)  # NaN propagates through the norms and max
-        if not finite:
-            finite = _finite_norms(by_dtype.values(), float("inf"))
-        return self.distributor.all_finite(finite)
+            by_dtype: Dict[torch.dtype, List[Tensor]] = {}
+            tensors = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+            tensors += list(diffs.values()) + [f for pair in new_factors.values() for f in pair]
+            for t in tensors:
+                by_dtype.setdefault(t.dtype, []).append(t)
+            if not by_dtype:
+                return True
+            # NaN propagates through the norms and max
+            return _finite_norms(by_dtype.values(), 2.0) or _finite_norms(by_dtype.values(), float("inf"))
 
     def _kfac_group_step(self, group: Dict[str, Any], diffs: Optional[Dict[Tensor, Tensor]]) -> None:
         """Precondition and apply the managed layers' updates; ``diffs`` (g1 - g2) selects FOP.

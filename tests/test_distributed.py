@@ -441,6 +441,7 @@ def test_specialists_two_processes_match_one_process_resume_across_modes_and_sur
     records = plain_torchrun(2, out, "--steps", "6", "--accum", "2", "--inverse_interval", "3", "--eigh_failure",
                              "--job", "spec,fop,specialists,plain,-,4", "--job", "rep,fop,replicated,plain,{out}/spec_4.pt,5",
                              "--job", "spec2,fop,specialists,plain,{out}/rep_5.pt,-", "--job", "nangrad,fop,specialists,nangrad,-,-",
+                             "--job", "nangradoff,fop,specialists,nangrad,-,-,factor_interval=3",
                              "--job", "stagger,fop,specialists,plain,-,-,stagger_refresh=true",
                              "--job", "blocks,fop,specialists,plain,-,-,stagger_refresh=true;max_eigh_dim=4",
                              "--job", "blocksrep,fop,replicated,plain,-,-,stagger_refresh=true;max_eigh_dim=4",
@@ -472,15 +473,18 @@ def test_specialists_two_processes_match_one_process_resume_across_modes_and_sur
     spec = records[0]["spec"]
     assert spec["owners"] == dict(zip(["fc1", "extra", "fc2"], assign_owners([(7, 8), (9, 8), (8, 4)], 2)))
     # bytes per step: gradients to the owners (7 presence flags, the LayerNorm's 16 to everybody, a (2, 88) buffer of
-    # fc1's and fc2's 56 + 32 to their owner, rank 1) + the finiteness flag + capture counts (3 layers + flag)
-    # + stats table (2 layers with gradients x 9 float32) + directions (fc1 8x7 + fc2 4x8, both from rank 1);
-    # inverse steps add the owner reduce of the factor triangles (fc1 28 + 36, fc2 36 + 10) and the failure flag
-    base = 4 * (7 + 16 + 2 * 88) + 4 + 4 * 4 + 2 * 9 * 4 + 4 * (56 + 32)
+    # fc1's and fc2's 56 + 32 to their owner, rank 1) + capture counts (3 layers + the finiteness flag: every step
+    # captures, so the vote rides with the counts) + stats table (2 layers with gradients x 9 float32) + directions
+    # (fc1 8x7 + fc2 4x8, both from rank 1); inverse steps add the owner reduce of the factor triangles (fc1 28 + 36,
+    # fc2 36 + 10) and the failure flag
+    base = 4 * (7 + 16 + 2 * 88) + 4 * 4 + 2 * 9 * 4 + 4 * (56 + 32)
     assert spec["bytes_per_step"] == [base + (4 * 110 + 4 if step % 3 == 0 else 0) for step in range(6)]
-    # a NaN gradient of fc2 on rank 0 reaches only fc2's owner (rank 1): the global flag makes both skip the step
-    _assert_plain_replicas_identical([r["nangrad"] for r in records])
-    assert [r["nangrad"]["counters"]["skipped_steps"] for r in records] == [1, 1]
-    assert all(torch.isfinite(v).all() for v in records[0]["nangrad"]["params"].values())
+    # a NaN gradient of fc2 on rank 0 reaches only fc2's owner (rank 1): the global flag makes both skip the step,
+    # whether it rides with the capture counts (a capture step) or goes alone (factor interval 3: step 1 captures nothing)
+    for job in ("nangrad", "nangradoff"):
+        _assert_plain_replicas_identical([r[job] for r in records])
+        assert [r[job]["counters"]["skipped_steps"] for r in records] == [1, 1], job
+        assert all(torch.isfinite(v).all() for v in records[0][job]["params"].values()), job
     failure = [r["eigh_failure"] for r in records]
     owner = failure[0]["owner"]
     assert all(f["step"] == 2 and f["error"] and f["seconds"] < 30 for f in failure), failure  # same step, no hang

@@ -178,15 +178,14 @@ def unpack_triangles(mats: Sequence[Tensor], buf: Tensor) -> None:
         offset += idx.shape[1]
 
 
-def capture_counts(comm: Collectives, layer_names: Sequence[str], new: Any) -> Tuple[List[float], bool]:
-    """``(ranks that captured each layer this step, every rank's new factors are finite)`` (collective).
+def capture_counts(comm: Collectives, layer_names: Sequence[str], new: Any, finite: bool) -> Tuple[List[float], bool]:
+    """``(ranks that captured each layer this step, every rank's answer is finite)`` (collective).
 
-    ``new``: this rank's ``{layer name: (A_new, S_new)}``. One ``all_reduce`` of ``L + 1`` floats and one host read.
+    ``new``: this rank's ``{layer name: (A_new, S_new)}``; ``finite``: whether this rank's gradients and ``new`` are
+    finite. One ``all_reduce`` of ``L + 1`` floats and one host read: a capture step's only exchange before the
+    factors themselves, and its finiteness vote.
     """
-    local = [f.sum() for pair in new.values() for f in pair]
-    nonfinite = (~torch.isfinite(torch.stack(local).sum())).float().reshape(1) if local else torch.zeros(1, device=comm.device)
-    present = torch.tensor([1.0 if name in new else 0.0 for name in layer_names], device=comm.device)
-    flags = torch.cat([present.to(nonfinite.device), nonfinite])
+    flags = torch.tensor([1.0 if name in new else 0.0 for name in layer_names] + [0.0 if finite else 1.0], device=comm.device)
     comm.all_reduce(flags)
     values = flags.tolist()
     return values[:-1], values[-1] == 0

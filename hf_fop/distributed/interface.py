@@ -45,8 +45,10 @@ class CurvatureDistributor(ABC):
         """Whether this rank computes ``layer``'s direction (local)."""
 
     @abstractmethod
-    def exchange_factors(self, new: Factors) -> Tuple[Factors, bool]:
-        """``(factors to give engine.update_factors, every rank's new factors are finite)`` (collective)."""
+    def exchange_factors(self, new: Factors, finite: bool) -> Tuple[Factors, bool]:
+        """``(factors to give engine.update_factors, every rank's gradients and new factors are finite)`` given this
+        rank's ``new`` factors and its answer ``finite`` (collective; on a capture step it stands in for
+        :meth:`all_finite`)."""
 
     @abstractmethod
     def refresh_bases(self, units: List[RefreshUnit]) -> None:
@@ -83,8 +85,8 @@ class SingleProcessCurvature(CurvatureDistributor):
     def owns(self, layer: KFACLayer) -> bool:
         return True
 
-    def exchange_factors(self, new: Factors) -> Tuple[Factors, bool]:
-        return new, True
+    def exchange_factors(self, new: Factors, finite: bool) -> Tuple[Factors, bool]:
+        return new, finite
 
     def refresh_bases(self, units: List[RefreshUnit]) -> None:
         refresh_bases(self.engine, units, self.config.max_eigh_failures, self.config.max_eigh_dim)

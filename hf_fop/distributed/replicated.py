@@ -41,9 +41,9 @@ class ReplicatedCurvature(CurvatureDistributor):
     def partial(self) -> bool:
         return bool(self._unsynced)
 
-    def exchange_factors(self, new: Factors) -> Tuple[Factors, bool]:
+    def exchange_factors(self, new: Factors, finite: bool) -> Tuple[Factors, bool]:
         layers = self.engine.layers
-        counts, finite = capture_counts(self.comm, [layer.name for layer in layers], new)
+        counts, finite = capture_counts(self.comm, [layer.name for layer in layers], new, finite)
         if not finite:
             return {}, False
         world_size = self.comm.world_size

@@ -127,10 +127,11 @@ class SpecialistCurvature(CurvatureDistributor):
                 layer.basis_a = layer.basis_s = None
         self.full = False
 
-    def exchange_factors(self, new: Factors) -> Tuple[Factors, bool]:
-        """``(factors for engine.update_factors, every rank's new factors are finite)``: this rank's share ``c_r / n``."""
+    def exchange_factors(self, new: Factors, finite: bool) -> Tuple[Factors, bool]:
+        """``(factors for engine.update_factors, every rank's gradients and new factors are finite)``: this rank's share
+        ``c_r / n``."""
         self._localize()
-        counts, finite = capture_counts(self.comm, [layer.name for layer in self.engine.layers], new)
+        counts, finite = capture_counts(self.comm, [layer.name for layer in self.engine.layers], new, finite)
         if not finite:
             return {}, False
         out: Factors = {}
