@@ -118,13 +118,14 @@ class FOPConfig:
     """Spread each inverse cycle's eigendecompositions over its ``inverse_interval`` steps, about ``1/k`` of the work
     per step (:mod:`hf_fop.refresh`), so that no step is much longer than the others; ``False`` decomposes every
     layer on the cycle's first step."""
-    stagger_capture: bool = False
+    stagger_capture: Optional[bool] = None
     """Spread each factor interval's captures over its ``factor_interval`` steps: each layer captures on its own step
     of the interval (all layers on their first step, until they have factors), the steps balanced by the capture's
     cost ``rows (d_A^2 + d_S^2)`` (:mod:`hf_fop.refresh`), so that no step pays for every layer's capture (the longest
     step of a small batch, where a capture costs about as much as the passes). Every layer still updates its factors
-    once per ``factor_interval`` steps. With ``fisher_type="mc"`` every step that captures any layer runs a sampled
-    backward, i.e. every step."""
+    once per ``factor_interval`` steps. ``None`` (default): on with ``fisher_type="empirical"``, off with ``"mc"``,
+    where every step that captures any layer runs a sampled backward (with the stagger, every step); see
+    :attr:`staggers_capture`."""
     max_eigh_dim: Optional[int] = 1600
     """Largest eigendecomposition of a refresh after a layer's first: a factor larger than this is refreshed in blocks
     from its previous eigenbasis (warm-started block Jacobi, :mod:`hf_fop.refresh`), a handful of products and eigh of
@@ -210,8 +211,8 @@ class FOPConfig:
                 _fail("capture_rows", self.capture_rows, "None (every row) or an integer >= 1, e.g. 1024")
         if not isinstance(self.stagger_refresh, bool):
             _fail("stagger_refresh", self.stagger_refresh, "True or False")
-        if not isinstance(self.stagger_capture, bool):
-            _fail("stagger_capture", self.stagger_capture, "True or False")
+        if self.stagger_capture is not None and not isinstance(self.stagger_capture, bool):
+            _fail("stagger_capture", self.stagger_capture, "None (on unless fisher_type='mc'), True or False")
         if self.max_eigh_dim is not None:
             try:
                 _check_int("max_eigh_dim", self.max_eigh_dim, 2)
@@ -227,6 +228,11 @@ class FOPConfig:
     @property
     def effective_adamw_lr(self) -> float:
         return self.lr if self.adamw_lr is None else self.adamw_lr
+
+    @property
+    def staggers_capture(self) -> bool:
+        """Whether the layers capture on their own steps of the factor interval (``stagger_capture`` resolved)."""
+        return self.fisher_type != "mc" if self.stagger_capture is None else self.stagger_capture
 
     def replace(self, **changes: Any) -> "FOPConfig":
         """A validated copy with ``changes`` applied (unknown names raise ``TypeError``). A ``factor_interval`` that was

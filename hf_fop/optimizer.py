@@ -69,7 +69,8 @@ from .profiling import scope
 from .refresh import capture_slots, due_units, refresh_plan
 
 _COUNTERS = (
-    "factor_updates", "inverse_updates", "skipped_steps", "fallback_steps", "identity_layer_steps", "float32_rotations",
+    "factor_updates", "layer_factor_updates", "inverse_updates", "skipped_steps", "fallback_steps",
+    "identity_layer_steps", "float32_rotations",
 )
 # transformers 5.24, Trainer.get_decay_parameter_names: no decay for LayerNorm modules and these names
 _NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
@@ -282,7 +283,7 @@ class FOP(torch.optim.Optimizer):
         """Which layers the coming passes capture: every layer on the factor interval's first step, or with
         ``stagger_capture`` those whose slot it is and those without factors yet (the same on every rank)."""
         position = self.global_step % self.config.factor_interval
-        if not self.config.stagger_capture:
+        if not self.config.staggers_capture:
             self.engine.capture, self.engine.capture_only = position == 0, None
         else:
             due = [layer for layer, slot in zip(self.engine.layers, self._capture_slots) if slot == position or layer.A is None]
@@ -354,7 +355,8 @@ class FOP(torch.optim.Optimizer):
         if new_factors:
             with scope("factors"):
                 self.engine.update_factors(new_factors)
-            self.counters["factor_updates"] += 1
+            self.counters["factor_updates"] += 1  # steps
+            self.counters["layer_factor_updates"] += len(new_factors)  # (layer, step) pairs
         k = self.config.inverse_interval
         fresh = [layer.name for layer in unfactored if layer.A is not None]  # first factors this step: no basis yet
         due = due_units(self._units, self._slots, self.global_step, k, self.config.stagger_refresh, fresh)

@@ -249,7 +249,7 @@ def refresh_slots(
 def capture_slots(layers: Sequence[KFACLayer], config: FOPConfig) -> List[int]:
     """Step of the factor interval (in ``[0, factor_interval)``) on which each layer captures: 0 for every layer
     unless ``stagger_capture``, else spread greedily by each layer's :func:`capture_cost` (as :func:`refresh_slots`)."""
-    if not config.stagger_capture or config.factor_interval == 1:
+    if not config.staggers_capture or config.factor_interval == 1:
         return [0] * len(layers)
     return refresh_slots([capture_cost([layer], config.capture_rows) for layer in layers], config.factor_interval)
 
@@ -266,7 +266,7 @@ def refresh_plan(layers: Sequence[KFACLayer], config: FOPConfig) -> Tuple[List[R
     per_layer = [capture_cost([layer], config.capture_rows) for layer in layers]
     slots = capture_slots(layers, config)
     start = [sum(c for c, slot in zip(per_layer, slots) if slot == s % f) for s in range(k)]
-    return units, refresh_slots(costs, k, 1 if config.stagger_capture else f, start=start)
+    return units, refresh_slots(costs, k, 1 if config.staggers_capture else f, start=start)
 
 
 def due_units(
@@ -276,14 +276,16 @@ def due_units(
     slot is ``step % k`` with ``stagger``; every unit on a cycle's first step without), and for each ``fresh`` layer
     (names of the layers that got their first factors this step) one full eigh of both factors instead of its units."""
     fresh = set(fresh)
+    done: set = set()
     out: List[RefreshUnit] = []
     for unit, slot in zip(units, slots):
         layer = unit.layer
         if layer.A is None:
             continue
-        if layer.name in fresh:
-            fresh.discard(layer.name)  # its first unit stands for all of them
-            out.append(RefreshUnit(layer, ("A", "S")))
+        if layer.name in fresh:  # one full eigh stands for all of its units
+            if layer.name not in done:
+                done.add(layer.name)
+                out.append(RefreshUnit(layer, ("A", "S")))
             continue
         if (slot == step % k) if stagger else (step % k == 0):
             out.append(unit)

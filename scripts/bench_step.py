@@ -215,8 +215,11 @@ class Runner:
     passes_s: List[float] = field(default_factory=list)
     step_s: List[float] = field(default_factory=list)
     eigh_s: List[float] = field(default_factory=list)
+    captured: List[bool] = field(default_factory=list)
+    """Per timed step: whether its passes captured curvature (some layer's factors; FOP and K-FAC only)."""
 
     def run_step(self, sync: Callable[[], None], record: bool) -> None:
+        capturing = bool(getattr(self.opt, "capturing", False))
         sync()
         t0 = time.perf_counter()
         self.passes()
@@ -229,6 +232,7 @@ class Runner:
         if record:
             self.passes_s.append(t1 - t0)
             self.step_s.append(t2 - t1)
+            self.captured.append(capturing)
 
 
 def _timed_eigenbases(runner: Runner) -> None:
@@ -254,7 +258,7 @@ def _cycle_means(values: Sequence[float], interval: int) -> List[float]:
     return [sum(values[i : i + interval]) / interval for i in range(0, len(values) - interval + 1, interval)]
 
 
-def _summary(r: Runner, interval: int, factor_interval: int) -> Dict[str, float]:
+def _summary(r: Runner, interval: int) -> Dict[str, float]:
     """Seconds per step (cycle medians, see the module docstring), state bytes and, for FOP, its curvature counts
     of one runner after its timed steps."""
     totals = [a + b for a, b in zip(r.passes_s, r.step_s)]
@@ -266,9 +270,10 @@ def _summary(r: Runner, interval: int, factor_interval: int) -> Dict[str, float]
         "state_bytes": float(state_bytes(r.opt)),
     }
     if isinstance(r.opt, FOP):
-        # every factor_interval-th step captures factors; the others do not.
-        cap = [i for i in range(len(totals)) if i % factor_interval == 0]
-        plain = [i for i in range(len(totals)) if i % factor_interval != 0] or cap
+        # the steps that captured some layer's factors (every factor_interval-th step, or every step with the
+        # default staggered capture, each capturing its share of the layers) and the others
+        cap = [i for i in range(len(totals)) if r.captured[i]]
+        plain = [i for i in range(len(totals)) if not r.captured[i]] or cap
         res["passes_capture_s"] = statistics.median(r.passes_s[i] for i in cap)
         res["passes_plain_s"] = statistics.median(r.passes_s[i] for i in plain)
         res["opt_step_curvature_s"] = statistics.median(r.step_s[i] for i in cap)
@@ -278,6 +283,7 @@ def _summary(r: Runner, interval: int, factor_interval: int) -> Dict[str, float]
         res["skipped_steps"] = diag["skipped_steps"]
         res["inverse_updates"] = diag["inverse_updates"]
         res["factor_updates"] = diag["factor_updates"]
+        res["layer_factor_updates"] = diag["layer_factor_updates"]
     else:
         res["passes_plain_s"] = statistics.median(r.passes_s)
         res["opt_step_plain_s"] = statistics.median(r.step_s)
@@ -312,7 +318,7 @@ def measure(
     for step in range(interval * (cycles + 1)):
         for runner in runners:
             runner.run_step(sync, record=step >= interval)
-    return {r.kind: _summary(r, interval, factor_interval) for r in runners}
+    return {r.kind: _summary(r, interval) for r in runners}
 
 
 def measure_compiled(
@@ -340,7 +346,7 @@ def measure_compiled(
         warm_graphs = counters["stats"]["unique_graphs"]
         for _ in range(interval * cycles):
             runner.run_step(sync, record=True)
-        res = _summary(runner, interval, factor_interval)
+        res = _summary(runner, interval)
         res["warmup_s"] = warmup_s
         res["graphs"] = counters["stats"]["unique_graphs"]
         res["timed_graphs"] = res["graphs"] - warm_graphs

@@ -139,6 +139,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
               + f"{t:10.2f}{100 * t / total:7.1f}%", file=sys.stderr)  # fmt: skip
     result = {"mode": args.mode, "shape": shape.__dict__, "interval": args.interval,
               "factor_interval": opt.config.factor_interval, "factor_updates": opt.counters["factor_updates"],
+              "layer_factor_updates": opt.counters["layer_factor_updates"], "layers": len(opt.engine.layers),
               "ms_per_step": table,
               "total_ms_per_step": total}  # fmt: skip
     if args.compare_math:

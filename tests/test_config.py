@@ -40,6 +40,7 @@ INVALID = [
     ("damping_mode", "scaled", "one of"),
     ("curvature_sharding", "sharded", r"one of \('replicated', 'specialists'\)"),
     ("projection_metric", "euclidean", r"one of \(.damped., .fisher.\)"),
+    ("stagger_capture", "yes", r"None \(on unless fisher_type='mc'\), True or False"),
 ]
 
 
@@ -82,3 +83,15 @@ def test_replace_validates_and_normalises():
         cfg.replace(damping=0)
     with pytest.raises(TypeError, match="no field"):
         cfg.replace(dampening=0.1)
+
+
+@pytest.mark.parametrize(
+    "fisher_type,given,staggered",
+    [("empirical", None, True), ("mc", None, False), ("mc", True, True), ("empirical", False, False)],
+)
+def test_staggered_capture_is_on_unless_the_mc_fisher_would_sample_every_step(fisher_type, given, staggered):
+    config = FOPConfig(fisher_type=fisher_type, stagger_capture=given)
+    assert config.staggers_capture is staggered
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    slots = FOP(model, config.replace(factor_interval=2, inverse_interval=2))._capture_slots
+    assert sorted(slots) == ([0, 1] if staggered else [0, 0])

@@ -347,7 +347,8 @@ def test_capture_only_in_training_curvature_steps():
     torch.manual_seed(8)
     model = TwoLayer(nn.Linear(3, 2), 2)
     x, y = torch.randn(6, 3), torch.randint(0, 3, (6,))
-    opt = FOP(model, lr=0.1, factor_interval=2, inverse_interval=2, factor_decay=0.0)
+    # every layer on the factor interval's first step (the default staggered capture is tested in test_refresh.py)
+    opt = FOP(model, lr=0.1, factor_interval=2, inverse_interval=2, factor_decay=0.0, stagger_capture=False)
     layer = opt.layers[0]
     with torch.no_grad():
         model(x)
@@ -531,16 +532,16 @@ def test_garbage_collected_fop_stops_capturing():
         FOP(model)
 
 
-def _first_compiled_step_captures_nothing(compiled: bool) -> FOP:
+def _first_compiled_step_captures_nothing(compiled: bool, stagger: bool) -> FOP:
     """A tiny ViT, factors every 2 steps: step 0 eager (a capture step), then steps 1-3 through ``torch.compile``
-    (``aot_eager``) when ``compiled``: its first graphs are compiled on step 1, which captures nothing, as in a run
-    resumed from a checkpoint taken off a capture step."""
+    (``aot_eager``) when ``compiled``: its first graphs are compiled on step 1, which captures nothing without
+    ``stagger`` (as in a run resumed from a checkpoint taken off a capture step), and a share of the layers with it."""
     from trainer_helpers import tiny_vit
 
     model = tiny_vit()
     gen = torch.Generator().manual_seed(16)
     x, y = torch.randn(8, 1, 8, 8, generator=gen), torch.randint(0, 10, (8,), generator=gen)
-    opt = FOP(model, lr=0.01, factor_interval=2, inverse_interval=2)
+    opt = FOP(model, lr=0.01, factor_interval=2, inverse_interval=2, stagger_capture=stagger)
     for step in range(4):
         net = torch.compile(model, backend="aot_eager") if compiled and step == 1 else (net if step else model)
         for k in (0, 1):
@@ -550,17 +551,25 @@ def _first_compiled_step_captures_nothing(compiled: bool) -> FOP:
     return opt
 
 
-def test_a_model_compiled_off_a_capture_step_still_captures():
+@pytest.mark.parametrize("stagger", [False, True], ids=["every_layer_together", "staggered"])
+def test_a_model_compiled_off_a_capture_step_still_captures(stagger):
     """Dynamo does not guard on module hooks: hooks that were present only on capture steps were missing from graphs
     first compiled on a step without capture, and the run never captured again (1 factor update instead of 2,
-    silently)."""
+    silently). With the staggered capture each compiled step captures its own share of the layers, as eager does."""
     torch._dynamo.reset()
     try:
-        compiled = _first_compiled_step_captures_nothing(compiled=True)
+        compiled = _first_compiled_step_captures_nothing(compiled=True, stagger=stagger)
     finally:
         torch._dynamo.reset()
-    eager = _first_compiled_step_captures_nothing(compiled=False)
-    assert compiled.counters["factor_updates"] == eager.counters["factor_updates"] == 2  # steps 0 and 2
+    eager = _first_compiled_step_captures_nothing(compiled=False, stagger=stagger)
+    layers = len(eager.layers)
+    if stagger:  # every layer on step 0, then each on its own step of the two: step 1 or step 2 (and 3)
+        assert compiled.counters["factor_updates"] == eager.counters["factor_updates"] == 4
+        assert layers * 2 <= eager.counters["layer_factor_updates"] < layers * 3
+    else:  # steps 0 and 2
+        assert compiled.counters["factor_updates"] == eager.counters["factor_updates"] == 2
+        assert eager.counters["layer_factor_updates"] == 2 * layers
+    assert compiled.counters["layer_factor_updates"] == eager.counters["layer_factor_updates"]
     for a, b in zip(compiled.layers, eager.layers):
         torch.testing.assert_close(a.A, b.A, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(a.S, b.S, rtol=1e-5, atol=1e-6)

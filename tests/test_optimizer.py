@@ -453,8 +453,11 @@ def test_fop_update_differs_from_kfac_by_the_beta_g_perp_term(use_eta):
     assert torch.allclose(kfac_minus_fop, expected, rtol=1e-3, atol=1e-4 * expected.abs().max())
 
 
-def test_layer_without_eigenbasis_takes_an_identity_preconditioned_step():
-    """A layer first used on a step without curvature capture moves by lr * its gradient (momentum, decay as usual)."""
+@pytest.mark.parametrize("stagger", [False, True], ids=["every_layer_together", "staggered"])
+def test_layer_without_eigenbasis_takes_an_identity_preconditioned_step(stagger):
+    """A layer first used on a step without curvature capture moves by lr * its gradient (momentum, decay as usual).
+    The staggered capture captures a layer without factors on every step until it has them, and decomposes them on
+    that step: such a layer is preconditioned from its first step."""
 
     class Branchy(nn.Module):
         def __init__(self):
@@ -467,7 +470,7 @@ def test_layer_without_eigenbasis_takes_an_identity_preconditioned_step():
     torch.manual_seed(16)
     model = Branchy()
     lr, mu, wd = 0.2, 0.5, 0.1
-    opt = FOP(model, lr=lr, momentum=mu, weight_decay=wd, factor_interval=2, inverse_interval=2)
+    opt = FOP(model, lr=lr, momentum=mu, weight_decay=wd, factor_interval=2, inverse_interval=2, stagger_capture=stagger)
     x, y = torch.randn(8, 3), torch.randn(8, 2)
 
     def step(use_b):
@@ -481,7 +484,12 @@ def test_layer_without_eigenbasis_takes_an_identity_preconditioned_step():
         return grads, before
 
     step(False)  # step 0 captures curvature for `a` only
-    assert opt.layers[1].basis_a is None and not opt.capturing
+    assert opt.layers[1].basis_a is None and opt.capturing == stagger
+    if stagger:  # step 1 captures `b` (and not `a`, whose step is 0) and decomposes its first factors
+        assert opt.engine.capture_only == frozenset({"b"})
+        step(True)
+        assert opt.layers[1].basis_a is not None and opt.diagnostics()["identity_layer_steps"] == 0
+        return
     (gw, gb), (w0, b0) = step(True)  # step 1: `b` has gradients but no eigenbasis
     assert torch.allclose(model.b.weight, w0 * (1 - lr * wd) - lr * gw, atol=1e-7)
     assert torch.allclose(model.b.bias, b0 - lr * gb, atol=1e-7)  # biases get no weight decay
@@ -538,13 +546,15 @@ def test_decay_rule_is_the_trainers():
     assert not any(n.endswith("bias") or ".ln_" in n for n in ours)
 
 
-def test_non_curvature_step_synchronises_with_the_host_at_most_once(monkeypatch):
-    """The finiteness check is the only value read back per step (no curvature, no logging; the staggered refresh
-    would decompose a layer on step 1)."""
+@pytest.mark.parametrize("stagger", [False, True], ids=["every_layer_together", "staggered"])
+def test_non_curvature_step_synchronises_with_the_host_at_most_once(monkeypatch, stagger):
+    """The finiteness check is the only value read back per step (no eigendecomposition, no logging; the staggered
+    refresh would decompose a layer on step 1). Step 1 captures nothing with every layer together, and the second
+    layer's factors with the staggered capture: a capture reads nothing back in one process."""
     torch.manual_seed(19)
     model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 2))
     opt = FOP(model, lr=0.05, momentum=0.9, weight_decay=0.01, adamw_weight_decay=0.01,
-              factor_interval=2, inverse_interval=2, stagger_refresh=False)
+              factor_interval=2, inverse_interval=2, stagger_refresh=False, stagger_capture=stagger)
     x, y = torch.randn(8, 4), torch.randn(8, 2)
 
     def step():
@@ -555,12 +565,13 @@ def test_non_curvature_step_synchronises_with_the_host_at_most_once(monkeypatch)
         opt.zero_grad()
 
     step()  # step 0: curvature
-    assert not opt.capturing
+    assert opt.capturing == stagger
     counter = SyncCounter(monkeypatch)
     step()
     monkeypatch.undo()
     assert len(counter.calls) <= 1, counter.calls
     assert opt.global_step == 2 and opt.counters["skipped_steps"] == 0
+    assert opt.counters["layer_factor_updates"] == (3 if stagger else 2)
 
 
 # ------------------------------------------------- trust region, relative damping

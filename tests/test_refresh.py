@@ -122,10 +122,11 @@ def test_staggered_refresh_decomposes_each_layer_once_per_cycle_and_spreads_the_
 
 
 def test_the_costliest_refreshes_avoid_the_factor_capture_steps():
-    """factor_interval 2, inverse_interval 4: steps 0, 2, ... capture the factors of every layer, so the two costliest
-    layers are decomposed on the odd steps; still each layer once per cycle."""
+    """factor_interval 2, inverse_interval 4, every layer capturing together: steps 0, 2, ... capture the factors of
+    every layer, so the two costliest layers are decomposed on the odd steps; still each layer once per cycle. (The
+    staggered capture spreads the captures instead: its refresh slots start from each step's capture load, below.)"""
     model = _model()
-    opt = FOP(model, lr=0.1, factor_interval=2, inverse_interval=4)
+    opt = FOP(model, lr=0.1, factor_interval=2, inverse_interval=4, stagger_capture=False)
     calls: List[List[str]] = []
     _train(model, opt, 9, calls)
     steps = _per_step(calls)
@@ -333,7 +334,8 @@ def _wide_model() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 40), nn.Tanh(), nn.Linear(40, 3))
 
 
-def test_block_refresh_in_the_optimizer_bounds_every_later_eigh_and_runs_each_pair_once_per_cycle(monkeypatch):
+@pytest.mark.parametrize("stagger", [False, True], ids=["every_layer_together", "staggered_capture"])
+def test_block_refresh_in_the_optimizer_bounds_every_later_eigh_and_runs_each_pair_once_per_cycle(monkeypatch, stagger):
     sizes: List[List[int]] = []
     original = refresh.eigh_float32
 
@@ -343,7 +345,7 @@ def test_block_refresh_in_the_optimizer_bounds_every_later_eigh_and_runs_each_pa
 
     monkeypatch.setattr(refresh, "eigh_float32", recording)
     model = _wide_model()
-    opt = FOP(model, lr=0.1, max_eigh_dim=16, inverse_interval=4, factor_interval=2)
+    opt = FOP(model, lr=0.1, max_eigh_dim=16, inverse_interval=4, factor_interval=2, stagger_capture=stagger)
     calls: List[List[str]] = []
     original_refresh = opt.distributor.refresh_bases
 
@@ -354,7 +356,9 @@ def test_block_refresh_in_the_optimizer_bounds_every_later_eigh_and_runs_each_pa
 
     opt.distributor.refresh_bases = record
     _train(model, opt, 9, [])
-    assert sorted(sizes[0]) == [3, 7, 40, 41]  # first factors: full eigh of every factor
+    # first factors: full eigh of every factor and none of their block units (with the staggered capture step 0 is
+    # some units' slot)
+    assert sorted(sizes[0]) == [3, 7, 40, 41] and len(calls[0]) == 2
     assert max(max(s) for s in sizes[1:]) <= 16
     first_cycle = [entry for step in calls[1:] for entry in step][: len(opt._units)]
     everything = [(u.layer.name, u.factors, u.pair) for u in opt._units]
@@ -458,9 +462,10 @@ def test_the_capture_cost_counts_rows_times_the_factor_sides():
 
 def test_in_the_optimizer_no_refresh_lands_on_a_capture_step_when_capturing_costs_more():
     """Tiny layers: a capture of up to 2,048 rows costs far more than their eigendecompositions, so with factors every
-    2 steps and eigenbases every 4 every layer is decomposed on the odd steps (step 0 aside: first factors)."""
+    2 steps (every layer together) and eigenbases every 4 every layer is decomposed on the odd steps (step 0 aside:
+    first factors)."""
     model = _model()
-    opt = FOP(model, lr=0.1, factor_interval=2, inverse_interval=4)
+    opt = FOP(model, lr=0.1, factor_interval=2, inverse_interval=4, stagger_capture=False)
     calls: List[List[str]] = []
     _train(model, opt, 9, calls)
     steps = _per_step(calls)

@@ -477,16 +477,24 @@ def test_torch_empty_cache_steps_clears_the_device_cache_like_the_trainer(tmp_pa
     assert calls["fop"] == calls["trainer"] == [0, 0, 2, 2, 4, 4]  # every micro-batch of steps 0, 2, 4
 
 
+@pytest.mark.parametrize("stagger", [False, True], ids=["every_layer_together", "staggered_capture"])
 @pytest.mark.parametrize("batch,accum", [(8, 1), (4, 2)], ids=["halves", "microbatches"])
-def test_trainer_glue_syncs_with_the_host_at_most_once_per_step(tmp_path, batch, accum):
-    """Tensor-to-host reads made from hf_fop/integrations/trainer.py and hf_fop/distributed/, per optimizer step, on steps that
-    neither capture curvature nor log (GPT-2: loss items counted from the labels)."""
+def test_trainer_glue_syncs_with_the_host_at_most_once_per_step(tmp_path, batch, accum, stagger):
+    """Tensor-to-host reads made from hf_fop/integrations/trainer.py and hf_fop/distributed/, per optimizer step, on
+    steps that neither decompose nor log (GPT-2: loss items counted from the labels); with the staggered capture
+    (the default) each of them captures a share of the layers."""
     args = make_args(tmp_path, max_steps=4, per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
-                     logging_steps=100, fop_factor_interval=4, fop_inverse_interval=4)
+                     logging_steps=100, fop_factor_interval=4, fop_inverse_interval=4, fop_stagger_capture=stagger)
     trainer = FOPTrainer(model=tiny_gpt2(), args=args, train_dataset=lm_dataset(64))
     with count_glue_syncs(lambda: trainer.state.global_step) as syncs:
         trainer.train()
-    assert [trainer.fop_optimizer.counters[k] for k in ("factor_updates", "inverse_updates")] == [1, 1]  # step 0 only
+    counters = trainer.fop_optimizer.counters
+    layers = len(trainer.fop_optimizer.layers)
+    assert counters["inverse_updates"] == 1  # step 0 only
+    if stagger:  # every layer on step 0, then each on its own step of the interval (none on step 0 twice)
+        assert counters["factor_updates"] == 4 and layers < counters["layer_factor_updates"] < 2 * layers
+    else:
+        assert (counters["factor_updates"], counters["layer_factor_updates"]) == (1, layers)
     for step in (1, 2, 3):
         assert len(syncs.get(step, [])) <= 1, syncs
 

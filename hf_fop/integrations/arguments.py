@@ -105,11 +105,12 @@ class FOPTrainingArguments(TrainingArguments):
         metadata={"help": "Spread each inverse cycle's eigendecompositions over its fop_inverse_interval steps (no step "
                   "pays for every layer at once); false decomposes every layer on the cycle's first step."},
     )
-    fop_stagger_capture: bool = field(
+    fop_stagger_capture: Optional[bool] = field(
         default=_CONFIG_DEFAULTS.stagger_capture,
         metadata={"help": "Spread each factor interval's captures over its fop_factor_interval steps, each layer on its "
                   "own step (balanced by cost), so no step pays for every layer's capture; false captures every layer "
-                  "on the interval's first step."},
+                  "on the interval's first step. Unset: on, except with fop_fisher_type mc (a sampled backward on "
+                  "every capture step)."},
     )
     fop_max_eigh_dim: int = field(
         default=_CONFIG_DEFAULTS.max_eigh_dim or 0,
