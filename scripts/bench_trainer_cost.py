@@ -3,9 +3,9 @@
 1. Bytes communicated per optimizer step with 2 CPU processes (gloo,
    torchrun), same model and batch: FOP (dual-gradient all_gather in its DDP
    comm hook, or after the backward pass; factor averaging on inverse steps and
-   a small count/finiteness all_reduce on factor steps) against the Trainer's
+   a small count/finiteness all_reduce on capture steps, every step with the default staggered capture) against the Trainer's
    AdamW (DDP gradient buckets, counted with a DDP comm hook), and the median
-   seconds per optimizer step after 3 warm-up steps, for both curvature shardings (replicated, specialists), FOP
+   and mean seconds per optimizer step after 3 warm-up steps, for both curvature shardings (replicated, specialists), FOP
    and K-FAC. "Sent" is the bytes each rank sends
    under the ring model (all_reduce: 2(W-1)/W x payload, all_gather: (W-1) x
    payload); "payload" is what is handed to the collectives. Goal: FOP <= 2x
@@ -119,21 +119,35 @@ class DDPByteCounter(TrainerCallback):
             model.register_comm_hook(None, hook)
 
 
+def variants(factor_intervals: List[int]) -> List[Tuple[str, str, int, bool, str, Dict[str, Any]]]:
+    """``(key, fop_optimizer, factor interval, comm hook, curvature sharding, more arguments)`` of each measured run.
+
+    At factor intervals above 1 FOP runs again with every layer capturing on the interval's first step
+    (``fop_stagger_capture=False``, key suffix ``_together``) against the default staggered capture, whose every step
+    exchanges capture counts."""
+    first = factor_intervals[0]
+    plain: Dict[str, Any] = {}
+    together = {"fop_stagger_capture": False}
+    out = [("adamw", "trainer", 1, True, "replicated", plain)]
+    out += [(f"fop_fi{fi}", "fop", fi, True, "replicated", plain) for fi in factor_intervals]
+    out += [(f"fop_fi{fi}_together", "fop", fi, True, "replicated", together) for fi in factor_intervals if fi > 1]
+    out += [(f"fop_fi{first}_nohook", "fop", first, False, "replicated", plain)]
+    out += [(f"fop_fi{fi}_specialists", "fop", fi, True, "specialists", plain) for fi in factor_intervals]
+    out += [(f"fop_fi{fi}_specialists_together", "fop", fi, True, "specialists", together)
+            for fi in factor_intervals if fi > 1]
+    out += [(f"kfac_fi{first}_{sharding}", "kfac", first, True, sharding, plain) for sharding in ("replicated", "specialists")]
+    return out
+
+
 def worker(opts: argparse.Namespace) -> None:
     """One rank of the 2-process communication measurement."""
     import torch.distributed as dist
 
     out = tempfile.mkdtemp()
     result: Dict[str, float] = {}
-    first = opts.factor_intervals[0]
-    variants = [("adamw", "trainer", 1, True, "replicated")]
-    variants += [(f"fop_fi{fi}", "fop", fi, True, "replicated") for fi in opts.factor_intervals]
-    variants += [(f"fop_fi{first}_nohook", "fop", first, False, "replicated")]
-    variants += [(f"fop_fi{fi}_specialists", "fop", fi, True, "specialists") for fi in opts.factor_intervals]
-    variants += [(f"kfac_fi{first}_{sharding}", "kfac", first, True, sharding) for sharding in ("replicated", "specialists")]
-    for name, optimizer, fi, hook, sharding in variants:
+    for name, optimizer, fi, hook, sharding, options in variants(opts.factor_intervals):
         extra = {"fop_inverse_interval": opts.inverse_interval} if opts.inverse_interval else {}
-        args = make_args(out, optimizer, opts.steps, opts.batch, fi, fop_curvature_sharding=sharding, **extra)
+        args = make_args(out, optimizer, opts.steps, opts.batch, fi, fop_curvature_sharding=sharding, **extra, **options)
         trainer = FOPTrainer(model=make_model(opts.hidden), args=args, train_dataset=make_data(opts.batch * 2 * opts.steps))
         trainer.use_ddp_comm_hook = hook
         counter = DDPByteCounter(trainer)
@@ -142,6 +156,7 @@ def worker(opts: argparse.Namespace) -> None:
         trainer.add_callback(clock)
         trainer.train()
         result[name + "_seconds"] = per_step(clock.times, 3)
+        result[name + "_mean_seconds"] = float(np.mean(np.diff(clock.times)[3:]))
         rank, world_size = world()
         opt = trainer.fop_optimizer
         comm = opt.distributor.comm if opt is not None else None  # FOP's gradient and factor traffic
@@ -175,6 +190,19 @@ def communication(opts: argparse.Namespace, nproc: int) -> Dict[str, float]:
     subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
     with open(result) as f:
         return json.load(f)
+
+
+def row_label(key: str, optimizer: str, factor_interval: int, sharding: str) -> str:
+    """The table label of a :func:`variants` run."""
+    if optimizer == "trainer":
+        return "Trainer AdamW (DDP)"
+    name = f"K-FAC {sharding}" if optimizer == "kfac" else "FOP specialists" if sharding == "specialists" else "FOP"
+    label = f"{name}, factor_interval={factor_interval}"
+    if key.endswith("_nohook"):
+        label += ", post-backward reduction"
+    if key.endswith("_together"):
+        label += ", every layer's capture on one step"
+    return label
 
 
 def exposed_rows(comm: Dict[str, float], single: Dict[str, float], rows: List[Tuple[str, str]]) -> List[Tuple[str, float, float, float, float]]:
@@ -269,17 +297,13 @@ def main() -> None:
           f"{opts.steps} steps, torch {torch.__version__}, {os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}")
     comm = communication(opts, opts.nproc)
     print(f"\n| {opts.nproc} processes | sent bytes / step per rank | ratio to AdamW | payload bytes / step | DDP bucket bytes "
-          "| s / step (median) | curvature s / step, max / mean over ranks |")
-    print("|---|---|---|---|---|---|---|")
-    rows = [("adamw", "Trainer AdamW (DDP)")] + [(f"fop_fi{fi}", f"FOP, factor_interval={fi}") for fi in opts.factor_intervals]
-    first = opts.factor_intervals[0]
-    rows += [(f"fop_fi{first}_nohook", f"FOP, factor_interval={first}, post-backward reduction")]
-    rows += [(f"fop_fi{fi}_specialists", f"FOP specialists, factor_interval={fi}") for fi in opts.factor_intervals]
-    rows += [(f"kfac_fi{first}_{s}", f"K-FAC {s}, factor_interval={first}") for s in ("replicated", "specialists")]
+          "| s / step (median) | s / step (mean) | curvature s / step, max / mean over ranks |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = [(key, row_label(key, optimizer, fi, sharding)) for key, optimizer, fi, _, sharding, _ in variants(opts.factor_intervals)]
     for key, label in rows:
         curv = f"{comm[key + '_curv_max']:.4f} / {comm[key + '_curv_mean']:.4f}" if key + "_curv_max" in comm else "-"
         print(f"| {label} | {comm[key]:,.0f} | {comm[key] / comm['adamw']:.2f} | {comm[key + '_payload']:,.0f} | "
-              f"{comm[key + '_ddp']:,.0f} | {comm[key + '_seconds']:.4f} | {curv} |")
+              f"{comm[key + '_ddp']:,.0f} | {comm[key + '_seconds']:.4f} | {comm[key + '_mean_seconds']:.4f} | {curv} |")
     if opts.exposed:
         exposed_communication(opts, comm, rows)
     if opts.only_communication:
