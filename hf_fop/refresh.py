@@ -15,9 +15,12 @@ work is due.
   ``scripts/refresh_accuracy.py``); a factor's first basis is a full eigh.
 * :func:`refresh_slots` staggers the work: over an inverse cycle of ``k`` steps each unit runs on one step, its slot,
   chosen so that every step gets about ``1/k`` of the cycle's work (:func:`unit_cost`, greedy, costliest first, the
-  factor-capture steps starting with their capture's cost, :func:`capture_cost`). No step then pays for every layer
-  at once, and with block refresh no step pays for a whole big factor's ``eigh`` either; with ``k = 1`` everything
-  is due every step. A layer's first factors are decomposed at once, whatever its slots.
+  steps starting with their capture's cost, :func:`capture_cost`). No step then pays for every layer at once, and
+  with block refresh no step pays for a whole big factor's ``eigh`` either; with ``k = 1`` everything is due every
+  step. A layer's first factors are decomposed at once (one full eigh standing for all of its units), whatever its
+  slots.
+* :func:`capture_slots` staggers the captures the same way (``FOPConfig.stagger_capture``, the default): each layer
+  captures on its own step of the factor interval, balanced by :func:`capture_cost`.
 
 Cost on this project's 2-core CPU (torch 2.13, one thread, ``OMP_NUM_THREADS=1 python scripts/kernel_costs.py``,
 2026-12-06 15:30 UTC): ``eigh`` of 3,073 3.65 s; one block rotation of it in 4 groups (``m`` = 1,537) 1.28 s, so

@@ -6,6 +6,7 @@ the argument errors.
 """
 
 import json
+import statistics
 import os
 import subprocess
 import sys
@@ -204,3 +205,20 @@ def test_factor_interval_sets_the_capture_schedule_alone():
     for kind in ("kfac", "fop"):
         _assert_factor_interval(times[kind]["layer_factor_updates"], layers, steps=8, factor_interval=2)
         assert (times[kind]["factor_updates"], times[kind]["inverse_updates"]) == (8, 2)
+
+
+@pytest.mark.parametrize("stagger", [False, True], ids=["every_layer_together", "staggered"])
+def test_runner_records_which_steps_captured(stagger):
+    shape = bench_step.Shape(hidden=16, layers=1, batch=4, image=8, patch=4)
+    model = bench_step.build_model(shape, torch.device("cpu"))
+    opt = FOP(model, lr=1e-2, factor_interval=2, inverse_interval=2, stagger_capture=stagger)
+    x, y = bench_step.make_batch(shape, torch.device("cpu"))
+    runner = bench_step.Runner("fop", model, opt, bench_step.make_step("fop", model, opt, x, y))
+    bench_step._timed_eigenbases(runner)
+    for _ in range(4):
+        runner.run_step(lambda: None, record=True)
+    # with the stagger every step captures its share of the layers; else every second step captures all of them
+    assert runner.captured == ([True] * 4 if stagger else [True, False, True, False])
+    summary = bench_step._summary(runner, 2)
+    plain = runner.passes_s if stagger else runner.passes_s[1::2]  # no step without capture: every step stands in
+    assert summary["passes_plain_s"] == statistics.median(plain)
