@@ -58,6 +58,12 @@ def test_positions_cover_the_heaviest_step_and_both_kinds():
     assert hub.positions_to_measure([5.0, 1.0, 1.0], [True] * 3, 2) == [0, 1]
 
 
+def test_each_round_of_the_round_robin_starts_with_the_next_optimizer():
+    runners = {"adamw": "A", "kfac": "K", "fop": "F"}
+    orders = ["".join(r for _, r in hub.round_order(runners, i)) for i in range(6)]
+    assert orders == ["AKF", "KFA", "FAK", "AKF", "KFA", "FAK"]
+
+
 def test_cycle_is_the_lcm_of_the_intervals():
     assert hub.cycle_steps(FOPConfig(factor_interval=1, inverse_interval=10)) == 10
     assert hub.cycle_steps(FOPConfig(factor_interval=5, inverse_interval=10)) == 10
