@@ -50,8 +50,8 @@ did not change between the schedule window and the point (the composed cycle tak
 run under a busy CI worker read 1.26). AdamW's steps are all
 alike: its ms/step, median and max are those of ``n`` real steps. The three optimizers step round-robin, one step
 each, to share the drift of a busy machine, and each round starts with the next one (:func:`round_order`): with a
-fixed order MiniLM at 32k tokens read AdamW 48.5 s, K-FAC 44.3 s and FOP 38.0 s for the same passes, on a quiet
-machine.
+fixed order (AdamW, K-FAC, FOP) MiniLM's passes at 32k tokens took 44.3 s for K-FAC and 38.0 s for FOP on a quiet
+machine, rotated 40.3 s and 40.6 s (AdamW's 48.5 and 47.1 s: slower either way, not from the order; docs/performance.md).
 
 **Where the time goes** (ms per step, amortised over the cycle), from profiles attributed to the ``fop::<phase>``
 scopes (scripts/fop_phases.py): the schedule window's profile (only operators inside ``opt.step()``) splits the
