@@ -280,8 +280,9 @@ class FOP(torch.optim.Optimizer):
         return self.engine.capture
 
     def _schedule_capture(self) -> None:
-        """Which layers the coming passes capture: every layer on the factor interval's first step, or with
-        ``stagger_capture`` those whose slot it is and those without factors yet (the same on every rank)."""
+        """Which layers the coming passes capture (the same on every rank): with the staggered capture (the default,
+        ``FOPConfig.staggers_capture``) those whose step of the factor interval it is and those without factors yet;
+        else every layer on the interval's first step."""
         position = self.global_step % self.config.factor_interval
         if not self.config.staggers_capture:
             self.engine.capture, self.engine.capture_only = position == 0, None
