@@ -505,6 +505,20 @@ def test_capture_slots_spread_the_layers_by_their_capture_cost():
     assert slots == refresh_slots([unit_cost(u, opt.config.max_eigh_dim) for u in units], 6, 1, start=start)
 
 
+def test_under_the_staggered_capture_no_step_is_avoided_for_refresh():
+    """Two equal layers, factors and eigenbases every 2 steps: each step captures one layer (equal loads), so the
+    first refresh unit ties between the steps and takes the lower one; with every layer capturing together the tie
+    avoids the capture step (the refresh goes to step 1 first)."""
+    def opt(stagger: bool) -> FOP:
+        model = nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 5))
+        return FOP(model, lr=0.1, factor_interval=2, inverse_interval=2, stagger_capture=stagger, capture_rows=8)
+
+    staggered = opt(True)
+    assert sorted(refresh.capture_slots(staggered.layers, staggered.config)) == [0, 1]
+    assert staggered._slots == [0, 1]
+    assert opt(False)._slots == [1, 0]
+
+
 def test_staggered_capture_updates_each_layer_once_per_interval_on_its_slot():
     model = _model()
     opt = FOP(model, lr=0.1, factor_interval=3, inverse_interval=6, stagger_capture=True)
