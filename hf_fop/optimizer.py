@@ -183,10 +183,10 @@ class FOP(torch.optim.Optimizer):
         self.distributor = make_distributor(self.engine, config)
         """Where curvature lives across processes (:class:`hf_fop.distributed.CurvatureDistributor`)."""
         self._units, self._slots = refresh_plan(self.engine.layers, config)
-        self._capture_slots = capture_slots(self.engine.layers, config)
-        """Step of the factor interval on which each managed layer captures (all 0 without ``stagger_capture``)."""
         """An inverse cycle's refresh work (:mod:`hf_fop.refresh`: full eigendecompositions and block rotations) and
         the step of the cycle on which each unit runs."""
+        self._capture_slots = capture_slots(self.engine.layers, config)
+        """Step of the factor interval on which each managed layer captures (all 0 without the staggered capture)."""
         self._record = StepRecord()
         self._on_release: List[Callable[[], None]] = []
         self._schedule_capture()

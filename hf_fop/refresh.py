@@ -223,13 +223,12 @@ def _failed(layer: KFACLayer, which: str, max_failures: int) -> None:
 
 
 def refresh_slots(
-    costs: Sequence[int], k: int, capture_every: int = 1, capture_cost: int = 0, start: Optional[Sequence[int]] = None
+    costs: Sequence[int], k: int, capture_every: int = 1, start: Optional[Sequence[int]] = None
 ) -> List[int]:
     """Slot in ``[0, k)`` of each unit of work: greedy, costliest first, to the least-loaded slot (ties: a slot that is
-    not a capture step, i.e. ``slot % capture_every != 0``, then the lower slot; units by lower index). A capture step
-    already pays for the factors of every layer (``capture_cost``, in the units' cost units, is its starting load when
-    not every step captures), so the costliest refresh work goes to the other steps; ``start`` (``k`` loads) replaces
-    that starting load when the capture is spread over the steps (:func:`capture_slots`). Deterministic
+    not a capture step, i.e. ``slot % capture_every != 0``, then the lower slot; units by lower index). ``start``
+    (``k`` loads, in the units' cost units; zeros by default) is what each step already pays: the captures of the
+    layers that capture on it (:func:`refresh_plan`), so the costliest refresh work goes to the other steps. Deterministic
     and independent of the world size, so every distribution refreshes a unit on the same step as one process does
     (with curvature specialists a step's units may belong to different owners)."""
     for name, value in (("k", k), ("capture_every", capture_every)):
@@ -239,9 +238,7 @@ def refresh_slots(
     if start is not None and len(start) != k:
         raise ValueError(f"refresh_slots: start has {len(start)} loads, expected k={k}.")
     slots = [0] * len(costs)
-    loads = list(start) if start is not None else [
-        capture_cost if capture_every > 1 and s % capture_every == 0 else 0 for s in range(k)
-    ]
+    loads = list(start) if start is not None else [0] * k
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
         slot = min(range(k), key=lambda s: (loads[s], s % capture_every == 0, s))
         slots[i] = slot
@@ -264,8 +261,6 @@ def refresh_plan(layers: Sequence[KFACLayer], config: FOPConfig) -> Tuple[List[R
     units = refresh_units(layers, config.max_eigh_dim)
     costs = [unit_cost(unit, config.max_eigh_dim) for unit in units]
     f, k = config.factor_interval, config.inverse_interval
-    if f == 1:  # every step captures every layer: no step is preferred
-        return units, refresh_slots(costs, k)
     per_layer = [capture_cost([layer], config.capture_rows) for layer in layers]
     slots = capture_slots(layers, config)
     start = [sum(c for c, slot in zip(per_layer, slots) if slot == s % f) for s in range(k)]

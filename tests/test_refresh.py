@@ -442,15 +442,15 @@ def test_block_refresh_resumes_bitwise(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "costs, k, capture_every, capture_cost, slots",
+    "costs, k, capture_every, start, slots",
     [
-        ([5, 5, 5, 5, 5], 4, 2, 0, [1, 3, 0, 2, 1]),  # no capture load: as the tie rule alone
-        ([5, 5, 5, 5, 5], 4, 2, 8, [1, 3, 1, 3, 0]),  # a capture step weighs 8: the third and fourth go elsewhere
-        ([5, 5, 5, 5, 5], 4, 1, 8, [0, 1, 2, 3, 0]),  # every step captures: the load is the same everywhere, ignored
+        ([5, 5, 5, 5, 5], 4, 2, [0, 0, 0, 0], [1, 3, 0, 2, 1]),  # no capture load: as the tie rule alone
+        ([5, 5, 5, 5, 5], 4, 2, [8, 0, 8, 0], [1, 3, 1, 3, 0]),  # a capture step weighs 8: the third and fourth go elsewhere
+        ([5, 5, 5, 5, 5], 4, 1, [8, 8, 8, 8], [0, 1, 2, 3, 0]),  # every step captures: the load is the same everywhere
     ],
 )
-def test_slots_count_the_capture_steps_own_cost(costs, k, capture_every, capture_cost, slots):
-    assert refresh_slots(costs, k, capture_every, capture_cost) == slots
+def test_slots_count_the_capture_steps_own_cost(costs, k, capture_every, start, slots):
+    assert refresh_slots(costs, k, capture_every, start=start) == slots
 
 
 def test_the_capture_cost_counts_rows_times_the_factor_sides():
