@@ -485,8 +485,11 @@ def test_layer_without_eigenbasis_takes_an_identity_preconditioned_step(stagger)
 
     step(False)  # step 0 captures curvature for `a` only
     assert opt.layers[1].basis_a is None and opt.capturing == stagger
-    if stagger:  # step 1 captures `b` (and not `a`, whose step is 0) and decomposes its first factors
+    if stagger:  # step 1 is `b`'s own step (and not `a`'s): it would capture `b` anyway
         assert opt.engine.capture_only == frozenset({"b"})
+        step(False)  # step 1 without `b`
+        # step 2 is `a`'s step; `b`, without factors, captures on every step until it has them
+        assert opt.engine.capture_only is None and opt.capturing
         step(True)
         assert opt.layers[1].basis_a is not None and opt.diagnostics()["identity_layer_steps"] == 0
         return
