@@ -31,7 +31,9 @@ gradient, with momentum and weight decay as usual, counted in
 Rotations in bfloat16 (``rotation_dtype``, :func:`hf_fop.preconditioner.rotation_dtype`): a layer whose estimated
 rounding error (:func:`hf_fop.preconditioner.rotation_error`) exceeds ``ROTATION_ERROR_LIMIT`` is computed again in
 float32 on that step, counted in ``counters["float32_rotations"]`` (one per layer and step, on the rank that computes
-the layer's direction); deciding it reads every low-precision layer's estimate in one host read per step.
+the layer's direction); deciding it reads every low-precision layer's estimate in one host read per step. With
+``"auto"`` on a CPU, whether bfloat16 is faster there is timed once per process
+(:func:`hf_fop.preconditioner.native_bfloat16`); with several processes every rank takes rank 0's answer.
 
 Release: ``opt.release()`` removes the curvature hooks from the model (also
 done when the optimizer is garbage-collected); a new ``FOP`` on a model whose
@@ -62,8 +64,11 @@ from .preconditioner import (
     kl_clip_scale,
     layer_direction,
     layer_gradient,
+    native_bfloat16,
+    pin_native_bfloat16,
     rotation_dtype,
     rotation_error,
+    timed_bfloat16_devices,
 )
 from .profiling import scope
 from .refresh import capture_slots, due_units, refresh_plan
@@ -182,6 +187,8 @@ class FOP(torch.optim.Optimizer):
         """This step's sub-batch gradients (g1, g1 - g2) and their state."""
         self.distributor = make_distributor(self.engine, config)
         """Where curvature lives across processes (:class:`hf_fop.distributed.CurvatureDistributor`)."""
+        for device in timed_bfloat16_devices(config, self.engine.layers) if self.distributor.comm is not None else ():
+            pin_native_bfloat16(device, self.distributor.rank0_answer(native_bfloat16(device)))
         self._units, self._slots = refresh_plan(self.engine.layers, config)
         """An inverse cycle's refresh work (:mod:`hf_fop.refresh`: full eigendecompositions and block rotations) and
         the step of the cycle on which each unit runs."""

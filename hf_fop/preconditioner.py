@@ -13,7 +13,7 @@ there is :mod:`hf_fop.fop_math`. This module picks lambda, rotates the layer's g
 
 from __future__ import annotations
 
-import functools
+import time
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
@@ -29,12 +29,24 @@ AUTO_BFLOAT16_MIN_DIM = 256
 the conversions cost more than the multiplication saves (CPU, AVX512-BF16, ``scripts/kernel_costs.py``: 2.7x faster
 at 3,072 x 769, 2.0x at 256 x 257, 0.8x at 128 x 129, 0.3x at 64 x 65)."""
 
+BFLOAT16_PROBE_WIDTH = 512
+"""Side of the probe rotation (:func:`bfloat16_speedup`): a ``(512, 513)`` gradient, about 3 ms in float32 on one
+thread of this project's CPUs."""
+
+BFLOAT16_MIN_SPEEDUP = 1.25
+"""On a CPU, ``rotation_dtype="auto"`` takes bfloat16 only where the probe rotation is at least this much faster in
+it. The instruction set does not tell: one CPU with AVX512-BF16 rotated 2.0-3.0x faster in bfloat16 from 256 wide
+up, another (AVX512-BF16, no AMX) 0.4-0.7x, i.e. slower (``scripts/kernel_costs.py``, docs/performance.md)."""
+
+_NATIVE_BFLOAT16: Dict[torch.device, bool] = {}
+"""This process's answer of :func:`native_bfloat16` per device (probed once, or pinned)."""
+
 
 def resolve_rotation_dtype(
     setting: str, native_bfloat16: bool, projection_metric: str = "damped", min_dim: Optional[int] = None
 ) -> torch.dtype:
     """The dtype of ``FOPConfig.rotation_dtype`` ``setting`` for a layer whose narrower side is ``min_dim`` wide on a
-    device that does (``native_bfloat16``) or does not multiply bfloat16 natively; float32 for
+    device that does (``native_bfloat16``) or does not multiply bfloat16 faster than float32; float32 for
     ``projection_metric="fisher"``, whose null-space test needs it."""
     if projection_metric == "fisher" or setting == "float32":
         return torch.float32
@@ -44,16 +56,57 @@ def resolve_rotation_dtype(
     return torch.bfloat16 if native_bfloat16 and wide else torch.float32
 
 
-@functools.lru_cache(maxsize=None)
+def bfloat16_speedup(device: torch.device, width: int = BFLOAT16_PROBE_WIDTH, repeats: int = 3) -> float:
+    """Float32 time over bfloat16 time of one rotation (:func:`hf_fop.fop_math.rotate`, conversions included) of a
+    ``(width, width + 1)`` gradient on the CPU ``device``: process CPU seconds, the best of ``repeats`` after a
+    warm-up each."""
+    generator = torch.Generator().manual_seed(0)
+    q_s, g, q_a = (torch.randn(r, c, generator=generator).to(device) for r, c in
+                   ((width, width), (width, width + 1), (width + 1, width + 1)))  # fmt: skip
+
+    def best(dtype: torch.dtype) -> float:
+        seconds = float("inf")
+        for i in range(repeats + 1):
+            t0 = time.process_time()
+            rotate(g, q_s, q_a, dtype)
+            if i:  # the first call warms up
+                seconds = min(seconds, time.process_time() - t0)
+        return max(seconds, 1e-9)
+
+    return best(torch.float32) / best(torch.bfloat16)
+
+
 def native_bfloat16(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bfloat16 natively (faster than float32): a CUDA device of compute capability 8.0
-    or later, or a CPU with AVX512-BF16 or AMX tiles."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_capability(device)[0] >= 8
-    if device.type == "cpu":
-        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-    return False
+    """Whether ``device`` multiplies bfloat16 faster than float32 (cached per process): a CUDA device of compute
+    capability 8.0 or later (tensor cores); a CPU with AVX512-BF16 or AMX tiles on which the probe rotation
+    (:func:`bfloat16_speedup`) is at least :data:`BFLOAT16_MIN_SPEEDUP` times faster in bfloat16."""
+    if device not in _NATIVE_BFLOAT16:
+        if device.type == "cuda":
+            answer = torch.cuda.get_device_capability(device)[0] >= 8
+        elif device.type == "cpu":
+            probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+            answer = any(getattr(torch.cpu, name, lambda: False)() for name in probes) and (
+                bfloat16_speedup(device) >= BFLOAT16_MIN_SPEEDUP
+            )
+        else:
+            answer = False
+        _NATIVE_BFLOAT16[device] = answer
+    return _NATIVE_BFLOAT16[device]
+
+
+def timed_bfloat16_devices(config: FOPConfig, layers: List[KFACLayer]) -> List[torch.device]:
+    """The devices of ``layers`` whose ``rotation_dtype`` hangs on a timing (:func:`native_bfloat16` on a CPU, for a
+    layer that ``"auto"`` would rotate in bfloat16 on a fast device): where ranks must agree on the answer."""
+    if config.rotation_dtype != "auto" or config.projection_metric == "fisher":
+        return []
+    wide = {layer.weight.device for layer in layers if min(layer.in_dim, layer.out_dim) >= AUTO_BFLOAT16_MIN_DIM}
+    return sorted((d for d in wide if d.type == "cpu"), key=str)
+
+
+def pin_native_bfloat16(device: torch.device, answer: bool) -> None:
+    """Make :func:`native_bfloat16` answer ``answer`` for ``device`` in this process (every rank takes rank 0's
+    answer, so that replicated curvature computes the same directions everywhere)."""
+    _NATIVE_BFLOAT16[device] = answer
 
 
 def rotation_dtype(config: FOPConfig, layer: KFACLayer) -> torch.dtype:

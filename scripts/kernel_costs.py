@@ -7,7 +7,9 @@
   product;
 * ``torch.linalg.eigh`` of a factor of side ``d`` (float32), and where ``d > max_eigh_dim`` one block rotation of
   the block refresh (:func:`hf_fop.refresh.block_rotation`, the first and last groups) and the sweep it is one of
-  (that time the number of pairs).
+  (that time the number of pairs);
+* the probe ``rotation_dtype="auto"`` times on a CPU (:func:`hf_fop.preconditioner.bfloat16_speedup`) and the answer
+  it gives here.
 
     OMP_NUM_THREADS=1 python scripts/kernel_costs.py            # the shapes of docs/performance.md, about 1 min
     OMP_NUM_THREADS=1 python scripts/kernel_costs.py --small    # tiny shapes, seconds (tests)
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hf_fop.config import FOPConfig  # noqa: E402
 from hf_fop.curvature import EigenBasis, _gram  # noqa: E402
 from hf_fop.fop_math import rotate  # noqa: E402
+from hf_fop.preconditioner import BFLOAT16_PROBE_WIDTH, bfloat16_speedup, native_bfloat16  # noqa: E402
 from hf_fop.refresh import block_bounds, block_rotation  # noqa: E402
 
 ROTATIONS = ((64, 65), (128, 129), (256, 257), (384, 385), (768, 769), (3072, 769), (768, 3073))
@@ -51,7 +54,10 @@ def best_ms(fn: Callable[[], object], repeats: int) -> float:
 def measure(rotations: Sequence[Tuple[int, int]], grams: Sequence[Tuple[int, int]], eigh: Sequence[int],
             repeats: int, max_eigh_dim: Optional[int]) -> Dict[str, List[Dict[str, float]]]:  # fmt: skip
     gen = torch.Generator().manual_seed(0)
-    out: Dict[str, List[Dict[str, float]]] = {"rotation": [], "gram": [], "eigh": []}
+    cpu = torch.device("cpu")
+    out: Dict[str, List[Dict[str, float]]] = {"rotation": [], "gram": [], "eigh": [], "auto_probe": [
+        {"width": BFLOAT16_PROBE_WIDTH, "speedup": bfloat16_speedup(cpu, repeats=repeats),
+         "bfloat16": float(native_bfloat16(cpu))}]}
     for rows, cols in rotations:
         g = torch.randn(rows, cols, generator=gen)
         q_s, q_a = (torch.linalg.qr(torch.randn(n, n, generator=gen))[0] for n in (rows, cols))
@@ -102,6 +108,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[Dict[str, float
         block = (f"; block refresh ({r['groups']} groups): one rotation {r['block_ms']:.0f} ms, sweep "
                  f"{r['sweep_ms']:.0f} ms" if "block_ms" in r else "")
         print(f"eigh {r['dim']}: {r['ms']:.0f} ms{block}")
+    for r in result["auto_probe"]:
+        print(f"rotation_dtype='auto' probe ({r['width']} x {r['width'] + 1}): bfloat16 {r['speedup']:.2f}x as fast; "
+              f"wide layers rotate in {'bfloat16' if r['bfloat16'] else 'float32'} in this process")
     print(json.dumps(result))
     return result
 

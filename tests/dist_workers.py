@@ -246,6 +246,8 @@ def specialist_runs(opts: argparse.Namespace) -> None:
         opt.release()
     if opts.eigh_failure:
         out["eigh_failure"] = eigh_failure(rank)
+    if opts.bfloat16_answer:
+        out["bfloat16_answer"] = bfloat16_answer(rank)
     torch.save(out, os.path.join(opts.out, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -306,6 +308,21 @@ def eigh_failure(rank: int) -> Dict[str, Any]:
     return seen
 
 
+def bfloat16_answer(rank: int) -> Dict[str, bool]:
+    """The ranks first disagree on whether this CPU multiplies bfloat16 faster (rank 1 says yes); a replicated FOP
+    with a 256-wide layer (``rotation_dtype="auto"`` would time it) makes every rank take rank 0's answer. Returns
+    this rank's answer before and after, and the dtype it then rotates the layer in."""
+    from hf_fop.preconditioner import native_bfloat16, pin_native_bfloat16, rotation_dtype
+
+    cpu = torch.device("cpu")
+    pin_native_bfloat16(cpu, rank == 1)
+    before = native_bfloat16(cpu)
+    opt = FOP(nn.Linear(256, 256), curvature_sharding="replicated")
+    seen = {"before": before, "after": native_bfloat16(cpu), "dtype": str(rotation_dtype(opt.config, opt.layers[0]))}
+    opt.release()
+    return seen
+
+
 def main(argv: Any = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -318,6 +335,7 @@ def main(argv: Any = None) -> None:
     parser.add_argument("--stagger", action="store_true", help="stagger_refresh=True (spread eigendecompositions)")
     parser.add_argument("--job", action="append", default=[], help="name,mode,sharding,scenario,resume,save_at[,options]")
     parser.add_argument("--eigh_failure", action="store_true", help="after the runs: a forced eigh failure on one owner")
+    parser.add_argument("--bfloat16_answer", action="store_true", help="after the runs: the ranks agree on bfloat16")
     opts = parser.parse_args(argv)
     specialist_runs(opts) if opts.job else worker(opts)
 

@@ -431,14 +431,14 @@ def test_specialists_two_processes_match_one_process_resume_across_modes_and_sur
     checkpoint holds the full state of one process. A NaN gradient on one rank in a layer the other owns skips the
     step everywhere. Staggered and block refresh (``max_eigh_dim`` 4; owners' and replicated) and staggered capture
     equal one process too.
-    Then a forced eigendecomposition failure on one owner.
+    Then a forced eigendecomposition failure on one owner, and the ranks' agreement on bfloat16 rotations.
     """
     from dist_workers import single_process
 
     from hf_fop.distributed.specialists import assign_owners
 
     out = tmp_path / "run"
-    records = plain_torchrun(2, out, "--steps", "6", "--accum", "2", "--inverse_interval", "3", "--eigh_failure",
+    records = plain_torchrun(2, out, "--steps", "6", "--accum", "2", "--inverse_interval", "3", "--eigh_failure", "--bfloat16_answer",
                              "--job", "spec,fop,specialists,plain,-,4", "--job", "rep,fop,replicated,plain,{out}/spec_4.pt,5",
                              "--job", "spec2,fop,specialists,plain,{out}/rep_5.pt,-", "--job", "nangrad,fop,specialists,nangrad,-,-",
                              "--job", "nangradoff,fop,specialists,nangrad,-,-,factor_interval=3",
@@ -493,6 +493,10 @@ def test_specialists_two_processes_match_one_process_resume_across_modes_and_sur
     assert failure[owner]["failures_after_1"] == {"A": 1, "S": 0}
     assert any("keeping the last good basis" in w for w in failure[owner]["warnings"])
     assert f"on its owner rank {owner}" in failure[1 - owner]["error"] and "'fc1'" in failure[1 - owner]["error"]
+    # whether bfloat16 is faster is timed per process; replicated curvature needs one answer: rank 0's
+    answers = [r["bfloat16_answer"] for r in records]
+    assert [a["before"] for a in answers] == [False, True]
+    assert [(a["after"], a["dtype"]) for a in answers] == [(False, "torch.float32")] * 2
 
 
 def test_specialists_three_processes_fop_kfac_and_resume_from_one_process(tmp_path):

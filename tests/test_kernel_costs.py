@@ -5,6 +5,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from hf_fop.preconditioner import BFLOAT16_PROBE_WIDTH, native_bfloat16
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
@@ -20,6 +23,9 @@ def test_small_run_reports_every_kernel():
     assert block["groups"] == 5 and block["sweep_ms"] == pytest.approx(10 * block["block_ms"])
     for r in result["rotation"]:
         assert r["speedup"] == pytest.approx(r["float32_ms"] / r["bfloat16_ms"])
+    (probe,) = result["auto_probe"]
+    assert probe["width"] == BFLOAT16_PROBE_WIDTH and probe["speedup"] > 0
+    assert probe["bfloat16"] == float(native_bfloat16(torch.device("cpu")))  # the answer "auto" uses
 
 
 def test_repeats_must_be_positive(capsys):

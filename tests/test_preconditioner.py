@@ -12,16 +12,21 @@ from torch import nn
 
 from hf_fop import FOP, FOPConfig
 from hf_fop.fop_math import fop_direction_eigen, kfac_direction_eigen, rotate, unrotate
+from hf_fop import preconditioner
 from hf_fop.preconditioner import (
+    BFLOAT16_MIN_SPEEDUP,
     ROTATION_ERROR_LIMIT,
+    bfloat16_speedup,
     kl_clip_scale,
     layer_damping,
     layer_direction,
     layer_gradient,
     native_bfloat16,
+    pin_native_bfloat16,
     resolve_rotation_dtype,
     rotation_dtype,
     rotation_error,
+    timed_bfloat16_devices,
 )
 
 
@@ -78,13 +83,38 @@ def test_rotation_dtype_follows_the_setting_the_hardware_the_width_and_the_metri
     assert resolve_rotation_dtype(setting, native, metric, min_dim) == expected
 
 
-def test_rotation_dtype_auto_is_the_hardware_probe_for_wide_layers():
+@pytest.fixture
+def cpu_answer():
+    """Restores this process's answer of ``native_bfloat16`` for the CPU after a test that pins or re-probes it."""
+    cpu = torch.device("cpu")
+    saved = preconditioner._NATIVE_BFLOAT16.get(cpu)
+    yield cpu
+    preconditioner._NATIVE_BFLOAT16.pop(cpu, None)
+    if saved is not None:
+        pin_native_bfloat16(cpu, saved)
+
+
+def test_rotation_dtype_auto_follows_the_pinned_answer(cpu_answer):
     opt = FOP(nn.Sequential(nn.Linear(300, 256), nn.Linear(256, 10)))
     wide, narrow = opt.layers
-    expected = torch.bfloat16 if native_bfloat16(torch.device("cpu")) else torch.float32
-    assert rotation_dtype(opt.config, wide) == expected
-    assert rotation_dtype(opt.config, narrow) == torch.float32
-    assert rotation_dtype(opt.config.replace(rotation_dtype="float32"), wide) == torch.float32
+    assert timed_bfloat16_devices(opt.config, opt.layers) == [cpu_answer]  # the wide layer hangs on the timing
+    assert timed_bfloat16_devices(opt.config.replace(rotation_dtype="bfloat16"), opt.layers) == []
+    assert timed_bfloat16_devices(opt.config, [narrow]) == []
+    for answer, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        pin_native_bfloat16(cpu_answer, answer)
+        assert (rotation_dtype(opt.config, wide), rotation_dtype(opt.config, narrow)) == (dtype, torch.float32)
+        assert rotation_dtype(opt.config.replace(rotation_dtype="float32"), wide) == torch.float32
+
+
+def test_a_cpu_multiplies_in_bfloat16_where_the_probe_finds_it_faster_not_where_its_instruction_set_allows(cpu_answer):
+    """AVX512-BF16 alone does not make bfloat16 faster (one of this project's CPUs rotates 2x slower in it)."""
+    speedup = bfloat16_speedup(cpu_answer)
+    assert 0 < speedup < float("inf")
+    if 0.9 * BFLOAT16_MIN_SPEEDUP < speedup < 1.1 * BFLOAT16_MIN_SPEEDUP:
+        pytest.skip(f"the probe's speedup {speedup:.2f} is too close to the threshold to decide twice alike")
+    preconditioner._NATIVE_BFLOAT16.pop(cpu_answer, None)  # probe afresh
+    isa = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert native_bfloat16(cpu_answer) == (isa and speedup >= BFLOAT16_MIN_SPEEDUP)
 
 
 def _two_sub_batch_layer(rotation: str, case: str):

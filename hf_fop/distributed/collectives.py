@@ -116,6 +116,12 @@ class Collectives:
         work = dist.all_gather_into_tensor(out, buf.contiguous().reshape(-1), async_op=async_op)
         return out.view(self.world_size, *buf.shape), work
 
+    def rank0_answer(self, answer: bool) -> bool:
+        """Rank 0's ``answer`` on every rank (one 1-byte ``broadcast``; not counted: set-up, once)."""
+        buf = torch.tensor([answer], dtype=torch.uint8, device=self.device)
+        dist.broadcast(buf, 0)
+        return bool(buf.item())
+
     def max_and_mean(self, value: float) -> Tuple[float, float]:
         """``(max, mean)`` over ranks of each rank's ``value`` (one small ``all_gather``; not counted: diagnostics)."""
         out = torch.empty(self.world_size, dtype=torch.float64, device=self.device)

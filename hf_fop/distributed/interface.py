@@ -63,6 +63,10 @@ class CurvatureDistributor(ABC):
         """Every layer's direction ``(out, in)`` on every rank, from the ranks that own them (collective)."""
         return deltas
 
+    def rank0_answer(self, answer: bool) -> bool:
+        """Rank 0's ``answer`` on every rank (collective): for set-up decisions that every rank must share."""
+        return answer if self.comm is None else self.comm.rank0_answer(answer)
+
     def all_finite(self, finite: bool) -> bool:
         """Whether every rank's gradients and new factors are finite, given this rank's answer (collective)."""
         return finite
