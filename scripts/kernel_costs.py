@@ -4,7 +4,7 @@
   bfloat16 inputs (conversions included): what ``FOPConfig.rotation_dtype`` trades, and where ``"auto"``'s
   256-wide floor comes from;
 * the capture's Gram ``rows^T rows`` (:func:`hf_fop.curvature._gram`, block upper triangle) against one full
-  product;
+  product, and one product of the rows in bfloat16 (conversion included; float32 result);
 * ``torch.linalg.eigh`` of a factor of side ``d`` (float32), and where ``d > max_eigh_dim`` one block rotation of
   the block refresh (:func:`hf_fop.refresh.block_rotation`, the first and last groups) and the sweep it is one of
   (that time the number of pairs);
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -51,6 +52,12 @@ def best_ms(fn: Callable[[], object], repeats: int) -> float:
     return 1e3 * best
 
 
+def _bfloat16_gram(x: Tensor) -> Tensor:
+    """``x^T x`` of ``x (n, d)`` rounded to bfloat16, as float32 ``(d, d)``."""
+    low = x.bfloat16()
+    return (low.T @ low).float()
+
+
 def measure(rotations: Sequence[Tuple[int, int]], grams: Sequence[Tuple[int, int]], eigh: Sequence[int],
             repeats: int, max_eigh_dim: Optional[int]) -> Dict[str, List[Dict[str, float]]]:  # fmt: skip
     gen = torch.Generator().manual_seed(0)
@@ -69,7 +76,8 @@ def measure(rotations: Sequence[Tuple[int, int]], grams: Sequence[Tuple[int, int
         x = torch.randn(n, d, generator=gen)
         full = best_ms(lambda: x.T @ x, repeats)
         blocked = best_ms(lambda: _gram(x), repeats)
-        out["gram"].append({"rows": n, "cols": d, "full_ms": full, "blocked_ms": blocked})
+        bf16 = best_ms(lambda: _bfloat16_gram(x), repeats)
+        out["gram"].append({"rows": n, "cols": d, "full_ms": full, "blocked_ms": blocked, "bfloat16_ms": bf16})
     for d in eigh:
         x = torch.randn(4 * d, d, generator=gen)
         factor = x.T @ x / (4 * d)
@@ -103,7 +111,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[Dict[str, float
         print(f"rotate {r['out']} x {r['in']}: float32 {r['float32_ms']:.1f} ms, bfloat16 {r['bfloat16_ms']:.1f} ms "
               f"({r['speedup']:.2f}x)")  # fmt: skip
     for r in result["gram"]:
-        print(f"gram {r['rows']} x {r['cols']}: one product {r['full_ms']:.1f} ms, block triangle {r['blocked_ms']:.1f} ms")
+        print(f"gram {r['rows']} x {r['cols']}: one product {r['full_ms']:.1f} ms, block triangle {r['blocked_ms']:.1f} ms, "
+              f"bfloat16 {r['bfloat16_ms']:.1f} ms")
     for r in result["eigh"]:
         block = (f"; block refresh ({r['groups']} groups): one rotation {r['block_ms']:.0f} ms, sweep "
                  f"{r['sweep_ms']:.0f} ms" if "block_ms" in r else "")

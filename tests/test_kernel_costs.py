@@ -23,6 +23,7 @@ def test_small_run_reports_every_kernel():
     assert block["groups"] == 5 and block["sweep_ms"] == pytest.approx(10 * block["block_ms"])
     for r in result["rotation"]:
         assert r["speedup"] == pytest.approx(r["float32_ms"] / r["bfloat16_ms"])
+    assert all(r["bfloat16_ms"] > 0 for r in result["gram"])
     (probe,) = result["auto_probe"]
     assert probe["width"] == BFLOAT16_PROBE_WIDTH and probe["speedup"] > 0
     assert probe["bfloat16"] == float(native_bfloat16(torch.device("cpu")))  # the answer "auto" uses
