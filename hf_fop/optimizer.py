@@ -71,7 +71,7 @@ from .preconditioner import (
     timed_bfloat16_devices,
 )
 from .profiling import scope
-from .refresh import capture_slots, due_units, refresh_plan
+from .refresh import due_units, refresh_plan
 
 _COUNTERS = (
     "factor_updates", "layer_factor_updates", "inverse_updates", "skipped_steps", "fallback_steps",
@@ -189,11 +189,9 @@ class FOP(torch.optim.Optimizer):
         """Where curvature lives across processes (:class:`hf_fop.distributed.CurvatureDistributor`)."""
         for device in timed_bfloat16_devices(config, self.engine.layers) if self.distributor.comm is not None else ():
             pin_native_bfloat16(device, self.distributor.rank0_answer(native_bfloat16(device)))
-        self._units, self._slots = refresh_plan(self.engine.layers, config)
-        """An inverse cycle's refresh work (:mod:`hf_fop.refresh`: full eigendecompositions and block rotations) and
-        the step of the cycle on which each unit runs."""
-        self._capture_slots = capture_slots(self.engine.layers, config)
-        """Step of the factor interval on which each managed layer captures (all 0 without the staggered capture)."""
+        self._plan = refresh_plan(self.engine.layers, config)
+        """When each managed layer captures, and an inverse cycle's refresh work (:mod:`hf_fop.refresh`: full
+        eigendecompositions and block rotations) with the step of the cycle on which each unit runs."""
         self._record = StepRecord()
         self._on_release: List[Callable[[], None]] = []
         self._schedule_capture()
@@ -294,9 +292,12 @@ class FOP(torch.optim.Optimizer):
         if not self.config.staggers_capture:
             self.engine.capture, self.engine.capture_only = position == 0, None
         else:
-            due = [layer for layer, slot in zip(self.engine.layers, self._capture_slots) if slot == position or layer.A is None]
+            due = self._plan.capture_names[position]
+            unfactored = [layer.name for layer in self.engine.layers if layer.A is None]
+            if unfactored:
+                due = due.union(unfactored)
             self.engine.capture = bool(due)
-            self.engine.capture_only = None if len(due) == len(self.engine.layers) else frozenset(l.name for l in due)
+            self.engine.capture_only = None if len(due) == len(self.engine.layers) else due
         self.engine.begin_step(self.global_step)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -367,7 +368,7 @@ class FOP(torch.optim.Optimizer):
             self.counters["layer_factor_updates"] += len(new_factors)  # (layer, step) pairs
         k = self.config.inverse_interval
         fresh = [layer.name for layer in unfactored if layer.A is not None]  # first factors this step: no basis yet
-        due = due_units(self._units, self._slots, self.global_step, k, self.config.stagger_refresh, fresh)
+        due = due_units(self._plan.units, self._plan.slots, self.global_step, k, self.config.stagger_refresh, fresh)
         if due:
             self.distributor.refresh_bases(due)
         if self.global_step % k == 0 and any(layer.A is not None for layer in self.engine.layers):

@@ -35,7 +35,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import FrozenSet, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -254,17 +254,34 @@ def capture_slots(layers: Sequence[KFACLayer], config: FOPConfig) -> List[int]:
     return refresh_slots([capture_cost([layer], config.capture_rows) for layer in layers], config.factor_interval)
 
 
-def refresh_plan(layers: Sequence[KFACLayer], config: FOPConfig) -> Tuple[List[RefreshUnit], List[int]]:
-    """``(units, slots)``: an inverse cycle's refresh work for ``config`` (:func:`refresh_units` at its
-    ``max_eigh_dim``) and each unit's step of the cycle (:func:`refresh_slots`, each step starting with the
-    :func:`capture_cost` of the layers that capture on it, at ``capture_rows``)."""
+@dataclass(frozen=True)
+class RefreshPlan:
+    """An optimizer's schedule of curvature work for its managed layers, fixed at construction (the same on every
+    rank): :func:`refresh_plan`."""
+
+    units: List[RefreshUnit]
+    """An inverse cycle's refresh work (:func:`refresh_units` at ``max_eigh_dim``)."""
+    slots: List[int]
+    """Step of the inverse cycle (``[0, inverse_interval)``) on which each unit runs."""
+    capture_slots: List[int]
+    """Step of the factor interval (``[0, factor_interval)``) on which each layer captures (:func:`capture_slots`)."""
+    capture_names: Tuple[FrozenSet[str], ...]
+    """For each step of the factor interval, the names of the layers that capture on it."""
+
+
+def refresh_plan(layers: Sequence[KFACLayer], config: FOPConfig) -> RefreshPlan:
+    """The :class:`RefreshPlan` of ``layers`` under ``config``: each layer's capture slot, and each refresh unit's slot
+    (:func:`refresh_slots`, each step starting with the :func:`capture_cost` of the layers that capture on it, at
+    ``capture_rows``)."""
     units = refresh_units(layers, config.max_eigh_dim)
     costs = [unit_cost(unit, config.max_eigh_dim) for unit in units]
     f, k = config.factor_interval, config.inverse_interval
     per_layer = [capture_cost([layer], config.capture_rows) for layer in layers]
-    slots = capture_slots(layers, config)
-    start = [sum(c for c, slot in zip(per_layer, slots) if slot == s % f) for s in range(k)]
-    return units, refresh_slots(costs, k, 1 if config.staggers_capture else f, start=start)
+    captures = capture_slots(layers, config)
+    start = [sum(c for c, slot in zip(per_layer, captures) if slot == s % f) for s in range(k)]
+    slots = refresh_slots(costs, k, 1 if config.staggers_capture else f, start=start)
+    names = tuple(frozenset(l.name for l, slot in zip(layers, captures) if slot == s) for s in range(f))
+    return RefreshPlan(units, slots, captures, names)
 
 
 def due_units(

@@ -49,7 +49,8 @@ class ExactSchedule:
 
     def __init__(self, opt: FOP) -> None:
         config = opt.config.replace(max_eigh_dim=None)
-        self.units, self.slots = refresh_plan(opt.layers, config)
+        plan = refresh_plan(opt.layers, config)
+        self.units, self.slots = plan.units, plan.slots
         self.k, self.stagger = config.inverse_interval, config.stagger_refresh
         self.bases: Bases = {}
 
@@ -94,7 +95,7 @@ def run(steps: int, batch: int, max_eigh_dim: int, seed: int = 0) -> Dict[str, A
     model = build_model(train.features["label"].num_classes, seed)
     opt = FOP(model, max_eigh_dim=max_eigh_dim, stagger_refresh=False, **TASK_SETTINGS)
     exact = ExactSchedule(opt)
-    blocked = sorted({unit.layer.name for unit in opt._units if unit.pair is not None})
+    blocked = sorted({unit.layer.name for unit in opt._plan.units if unit.pair is not None})
     per_step: List[Dict[str, float]] = []
     losses = []
     for step, inputs in enumerate(data):

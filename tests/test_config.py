@@ -93,5 +93,5 @@ def test_staggered_capture_is_on_unless_the_mc_fisher_would_sample_every_step(fi
     config = FOPConfig(fisher_type=fisher_type, stagger_capture=given)
     assert config.staggers_capture is staggered
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
-    slots = FOP(model, config.replace(factor_interval=2, inverse_interval=2))._capture_slots
+    slots = FOP(model, config.replace(factor_interval=2, inverse_interval=2))._plan.capture_slots
     assert sorted(slots) == ([0, 1] if staggered else [0, 0])

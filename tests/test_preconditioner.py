@@ -56,7 +56,7 @@ def test_layer_direction_rotates_the_layers_gradients_and_adds_its_kl_term(dtype
             F.mse_loss(model(x[4 * k : 4 * k + 4]), y[4 * k : 4 * k + 4]).backward()
     layer = opt.layers[0]
     opt.engine.update_factors(opt.engine.finalize_capture())
-    opt.distributor.refresh_bases(opt._units)
+    opt.distributor.refresh_bases(opt._plan.units)
     qs, s, qa, a = layer.basis_s.q, layer.basis_s.eigenvalues, layer.basis_a.q, layer.basis_a.eigenvalues
     g_hat = rotate(layer_gradient(layer), qs, qa, dtype)
     diffs = opt.grads.diff
@@ -149,7 +149,7 @@ def _two_sub_batch_layer(rotation: str, case: str):
     else:
         passes(*batches[1])
         opt.engine.update_factors(opt.engine.finalize_capture())
-        opt.distributor.refresh_bases(opt._units)
+        opt.distributor.refresh_bases(opt._plan.units)
     return opt, opt.layers[0]
 
 

@@ -113,7 +113,7 @@ def test_staggered_refresh_decomposes_each_layer_once_per_cycle_and_spreads_the_
     steps = _per_step(calls)
     names = [layer.name for layer in opt.layers]
     assert sorted(steps[0]) == sorted(names)  # first factors: every layer at once
-    cost: Dict[str, int] = {unit.layer.name: unit_cost(unit, None) for unit in opt._units}
+    cost: Dict[str, int] = {unit.layer.name: unit_cost(unit, None) for unit in opt._plan.units}
     for cycle in (steps[1:4], steps[4:7]):
         done = [name for step in cycle for name in step]
         assert sorted(done) == sorted(names)  # each layer once per cycle of 3 steps
@@ -130,7 +130,7 @@ def test_the_costliest_refreshes_avoid_the_factor_capture_steps():
     calls: List[List[str]] = []
     _train(model, opt, 9, calls)
     steps = _per_step(calls)
-    cost = {unit.layer.name: unit_cost(unit, None) for unit in opt._units}
+    cost = {unit.layer.name: unit_cost(unit, None) for unit in opt._plan.units}
     costliest = sorted(cost, key=cost.get)[-2:]
     for cycle_start in (1, 5):
         cycle = steps[cycle_start : cycle_start + 4]
@@ -184,7 +184,7 @@ def test_block_bounds_as_data(n, max_eigh_dim, bounds):
 def test_units_split_only_the_factors_larger_than_max_eigh_dim():
     model = nn.Sequential(nn.Linear(5, 40), nn.Tanh(), nn.Linear(40, 3))  # factors: A 6, S 40 | A 41, S 3
     opt = FOP(model, lr=0.1, max_eigh_dim=16)
-    units = [(unit.layer.name, unit.factors, unit.pair) for unit in opt._units]
+    units = [(unit.layer.name, unit.factors, unit.pair) for unit in opt._plan.units]
     first, second = (layer.name for layer in opt.layers)
     assert block_bounds(40, 16) == [0, 8, 16, 24, 32, 40] and block_bounds(41, 16) == [0, 6, 13, 20, 27, 34, 41]
     assert units == ([(first, ("A",), None)] + [(first, ("S",), p) for p in itertools.combinations(range(5), 2)]
@@ -323,7 +323,7 @@ def test_block_unit_cost_counts_the_rotation_products_and_the_pair_eigh():
     layer = nn.Linear(99, 9)  # A is 100 x 100: with max_eigh_dim 70 three groups [0, 33, 66, 100]
     model = nn.Sequential(layer)
     opt = FOP(model, lr=0.1, max_eigh_dim=70)
-    units = [u for u in opt._units if u.pair is not None]
+    units = [u for u in opt._plan.units if u.pair is not None]
     assert [(u.factors, u.pair) for u in units] == [(("A",), (0, 1)), (("A",), (0, 2)), (("A",), (1, 2))]
     n, m = 100, 33 + 34  # groups 0 (33 columns) and 2 (34)
     assert unit_cost(units[1], 70) == 2 * n * n * m + 4 * n * m * m + EIGH_FLOPS_PER_CUBE * m**3
@@ -360,8 +360,8 @@ def test_block_refresh_in_the_optimizer_bounds_every_later_eigh_and_runs_each_pa
     # some units' slot)
     assert sorted(sizes[0]) == [3, 7, 40, 41] and len(calls[0]) == 2
     assert max(max(s) for s in sizes[1:]) <= 16
-    first_cycle = [entry for step in calls[1:] for entry in step][: len(opt._units)]
-    everything = [(u.layer.name, u.factors, u.pair) for u in opt._units]
+    first_cycle = [entry for step in calls[1:] for entry in step][: len(opt._plan.units)]
+    everything = [(u.layer.name, u.factors, u.pair) for u in opt._plan.units]
     done = [entry for step in calls[1:] for entry in step]
     assert sorted(map(repr, done)) == sorted(map(repr, everything * 2))  # steps 1-8: two cycles, each unit once each
     assert first_cycle  # the refresh ran
@@ -497,12 +497,15 @@ def test_capture_slots_spread_the_layers_by_their_capture_cost():
     costs = [32 * (a * a + s * s) for a, s in ((7, 16), (17, 12), (13, 4), (5, 3))]
     assert [refresh.capture_cost([layer], 8) for layer in layers] == costs
     assert refresh.capture_slots(layers, opt.config) == refresh_slots(costs, 3) == [1, 0, 2, 2]
+    assert opt._plan.capture_slots == [1, 0, 2, 2]
+    names = [layer.name for layer in layers]
+    assert opt._plan.capture_names == ({names[1]}, {names[0]}, {names[2], names[3]})
     assert refresh.capture_slots(layers, opt.config.replace(stagger_capture=False)) == [0, 0, 0, 0]
     assert refresh.capture_slots(layers, opt.config.replace(factor_interval=1, inverse_interval=6)) == [0, 0, 0, 0]
     # the refresh's slots start from each step's capture load (k = 6 steps: capture slots repeat every 3)
     start = [costs[1], costs[0], costs[2] + costs[3]] * 2
-    units, slots = refresh.refresh_plan(layers, opt.config)
-    assert slots == refresh_slots([unit_cost(u, opt.config.max_eigh_dim) for u in units], 6, 1, start=start)
+    plan = refresh.refresh_plan(layers, opt.config)
+    assert plan.slots == refresh_slots([unit_cost(u, opt.config.max_eigh_dim) for u in plan.units], 6, 1, start=start)
 
 
 def test_under_the_staggered_capture_no_step_is_avoided_for_refresh():
@@ -515,8 +518,8 @@ def test_under_the_staggered_capture_no_step_is_avoided_for_refresh():
 
     staggered = opt(True)
     assert sorted(refresh.capture_slots(staggered.layers, staggered.config)) == [0, 1]
-    assert staggered._slots == [0, 1]
-    assert opt(False)._slots == [1, 0]
+    assert staggered._plan.slots == [0, 1]
+    assert opt(False)._plan.slots == [1, 0]
 
 
 def test_staggered_capture_updates_each_layer_once_per_interval_on_its_slot():
