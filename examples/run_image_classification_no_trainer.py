@@ -59,7 +59,7 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[ModelArguments, DataAr
     p.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step (window).")
     p.add_argument("--learning_rate", type=float, default=0.005, help="Learning rate eta0 of the K-FAC/FOP layers (AdamW's lr with --fop_optimizer adamw).")
     p.add_argument("--fop_optimizer", choices=("fop", "kfac", "adamw"), default="fop", help="Optimizer: FOP, K-FAC, or torch AdamW.")
-    p.add_argument("--fop_damping", type=float, default=1e-3, help="Damping lambda of K-FAC/FOP.")
+    p.add_argument("--fop_damping", type=float, default=3e-3, help="Damping lambda of K-FAC/FOP (as run_image_classification.py).")
     p.add_argument("--fop_adamw_lr", type=float, default=3e-3, help="AdamW lr of the parameters FOP does not manage (LayerNorm, embeddings).")
     p.add_argument("--fop_inverse_interval", type=int, default=5, help="Steps between eigendecompositions of the factors.")
     p.add_argument("--fop_momentum", type=float, default=0.0, help="Heavy-ball momentum of K-FAC/FOP (the lr and damping here were tuned without it).")
