@@ -187,7 +187,7 @@ class FOP(torch.optim.Optimizer):
         """This step's sub-batch gradients (g1, g1 - g2) and their state."""
         self.distributor = make_distributor(self.engine, config)
         """Where curvature lives across processes (:class:`hf_fop.distributed.CurvatureDistributor`)."""
-        for device in timed_bfloat16_devices(config, self.engine.layers) if self.distributor.comm is not None else ():
+        for device in timed_bfloat16_devices(config, self.engine.layers):  # one process: the probe runs here
             pin_native_bfloat16(device, self.distributor.rank0_answer(native_bfloat16(device)))
         self._plan = refresh_plan(self.engine.layers, config)
         """When each managed layer captures, and an inverse cycle's refresh work (:mod:`hf_fop.refresh`: full

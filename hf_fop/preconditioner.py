@@ -95,12 +95,14 @@ def native_bfloat16(device: torch.device) -> bool:
 
 
 def timed_bfloat16_devices(config: FOPConfig, layers: List[KFACLayer]) -> List[torch.device]:
-    """The devices of ``layers`` whose ``rotation_dtype`` hangs on a timing (:func:`native_bfloat16` on a CPU, for a
-    layer that ``"auto"`` would rotate in bfloat16 on a fast device): where ranks must agree on the answer."""
-    if config.rotation_dtype != "auto" or config.projection_metric == "fisher":
-        return []
-    wide = {layer.weight.device for layer in layers if min(layer.in_dim, layer.out_dim) >= AUTO_BFLOAT16_MIN_DIM}
-    return sorted((d for d in wide if d.type == "cpu"), key=str)
+    """The CPU devices of ``layers`` on which some layer's ``rotation_dtype`` hangs on :func:`native_bfloat16`'s timing
+    (:func:`resolve_rotation_dtype` differs between a fast and a slow device): where ranks must agree on the answer."""
+    def hangs(layer: KFACLayer) -> bool:
+        both = (resolve_rotation_dtype(config.rotation_dtype, fast, config.projection_metric,
+                                       min(layer.in_dim, layer.out_dim)) for fast in (True, False))  # fmt: skip
+        return len(set(both)) > 1
+
+    return sorted({layer.weight.device for layer in layers if layer.weight.device.type == "cpu" and hangs(layer)}, key=str)
 
 
 def pin_native_bfloat16(device: torch.device, answer: bool) -> None:
