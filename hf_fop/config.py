@@ -112,8 +112,10 @@ class FOPConfig:
     ``damping * mean eigenvalue of A (x) S`` (= mean(eig A) * mean(eig S)) of its current eigendecomposition."""
     capture_rows: Optional[int] = 2048
     """Curvature capture reads at most this many rows (tokens, positions) of each managed layer's input and output
-    gradient per forward/backward pass, drawn at random (an unbiased estimate of A and S); ``None`` reads every row.
-    Caps the capture's cost, ``rows x (d_in^2 + d_out^2)`` per layer, when the batch grows."""
+    gradient per forward/backward pass, drawn at random (an unbiased estimate of A and S), once a pass has enough rows
+    for drawing to pay: more than ``capture_rows (1 + 256 / d)`` for a side of width ``d``
+    (:data:`hf_fop.curvature.DRAW_MARGIN`); ``None`` reads every row. Caps the capture's cost, about ``capture_rows
+    (d^2 + 256 d)`` per side and pass, when the batch grows."""
     stagger_refresh: bool = True
     """Spread each inverse cycle's eigendecompositions over its ``inverse_interval`` steps, about ``1/k`` of the work
     per step (:mod:`hf_fop.refresh`), so that no step is much longer than the others; ``False`` decomposes every

@@ -210,20 +210,36 @@ def _flat_rows(layer: KFACLayer, t: Tensor, mask: Optional[PaddingMask]) -> Tupl
     return t.reshape(-1, t.shape[-1]), mask.weights.reshape(-1, 1)
 
 
+DRAW_MARGIN = 256
+"""A capture pass of ``N`` rows of width ``d`` (bias column included) reads every row unless ``N > capture_rows (1 +
+DRAW_MARGIN / d)``: drawing costs a sampler call and a few passes over the rows, which the smaller product repays only
+beyond about that. CPU, one thread, drawing 2,048 rows against reading all ``N`` (``scripts/kernel_costs.py``, the
+"capture pass" lines): even at ``N`` about 1.5-2x 2,048 for d = 128-256, 1.3-1.5x for 512, 1.1-1.5x for 1,024-3,072;
+at d = 64 drawing still cost 1.2x more at 5x, and up to 4.3x more just above 2,048 rows. The rule errs towards reading
+every row, which costs at most ``1 + DRAW_MARGIN / d`` times the product of ``capture_rows`` rows."""
+
+
+def _draws(n: int, width: int, limit: Optional[int], margin: Optional[float] = None) -> bool:
+    """Whether a capture pass of ``n`` rows of ``width`` columns draws ``limit`` of them: ``n > limit (1 + margin /
+    width)``, ``margin`` :data:`DRAW_MARGIN` unless given."""
+    margin = DRAW_MARGIN if margin is None else margin
+    return limit is not None and n > limit * (1 + margin / width)
+
+
 def _subsample(
-    rows: Tensor, weights: Optional[Tensor], limit: Optional[int], generator: Optional[torch.Generator], bias: bool
+    rows: Tensor, weights: Optional[Tensor], limit: Optional[int], generator: Optional[torch.Generator], bias: bool,
+    margin: Optional[float] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Float32 rows with the mask applied, and the bias column (the mask weights, or ``None`` for all ones), as
-    ``(rows (R, d), column (R, 1) or None)``: every row when ``N <= limit``; otherwise ``limit`` rows drawn with
-    replacement with probability ``p_i`` proportional to their squared norm (bias column included), each scaled by
-    ``1 / sqrt(R p_i)``, so that ``sum_drawn x x^T`` is an unbiased estimate of ``sum_all x x^T``.
+    ``(rows (R, d), column (R, 1) or None)``: every row unless :func:`_draws` (with ``margin``) says to draw; then ``limit`` rows drawn
+    with replacement with probability ``p_i`` proportional to their squared norm (bias column included), each scaled
+    by ``1 / sqrt(R p_i)``, so that ``sum_drawn x x^T`` is an unbiased estimate of ``sum_all x x^T``.
 
     Norm-proportional sampling keeps the estimate good when a few rows carry most of the curvature (the output
     gradients of a classifier's pooled token, say); zero rows (padding) are never drawn. The rows are gathered
     before the float32 cast, so the capture's cost stops growing with the batch.
     """
-    n = rows.shape[0]
-    if limit is None or n <= limit:
+    if not _draws(rows.shape[0], rows.shape[1] + int(bias), limit, margin):
         rows = rows.float()
         if weights is not None:
             rows = rows * weights

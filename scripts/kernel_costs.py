@@ -8,6 +8,9 @@
 * ``torch.linalg.eigh`` of a factor of side ``d`` (float32), and where ``d > max_eigh_dim`` one block rotation of
   the block refresh (:func:`hf_fop.refresh.block_rotation`, the first and last groups) and the sweep it is one of
   (that time the number of pairs);
+* one capture pass (:func:`hf_fop.curvature._subsample` and the Gram, bias column included) that draws 2,048 rows of
+  ``N`` against one that reads all ``N``, for row widths ``d`` and ``N / 2048``: where drawing starts to pay, which
+  ``hf_fop.curvature.DRAW_MARGIN`` (``N > 2048 (1 + 256 / d)``) follows;
 * the probe ``rotation_dtype="auto"`` times on a CPU (:func:`hf_fop.preconditioner.bfloat16_speedup`) and the answer
   it gives here.
 
@@ -30,7 +33,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_fop.config import FOPConfig  # noqa: E402
-from hf_fop.curvature import EigenBasis, _gram  # noqa: E402
+from hf_fop.curvature import EigenBasis, _draws, _gram, _subsample  # noqa: E402
 from hf_fop.fop_math import rotate  # noqa: E402
 from hf_fop.preconditioner import BFLOAT16_PROBE_WIDTH, bfloat16_speedup, native_bfloat16  # noqa: E402
 from hf_fop.refresh import block_bounds, block_rotation  # noqa: E402
@@ -38,7 +41,10 @@ from hf_fop.refresh import block_bounds, block_rotation  # noqa: E402
 ROTATIONS = ((64, 65), (128, 129), (256, 257), (384, 385), (768, 769), (3072, 769), (768, 3073))
 GRAMS = ((2048, 3072), (2048, 768), (512, 3072))
 EIGH = (769, 3073)
-SMALL = {"rotations": ((16, 17), (32, 33)), "grams": ((1024, 256),), "eigh": (33,), "max_eigh_dim": 16}
+DRAW_ROWS = 2048
+DRAWS = {"widths": (64, 128, 256, 512, 1024, 3072), "ratios": (1.1, 1.5, 2.0, 3.0, 5.0)}
+SMALL = {"rotations": ((16, 17), (32, 33)), "grams": ((1024, 256),), "eigh": (33,), "max_eigh_dim": 16,
+         "draws": {"widths": (16,), "ratios": (1.5, 30.0)}}
 
 
 def best_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -56,6 +62,32 @@ def _bfloat16_gram(x: Tensor) -> Tensor:
     """``x^T x`` of ``x (n, d)`` rounded to bfloat16, as float32 ``(d, d)``."""
     low = x.bfloat16()
     return (low.T @ low).float()
+
+
+def _capture_pass(rows: Tensor, limit: Optional[int], generator: torch.Generator) -> None:
+    """One input capture pass as :func:`hf_fop.curvature._input_gram` runs it without a mask: the rows (``limit`` of
+    them drawn whatever their number, or all), their Gram and the bias column's block."""
+    picked, column = _subsample(rows, None, limit, generator, bias=True, margin=0.0)
+    _gram(picked)
+    if column is None:
+        column = picked.new_ones(picked.shape[0], 1)
+    picked.T @ column
+
+
+def measure_draws(widths: Sequence[int], ratios: Sequence[float], repeats: int) -> List[Dict[str, float]]:
+    """Per row width ``d`` (bias column included) and ``N / 2048``: ms of a pass that draws 2,048 of ``N`` rows against
+    one that reads all ``N``, and whether :func:`hf_fop.curvature._draws` draws there."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for d in widths:
+        for ratio in ratios:
+            n = int(DRAW_ROWS * ratio)
+            rows = torch.randn(n, d - 1, generator=gen)
+            drawn = best_ms(lambda: _capture_pass(rows, DRAW_ROWS, gen), repeats)
+            every = best_ms(lambda: _capture_pass(rows, None, gen), repeats)
+            out.append({"width": d, "rows": n, "ratio": ratio, "drawn_ms": drawn, "every_ms": every,
+                        "draws": float(_draws(n, d, DRAW_ROWS))})  # fmt: skip
+    return out
 
 
 def measure(rotations: Sequence[Tuple[int, int]], grams: Sequence[Tuple[int, int]], eigh: Sequence[int],
@@ -104,9 +136,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[Dict[str, float
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
     torch.set_num_threads(args.threads)
-    shapes = SMALL if args.small else {"rotations": ROTATIONS, "grams": GRAMS, "eigh": EIGH}
+    shapes = SMALL if args.small else {"rotations": ROTATIONS, "grams": GRAMS, "eigh": EIGH, "draws": DRAWS}
     max_eigh_dim = SMALL["max_eigh_dim"] if args.small else args.max_eigh_dim
     result = measure(shapes["rotations"], shapes["grams"], shapes["eigh"], args.repeats, max_eigh_dim)
+    result["draw"] = measure_draws(shapes["draws"]["widths"], shapes["draws"]["ratios"], args.repeats)
     for r in result["rotation"]:
         print(f"rotate {r['out']} x {r['in']}: float32 {r['float32_ms']:.1f} ms, bfloat16 {r['bfloat16_ms']:.1f} ms "
               f"({r['speedup']:.2f}x)")  # fmt: skip
@@ -117,6 +150,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[Dict[str, float
         block = (f"; block refresh ({r['groups']} groups): one rotation {r['block_ms']:.0f} ms, sweep "
                  f"{r['sweep_ms']:.0f} ms" if "block_ms" in r else "")
         print(f"eigh {r['dim']}: {r['ms']:.0f} ms{block}")
+    for r in result["draw"]:
+        print(f"capture pass, width {r['width']}, {r['rows']} rows ({r['ratio']:g}x {DRAW_ROWS}): drawing {DRAW_ROWS} "
+              f"{r['drawn_ms']:.2f} ms, every row {r['every_ms']:.2f} ms ({r['drawn_ms'] / r['every_ms']:.2f}x); "
+              f"the capture {'draws' if r['draws'] else 'reads every row'}")
     for r in result["auto_probe"]:
         print(f"rotation_dtype='auto' probe ({r['width']} x {r['width'] + 1}): bfloat16 {r['speedup']:.2f}x as fast; "
               f"wide layers rotate in {'bfloat16' if r['bfloat16'] else 'float32'} in this process")

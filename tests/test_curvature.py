@@ -1,5 +1,6 @@
 """K-FAC factors against hand-computed A and S, and the Kronecker Fisher against torch.func where K-FAC is exact."""
 
+import math
 import warnings
 
 import pytest
@@ -632,7 +633,33 @@ def _masked_sequence(seed: int = 0):
     return layer, x, grad, curvature.PaddingMask(mask)
 
 
-def test_subsampled_capture_uses_the_drawn_rows_exactly():
+@pytest.fixture
+def no_draw_margin(monkeypatch):
+    """Draw whenever a pass has more rows than ``capture_rows`` (the tiny layers here are below the margin)."""
+    monkeypatch.setattr(curvature, "DRAW_MARGIN", 0.0)
+
+
+def test_capture_draws_only_beyond_the_margin_of_its_width():
+    """A pass of N rows of width d draws ``capture_rows`` R of them only when N > R (1 + DRAW_MARGIN / d): below, the
+    capture equals reading every row; above, it is a draw (another sum, the same count)."""
+    assert curvature.DRAW_MARGIN == 256
+    assert not curvature._draws(4096, 256, 2048) and curvature._draws(4097, 256, 2048)
+    assert not curvature._draws(2048 * 5, 64, 2048) and curvature._draws(2048 * 5 + 1, 64, 2048)
+    assert not curvature._draws(10**9, 64, None) and curvature._draws(33, 64, 32, margin=0.0)
+    layer, x, grad, mask = _masked_sequence(2)  # 240 rows, input width 5 + bias, output width 3
+    full_a, count = curvature._input_gram(layer, x, mask)
+    full_s = curvature._output_gram(layer, grad, mask)
+    at = math.ceil(240 / (1 + 256 / 6))  # the smallest R whose margin covers 240 rows of width 6
+    a, c = curvature._input_gram(layer, x, mask, at, torch.Generator().manual_seed(0))
+    assert torch.equal(a, full_a) and float(c) == float(count)
+    below, c = curvature._input_gram(layer, x, mask, at - 1, torch.Generator().manual_seed(0))
+    assert not torch.allclose(below, full_a) and float(c) == float(count)
+    s_at = math.ceil(240 / (1 + 256 / 3))
+    assert torch.equal(curvature._output_gram(layer, grad, mask, s_at, torch.Generator().manual_seed(0)), full_s)
+    assert not torch.allclose(curvature._output_gram(layer, grad, mask, s_at - 1, torch.Generator().manual_seed(0)), full_s)
+
+
+def test_subsampled_capture_uses_the_drawn_rows_exactly(no_draw_margin):
     """With ``capture_rows`` R < N rows: R rows drawn with replacement with probability ``p_i`` proportional to their
     squared norm (bias column and mask included), each scaled by ``1 / sqrt(R p_i)``; A's count stays every real row.
     Checked against the same draws made by hand on the same generator."""
@@ -654,7 +681,7 @@ def test_subsampled_capture_uses_the_drawn_rows_exactly():
     torch.testing.assert_close(s_gram, picked.T @ picked)
 
 
-def test_subsampled_capture_is_unbiased_and_full_below_the_limit():
+def test_subsampled_capture_is_unbiased_and_full_below_the_limit(no_draw_margin):
     layer, x, grad, mask = _masked_sequence(1)
     full_a, full_count = curvature._input_gram(layer, x, mask)
     full_s = curvature._output_gram(layer, grad, mask)
@@ -669,7 +696,7 @@ def test_subsampled_capture_is_unbiased_and_full_below_the_limit():
     assert ((mean_s - full_s).norm() / full_s.norm()) < 0.02
 
 
-def test_subsampled_capture_draws_depend_on_the_step_only():
+def test_subsampled_capture_draws_depend_on_the_step_only(no_draw_margin):
     """Two optimizers on the same model and data draw the same rows at every step (resume gives the same draws);
     different steps draw differently."""
     factors = []

@@ -24,6 +24,9 @@ def test_small_run_reports_every_kernel():
     for r in result["rotation"]:
         assert r["speedup"] == pytest.approx(r["float32_ms"] / r["bfloat16_ms"])
     assert all(r["bfloat16_ms"] > 0 for r in result["gram"])
+    draws = result["draw"]  # width 16: the capture draws beyond 2,048 (1 + 256 / 16) = 34,816 rows
+    assert [(r["width"], r["rows"]) for r in draws] == [(16, 3072), (16, 61440)]
+    assert [r["draws"] for r in draws] == [0.0, 1.0] and all(r["drawn_ms"] > 0 and r["every_ms"] > 0 for r in draws)
     (probe,) = result["auto_probe"]
     assert probe["width"] == BFLOAT16_PROBE_WIDTH and probe["speedup"] > 0
     assert probe["bfloat16"] == float(native_bfloat16(torch.device("cpu")))  # the answer "auto" uses
