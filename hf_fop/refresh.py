@@ -9,9 +9,11 @@ work is due.
   ``Q_ij (n, m)``, decomposes the projected factor ``Q_ij^T F Q_ij (m, m) = V diag(w) V^T`` and sets
   ``Q_ij <- Q_ij V``, eigenvalues ``w``. ``Q`` stays orthonormal (each rotation rescales its columns to unit norm, where
   float32 rounding would otherwise accumulate sweep after sweep) and every rotation lowers the off-diagonal mass of
-  ``Q^T F Q``; one rotation per pair of groups is one sweep, ``p (p - 1) / 2`` units per inverse cycle, each a
-  ``2 n^2 m + 4 n m^2`` flop product plus an eigh of ``m <= max_eigh_dim``. Started from the previous basis (the factor
-  moves little per cycle) one sweep keeps the basis near the exact one (``tests/test_refresh.py``,
+  ``Q^T F Q``; one rotation per pair of groups is one sweep, ``p (p - 1) / 2`` units, each a ``2 n^2 m + 4 n m^2``
+  flop product plus an eigh of ``m <= max_eigh_dim``. ``FOPConfig.block_refresh="sweep"`` (the default) runs a sweep
+  per inverse cycle; ``"round"`` one round of disjoint pairs (:func:`block_rounds`, ``p / 2`` units), the rounds taking
+  turns cycle by cycle, a sweep every ``p - 1`` cycles. Started from the previous basis (the factor moves little per
+  cycle) a sweep keeps the basis near the exact one, a round less near (``tests/test_refresh.py``,
   ``scripts/refresh_accuracy.py``); a factor's first basis is a full eigh.
 * :func:`refresh_slots` staggers the work: over an inverse cycle of ``k`` steps each unit runs on one step, its slot,
   chosen so that every step gets about ``1/k`` of the cycle's work (:func:`unit_cost`, greedy, costliest first, the
@@ -40,7 +42,7 @@ from typing import FrozenSet, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .config import FOPConfig
+from .config import BLOCK_REFRESH, FOPConfig
 from .curvature import CurvatureEngine, EigenBasis, KFACLayer
 from .profiling import scope
 
@@ -60,6 +62,15 @@ class RefreshUnit:
     layer: KFACLayer
     factors: Tuple[str, ...]
     pair: Optional[Tuple[int, int]] = None
+    round: Optional[int] = None
+    """``FOPConfig.block_refresh="round"``: the round of :func:`block_rounds` the pair belongs to; the unit runs in the
+    inverse cycles ``c`` with ``c % rounds == round`` (``None``: every cycle)."""
+    rounds: int = 1
+    """Number of rounds of the factor's pairs (:func:`block_rounds`)."""
+
+    def due_in_cycle(self, cycle: int) -> bool:
+        """Whether the unit runs in inverse cycle ``cycle`` (``global_step // inverse_interval``)."""
+        return self.round is None or cycle % self.rounds == self.round
 
 
 def factor_dim(layer: KFACLayer, which: str) -> int:
@@ -79,10 +90,28 @@ def block_bounds(n: int, max_eigh_dim: Optional[int]) -> Optional[List[int]]:
     return [(g * n) // p for g in range(p + 1)]
 
 
-def refresh_units(layers: Sequence[KFACLayer], max_eigh_dim: Optional[int]) -> List[RefreshUnit]:
-    """An inverse cycle's work, layer by layer: one unit with the full eigendecompositions of the layer's factors up to
-    ``max_eigh_dim``, then one unit per pair of groups of each larger factor. With ``max_eigh_dim`` ``None`` (or no
-    larger factor) that is one unit per layer with both factors."""
+def block_rounds(groups: int) -> List[List[Tuple[int, int]]]:
+    """Every pair of ``groups`` (>= 2) once, in rounds of disjoint pairs (round-robin, circle method): ``groups - 1``
+    rounds of ``groups / 2`` pairs for an even count, ``groups`` rounds of ``(groups - 1) / 2`` for an odd one."""
+    players = list(range(groups)) + ([None] if groups % 2 else [])
+    n = len(players)
+    rounds = []
+    for r in range(n - 1):
+        order = [players[0]] + [players[1 + (i + r) % (n - 1)] for i in range(n - 1)]
+        pairs = [(order[i], order[n - 1 - i]) for i in range(n // 2)]
+        rounds.append(sorted((min(i, j), max(i, j)) for i, j in pairs if i is not None and j is not None))
+    return rounds
+
+
+def refresh_units(
+    layers: Sequence[KFACLayer], max_eigh_dim: Optional[int], block_refresh: str = "sweep"
+) -> List[RefreshUnit]:
+    """The refresh work of the inverse cycles, layer by layer: one unit with the full eigendecompositions of the
+    layer's factors up to ``max_eigh_dim``, then one unit per pair of groups of each larger factor; with
+    ``block_refresh="round"`` each pair unit carries its round (:func:`block_rounds`) and runs only in that round's
+    cycles. With ``max_eigh_dim`` ``None`` (or no larger factor) that is one unit per layer with both factors."""
+    if block_refresh not in BLOCK_REFRESH:
+        raise ValueError(f"block_refresh={block_refresh!r} is invalid: expected one of {BLOCK_REFRESH}.")
     units = []
     for layer in layers:
         bounds = {which: block_bounds(factor_dim(layer, which), max_eigh_dim) for which in ("A", "S")}
@@ -90,9 +119,14 @@ def refresh_units(layers: Sequence[KFACLayer], max_eigh_dim: Optional[int]) -> L
         if full:
             units.append(RefreshUnit(layer, full))
         for which in ("A", "S"):
-            if bounds[which] is not None:
-                groups = len(bounds[which]) - 1
+            if bounds[which] is None:
+                continue
+            groups = len(bounds[which]) - 1
+            if block_refresh == "sweep":
                 units += [RefreshUnit(layer, (which,), pair) for pair in itertools.combinations(range(groups), 2)]
+            else:
+                rounds = block_rounds(groups)
+                units += [RefreshUnit(layer, (which,), pair, r, len(rounds)) for r, pairs in enumerate(rounds) for pair in pairs]
     return units
 
 
@@ -274,13 +308,23 @@ def refresh_plan(layers: Sequence[KFACLayer], config: FOPConfig) -> RefreshPlan:
     """The :class:`RefreshPlan` of ``layers`` under ``config``: each layer's capture slot, and each refresh unit's slot
     (:func:`refresh_slots`, each step starting with the :func:`capture_cost` of the layers that capture on it, at
     ``capture_rows``)."""
-    units = refresh_units(layers, config.max_eigh_dim)
+    units = refresh_units(layers, config.max_eigh_dim, config.block_refresh)
     costs = [unit_cost(unit, config.max_eigh_dim) for unit in units]
     f, k = config.factor_interval, config.inverse_interval
     per_layer = [capture_cost([layer], config.capture_rows) for layer in layers]
     captures = capture_slots(layers, config)
     start = [sum(c for c, slot in zip(per_layer, captures) if slot == s % f) for s in range(k)]
-    slots = refresh_slots(costs, k, 1 if config.staggers_capture else f, start=start)
+    capture_every = 1 if config.staggers_capture else f
+    # the units of every cycle first, then each round's on top of them: every cycle's steps balanced alike
+    slots = [0] * len(units)
+    every = [i for i, unit in enumerate(units) if unit.round is None]
+    for i, slot in zip(every, refresh_slots([costs[i] for i in every], k, capture_every, start=start)):
+        slots[i] = slot
+        start[slot] += costs[i]
+    for r in sorted({unit.round for unit in units if unit.round is not None}):
+        members = [i for i, unit in enumerate(units) if unit.round == r]
+        for i, slot in zip(members, refresh_slots([costs[i] for i in members], k, capture_every, start=start)):
+            slots[i] = slot
     names = tuple(frozenset(l.name for l, slot in zip(layers, captures) if slot == s) for s in range(f))
     return RefreshPlan(units, slots, captures, names)
 
@@ -289,7 +333,8 @@ def due_units(
     units: Sequence[RefreshUnit], slots: Sequence[int], step: int, k: int, stagger: bool, fresh: Sequence[str] = ()
 ) -> List[RefreshUnit]:
     """Units to carry out at ``step`` (the same on every rank): those of layers with factors whose turn it is (their
-    slot is ``step % k`` with ``stagger``; every unit on a cycle's first step without), and for each ``fresh`` layer
+    slot is ``step % k`` with ``stagger``; every unit on a cycle's first step without; a round's units only in its
+    cycles, :meth:`RefreshUnit.due_in_cycle`), and for each ``fresh`` layer
     (names of the layers that got their first factors this step) one full eigh of both factors instead of its units."""
     fresh = set(fresh)
     done: set = set()
@@ -303,6 +348,6 @@ def due_units(
                 done.add(layer.name)
                 out.append(RefreshUnit(layer, ("A", "S")))
             continue
-        if (slot == step % k) if stagger else (step % k == 0):
+        if ((slot == step % k) if stagger else (step % k == 0)) and unit.due_in_cycle(step // k):
             out.append(unit)
     return out

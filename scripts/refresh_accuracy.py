@@ -35,7 +35,8 @@ from rotation_precision import (  # noqa: E402
     TASK_SETTINGS, batches, build_model, cosine_summary, load_task, passes, report,
 )
 
-from hf_fop import FOP  # noqa: E402
+from hf_fop import FOP, FOPConfig  # noqa: E402
+from hf_fop.config import BLOCK_REFRESH  # noqa: E402
 from hf_fop.curvature import EigenBasis, KFACLayer  # noqa: E402
 from hf_fop.fop_math import unrotate  # noqa: E402
 from hf_fop.preconditioner import layer_direction  # noqa: E402
@@ -88,12 +89,12 @@ def compare_directions(opt: FOP, exact: Bases) -> Dict[str, float]:
     return {"cos_whole": float(whole), "cos_min_layer": min(layer_cos)}
 
 
-def run(steps: int, batch: int, max_eigh_dim: int, seed: int = 0) -> Dict[str, Any]:
-    """The block-refresh run with its exact bases beside it (see the module docstring)."""
+def run(steps: int, batch: int, max_eigh_dim: int, block_refresh: str = "sweep", seed: int = 0) -> Dict[str, Any]:
+    """The block-refresh run (``FOPConfig.block_refresh``) with its exact bases beside it (see the module docstring)."""
     tokenizer, train, _ = load_task(seed)
     data = batches(tokenizer, train, batch, steps, seed)
     model = build_model(train.features["label"].num_classes, seed)
-    opt = FOP(model, max_eigh_dim=max_eigh_dim, stagger_refresh=False, **TASK_SETTINGS)
+    opt = FOP(model, max_eigh_dim=max_eigh_dim, block_refresh=block_refresh, stagger_refresh=False, **TASK_SETTINGS)
     exact = ExactSchedule(opt)
     blocked = sorted({unit.layer.name for unit in opt._plan.units if unit.pair is not None})
     per_step: List[Dict[str, float]] = []
@@ -117,7 +118,8 @@ def run(steps: int, batch: int, max_eigh_dim: int, seed: int = 0) -> Dict[str, A
         "skipped_steps": opt.counters["skipped_steps"],
         "last_loss": statistics.mean(losses[-max(1, steps // 10):]),
     }
-    return {"steps": steps, "batch": batch, "max_eigh_dim": max_eigh_dim, "managed_layers": len(opt.layers),
+    return {"steps": steps, "batch": batch, "max_eigh_dim": max_eigh_dim, "block_refresh": block_refresh,
+            "managed_layers": len(opt.layers),
             "layers_in_blocks": blocked, "inverse_interval": opt.config.inverse_interval, "per_step": per_step,
             "train_loss": losses, "summary": summary}  # fmt: skip
 
@@ -127,7 +129,8 @@ def markdown(result: Dict[str, Any]) -> str:
     return "\n".join([
         f"MiniLM on the ChatterBot topics, {result['steps']} steps of {result['batch']} examples, `max_eigh_dim` "
         f"{result['max_eigh_dim']} ({s['layers_in_blocks']} of {result['managed_layers']} managed layers have a factor "
-        f"refreshed in blocks), inverse cycle {result['inverse_interval']} steps, every refresh on its first step "
+        f"refreshed in blocks, `block_refresh` \"{result.get('block_refresh', 'sweep')}\"), inverse cycle "
+        f"{result['inverse_interval']} steps, every refresh on its first step "
         f"({result['date']}, torch "
         f"{result['torch']}).",
         "",
@@ -147,6 +150,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch", type=int, default=32, help="examples per step (two sub-batches), even")
     p.add_argument("--max-eigh-dim", type=int, default=1024, help="block refresh of factors larger than this")
+    p.add_argument("--block-refresh", choices=BLOCK_REFRESH, default=FOPConfig().block_refresh,
+                   help="FOPConfig.block_refresh: a round of disjoint pairs per cycle, or every pair (default: FOPConfig's)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
     args = p.parse_args(argv)
@@ -154,7 +159,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         p.error(f"--steps must be >= 1, --batch even and >= 2, --max-eigh-dim >= 2 (got {args.steps}, {args.batch}, "
                 f"{args.max_eigh_dim})")
     torch.set_num_threads(args.threads)
-    result = run(args.steps, args.batch, args.max_eigh_dim)
+    result = run(args.steps, args.batch, args.max_eigh_dim, args.block_refresh)
     return report(result, markdown, args.out)
 
 

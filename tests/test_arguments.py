@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 from transformers import HfArgumentParser, TrainingArguments
 
-from hf_fop import FOPTrainingArguments, parse_fop_args
+from hf_fop import FOPConfig, FOPTrainingArguments, parse_fop_args
 
 
 def test_is_training_arguments_with_documented_fop_fields():
@@ -59,6 +59,13 @@ def test_projection_metric_flag_reaches_the_config(tmp_path):
         FOPTrainingArguments(str(tmp_path), fop_projection_metric="euclidean")
 
 
+def test_block_refresh_from_the_command_line_reaches_the_config(tmp_path):
+    parser = HfArgumentParser(FOPTrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--fop_block_refresh", "round"])
+    assert args.fop_config().block_refresh == "round"
+    assert FOPTrainingArguments(str(tmp_path)).fop_config().block_refresh == FOPConfig().block_refresh == "sweep"
+
+
 def test_trainer_fields_reach_the_config(tmp_path):
     args = FOPTrainingArguments(str(tmp_path), weight_decay=0.1, adam_beta1=0.8, adam_epsilon=1e-6)
     config = args.fop_config()
@@ -78,6 +85,7 @@ def test_trainer_fields_reach_the_config(tmp_path):
         ("fop_optimizer", "sgd", r"fop_optimizer='sgd' is invalid: expected one of \('fop', 'kfac', 'trainer'\)"),
         ("fop_adamw_lr", -1.0, r"fop_adamw_lr=-1.0 is invalid"),
         ("fop_max_factor_dim", 0, r"fop_max_factor_dim=0 is invalid"),
+        ("fop_block_refresh", "jacobi", r"fop_block_refresh='jacobi' is invalid: expected one of \('sweep', 'round'\)"),
     ],
 )
 def test_invalid_values_fail_at_construction(tmp_path, field, value, message):

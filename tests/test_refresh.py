@@ -19,6 +19,7 @@ from hf_fop.refresh import (
     EIGH_FLOPS_PER_CUBE,
     block_bounds,
     block_rotation,
+    block_rounds,
     refresh_slots,
     refresh_units,
     unit_cost,
@@ -183,14 +184,44 @@ def test_block_bounds_as_data(n, max_eigh_dim, bounds):
 
 def test_units_split_only_the_factors_larger_than_max_eigh_dim():
     model = nn.Sequential(nn.Linear(5, 40), nn.Tanh(), nn.Linear(40, 3))  # factors: A 6, S 40 | A 41, S 3
-    opt = FOP(model, lr=0.1, max_eigh_dim=16)
+    opt = FOP(model, lr=0.1, max_eigh_dim=16, block_refresh="sweep")
     units = [(unit.layer.name, unit.factors, unit.pair) for unit in opt._plan.units]
     first, second = (layer.name for layer in opt.layers)
     assert block_bounds(40, 16) == [0, 8, 16, 24, 32, 40] and block_bounds(41, 16) == [0, 6, 13, 20, 27, 34, 41]
     assert units == ([(first, ("A",), None)] + [(first, ("S",), p) for p in itertools.combinations(range(5), 2)]
                      + [(second, ("S",), None)] + [(second, ("A",), p) for p in itertools.combinations(range(6), 2)])
+    assert all(unit.round is None and unit.due_in_cycle(7) for unit in opt._plan.units)
     assert [(u.layer.name, u.factors, u.pair) for u in refresh_units(opt.layers, None)] == [
         (first, ("A", "S"), None), (second, ("A", "S"), None)]
+    # by rounds: the same pairs, each with its round of block_rounds (5 groups: 5 rounds; 6 groups: 5 rounds)
+    rounds = refresh_units(opt.layers, 16, "round")
+    want = ([(first, ("A",), None, None, 1)]
+            + [(first, ("S",), p, r, 5) for r, pairs in enumerate(block_rounds(5)) for p in pairs]
+            + [(second, ("S",), None, None, 1)]
+            + [(second, ("A",), p, r, 5) for r, pairs in enumerate(block_rounds(6)) for p in pairs])
+    assert [(u.layer.name, u.factors, u.pair, u.round, u.rounds) for u in rounds] == want
+    assert [u.due_in_cycle(6) for u in rounds[1:5]] == [False, False, True, True]  # cycle 6: round 1 of 5
+    with pytest.raises(ValueError, match=r"block_refresh='jacobi' is invalid: expected one of \('sweep', 'round'\)"):
+        refresh_units(opt.layers, 16, "jacobi")
+
+
+@pytest.mark.parametrize("groups", range(2, 10))
+def test_block_rounds_hold_every_pair_once_in_rounds_of_disjoint_pairs(groups):
+    rounds = block_rounds(groups)
+    assert len(rounds) == (groups - 1 if groups % 2 == 0 else groups)
+    assert all(len(pairs) == groups // 2 for pairs in rounds)
+    assert sorted(p for pairs in rounds for p in pairs) == list(itertools.combinations(range(groups), 2))
+    for pairs in rounds:  # disjoint: no group twice in a round
+        members = [g for pair in pairs for g in pair]
+        assert len(set(members)) == len(members)
+    assert block_rounds(4) == [[(0, 3), (1, 2)], [(0, 1), (2, 3)], [(0, 2), (1, 3)]]  # a 3,072-wide factor's
+
+
+class _FactorLayer:
+    """What :func:`refresh_units` reads of a layer whose A factor alone is ``n`` wide (S is 1 wide)."""
+
+    def __init__(self, n: int) -> None:
+        self.in_dim, self.out_dim, self.name = n, 1, "factor"
 
 
 def _spd(n: int, rows: int, gen: torch.Generator, mix: torch.Tensor) -> torch.Tensor:
@@ -262,6 +293,37 @@ def test_one_sweep_from_the_previous_basis_keeps_the_preconditioner_exact(n, max
     assert 1 - cos["swept"] < 0.05 * (1 - cos["stale"]), cos
 
 
+def test_rounds_track_a_moving_factor_less_closely_than_sweeps_but_far_better_than_a_stale_basis():
+    """A 96-wide factor in 4 groups (3 rounds of 2 pairs), moved every cycle as the capture moves it (running average,
+    decay 0.95): refreshed by one round per cycle, the rounds taking turns (``block_refresh="round"``), ``(F + lambda
+    I)^-1 g`` stays within cosine 0.99 of the exact eigenbasis' at every cycle after the first three; by a sweep per
+    cycle within 0.9995; the basis of cycle 0, never refreshed, falls below 0.7."""
+    gen = torch.Generator().manual_seed(1)
+    n, max_eigh_dim = 96, 48
+    mix = _mixing(n, gen)
+    factor = _spd(n, n + n // 3, gen, mix)
+    w, q = torch.linalg.eigh(factor.float())
+    bases = dict.fromkeys(("sweep", "round", "stale"), EigenBasis(q=q, eigenvalues=w))
+    bounds = block_bounds(n, max_eigh_dim)
+    units = [u for u in refresh_units([_FactorLayer(n)], max_eigh_dim, "round") if u.pair is not None]
+    cos: Dict[str, List[float]] = {name: [] for name in bases}
+    for cycle in range(1, 21):
+        factor = 0.95 * factor + 0.05 * _spd(n, n + n // 3, gen, mix)
+        bases["sweep"] = _sweep(factor.float(), bases["sweep"], max_eigh_dim)
+        for unit in units:
+            if unit.due_in_cycle(cycle):
+                bases["round"] = block_rotation(factor.float(), bases["round"], bounds, unit.pair)
+        w_new, q_new = torch.linalg.eigh(factor)
+        grads = mix @ torch.randn(n, 64, generator=gen, dtype=torch.float64)
+        damping = 1e-3 * w_new.mean().item()
+        want = _preconditioned(EigenBasis(q=q_new, eigenvalues=w_new), grads, damping)
+        for name, basis in bases.items():
+            cos[name].append(F.cosine_similarity(_preconditioned(basis, grads, damping), want, dim=0).min().item())
+    assert [len(u.pair) for u in units] == [2] * 6 and {u.rounds for u in units} == {3}
+    assert min(cos["round"][3:]) >= 0.99 and min(cos["sweep"][3:]) >= 0.9995, cos
+    assert min(cos["stale"][3:]) < 0.7 and max(cos["stale"][3:]) < min(cos["round"][3:]), cos
+
+
 def test_a_block_rotation_touches_only_its_pair_and_reports_a_failed_eigh(monkeypatch):
     gen = torch.Generator().manual_seed(2)
     n = 30
@@ -322,7 +384,7 @@ def test_block_rotations_keep_unit_columns_so_rounding_does_not_accumulate():
 def test_block_unit_cost_counts_the_rotation_products_and_the_pair_eigh():
     layer = nn.Linear(99, 9)  # A is 100 x 100: with max_eigh_dim 70 three groups [0, 33, 66, 100]
     model = nn.Sequential(layer)
-    opt = FOP(model, lr=0.1, max_eigh_dim=70)
+    opt = FOP(model, lr=0.1, max_eigh_dim=70, block_refresh="sweep")
     units = [u for u in opt._plan.units if u.pair is not None]
     assert [(u.factors, u.pair) for u in units] == [(("A",), (0, 1)), (("A",), (0, 2)), (("A",), (1, 2))]
     n, m = 100, 33 + 34  # groups 0 (33 columns) and 2 (34)
@@ -345,7 +407,8 @@ def test_block_refresh_in_the_optimizer_bounds_every_later_eigh_and_runs_each_pa
 
     monkeypatch.setattr(refresh, "eigh_float32", recording)
     model = _wide_model()
-    opt = FOP(model, lr=0.1, max_eigh_dim=16, inverse_interval=4, factor_interval=2, stagger_capture=stagger)
+    opt = FOP(model, lr=0.1, max_eigh_dim=16, inverse_interval=4, factor_interval=2, stagger_capture=stagger,
+              block_refresh="sweep")
     calls: List[List[str]] = []
     original_refresh = opt.distributor.refresh_bases
 
@@ -371,6 +434,62 @@ def test_block_refresh_in_the_optimizer_bounds_every_later_eigh_and_runs_each_pa
             torch.testing.assert_close(basis.q.T @ basis.q, torch.eye(basis.q.shape[0]), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("stagger", [False, True], ids=["refresh_at_cycle_start", "staggered_refresh"])
+def test_round_refresh_in_the_optimizer_runs_one_round_of_each_factor_per_cycle(stagger):
+    """``block_refresh="round"``: in inverse cycle ``c`` each big factor rotates the pairs of round ``c % rounds`` of
+    :func:`block_rounds` (the 40- and 41-wide factors in 5 and 6 groups: 5 rounds each), every other unit runs every
+    cycle, and 5 cycles rotate every pair once; the bases stay orthonormal."""
+    model = _wide_model()
+    opt = FOP(model, lr=0.1, max_eigh_dim=16, inverse_interval=4, factor_interval=2, block_refresh="round",
+              stagger_refresh=stagger)
+    done: Dict[int, List[tuple]] = {}
+    original = opt.distributor.refresh_bases
+
+    def record(units):  # noqa: ANN001, ANN202
+        done.setdefault(opt.global_step // 4, []).extend((u.layer.name, u.factors, u.pair) for u in units)
+        return original(units)
+
+    opt.distributor.refresh_bases = record
+    _train(model, opt, 24, [])
+    groups = {(layer.name, which): len(block_bounds(dim, 16)) - 1 for layer in opt.layers
+              for which, dim in (("A", layer.in_dim), ("S", layer.out_dim)) if dim > 16}  # fmt: skip
+    assert sorted(groups.values()) == [5, 6]
+    whole = [(u.layer.name, u.factors, None) for u in opt._plan.units if u.pair is None]
+    for cycle in range(1, 6):
+        pairs = {key: sorted(p for name, factors, p in done[cycle] if p is not None and (name, factors[0]) == key)
+                 for key in groups}  # fmt: skip
+        assert pairs == {key: block_rounds(g)[cycle % 5] for key, g in groups.items()}, cycle
+        assert sorted(e for e in done[cycle] if e[2] is None) == sorted(whole)
+    rotated = sorted((name, factors, p) for cycle in range(1, 6) for name, factors, p in done[cycle] if p is not None)
+    assert rotated == sorted((u.layer.name, u.factors, u.pair) for u in opt._plan.units if u.pair is not None)
+    for layer in opt.layers:
+        for basis in (layer.basis_a, layer.basis_s):
+            torch.testing.assert_close(basis.q.T @ basis.q, torch.eye(basis.q.shape[0]), atol=1e-5, rtol=0)
+
+
+def test_round_units_are_balanced_over_the_cycle_on_top_of_the_units_of_every_cycle():
+    """Each round's units are slotted greedily (:func:`refresh_slots`) onto the loads that the captures and the units
+    of every cycle leave, so that each cycle's steps are balanced with what they already carry: here a 16 + 16 full
+    eigh every cycle and one pair of a 17- and a 20-wide factor per round go to three different steps."""
+    torch.manual_seed(0)  # A 16 and S 16 decomposed each cycle; A 17 and S 20 in 3 groups (3 rounds of one pair)
+    model = nn.Sequential(nn.Linear(15, 16), nn.Tanh(), nn.Linear(16, 20))
+    opt = FOP(model, lr=0.1, max_eigh_dim=16, inverse_interval=4, factor_interval=2, block_refresh="round",
+              capture_rows=8)  # captures of 8 rows: the refresh sets the loads
+    plan, config = opt._plan, opt.config
+    costs = [unit_cost(unit, 16) for unit in plan.units]
+    capture = [refresh.capture_cost([layer], config.capture_rows) for layer in opt.layers]
+    base = [sum(c for c, slot in zip(capture, plan.capture_slots) if slot == s % 2) for s in range(4)]
+    every = [i for i, unit in enumerate(plan.units) if unit.round is None]
+    assert [plan.slots[i] for i in every] == refresh_slots([costs[i] for i in every], 4, 1, start=list(base))
+    for i in every:
+        base[plan.slots[i]] += costs[i]
+    for r in range(3):
+        members = [i for i, unit in enumerate(plan.units) if unit.round == r]
+        assert len(members) == 2
+        assert [plan.slots[i] for i in members] == refresh_slots([costs[i] for i in members], 4, 1, start=base)
+        assert len({plan.slots[i] for i in members + every}) == 3, r
+
+
 def _kfac_direction(q_s: torch.Tensor, s: torch.Tensor, q_a: torch.Tensor, a: torch.Tensor, grad: torch.Tensor,
                     damping: float) -> torch.Tensor:
     """``(S (x) A + damping)^-1 grad`` through eigenbases: ``Q_S [(Q_S^T G Q_A) / (s a^T + damping)] Q_A^T``."""
@@ -385,7 +504,7 @@ def test_block_refresh_keeps_the_preconditioner_of_a_training_run_exact():
     model = _wide_model()
     damping = 1e-2
     opt = FOP(model, lr=0.05, damping=damping, max_eigh_dim=16, inverse_interval=4, factor_interval=2,
-              stagger_refresh=False)
+              stagger_refresh=False, block_refresh="sweep")
     gen = torch.Generator().manual_seed(5)
     cos: List[float] = []
     first = {layer.name: layer for layer in opt.layers}
@@ -408,9 +527,11 @@ def test_block_refresh_keeps_the_preconditioner_of_a_training_run_exact():
     assert min(moved) > 1e-3, moved
 
 
-def test_block_refresh_resumes_bitwise(tmp_path):
+@pytest.mark.parametrize("block_refresh", ["sweep", "round"])
+def test_block_refresh_resumes_bitwise(tmp_path, block_refresh):
     """10 steps straight against 5 steps, a checkpoint (through a file), and 5 more in a new model and optimizer:
-    block rotations continue from the saved bases on the same slots, so the parameters are bitwise equal."""
+    block rotations continue from the saved bases on the same slots (and rounds), so the parameters are bitwise
+    equal."""
 
     def batches():  # noqa: ANN202
         g = torch.Generator().manual_seed(7)
@@ -424,7 +545,7 @@ def test_block_refresh_resumes_bitwise(tmp_path):
             opt.step()
             opt.zero_grad()
 
-    options = dict(lr=0.05, max_eigh_dim=16, inverse_interval=4, factor_interval=2)
+    options = dict(lr=0.05, max_eigh_dim=16, inverse_interval=4, factor_interval=2, block_refresh=block_refresh)
     data = batches()
     straight = _wide_model()
     train(straight, FOP(straight, **options), data)

@@ -118,6 +118,16 @@ class FOPTrainingArguments(TrainingArguments):
                   "in blocks from their previous eigenbasis (warm-started block Jacobi), spread over the inverse cycle, "
                   "so no step pays for a whole eigh of a 3,072-wide factor; 0: every refresh a full eigh. 0 or >= 2."},
     )
+    fop_block_refresh: str = field(
+        default=_CONFIG_DEFAULTS.block_refresh,
+        metadata={
+            "help": "Per inverse cycle, how much of a factor larger than fop_max_eigh_dim is rotated: 'sweep' (every "
+            "pair of its groups each cycle, about twice an eigh's work) or 'round' (one round of disjoint pairs, every "
+            "pair once in p - 1 cycles: 2 block rotations of a 3,072-wide factor's 6, for a basis that lags further "
+            "behind; for small batches, where the refresh is a large share of a step).",
+            "choices": ["sweep", "round"],
+        },
+    )
     fop_curvature_sharding: str = field(
         default=_CONFIG_DEFAULTS.curvature_sharding,
         metadata={
@@ -259,6 +269,7 @@ class FOPTrainingArguments(TrainingArguments):
             stagger_refresh=self.fop_stagger_refresh,
             stagger_capture=self.fop_stagger_capture,
             max_eigh_dim=None if self.fop_max_eigh_dim == 0 else self.fop_max_eigh_dim,
+            block_refresh=self.fop_block_refresh,
             projection_metric=self.fop_projection_metric,
             rotation_dtype=self.fop_rotation_dtype,
         )
