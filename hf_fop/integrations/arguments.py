@@ -98,7 +98,8 @@ class FOPTrainingArguments(TrainingArguments):
         default=_CONFIG_DEFAULTS.capture_rows or 0,
         metadata={"help": "Curvature capture reads at most this many rows (tokens) of each managed layer's input and "
                   "output gradient per forward/backward, drawn at random (unbiased), so its cost stops growing with "
-                  "the batch; 0 reads every row. >= 0."},
+                  "the batch; a pass of at most N (1 + 256 / width) rows is read whole (drawing would cost more); 0 "
+                  "reads every row. >= 0."},
     )
     fop_stagger_refresh: bool = field(
         default=_CONFIG_DEFAULTS.stagger_refresh,
