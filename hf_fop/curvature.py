@@ -231,9 +231,10 @@ def _subsample(
     margin: Optional[float] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Float32 rows with the mask applied, and the bias column (the mask weights, or ``None`` for all ones), as
-    ``(rows (R, d), column (R, 1) or None)``: every row unless :func:`_draws` (with ``margin``) says to draw; then ``limit`` rows drawn
-    with replacement with probability ``p_i`` proportional to their squared norm (bias column included), each scaled
-    by ``1 / sqrt(R p_i)``, so that ``sum_drawn x x^T`` is an unbiased estimate of ``sum_all x x^T``.
+    ``(rows (R, d), column (R, 1) or None)``: every row unless :func:`_draws` (with ``margin``) says to draw; then
+    ``limit`` rows drawn with replacement with probability ``p_i`` proportional to their squared norm (bias column
+    included), each scaled by ``1 / sqrt(R p_i)``, so that ``sum_drawn x x^T`` is an unbiased estimate of
+    ``sum_all x x^T``.
 
     Norm-proportional sampling keeps the estimate good when a few rows carry most of the curvature (the output
     gradients of a classifier's pooled token, say); zero rows (padding) are never drawn. The rows are gathered

@@ -126,7 +126,8 @@ def refresh_units(
                 units += [RefreshUnit(layer, (which,), pair) for pair in itertools.combinations(range(groups), 2)]
             else:
                 rounds = block_rounds(groups)
-                units += [RefreshUnit(layer, (which,), pair, r, len(rounds)) for r, pairs in enumerate(rounds) for pair in pairs]
+                units += [RefreshUnit(layer, (which,), pair, r, len(rounds))
+                          for r, pairs in enumerate(rounds) for pair in pairs]  # fmt: skip
     return units
 
 
