@@ -429,8 +429,8 @@ def test_specialists_two_processes_match_one_process_resume_across_modes_and_sur
     from it (checkpoint before step 5); ``spec2`` specialists resumed from that. Each equals one process fed the same
     sub-batches (allclose) with bitwise identical replicas; one process resumed from ``spec``'s checkpoint too. The
     checkpoint holds the full state of one process. A NaN gradient on one rank in a layer the other owns skips the
-    step everywhere. Staggered and block refresh (``max_eigh_dim`` 4; owners' and replicated) and staggered capture
-    equal one process too.
+    step everywhere. Staggered and block refresh (``max_eigh_dim`` 4; owners' and replicated; by sweeps and by rounds)
+    and staggered capture equal one process too.
     Then a forced eigendecomposition failure on one owner, and the ranks' agreement on bfloat16 rotations.
     """
     from dist_workers import single_process
@@ -445,6 +445,7 @@ def test_specialists_two_processes_match_one_process_resume_across_modes_and_sur
                              "--job", "stagger,fop,specialists,plain,-,-,stagger_refresh=true",
                              "--job", "blocks,fop,specialists,plain,-,-,stagger_refresh=true;max_eigh_dim=4",
                              "--job", "blocksrep,fop,replicated,plain,-,-,stagger_refresh=true;max_eigh_dim=4",
+                             "--job", "rounds,fop,specialists,plain,-,-,stagger_refresh=true;max_eigh_dim=4;block_refresh=round",
                              "--job", "stagcap,fop,specialists,plain,-,-,stagger_refresh=true;stagger_capture=true;factor_interval=3")
     one = single_process(2, "fop", 6, 2, 3, "plain", save=str(tmp_path / "one_4.pt"), save_at=4)
     for name in ("spec", "rep", "spec2"):
@@ -455,6 +456,10 @@ def test_specialists_two_processes_match_one_process_resume_across_modes_and_sur
     blocks = single_process(2, "fop", 6, 2, 3, "plain", stagger_refresh=True, max_eigh_dim=4)
     _assert_run_matches(records, "blocks", blocks)
     _assert_run_matches(records, "blocksrep", blocks)
+    # block refresh by rounds (3 rounds of 2 pairs; cycles 0 and 1 of 3 steps): owners as one process
+    rounds = single_process(2, "fop", 6, 2, 3, "plain", stagger_refresh=True, max_eigh_dim=4, block_refresh="round")
+    _assert_run_matches(records, "rounds", rounds)
+    assert any(not torch.equal(rounds["params"][k], blocks["params"][k]) for k in blocks["params"])  # not a sweep
     # staggered capture (factors every 3 steps, each of the 3 layers on its own step): owners as one process
     stagcap = single_process(2, "fop", 6, 2, 3, "plain", stagger_refresh=True, stagger_capture=True, factor_interval=3)
     # steps 0-5: every layer on step 0, then fc1 and fc2 on their own steps of each 3 (layer extra, unused in this
