@@ -118,7 +118,7 @@ def run(steps: int, batch: int, max_eigh_dim: int, block_refresh: str = "sweep",
         "skipped_steps": opt.counters["skipped_steps"],
         "last_loss": statistics.mean(losses[-max(1, steps // 10):]),
     }
-    return {"steps": steps, "batch": batch, "max_eigh_dim": max_eigh_dim, "block_refresh": block_refresh,
+    return {"steps": steps, "batch": batch, "max_eigh_dim": max_eigh_dim, "block_refresh": opt.config.block_refresh,
             "managed_layers": len(opt.layers),
             "layers_in_blocks": blocked, "inverse_interval": opt.config.inverse_interval, "per_step": per_step,
             "train_loss": losses, "summary": summary}  # fmt: skip

@@ -18,7 +18,8 @@ import refresh_accuracy  # noqa: E402
 def test_small_run_compares_block_and_exact_bases(tmp_path):
     out = tmp_path / "run"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "refresh_accuracy.py"), "--steps", "3", "--batch", "8", "--out", str(out)],
+        [sys.executable, str(ROOT / "scripts" / "refresh_accuracy.py"), "--steps", "3", "--batch", "8", "--block-refresh", "round",
+         "--out", str(out)],
         capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=ROOT,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -28,7 +29,9 @@ def test_small_run_compares_block_and_exact_bases(tmp_path):
     assert summary["steps_compared"] == 2  # step 0 decomposes the first factors
     assert summary["layers_in_blocks"] == 12  # MiniLM's six 384 -> 1536 -> 384 feed-forward pairs at 1024
     assert 0.999 <= summary["cos_whole_min"] <= 1 + 1e-9 and summary["skipped_steps"] == 0
-    assert "whole-update cosine" in out.with_suffix(".md").read_text()
+    assert saved["block_refresh"] == "round"  # the optimizer's own setting
+    text = out.with_suffix(".md").read_text()
+    assert "whole-update cosine" in text and '`block_refresh` "round"' in text
 
 
 def test_bad_arguments_name_the_options(capsys):
