@@ -17,7 +17,7 @@ FISHER_TYPES = ("empirical", "mc")
 DAMPING_MODES = ("absolute", "relative")
 CURVATURE_SHARDINGS = ("replicated", "specialists")
 ROTATION_DTYPES = ("auto", "float32", "bfloat16")
-BLOCK_REFRESH = ("sweep", "round")
+BLOCK_REFRESH = ("sweep", "round", "adaptive")
 
 
 def _fail(name: str, value: Any, valid: str) -> None:
@@ -143,7 +143,13 @@ class FOPConfig:
     ``p``): 2 block rotations per cycle for a 3,072-wide factor in 4 groups instead of 6, a third of the refresh work
     for a basis that lags further behind the factor (MiniLM: update within cosine 0.989 of full eigendecompositions
     against 0.99999 with sweeps, docs/performance.md). For small batches, where the refresh is a large share of a
-    step."""
+    step. ``"adaptive"``: a round every cycle, and any other pair whose columns a random probe finds off by more than
+    ``block_tolerance`` (:func:`hf_fop.refresh.pair_error`): sweeps while the factors move fast, rounds once they
+    settle."""
+    block_tolerance: float = 0.01
+    """``block_refresh="adaptive"``: a pair outside the cycle's round is rotated where the relative error that its
+    stored eigenbasis leaves in preconditioned random vectors (damped factor, :func:`hf_fop.refresh.pair_error`) is
+    above this; 0: every pair every cycle (a sweep)."""
     curvature_sharding: str = "replicated"
     """Several processes: ``"replicated"`` (every rank decomposes every factor and computes every layer's direction)
     or ``"specialists"`` (each layer's owner rank alone does, :mod:`hf_fop.distributed.specialists`). Ignored in one process."""
@@ -237,6 +243,7 @@ class FOPConfig:
             _fail("projection_metric", self.projection_metric, f"one of {PROJECTION_METRICS}")
         if self.block_refresh not in BLOCK_REFRESH:
             _fail("block_refresh", self.block_refresh, f"one of {BLOCK_REFRESH}")
+        _check_real("block_tolerance", self.block_tolerance, 0.0, math.inf, False, True)
         if self.rotation_dtype not in ROTATION_DTYPES:
             _fail("rotation_dtype", self.rotation_dtype, f"one of {ROTATION_DTYPES}")
 

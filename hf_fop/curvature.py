@@ -461,6 +461,10 @@ class CurvatureEngine:
         """Loss scale of the coming backward passes (fp16 GradScaler); divided out of the captured gradients."""
         self.seconds = 0.0
         """Host wall-clock seconds spent in capture, factor updates and eigendecompositions."""
+        self.block_rotations = 0
+        """Block rotations carried out (:func:`hf_fop.refresh.refresh_bases`), gated ones included."""
+        self.gated_skips = 0
+        """Gated block rotations skipped because the basis was close enough (``block_refresh="adaptive"``)."""
         self._generators: Dict[torch.device, torch.Generator] = {}
         self._seeded: set = set()
         self._step_seed = 0

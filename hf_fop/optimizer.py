@@ -492,6 +492,8 @@ class FOP(torch.optim.Optimizer):
             "step": float(self.global_step),
             "curvature_seconds": float(self.engine.seconds),
             "managed_layers": float(len(self.engine.layers)),
+            "block_rotations": float(self.engine.block_rotations),  # this process's, since it started
+            "block_rotations_skipped": float(self.engine.gated_skips),
         }
         out.update({k: float(v) for k, v in self.counters.items()})
         out.update(summarize(self._record))

@@ -12,9 +12,11 @@ work is due.
   ``Q^T F Q``; one rotation per pair of groups is one sweep, ``p (p - 1) / 2`` units, each a ``2 n^2 m + 4 n m^2``
   flop product plus an eigh of ``m <= max_eigh_dim``. ``FOPConfig.block_refresh="sweep"`` (the default) runs a sweep
   per inverse cycle; ``"round"`` one round of disjoint pairs (:func:`block_rounds`, ``p / 2`` units), the rounds taking
-  turns cycle by cycle, a sweep every ``p - 1`` cycles. Started from the previous basis (the factor moves little per
-  cycle) a sweep keeps the basis near the exact one, a round less near (``tests/test_refresh.py``,
-  ``scripts/refresh_accuracy.py``); a factor's first basis is a full eigh.
+  turns cycle by cycle, a sweep every ``p - 1`` cycles; ``"adaptive"`` the round, and each other pair whose columns
+  a random probe finds off (:func:`pair_error` above ``FOPConfig.block_tolerance``, ``n^2`` flops per probe vector
+  against the rotation's ``2 n^2 m``): a sweep while the factor moves fast, a round once it settles. Started from
+  the previous basis (the factor moves little per cycle) a sweep keeps the basis near the exact one, a round less
+  near (``tests/test_refresh.py``, ``scripts/refresh_accuracy.py``); a factor's first basis is a full eigh.
 * :func:`refresh_slots` staggers the work: over an inverse cycle of ``k`` steps each unit runs on one step, its slot,
   chosen so that every step gets about ``1/k`` of the cycle's work (:func:`unit_cost`, greedy, costliest first, the
   steps starting with their capture's cost, :func:`capture_cost`). No step then pays for every layer at once, and
@@ -36,7 +38,7 @@ import itertools
 import math
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import FrozenSet, List, Optional, Sequence, Tuple
 
 import torch
@@ -67,10 +69,18 @@ class RefreshUnit:
     inverse cycles ``c`` with ``c % rounds == round`` (``None``: every cycle)."""
     rounds: int = 1
     """Number of rounds of the factor's pairs (:func:`block_rounds`)."""
+    adaptive: bool = False
+    """``FOPConfig.block_refresh="adaptive"``: due every cycle, outside its round's cycles gated."""
+    gated: bool = False
+    """Rotate only where :func:`pair_error` is above ``FOPConfig.block_tolerance`` (set by :func:`due_units`)."""
+
+    def in_round(self, cycle: int) -> bool:
+        """Whether inverse cycle ``cycle`` (``global_step // inverse_interval``) is one of the unit's round's."""
+        return self.round is None or cycle % self.rounds == self.round
 
     def due_in_cycle(self, cycle: int) -> bool:
-        """Whether the unit runs in inverse cycle ``cycle`` (``global_step // inverse_interval``)."""
-        return self.round is None or cycle % self.rounds == self.round
+        """Whether the unit runs (or, gated, is checked) in inverse cycle ``cycle``."""
+        return self.adaptive or self.in_round(cycle)
 
 
 def factor_dim(layer: KFACLayer, which: str) -> int:
@@ -109,7 +119,9 @@ def refresh_units(
     """The refresh work of the inverse cycles, layer by layer: one unit with the full eigendecompositions of the
     layer's factors up to ``max_eigh_dim``, then one unit per pair of groups of each larger factor; with
     ``block_refresh="round"`` each pair unit carries its round (:func:`block_rounds`) and runs only in that round's
-    cycles. With ``max_eigh_dim`` ``None`` (or no larger factor) that is one unit per layer with both factors."""
+    cycles; with ``"adaptive"`` the units of a sweep, in a sweep's order, each carrying its round: due every cycle,
+    gated outside its round's (:func:`due_units`). With ``max_eigh_dim`` ``None`` (or no larger factor) that is one
+    unit per layer with both factors."""
     if block_refresh not in BLOCK_REFRESH:
         raise ValueError(f"block_refresh={block_refresh!r} is invalid: expected one of {BLOCK_REFRESH}.")
     units = []
@@ -122,12 +134,16 @@ def refresh_units(
             if bounds[which] is None:
                 continue
             groups = len(bounds[which]) - 1
+            pairs = list(itertools.combinations(range(groups), 2))
+            rounds = block_rounds(groups)
             if block_refresh == "sweep":
-                units += [RefreshUnit(layer, (which,), pair) for pair in itertools.combinations(range(groups), 2)]
-            else:
-                rounds = block_rounds(groups)
+                units += [RefreshUnit(layer, (which,), pair) for pair in pairs]
+            elif block_refresh == "round":
                 units += [RefreshUnit(layer, (which,), pair, r, len(rounds))
-                          for r, pairs in enumerate(rounds) for pair in pairs]  # fmt: skip
+                          for r, members in enumerate(rounds) for pair in members]  # fmt: skip
+            else:  # adaptive: a sweep's units in a sweep's order, each knowing its round
+                round_of = {pair: r for r, members in enumerate(rounds) for pair in members}
+                units += [RefreshUnit(layer, (which,), pair, round_of[pair], len(rounds), True) for pair in pairs]
     return units
 
 
@@ -160,11 +176,12 @@ def eigh_float64(mat: Tensor) -> Tuple[Tensor, Tensor]:
     return vals.float(), vecs.float()
 
 
-def refresh_bases(
-    engine: CurvatureEngine, units: Sequence[RefreshUnit], max_failures: int, max_eigh_dim: Optional[int]
-) -> None:
-    """Carry out ``units`` (each layer must have factors); see the module docstring. A block rotation of a factor that
-    has no basis yet is a full eigh. Host seconds go to ``engine.seconds``."""
+def refresh_bases(engine: CurvatureEngine, units: Sequence[RefreshUnit], config: FOPConfig) -> None:
+    """Carry out ``units`` (each layer must have factors) under ``config`` (``max_eigh_failures``, ``max_eigh_dim``,
+    ``block_tolerance``); see the module docstring. A block rotation of a factor that has no basis yet is a full eigh; a
+    gated one whose :func:`pair_error` is at most ``block_tolerance`` is skipped (``engine.gated_skips``; the rotations
+    done: ``engine.block_rotations``). Host seconds go to ``engine.seconds``."""
+    max_failures, max_eigh_dim = config.max_eigh_failures, config.max_eigh_dim
     t0 = time.perf_counter()
     with scope("refresh"):
         for unit in units:
@@ -174,7 +191,15 @@ def refresh_bases(
                 if unit.pair is None or last is None:
                     basis = _decompose(layer, which, mat, last, max_failures)
                 else:
-                    basis = block_rotation(mat, last, block_bounds(mat.shape[0], max_eigh_dim), unit.pair)
+                    bounds = block_bounds(mat.shape[0], max_eigh_dim)
+                    if unit.gated:
+                        other = layer.basis_s if which == "A" else layer.basis_a
+                        shift = factor_shift(config, last, other)
+                        if pair_error(mat, last, bounds, unit.pair, shift) <= config.block_tolerance:
+                            engine.gated_skips += 1
+                            continue
+                    engine.block_rotations += 1
+                    basis = block_rotation(mat, last, bounds, unit.pair)
                     if basis is None:
                         _failed(layer, which, max_failures)
                         basis = last
@@ -239,6 +264,49 @@ def block_rotation(mat: Tensor, basis: EigenBasis, bounds: Sequence[int], pair: 
         eigenvalues[lo:hi] = vals[start : start + hi - lo].clamp_min(0.0)
         start += hi - lo
     return EigenBasis(q=q, eigenvalues=eigenvalues)
+
+
+PROBES = 8
+"""Probe vectors of :func:`pair_error`."""
+PROBE_ITERATIONS = 2
+"""Block power iterations of :func:`pair_error`: ``(PROBE_ITERATIONS + 1) (n^2 + 2 n m) PROBES`` flops per pair, against
+the rotation's ``2 n^2 m + 4 n m^2`` and an eigh of ``m``."""
+
+
+def factor_shift(config: FOPConfig, basis: EigenBasis, other: Optional[EigenBasis]) -> float:
+    """The damping one factor sees: the layer's ``lambda`` damps ``s_i a_j``, so a factor sees ``lambda / mean(eig
+    other factor)``: ``damping / mean(eig other)`` in absolute mode (``0`` without the other factor's basis or with
+    its eigenvalues all 0), ``damping * mean(eig)`` of ``basis``'s own factor in relative mode
+    (:func:`hf_fop.preconditioner.layer_damping`)."""
+    if config.damping_mode == "relative":
+        return config.damping * float(basis.eigenvalues.mean())
+    mean_other = float(other.eigenvalues.mean()) if other is not None else 0.0
+    return config.damping / mean_other if mean_other > 0.0 else 0.0
+
+
+def pair_error(mat: Tensor, basis: EigenBasis, bounds: Sequence[int], pair: Tuple[int, int], shift: float,
+               probes: int = PROBES, iterations: int = PROBE_ITERATIONS) -> float:  # fmt: skip
+    """How far ``basis`` is from diagonalising the symmetric ``mat (n, n)`` on the columns of the groups ``pair``: an
+    estimate (from below) of the spectral norm of ``E = D^-1/2 Q_ij^T (mat + shift I) Q_ij D^-1/2 - I``,
+    ``D = diag(w) + shift I`` (``w``: the stored eigenvalues of those columns), by ``iterations`` steps of block power
+    iteration on ``probes`` vectors from a fixed seed (the same answer on every rank and after a resume). ``E = 0``
+    for an exact basis; the basis preconditions a vector ``g`` in the span of those columns, ``(mat + shift I)^-1 g``,
+    with a relative error of at most about ``||E||`` in the metric of the damped factor, and gradients lie where the
+    factor has just moved, which is where ``E`` is largest: a worst case, not an average."""
+    spans = [(bounds[g], bounds[g + 1]) for g in pair]
+    q_pair = torch.cat([basis.q[:, lo:hi] for lo, hi in spans], 1)  # (n, m)
+    vals = torch.cat([basis.eigenvalues[lo:hi] for lo, hi in spans])
+    scale = (vals.double() + shift).clamp_min(torch.finfo(torch.float32).tiny).rsqrt().float()[:, None]  # D^-1/2
+    generator = torch.Generator(device="cpu").manual_seed(1 + pair[0] * 1009 + pair[1])
+    z = torch.linalg.qr(torch.randn(q_pair.shape[1], probes, generator=generator, dtype=torch.float64))[0]
+    z = z.float().to(q_pair.device)  # (m, probes), orthonormal columns
+    mat = mat.float()
+    for i in range(iterations + 1):
+        y = q_pair @ (scale * z)  # (n, probes)
+        image = scale * (q_pair.T @ (mat @ y + shift * y)) - z  # E z
+        if i < iterations:
+            z = torch.linalg.qr(image)[0]
+    return float(torch.linalg.vector_norm(image, dim=0).max())
 
 
 def _failed(layer: KFACLayer, which: str, max_failures: int) -> None:
@@ -318,12 +386,12 @@ def refresh_plan(layers: Sequence[KFACLayer], config: FOPConfig) -> RefreshPlan:
     capture_every = 1 if config.staggers_capture else f
     # the units of every cycle first, then each round's on top of them: every cycle's steps balanced alike
     slots = [0] * len(units)
-    every = [i for i, unit in enumerate(units) if unit.round is None]
+    every = [i for i, unit in enumerate(units) if unit.round is None or unit.adaptive]
     for i, slot in zip(every, refresh_slots([costs[i] for i in every], k, capture_every, start=start)):
         slots[i] = slot
         start[slot] += costs[i]
     for r in sorted({unit.round for unit in units if unit.round is not None}):
-        members = [i for i, unit in enumerate(units) if unit.round == r]
+        members = [i for i, unit in enumerate(units) if unit.round == r and not unit.adaptive]
         for i, slot in zip(members, refresh_slots([costs[i] for i in members], k, capture_every, start=start)):
             slots[i] = slot
     names = tuple(frozenset(l.name for l, slot in zip(layers, captures) if slot == s) for s in range(f))
@@ -335,7 +403,8 @@ def due_units(
 ) -> List[RefreshUnit]:
     """Units to carry out at ``step`` (the same on every rank): those of layers with factors whose turn it is (their
     slot is ``step % k`` with ``stagger``; every unit on a cycle's first step without; a round's units only in its
-    cycles, :meth:`RefreshUnit.due_in_cycle`), and for each ``fresh`` layer
+    cycles, :meth:`RefreshUnit.due_in_cycle`; an adaptive unit outside its round's cycles as a ``gated`` copy), and
+    for each ``fresh`` layer
     (names of the layers that got their first factors this step) one full eigh of both factors instead of its units."""
     fresh = set(fresh)
     done: set = set()
@@ -350,5 +419,5 @@ def due_units(
                 out.append(RefreshUnit(layer, ("A", "S")))
             continue
         if ((slot == step % k) if stagger else (step % k == 0)) and unit.due_in_cycle(step // k):
-            out.append(unit)
+            out.append(unit if unit.in_round(step // k) else replace(unit, gated=True))
     return out

@@ -89,12 +89,14 @@ def compare_directions(opt: FOP, exact: Bases) -> Dict[str, float]:
     return {"cos_whole": float(whole), "cos_min_layer": min(layer_cos)}
 
 
-def run(steps: int, batch: int, max_eigh_dim: int, block_refresh: str = "sweep", seed: int = 0) -> Dict[str, Any]:
+def run(steps: int, batch: int, max_eigh_dim: int, block_refresh: str = "sweep", block_tolerance: float = 0.01,
+        seed: int = 0) -> Dict[str, Any]:  # fmt: skip
     """The block-refresh run (``FOPConfig.block_refresh``) with its exact bases beside it (see the module docstring)."""
     tokenizer, train, _ = load_task(seed)
     data = batches(tokenizer, train, batch, steps, seed)
     model = build_model(train.features["label"].num_classes, seed)
-    opt = FOP(model, max_eigh_dim=max_eigh_dim, block_refresh=block_refresh, stagger_refresh=False, **TASK_SETTINGS)
+    opt = FOP(model, max_eigh_dim=max_eigh_dim, block_refresh=block_refresh, block_tolerance=block_tolerance,
+              stagger_refresh=False, **TASK_SETTINGS)  # fmt: skip
     exact = ExactSchedule(opt)
     blocked = sorted({unit.layer.name for unit in opt._plan.units if unit.pair is not None})
     per_step: List[Dict[str, float]] = []
@@ -108,17 +110,20 @@ def run(steps: int, batch: int, max_eigh_dim: int, block_refresh: str = "sweep",
         if (step + 1) % 20 == 0:
             done = [s for s in per_step if s]
             low = min((s["cos_whole"] for s in done), default=float("nan"))
-            print(f"# step {step + 1}: loss {losses[-1]:.4f}, smallest whole cosine so far {low:.6f}", file=sys.stderr,
-                  flush=True)
+            print(f"# step {step + 1}: loss {losses[-1]:.4f}, smallest whole cosine so far {low:.6f}, block rotations "
+                  f"{opt.engine.block_rotations} (skipped {opt.engine.gated_skips})", file=sys.stderr, flush=True)
     compared = [s for s in per_step if s]
     summary = {
         **cosine_summary(compared),
         "steps_below_0_999": sum(s["cos_whole"] < 0.999 for s in compared),
         "layers_in_blocks": len(blocked),
         "skipped_steps": opt.counters["skipped_steps"],
+        "block_rotations": opt.engine.block_rotations,
+        "gated_skips": opt.engine.gated_skips,
         "last_loss": statistics.mean(losses[-max(1, steps // 10):]),
     }
     return {"steps": steps, "batch": batch, "max_eigh_dim": max_eigh_dim, "block_refresh": opt.config.block_refresh,
+            "block_tolerance": opt.config.block_tolerance,
             "managed_layers": len(opt.layers),
             "layers_in_blocks": blocked, "inverse_interval": opt.config.inverse_interval, "per_step": per_step,
             "train_loss": losses, "summary": summary}  # fmt: skip
@@ -152,6 +157,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     p.add_argument("--max-eigh-dim", type=int, default=1024, help="block refresh of factors larger than this")
     p.add_argument("--block-refresh", choices=BLOCK_REFRESH, default=FOPConfig().block_refresh,
                    help="FOPConfig.block_refresh: a round of disjoint pairs per cycle, or every pair (default: FOPConfig's)")
+    p.add_argument("--block-tolerance", type=float, default=FOPConfig().block_tolerance,
+                   help="FOPConfig.block_tolerance (block_refresh adaptive; default: FOPConfig's)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
     args = p.parse_args(argv)
@@ -159,7 +166,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         p.error(f"--steps must be >= 1, --batch even and >= 2, --max-eigh-dim >= 2 (got {args.steps}, {args.batch}, "
                 f"{args.max_eigh_dim})")
     torch.set_num_threads(args.threads)
-    result = run(args.steps, args.batch, args.max_eigh_dim, args.block_refresh)
+    result = run(args.steps, args.batch, args.max_eigh_dim, args.block_refresh, args.block_tolerance)
     return report(result, markdown, args.out)
 
 

@@ -93,12 +93,17 @@ def single_process(world_size: int, mode: str, steps: int, accum: int, inverse_i
 
 
 def job_options(text: str) -> Dict[str, Any]:
-    """``"damping_mode=relative;kl_clip=none;stagger_refresh=true;max_eigh_dim=4"`` -> FOP keyword arguments (``none``
-    -> ``None``, ``true``/``false`` -> booleans, digits -> ``int``)."""
+    """``"damping_mode=relative;kl_clip=none;stagger_refresh=true;max_eigh_dim=4;block_tolerance=0.05"`` -> FOP keyword
+    arguments (``none`` -> ``None``, ``true``/``false`` -> booleans, digits -> ``int``, ``0.05`` -> ``float``)."""
     out: Dict[str, Any] = {}
     for item in filter(None, text.split(";")):
         key, value = item.split("=")
-        out[key] = int(value) if value.isdigit() else {"none": None, "true": True, "false": False}.get(value, value)
+        if value.isdigit():
+            out[key] = int(value)
+        elif value.replace(".", "", 1).isdigit():
+            out[key] = float(value)
+        else:
+            out[key] = {"none": None, "true": True, "false": False}.get(value, value)
     return out
 
 

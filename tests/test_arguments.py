@@ -63,6 +63,9 @@ def test_block_refresh_from_the_command_line_reaches_the_config(tmp_path):
     parser = HfArgumentParser(FOPTrainingArguments)
     (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--fop_block_refresh", "round"])
     assert args.fop_config().block_refresh == "round"
+    (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--fop_block_refresh", "adaptive",
+                                                  "--fop_block_tolerance", "0.03"])  # fmt: skip
+    assert (args.fop_config().block_refresh, args.fop_config().block_tolerance) == ("adaptive", 0.03)
     assert FOPTrainingArguments(str(tmp_path)).fop_config().block_refresh == FOPConfig().block_refresh == "sweep"
 
 
@@ -85,7 +88,9 @@ def test_trainer_fields_reach_the_config(tmp_path):
         ("fop_optimizer", "sgd", r"fop_optimizer='sgd' is invalid: expected one of \('fop', 'kfac', 'trainer'\)"),
         ("fop_adamw_lr", -1.0, r"fop_adamw_lr=-1.0 is invalid"),
         ("fop_max_factor_dim", 0, r"fop_max_factor_dim=0 is invalid"),
-        ("fop_block_refresh", "jacobi", r"fop_block_refresh='jacobi' is invalid: expected one of \('sweep', 'round'\)"),
+        ("fop_block_refresh", "jacobi", r"fop_block_refresh='jacobi' is invalid: expected one of \('sweep', 'round', "
+         r"'adaptive'\)"),
+        ("fop_block_tolerance", -0.01, r"fop_block_tolerance=-0.01 is invalid: expected a number in \[0.0, inf\)"),
     ],
 )
 def test_invalid_values_fail_at_construction(tmp_path, field, value, message):

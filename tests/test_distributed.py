@@ -415,7 +415,8 @@ def test_specialist_assignment_is_deterministic_and_balanced():
 def _assert_run_matches(records: List[Dict], name: str, single_record: Dict) -> None:
     runs = [r[name] for r in records]
     _assert_plain_replicas_identical(runs)
-    timeless = [{k: v for k, v in r["diagnostics"].items() if k != "curvature_seconds"} for r in runs]
+    own = ("curvature_seconds", "block_rotations", "block_rotations_skipped")  # each process's own work
+    timeless = [{k: v for k, v in r["diagnostics"].items() if k not in own} for r in runs]
     assert all(t == timeless[0] for t in timeless), name  # every rank logs the same stats
     _assert_matches_single(runs, single_record)
     assert runs[0]["counters"] == single_record["counters"], name
@@ -430,7 +431,7 @@ def test_specialists_two_processes_match_one_process_resume_across_modes_and_sur
     sub-batches (allclose) with bitwise identical replicas; one process resumed from ``spec``'s checkpoint too. The
     checkpoint holds the full state of one process. A NaN gradient on one rank in a layer the other owns skips the
     step everywhere. Staggered and block refresh (``max_eigh_dim`` 4; owners' and replicated; by sweeps and by rounds)
-    and staggered capture equal one process too.
+    and staggered capture equal one process too; adaptive block refresh by owners equals it replicated.
     Then a forced eigendecomposition failure on one owner, and the ranks' agreement on bfloat16 rotations.
     """
     from dist_workers import single_process
@@ -446,6 +447,10 @@ def test_specialists_two_processes_match_one_process_resume_across_modes_and_sur
                              "--job", "blocks,fop,specialists,plain,-,-,stagger_refresh=true;max_eigh_dim=4",
                              "--job", "blocksrep,fop,replicated,plain,-,-,stagger_refresh=true;max_eigh_dim=4",
                              "--job", "rounds,fop,specialists,plain,-,-,stagger_refresh=true;max_eigh_dim=4;block_refresh=round",
+                             "--job", "adaptive,fop,specialists,plain,-,-,stagger_refresh=true;max_eigh_dim=4;"
+                             "block_refresh=adaptive;block_tolerance=0.075",
+                             "--job", "adaptiverep,fop,replicated,plain,-,-,stagger_refresh=true;max_eigh_dim=4;"
+                             "block_refresh=adaptive;block_tolerance=0.075",
                              "--job", "stagcap,fop,specialists,plain,-,-,stagger_refresh=true;stagger_capture=true;factor_interval=3")
     one = single_process(2, "fop", 6, 2, 3, "plain", save=str(tmp_path / "one_4.pt"), save_at=4)
     for name in ("spec", "rep", "spec2"):
@@ -460,6 +465,17 @@ def test_specialists_two_processes_match_one_process_resume_across_modes_and_sur
     rounds = single_process(2, "fop", 6, 2, 3, "plain", stagger_refresh=True, max_eigh_dim=4, block_refresh="round")
     _assert_run_matches(records, "rounds", rounds)
     assert any(not torch.equal(rounds["params"][k], blocks["params"][k]) for k in blocks["params"])  # not a sweep
+    # adaptive block refresh: the owners' probes decide as every rank's do in replicated mode (the same global factors);
+    # between rounds and sweeps. Against one process the decisions are thresholds on numbers that differ in rounding,
+    # and these factors of rank-deficient batches, with pairs of 4 columns probed 8 times, put some near any threshold
+    runs = {name: [r[name] for r in records] for name in ("adaptive", "adaptiverep")}
+    for name in runs:
+        _assert_plain_replicas_identical(runs[name])
+    _assert_matches_single(runs["adaptive"], runs["adaptiverep"][0])
+    rotations = {name: [r["diagnostics"]["block_rotations"] for r in runs[name]] for name in runs}
+    assert rotations["adaptiverep"][0] == rotations["adaptiverep"][1] == sum(rotations["adaptive"]), rotations
+    assert min(rotations["adaptive"]) == 0  # one owner holds the factors over max_eigh_dim and does their rotations
+    assert rounds["diagnostics"]["block_rotations"] < sum(rotations["adaptive"]) < blocks["diagnostics"]["block_rotations"]
     # staggered capture (factors every 3 steps, each of the 3 layers on its own step): owners as one process
     stagcap = single_process(2, "fop", 6, 2, 3, "plain", stagger_refresh=True, stagger_capture=True, factor_interval=3)
     # steps 0-5: every layer on step 0, then fc1 and fc2 on their own steps of each 3 (layer extra, unused in this

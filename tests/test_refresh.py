@@ -13,13 +13,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import hf_fop.refresh as refresh
-from hf_fop import FOP
+from hf_fop import FOP, FOPConfig
 from hf_fop.curvature import EigenBasis
 from hf_fop.refresh import (
     EIGH_FLOPS_PER_CUBE,
     block_bounds,
     block_rotation,
     block_rounds,
+    due_units,
+    factor_shift,
+    pair_error,
     refresh_slots,
     refresh_units,
     unit_cost,
@@ -201,8 +204,21 @@ def test_units_split_only_the_factors_larger_than_max_eigh_dim():
             + [(second, ("A",), p, r, 5) for r, pairs in enumerate(block_rounds(6)) for p in pairs])
     assert [(u.layer.name, u.factors, u.pair, u.round, u.rounds) for u in rounds] == want
     assert [u.due_in_cycle(6) for u in rounds[1:5]] == [False, False, True, True]  # cycle 6: round 1 of 5
-    with pytest.raises(ValueError, match=r"block_refresh='jacobi' is invalid: expected one of \('sweep', 'round'\)"):
+    with pytest.raises(ValueError, match=r"block_refresh='jacobi' is invalid: expected one of \('sweep', 'round', "):
         refresh_units(opt.layers, 16, "jacobi")
+    # adaptive: a sweep's units in a sweep's order, each with its round, due every cycle; due_units gates the units
+    # outside their round's cycles
+    adaptive = refresh_units(opt.layers, 16, "adaptive")
+    round_of = {(u.layer.name, u.pair): u.round for u in rounds}
+    assert [(u.layer.name, u.factors, u.pair) for u in adaptive] == units
+    assert all(u.adaptive and u.due_in_cycle(6) and u.round == round_of[(u.layer.name, u.pair)] and u.rounds == 5
+               for u in adaptive if u.pair is not None)  # fmt: skip
+    assert not any(u.adaptive or u.gated for u in rounds + opt._plan.units)
+    for layer in opt.layers:  # factors present: due_units considers the layer
+        layer.A = torch.zeros(layer.in_dim, layer.in_dim)
+    due = due_units(adaptive, [0] * len(adaptive), step=6 * 4, k=4, stagger=False)  # cycle 6
+    assert [u.gated for u in due] == [u.pair is not None and u.round != 1 for u in adaptive]
+    assert [(u.layer, u.pair, u.round) for u in due] == [(u.layer, u.pair, u.round) for u in adaptive]
 
 
 @pytest.mark.parametrize("groups", range(2, 10))
@@ -322,6 +338,123 @@ def test_rounds_track_a_moving_factor_less_closely_than_sweeps_but_far_better_th
     assert [len(u.pair) for u in units] == [2] * 6 and {u.rounds for u in units} == {3}
     assert min(cos["round"][3:]) >= 0.99 and min(cos["sweep"][3:]) >= 0.9995, cos
     assert min(cos["stale"][3:]) < 0.7 and max(cos["stale"][3:]) < min(cos["round"][3:]), cos
+
+
+def test_pair_error_against_the_dense_whitened_factor():
+    """:func:`pair_error` estimates ``||E||_2`` for ``E = D^-1/2 Q_ij^T (F + shift) Q_ij D^-1/2 - I`` from below: 0 (to
+    float32 rounding, relative to the smallest ``w + shift``) for the exact eigendecomposition; exactly ``|1 / (1 +
+    eps) - 1|`` when the stored eigenvalues are ``(1 + eps)`` times the true ones (shift 0); for a stale basis the dense
+    ``||E||_2`` with enough power iterations, at least 80% of it with the default 2, larger without damping than with
+    it; only the pair's columns count."""
+    gen = torch.Generator().manual_seed(4)
+    n, max_eigh_dim = 60, 30
+    mix = _mixing(n, gen)
+    old = _spd(n, 90, gen, mix).float()
+    new = 0.9 * old + 0.1 * _spd(n, 90, gen, mix).float()
+    bounds = block_bounds(n, max_eigh_dim)  # 4 groups of 15
+    w, q = torch.linalg.eigh(new)
+    exact = EigenBasis(q=q, eigenvalues=w.clamp_min(0))
+    for shift, rounding in ((0.0, 5e-2), (1e-3, 1e-4), (1.0, 1e-5)):  # eigenvalues 1.7e-7 to 1.1
+        assert pair_error(new, exact, bounds, (0, 2), shift) < rounding
+    eps = 0.05
+    scaled = EigenBasis(q=q, eigenvalues=exact.eigenvalues * (1 + eps))
+    assert pair_error(new, scaled, bounds, (1, 3), 0.0) == pytest.approx(eps / (1 + eps), rel=1e-3)
+    w_old, q_old = torch.linalg.eigh(old)
+    stale = EigenBasis(q=q_old, eigenvalues=w_old.clamp_min(0))
+    pair, shift = (1, 2), 1e-2 * w_old.mean().item()
+    cols = torch.cat([torch.arange(bounds[g], bounds[g + 1]) for g in pair])
+    inv_sqrt = torch.diag((stale.eigenvalues[cols].double() + shift).rsqrt())
+    q_p = q_old[:, cols].double()
+    e = inv_sqrt @ q_p.T @ (new.double() + shift * torch.eye(n, dtype=torch.float64)) @ q_p @ inv_sqrt
+    dense = torch.linalg.matrix_norm(e - torch.eye(len(cols), dtype=torch.float64), ord=2).item()
+    assert pair_error(new, stale, bounds, pair, shift, iterations=30) == pytest.approx(dense, rel=1e-3)
+    assert 0.8 * dense < pair_error(new, stale, bounds, pair, shift) <= dense * (1 + 1e-4)
+    assert pair_error(new, stale, bounds, pair, 0.0) > pair_error(new, stale, bounds, pair, shift) > 0.01
+    # a basis exact on groups 1 and 2 only: that pair reads 0, a pair with a stale group does not
+    mixed = block_rotation(new, stale, bounds, pair)
+    assert pair_error(new, mixed, bounds, pair, shift) < 1e-3 < pair_error(new, mixed, bounds, (0, 1), shift)
+
+
+def test_factor_shift_is_the_damping_one_factor_sees():
+    """``lambda`` damps ``s_i a_j``: a factor sees ``lambda / mean(eig other)``; absolute mode ``damping / mean(eig
+    other)`` (0 without the other basis or with its eigenvalues all 0), relative ``damping * mean(eig own)``."""
+    own = EigenBasis(q=torch.eye(3), eigenvalues=torch.tensor([1.0, 2.0, 6.0]))  # mean 3
+    other = EigenBasis(q=torch.eye(2), eigenvalues=torch.tensor([0.5, 1.5]))  # mean 1
+    zero = EigenBasis(q=torch.eye(2), eigenvalues=torch.zeros(2))
+    absolute, relative = FOPConfig(damping=0.2), FOPConfig(damping=0.2, damping_mode="relative")
+    assert factor_shift(absolute, own, other) == pytest.approx(0.2)
+    assert factor_shift(absolute, other, own) == pytest.approx(0.2 / 3)
+    assert factor_shift(absolute, own, None) == factor_shift(absolute, own, zero) == 0.0
+    assert factor_shift(relative, own, other) == factor_shift(relative, own, None) == pytest.approx(0.6)
+
+
+def test_adaptive_refresh_sweeps_while_the_factor_moves_and_rounds_once_it_settles():
+    """A 96-wide factor in 4 groups moved fast for 6 cycles (running average, decay 0.9), then slowly (decay 0.999),
+    refreshed as ``block_refresh="adaptive"`` does it (its round every cycle, any other pair whose :func:`pair_error`
+    is above the tolerance 0.01): while the factor moves every pair is over the tolerance and the basis is the
+    sweep's, bit for bit; once it settles (after a cycle or two) only the round's pairs rotate. ``(F + lambda I)^-1 g`` stays within cosine
+    0.999 of the exact eigenbasis' at every cycle, where rounds alone fall below it while the factor moves."""
+    gen = torch.Generator().manual_seed(1)
+    n, max_eigh_dim, tolerance = 96, 48, 0.01
+    mix = _mixing(n, gen)
+    factor = _spd(n, n + n // 3, gen, mix)
+    w, q = torch.linalg.eigh(factor.float())
+    bases = dict.fromkeys(("adaptive", "round", "sweep"), EigenBasis(q=q, eigenvalues=w))
+    bounds = block_bounds(n, max_eigh_dim)
+    units = [u for u in refresh_units([_FactorLayer(n)], max_eigh_dim, "adaptive") if u.pair is not None]
+    cos: Dict[str, List[float]] = {name: [] for name in bases}
+    rotated: List[int] = []
+    for cycle in range(1, 16):
+        decay = 0.9 if cycle <= 6 else 0.999
+        factor = decay * factor + (1 - decay) * _spd(n, n + n // 3, gen, mix)
+        w_new, q_new = torch.linalg.eigh(factor)
+        damping = 1e-3 * w_new.mean().item()
+        bases["sweep"] = _sweep(factor.float(), bases["sweep"], max_eigh_dim)
+        rotated.append(0)
+        for unit in units:
+            if unit.in_round(cycle):
+                bases["round"] = block_rotation(factor.float(), bases["round"], bounds, unit.pair)
+            if unit.in_round(cycle) or pair_error(factor.float(), bases["adaptive"], bounds, unit.pair, damping) > tolerance:
+                bases["adaptive"] = block_rotation(factor.float(), bases["adaptive"], bounds, unit.pair)
+                rotated[-1] += 1
+        if cycle <= 6:
+            assert torch.equal(bases["adaptive"].q, bases["sweep"].q), cycle
+        grads = mix @ torch.randn(n, 64, generator=gen, dtype=torch.float64)
+        want = _preconditioned(EigenBasis(q=q_new, eigenvalues=w_new), grads, damping)
+        for name, basis in bases.items():
+            cos[name].append(F.cosine_similarity(_preconditioned(basis, grads, damping), want, dim=0).min().item())
+    assert rotated[:6] == [6] * 6 and rotated[-6:] == [2] * 6, rotated
+    assert min(cos["adaptive"]) >= 0.999 and min(cos["round"][:6]) < 0.99, cos
+
+
+def _counting_wide_run(block_refresh: str, tolerance: float, steps: int, **options) -> tuple:
+    model = _wide_model()
+    opt = FOP(model, lr=0.05, max_eigh_dim=16, inverse_interval=4, factor_interval=2, block_refresh=block_refresh,
+              block_tolerance=tolerance, **options)  # fmt: skip
+    _train(model, opt, steps, [])
+    return model, opt
+
+
+def test_adaptive_refresh_is_a_sweep_at_tolerance_zero_and_rounds_at_a_huge_tolerance():
+    """In the optimizer, ``block_refresh="adaptive"`` with ``block_tolerance=0`` rotates every pair every cycle on a
+    sweep's slots: bitwise the parameters of ``"sweep"``; with a huge tolerance only the round's pairs: bitwise those
+    of ``"round"`` (refresh at the cycle start, where the slots of the two plans do not matter); in between it skips
+    some gated pairs and rotates others."""
+    steps = 21  # 5 cycles after the first
+    sweep, _ = _counting_wide_run("sweep", 0.01, steps)
+    zero, opt_zero = _counting_wide_run("adaptive", 0.0, steps)
+    assert all(torch.equal(p, r) for p, r in zip(sweep.parameters(), zero.parameters()))
+    assert opt_zero.engine.gated_skips == 0
+    pairs = sum(u.pair is not None for u in opt_zero._plan.units)  # 10 + 15
+    assert opt_zero.engine.block_rotations == 5 * pairs
+    rounds, _ = _counting_wide_run("round", 0.01, steps, stagger_refresh=False)
+    huge, opt_huge = _counting_wide_run("adaptive", 1e30, steps, stagger_refresh=False)
+    assert all(torch.equal(p, r) for p, r in zip(rounds.parameters(), huge.parameters()))
+    in_rounds = 5 * (2 + 3)  # a round of the 5-group factor has 2 pairs, of the 6-group one 3
+    assert opt_huge.engine.block_rotations == in_rounds and opt_huge.engine.gated_skips == 5 * pairs - in_rounds
+    _, opt_mid = _counting_wide_run("adaptive", 0.05, steps)
+    assert in_rounds < opt_mid.engine.block_rotations < 5 * pairs
+    assert opt_mid.engine.block_rotations + opt_mid.engine.gated_skips == 5 * pairs
 
 
 def test_a_block_rotation_touches_only_its_pair_and_reports_a_failed_eigh(monkeypatch):
@@ -527,7 +660,7 @@ def test_block_refresh_keeps_the_preconditioner_of_a_training_run_exact():
     assert min(moved) > 1e-3, moved
 
 
-@pytest.mark.parametrize("block_refresh", ["sweep", "round"])
+@pytest.mark.parametrize("block_refresh", ["sweep", "round", "adaptive"])
 def test_block_refresh_resumes_bitwise(tmp_path, block_refresh):
     """10 steps straight against 5 steps, a checkpoint (through a file), and 5 more in a new model and optimizer:
     block rotations continue from the saved bases on the same slots (and rounds), so the parameters are bitwise

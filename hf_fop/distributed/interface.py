@@ -93,4 +93,4 @@ class SingleProcessCurvature(CurvatureDistributor):
         return new, finite
 
     def refresh_bases(self, units: List[RefreshUnit]) -> None:
-        refresh_bases(self.engine, units, self.config.max_eigh_failures, self.config.max_eigh_dim)
+        refresh_bases(self.engine, units, self.config)

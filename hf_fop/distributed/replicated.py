@@ -63,7 +63,7 @@ class ReplicatedCurvature(CurvatureDistributor):
     def refresh_bases(self, units: List[RefreshUnit]) -> None:
         """Average these layers' factors over the ranks (:meth:`_average`), then every rank decomposes them."""
         self._average(unit_layers(units))
-        refresh_bases(self.engine, units, self.config.max_eigh_failures, self.config.max_eigh_dim)
+        refresh_bases(self.engine, units, self.config)
 
     def make_full(self) -> None:
         """Replace every rank's factors by their mean over ranks (one ``all_reduce`` of upper triangles)."""

@@ -182,7 +182,7 @@ class SpecialistCurvature(CurvatureDistributor):
         error: Optional[RuntimeError] = None
         try:
             owned = [unit for unit in units if self.owns(unit.layer)]
-            refresh_bases(self.engine, owned, self.config.max_eigh_failures, self.config.max_eigh_dim)
+            refresh_bases(self.engine, owned, self.config)
         except RuntimeError as err:  # max_eigh_failures reached: tell the other ranks before raising
             error = err
             limit = self.config.max_eigh_failures

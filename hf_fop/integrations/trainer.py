@@ -73,6 +73,10 @@ LOGGED_KEYS: Dict[str, str] = {
     "layers and steps",
     "fop/float32_rotations": "layer steps whose bfloat16 rotations (fop_rotation_dtype) were estimated too coarse "
     "and computed again in float32, summed over layers and steps",
+    "fop/block_rotations": "this process's block rotations of factors larger than fop_max_eigh_dim so far "
+    "(fop_block_refresh)",
+    "fop/block_rotations_skipped": "fop_block_refresh adaptive: this process's block rotations skipped so far because "
+    "the probe found the pair within fop_block_tolerance",
     "fop/fallback_fraction": "fraction of the steps so far that had one sub-batch only (K-FAC steps)",
     "fop/<layer>/beta": "per managed layer, with fop_log_per_layer: beta*; likewise /eta, /s_proj, /kl_base, "
     "/kl_cross, /kl_orth",
@@ -93,6 +97,8 @@ _DIAG_AGGREGATES = {  # FOP.diagnostics() key -> logged key
     "inverse_updates": "fop/inverse_updates",
     "identity_layer_steps": "fop/identity_layer_steps",
     "float32_rotations": "fop/float32_rotations",
+    "block_rotations": "fop/block_rotations",
+    "block_rotations_skipped": "fop/block_rotations_skipped",
     "kl_clip_scale": "fop/kl_clip_scale",
     "damping_min": "fop/damping_min",
     "damping_max": "fop/damping_max",
