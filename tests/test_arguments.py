@@ -66,7 +66,9 @@ def test_block_refresh_from_the_command_line_reaches_the_config(tmp_path):
     (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--fop_block_refresh", "adaptive",
                                                   "--fop_block_tolerance", "0.03"])  # fmt: skip
     assert (args.fop_config().block_refresh, args.fop_config().block_tolerance) == ("adaptive", 0.03)
-    assert FOPTrainingArguments(str(tmp_path)).fop_config().block_refresh == FOPConfig().block_refresh == "sweep"
+    default = FOPTrainingArguments(str(tmp_path)).fop_config()
+    assert (default.block_refresh, default.block_tolerance) == (FOPConfig().block_refresh, FOPConfig().block_tolerance)
+    assert (FOPConfig().block_refresh, FOPConfig().block_tolerance) == ("adaptive", 0.05)
 
 
 def test_trainer_fields_reach_the_config(tmp_path):

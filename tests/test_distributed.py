@@ -444,8 +444,8 @@ def test_specialists_two_processes_match_one_process_resume_across_modes_and_sur
                              "--job", "spec2,fop,specialists,plain,{out}/rep_5.pt,-", "--job", "nangrad,fop,specialists,nangrad,-,-",
                              "--job", "nangradoff,fop,specialists,nangrad,-,-,factor_interval=3",
                              "--job", "stagger,fop,specialists,plain,-,-,stagger_refresh=true",
-                             "--job", "blocks,fop,specialists,plain,-,-,stagger_refresh=true;max_eigh_dim=4",
-                             "--job", "blocksrep,fop,replicated,plain,-,-,stagger_refresh=true;max_eigh_dim=4",
+                             "--job", "blocks,fop,specialists,plain,-,-,stagger_refresh=true;max_eigh_dim=4;block_refresh=sweep",
+                             "--job", "blocksrep,fop,replicated,plain,-,-,stagger_refresh=true;max_eigh_dim=4;block_refresh=sweep",
                              "--job", "rounds,fop,specialists,plain,-,-,stagger_refresh=true;max_eigh_dim=4;block_refresh=round",
                              "--job", "adaptive,fop,specialists,plain,-,-,stagger_refresh=true;max_eigh_dim=4;"
                              "block_refresh=adaptive;block_tolerance=0.075",
@@ -458,7 +458,7 @@ def test_specialists_two_processes_match_one_process_resume_across_modes_and_sur
     # the default staggered refresh: owners decompose their layers on the layers' slot steps, as one process does
     _assert_run_matches(records, "stagger", single_process(2, "fop", 6, 2, 3, "plain", stagger_refresh=True))
     # block refresh (max_eigh_dim 4: the factors of 7, 8 and 9 in 4 groups), owners' and replicated, as one process
-    blocks = single_process(2, "fop", 6, 2, 3, "plain", stagger_refresh=True, max_eigh_dim=4)
+    blocks = single_process(2, "fop", 6, 2, 3, "plain", stagger_refresh=True, max_eigh_dim=4, block_refresh="sweep")
     _assert_run_matches(records, "blocks", blocks)
     _assert_run_matches(records, "blocksrep", blocks)
     # block refresh by rounds (3 rounds of 2 pairs; cycles 0 and 1 of 3 steps): owners as one process

@@ -123,19 +123,18 @@ class FOPTrainingArguments(TrainingArguments):
         default=_CONFIG_DEFAULTS.block_refresh,
         metadata={
             "help": "Per inverse cycle, how much of a factor larger than fop_max_eigh_dim is rotated: 'sweep' (every "
-            "pair of its groups each cycle, about twice an eigh's work) or 'round' (one round of disjoint pairs, every "
+            "pair of its groups each cycle, about twice an eigh's work), 'round' (one round of disjoint pairs, every "
             "pair once in p - 1 cycles: 2 block rotations of a 3,072-wide factor's 6, for a basis that lags further "
-            "behind; for small batches, where the refresh is a large share of a step) or 'adaptive' (a round, and "
-            "every other pair that a random probe finds off by more than fop_block_tolerance: sweeps while the "
-            "factors move fast, rounds once they settle).",
+            "behind) or 'adaptive' (the round, and every other pair that a probe finds off by more than "
+            "fop_block_tolerance: sweeps while the factors move fast, rounds once they settle).",
             "choices": ["sweep", "round", "adaptive"],
         },
     )
     fop_block_tolerance: float = field(
         default=_CONFIG_DEFAULTS.block_tolerance,
         metadata={"help": "fop_block_refresh 'adaptive': a pair outside the cycle's round is rotated where the "
-                  "relative error its stored eigenbasis leaves in preconditioned probe vectors is above this (0: every "
-                  "pair, a sweep). >= 0."},
+                  "relative error of the damped factor in its stored eigenbasis (spectral norm, from a probe) is above "
+                  "this; 0: every pair, a sweep. >= 0."},
     )
     fop_curvature_sharding: str = field(
         default=_CONFIG_DEFAULTS.curvature_sharding,
