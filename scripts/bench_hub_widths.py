@@ -29,8 +29,9 @@ instead. Its length ``L`` is the least common multiple of every ``*_interval`` f
 does not depend on the tokens per step; what the passes do does (forward/backward, and the curvature capture on the
 steps that capture). So, per model, for K-FAC and FOP:
 
-1. *schedule window*: after one warm-up step, ``L`` consecutive steps (positions ``1 .. L-1`` and ``0`` of the next
-   cycle: every position once, in steady state) on batches of 2,048 tokens (``WINDOW_TOKENS``), a distinct batch
+1. *schedule window*: after one warm-up step (and ``--warmup-cycles`` untimed cycles before it: the cost of
+   ``block_refresh="adaptive"`` depends on how far the factors still move, most in the first cycles), ``L``
+   consecutive steps (positions ``1 .. L-1`` and ``0`` of the next cycle: every position once) on batches of 2,048 tokens (``WINDOW_TOKENS``), a distinct batch
    per position (factors of full rank, and no step preconditioning the very rows its factors came from: either
    would make bfloat16 rotations look like noise to the optimizer's error estimate, unlike real training), under
    ``torch.profiler``; each position's ``opt.step()`` seconds ``o_p`` and whether it captured curvature (``c_p``,
@@ -644,8 +645,9 @@ def passes_flops(spec: ModelSpec, model: nn.Module, device: torch.device) -> flo
 
 
 def measure_model(spec: ModelSpec, tokens: Sequence[int], steps: Optional[int], device: torch.device,
-                  whole_cycle: bool, clock: Callable[[], float]) -> Dict[str, Any]:  # fmt: skip
-    """Every point of one model: schedule window, then each token count (see the module docstring)."""
+                  whole_cycle: bool, clock: Callable[[], float], warmup_cycles: int = 0) -> Dict[str, Any]:  # fmt: skip
+    """Every point of one model: ``warmup_cycles`` untimed cycles of K-FAC and FOP, the schedule window, then each
+    token count (see the module docstring)."""
     base = build_model(spec, device)
     sync = _sync_fn(device)
     flops_per_example = passes_flops(spec, base, device)
@@ -663,6 +665,10 @@ def measure_model(spec: ModelSpec, tokens: Sequence[int], steps: Optional[int], 
     window_batch = batch_size(spec, min(WINDOW_TOKENS, *tokens))
     window_batches = [split_halves(make_batch(spec, window_batch, device, seed=3 + p)) for p in range(length)]
     runners["adamw"].step(window_batches[0])  # AdamW allocates its state; K-FAC/FOP warm up in the window
+    for _ in range(warmup_cycles * length):  # untimed: the window then sees a later cycle than the first
+        for kind in ("kfac", "fop"):
+            _window_step(runners[kind], window_batches, length)
+    warmup_steps = fop_opt.global_step
     start = time.perf_counter()
     window = schedule_window([runners["kfac"], runners["fop"]], window_batches, length, device)
     per_position = "; ".join(f"{k} " + " ".join(f"{1e3 * o:.0f}" for o in runners[k].opt_s) for k in ("kfac", "fop"))
@@ -692,6 +698,7 @@ def measure_model(spec: ModelSpec, tokens: Sequence[int], steps: Optional[int], 
         "layer_dims": dims,
         "rotation_dtypes": dict(Counter(str(rotation_dtype(config, layer)).split(".")[1] for layer in fop_opt.layers)),
         "cycle_steps": length,
+        "warmup_steps": warmup_steps,
         "config": {f.name: getattr(config, f.name) for f in fields(config) if isinstance(getattr(config, f.name),
                                                                                        (int, float, str, type(None)))},
         "schedule": {
@@ -769,7 +776,9 @@ def markdown(result: Dict[str, Any]) -> str:
              f"load average (1 min) at start "
              f"{result['load_avg_1m']:.1f}; run took {result['seconds'] / 60:.1f} min. K-FAC and FOP: "
              + (f"FOPConfig defaults with `--config` {_config_text(result['config_overrides'])}."
-                if result.get("config_overrides") else "the shipped FOPConfig defaults."), "",
+                if result.get("config_overrides") else "the shipped FOPConfig defaults.")
+             + (f" Schedule window after {result['warmup_cycles']} untimed cycles." if result.get("warmup_cycles")
+                else ""), "",
              "| model | tokens (batch) | AdamW ms | K-FAC ms | FOP ms | FOP/AdamW | K-FAC/AdamW | limit FOP "
              "| limit K-FAC | FOP/AdamW bound | max/median AdamW, K-FAC, FOP |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -937,6 +946,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--memory-tokens", type=parse_tokens, help="token count of the memory runs (default: smallest)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--whole-cycle", action="store_true", help="also time whole real cycles of K-FAC and FOP (check)")
+    p.add_argument("--warmup-cycles", type=int, default=0,
+                   help="untimed whole cycles of K-FAC and FOP before the schedule window (default 0: the window is "
+                   "the cycle after the first factors; what block_refresh adaptive does depends on how far the "
+                   "factors still move)")  # fmt: skip
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=_positive("threads"), default=os.cpu_count() or 1, help="torch threads")
     p.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
@@ -961,6 +974,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     missing = [str(f) for f in args.from_json or [] if not f.is_file()]
     if missing:
         p.error(f"--from-json: no such file {', '.join(missing)}")
+    if args.warmup_cycles < 0:
+        p.error(f"--warmup-cycles must be >= 0 (got {args.warmup_cycles})")
     if args.memory_tokens is not None and args.no_memory:
         p.error("--memory-tokens and --no-memory contradict each other")
     try:
@@ -990,7 +1005,7 @@ def merge_results(results: List[Dict[str, Any]]) -> Dict[str, Any]:
     recomputed; the runs must agree on machine, clock, threads and ``--config``. The header keeps the first run's
     date and load, the longest run's minutes and the highest load average."""
     first = results[0]
-    for key in ("machine", "clock", "threads", "device", "smoke", "config_overrides"):
+    for key in ("machine", "clock", "threads", "device", "smoke", "config_overrides", "warmup_cycles"):
         values = {json.dumps(r.get(key), sort_keys=True) for r in results}
         if len(values) > 1:
             raise ValueError(f"--from-json: the runs differ in {key}: {sorted(values)}")
@@ -1048,11 +1063,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine, "device": device.type, "threads": args.threads, "load_avg_1m": os.getloadavg()[0],
         "torch": torch.__version__, "smoke": args.smoke, "clock": args.clock, "tokens_requested": tokens, "models": [],
-        "config_overrides": dict(CONFIG),
+        "config_overrides": dict(CONFIG), "warmup_cycles": args.warmup_cycles,
     }  # fmt: skip
     print(f"# {machine}; torch {torch.__version__}; models {[s.name for s in specs]}; tokens {tokens}", file=sys.stderr)
     for spec in specs:
-        m = measure_model(spec, tokens, args.steps, device, args.whole_cycle, CLOCKS[args.clock])
+        m = measure_model(spec, tokens, args.steps, device, args.whole_cycle, CLOCKS[args.clock], args.warmup_cycles)
         if memory_tokens is not None:
             m["memory_tokens"] = batch_size(spec, memory_tokens) * spec.seq
             m["memory"] = measure_memory(spec.name, memory_tokens, args)

@@ -134,7 +134,9 @@ def markdown(result: Dict[str, Any]) -> str:
     return "\n".join([
         f"MiniLM on the ChatterBot topics, {result['steps']} steps of {result['batch']} examples, `max_eigh_dim` "
         f"{result['max_eigh_dim']} ({s['layers_in_blocks']} of {result['managed_layers']} managed layers have a factor "
-        f"refreshed in blocks, `block_refresh` \"{result.get('block_refresh', 'sweep')}\"), inverse cycle "
+        f"refreshed in blocks, `block_refresh` \"{result.get('block_refresh', 'sweep')}\""
+        + (f", `block_tolerance` {result['block_tolerance']}" if result.get("block_refresh") == "adaptive" else "")
+        + f"), inverse cycle "
         f"{result['inverse_interval']} steps, every refresh on its first step "
         f"({result['date']}, torch "
         f"{result['torch']}).",
@@ -147,7 +149,8 @@ def markdown(result: Dict[str, Any]) -> str:
         f"| per-layer cosine, smallest | {s['cos_min_layer_min']:.6f} |",
         f"| steps with the whole-update cosine below 0.999 | {s['steps_below_0_999']} |",
         f"| training loss, last tenth of the steps | {s['last_loss']:.4f} |",
-    ])  # fmt: skip
+    ] + ([f"| block rotations done (skipped by the probe) | {s['block_rotations']} ({s['gated_skips']}) |"]
+         if "block_rotations" in s else []))  # fmt: skip
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:

@@ -252,8 +252,8 @@ def report(result: Dict[str, Any], render: Callable[[Dict[str, Any]], str], out:
     print(text)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-        out.with_suffix(".md").write_text(text + "\n")
+        Path(f"{out}.json").write_text(json.dumps(result, indent=1))  # OUT.json: a dot in OUT is not a suffix
+        Path(f"{out}.md").write_text(text + "\n")
     print(json.dumps(result["summary"]))
     return result
 

@@ -128,6 +128,7 @@ def test_models_have_the_hub_widths(name):
         (["--quick", "--models", "minilm"], "--quick"),
         (["--no-memory", "--memory-tokens", "2k"], "--memory-tokens"),
         (["--from-json", "/nonexistent/run.json"], "--from-json"),
+        (["--warmup-cycles", "-1"], "--warmup-cycles"),
     ],
 )
 def test_bad_arguments_name_the_flag(argv, flag, capsys):
@@ -233,6 +234,17 @@ def test_whole_cycle_times_one_cycle_from_position_zero_and_reports_it(smoke):
             # the agreement itself is timing (it moved to 1.26 under a loaded CI run): reported, not asserted
             assert (f"| {m['model']} | {p['tokens']} | {t['kfac']['whole_ratio_over_amortised']:.3f} | "
                     f"{t['fop']['whole_ratio_over_amortised']:.3f} |") in table  # fmt: skip
+
+
+def test_warmup_cycles_run_before_the_schedule_window(smoke):
+    """``--warmup-cycles N``: K-FAC and FOP take ``N`` whole untimed cycles before the window (their step counter says
+    so), and the window still covers every position once; without it the window follows the first step."""
+    result, _ = smoke
+    assert result["warmup_cycles"] == 0 and all(m["warmup_steps"] == 0 for m in result["models"])
+    spec = hub.SMOKE_SPECS["gpt2-small"]
+    m = hub.measure_model(spec, [SMOKE_TOKENS[0]], 1, torch.device("cpu"), False, hub.CLOCKS["cpu"], warmup_cycles=1)
+    assert m["warmup_steps"] == m["cycle_steps"] == 20
+    assert len(m["schedule"]["fop"]["opt_s"]) == m["cycle_steps"] and all(s > 0 for s in m["schedule"]["fop"]["opt_s"])
 
 
 def test_outputs_and_rerendering(smoke, tmp_path):

@@ -15,23 +15,28 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import refresh_accuracy  # noqa: E402
 
 
-def test_small_run_compares_block_and_exact_bases(tmp_path):
-    out = tmp_path / "run"
+@pytest.mark.parametrize("block_refresh, extra, name", [("round", [], "run"),
+                                                        ("adaptive", ["--block-tolerance", "0.07"], "run_0.07")])
+def test_small_run_compares_block_and_exact_bases(tmp_path, block_refresh, extra, name):
+    out = tmp_path / name  # "run_0.07": OUT.json is written as named, the dot is no suffix
     done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "refresh_accuracy.py"), "--steps", "3", "--batch", "8", "--block-refresh", "round",
-         "--out", str(out)],
+        [sys.executable, str(ROOT / "scripts" / "refresh_accuracy.py"), "--steps", "3", "--batch", "8", "--block-refresh",
+         block_refresh, *extra, "--out", str(out)],
         capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=ROOT,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
-    saved = json.loads(out.with_suffix(".json").read_text())
+    saved = json.loads((tmp_path / f"{name}.json").read_text())
     assert saved["summary"] == summary
     assert summary["steps_compared"] == 2  # step 0 decomposes the first factors
     assert summary["layers_in_blocks"] == 12  # MiniLM's six 384 -> 1536 -> 384 feed-forward pairs at 1024
     assert 0.999 <= summary["cos_whole_min"] <= 1 + 1e-9 and summary["skipped_steps"] == 0
-    assert saved["block_refresh"] == "round"  # the optimizer's own setting
-    text = out.with_suffix(".md").read_text()
-    assert "whole-update cosine" in text and '`block_refresh` "round"' in text
+    assert summary["block_rotations"] == summary["gated_skips"] == 0  # 3 steps: no refresh after the first
+    assert saved["block_refresh"] == block_refresh  # the optimizer's own settings
+    text = (tmp_path / f"{name}.md").read_text()
+    assert "whole-update cosine" in text and f'`block_refresh` "{block_refresh}"' in text
+    if block_refresh == "adaptive":
+        assert saved["block_tolerance"] == 0.07 and "`block_tolerance` 0.07" in text
 
 
 def test_bad_arguments_name_the_options(capsys):
