@@ -309,19 +309,25 @@ def test_one_sweep_from_the_previous_basis_keeps_the_preconditioner_exact(n, max
     assert 1 - cos["swept"] < 0.05 * (1 - cos["stale"]), cos
 
 
+def _moving_factor(n: int, max_eigh_dim: int, names: tuple, block_refresh: str) -> tuple:
+    """Start of a moving-factor test: generator, mixing, an ``n``-wide factor, its exact basis under each name, the
+    group bounds and the factor's pair units under ``block_refresh``."""
+    gen = torch.Generator().manual_seed(1)
+    mix = _mixing(n, gen)
+    factor = _spd(n, n + n // 3, gen, mix)
+    w, q = torch.linalg.eigh(factor.float())
+    bases = dict.fromkeys(names, EigenBasis(q=q, eigenvalues=w))
+    units = [u for u in refresh_units([_FactorLayer(n)], max_eigh_dim, block_refresh) if u.pair is not None]
+    return gen, mix, factor, bases, block_bounds(n, max_eigh_dim), units
+
+
 def test_rounds_track_a_moving_factor_less_closely_than_sweeps_but_far_better_than_a_stale_basis():
     """A 96-wide factor in 4 groups (3 rounds of 2 pairs), moved every cycle as the capture moves it (running average,
     decay 0.95): refreshed by one round per cycle, the rounds taking turns (``block_refresh="round"``), ``(F + lambda
     I)^-1 g`` stays within cosine 0.99 of the exact eigenbasis' at every cycle after the first three; by a sweep per
     cycle within 0.9995; the basis of cycle 0, never refreshed, falls below 0.7."""
-    gen = torch.Generator().manual_seed(1)
     n, max_eigh_dim = 96, 48
-    mix = _mixing(n, gen)
-    factor = _spd(n, n + n // 3, gen, mix)
-    w, q = torch.linalg.eigh(factor.float())
-    bases = dict.fromkeys(("sweep", "round", "stale"), EigenBasis(q=q, eigenvalues=w))
-    bounds = block_bounds(n, max_eigh_dim)
-    units = [u for u in refresh_units([_FactorLayer(n)], max_eigh_dim, "round") if u.pair is not None]
+    gen, mix, factor, bases, bounds, units = _moving_factor(n, max_eigh_dim, ("sweep", "round", "stale"), "round")
     cos: Dict[str, List[float]] = {name: [] for name in bases}
     for cycle in range(1, 21):
         factor = 0.95 * factor + 0.05 * _spd(n, n + n // 3, gen, mix)
@@ -392,16 +398,11 @@ def test_adaptive_refresh_sweeps_while_the_factor_moves_and_rounds_once_it_settl
     """A 96-wide factor in 4 groups moved fast for 6 cycles (running average, decay 0.9), then slowly (decay 0.999),
     refreshed as ``block_refresh="adaptive"`` does it (its round every cycle, any other pair whose :func:`pair_error`
     is above the tolerance 0.01): while the factor moves every pair is over the tolerance and the basis is the
-    sweep's, bit for bit; once it settles (after a cycle or two) only the round's pairs rotate. ``(F + lambda I)^-1 g`` stays within cosine
-    0.999 of the exact eigenbasis' at every cycle, where rounds alone fall below it while the factor moves."""
-    gen = torch.Generator().manual_seed(1)
+    sweep's, bit for bit; once it settles (after a cycle or two) only the round's pairs rotate. ``(F + lambda I)^-1
+    g`` stays within cosine 0.999 of the exact eigenbasis' at every cycle, where rounds alone fall below it while the
+    factor moves."""
     n, max_eigh_dim, tolerance = 96, 48, 0.01
-    mix = _mixing(n, gen)
-    factor = _spd(n, n + n // 3, gen, mix)
-    w, q = torch.linalg.eigh(factor.float())
-    bases = dict.fromkeys(("adaptive", "round", "sweep"), EigenBasis(q=q, eigenvalues=w))
-    bounds = block_bounds(n, max_eigh_dim)
-    units = [u for u in refresh_units([_FactorLayer(n)], max_eigh_dim, "adaptive") if u.pair is not None]
+    gen, mix, factor, bases, bounds, units = _moving_factor(n, max_eigh_dim, ("adaptive", "round", "sweep"), "adaptive")
     cos: Dict[str, List[float]] = {name: [] for name in bases}
     rotated: List[int] = []
     for cycle in range(1, 16):
