@@ -38,18 +38,18 @@ and S, eigenbases).
 ``--compile`` times the headline a second time with each optimizer's model
 wrapped by ``torch.compile(model, backend=--compile-backend)`` (the optimizer
 itself stays eager; FOP's curvature hooks are ``torch.compiler.disable``d and
-run eagerly between graphs on capture steps). Each optimizer runs alone after
-``torch._dynamo.reset()`` (a reset drops every compiled graph, so the compiled
-runs cannot be round-robin): one untimed warm-up cycle, whose seconds are
-reported as the compile warm-up ``warmup_s``, then the same ``cycles`` timed
-cycles. The reset keeps inductor's on-disk caches, so an optimizer whose
-graphs an earlier one (or an earlier run) compiled warms up faster; and run one
-after the other, the compiled figures do not share a busy machine's drift as
-the eager ones do. ``graphs`` counts the graphs dynamo compiled for that
-optimizer (``counters["stats"]["unique_graphs"]``), ``timed_graphs`` those
-compiled during the timed cycles (recompiles; 0 when the warm-up compiled
-everything). The results go under ``compiled`` in the JSON, next to the eager
-ones.
+run eagerly between graphs on capture steps). Each optimizer runs in its own
+spawned process (``measure_compiled``: compiled graphs and dynamo's counters
+are per process, so none is shared and no ``torch._dynamo.reset()`` is
+needed): the untimed warm-up cycles (compilation; ``warmup_s``) one process
+after the other, then the same ``cycles`` timed cycles round-robin, one step of
+each process in turn while the others wait, as the eager optimizers share one
+process. Inductor's on-disk caches are shared, so an optimizer whose graphs an
+earlier one (or an earlier run) compiled warms up faster. ``graphs`` counts the
+graphs dynamo compiled in that optimizer's process
+(``counters["stats"]["unique_graphs"]``), ``timed_graphs`` those compiled
+during the timed cycles (recompiles; 0 when the warm-up compiled everything).
+The results go under ``compiled`` in the JSON, next to the eager ones.
 
 Ends by printing one JSON line (``fop_over_adamw``, ``fop_over_kfac``,
 ``kfac_over_adamw`` at interval 10, ...). Usage::
@@ -321,39 +321,107 @@ def measure(
     return {r.kind: _summary(r, interval) for r in runners}
 
 
+class CompiledRunner:
+    """One optimizer on a ``torch.compile(model, backend=backend)``'d model, alone in its process (dynamo's graph
+    counters are per process): an untimed warm-up cycle, then timed steps."""
+
+    def __init__(self, kind: str, shape: Shape, interval: int, factor_interval: int, device: torch.device,
+                 backend: Union[str, Callable[..., Any]]) -> None:  # fmt: skip
+        from torch._dynamo.utils import counters
+
+        self.counters = counters
+        counters.clear()
+        x, y = make_batch(shape, device)
+        self.interval = interval
+        self.sync = _sync_fn(device)
+        self.runner = _make_runner(kind, shape, interval, factor_interval, device, x, y, backend)
+        self.warmup_s = 0.0
+        self.warm_graphs = 0
+        self.started: List[float] = []  # wall clock (epoch seconds) at each timed step's start
+
+    def warm_up(self) -> float:
+        """The untimed warm-up cycle (compiles); its seconds."""
+        t0 = time.perf_counter()
+        for _ in range(self.interval):
+            self.runner.run_step(self.sync, record=False)
+        self.warmup_s = time.perf_counter() - t0
+        self.warm_graphs = self.counters["stats"]["unique_graphs"]
+        return self.warmup_s
+
+    def step(self) -> None:
+        self.started.append(time.time())
+        self.runner.run_step(self.sync, record=True)
+
+    def summary(self) -> Dict[str, float]:
+        """:func:`_summary` plus ``warmup_s``, ``graphs`` (graphs dynamo compiled in this process), ``timed_graphs``
+        (of those, compiled after the warm-up cycle: recompiles), ``timed_steps``, ``pid`` and ``step_started`` (the
+        wall clock at each timed step's start, epoch seconds: the order of the processes' steps)."""
+        res = _summary(self.runner, self.interval)
+        graphs = self.counters["stats"]["unique_graphs"]
+        res.update(warmup_s=self.warmup_s, graphs=graphs, timed_graphs=graphs - self.warm_graphs,
+                   timed_steps=len(self.runner.step_s), pid=os.getpid(), step_started=self.started)  # fmt: skip
+        return res
+
+
+def _compiled_child(conn: Any, kind: str, shape: Shape, interval: int, factor_interval: int, device: str,
+                    backend: str, threads: int, flush_denormal: bool) -> None:  # fmt: skip
+    """A child process of :func:`measure_compiled`: one :class:`CompiledRunner`, driven by the parent's commands
+    (``"warm_up"``, ``"step"``, ``"summary"``), each answered on ``conn``."""
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(flush_denormal)
+    runner = CompiledRunner(kind, shape, interval, factor_interval, torch.device(device), backend)
+    actions = {"warm_up": runner.warm_up, "step": runner.step, "summary": runner.summary}
+    while True:
+        command = conn.recv()
+        if command == "exit":
+            break
+        conn.send(actions[command]())
+
+
 def measure_compiled(
-    shape: Shape, kinds: Sequence[str], interval: int, cycles: int, device: torch.device,
-    backend: Union[str, Callable[..., Any]], factor_interval: Optional[int] = None,
+    shape: Shape, kinds: Sequence[str], interval: int, cycles: int, device: torch.device, backend: str,
+    factor_interval: Optional[int] = None, flush_denormal: bool = True,
 ) -> Dict[str, Dict[str, float]]:
-    """:func:`measure` with each model ``torch.compile``d by ``backend`` (a name or a dynamo backend), one optimizer
-    at a time after ``torch._dynamo.reset()``: an untimed warm-up cycle (its seconds: ``warmup_s``), then ``cycles``
-    timed cycles. Adds ``graphs`` (graphs dynamo compiled for the optimizer), ``timed_graphs`` (of those, compiled in
-    the timed cycles) and ``timed_steps``."""
-    from torch._dynamo.utils import counters
+    """:func:`measure` with each model ``torch.compile``d by ``backend``, each optimizer in its own process (a
+    :class:`CompiledRunner`; spawned, so that no compiled graph or dynamo counter is shared): the warm-up cycles one
+    process after the other, then the ``cycles`` timed cycles round-robin, one step of each process in turn (the
+    others wait for the parent), as :func:`measure` does in one process. The children take this process's torch
+    thread count and ``flush_denormal`` (``torch.set_flush_denormal``)."""
+    import multiprocessing
 
     factor_interval = interval if factor_interval is None else factor_interval
-    x, y = make_batch(shape, device)
-    sync = _sync_fn(device)
-    out: Dict[str, Dict[str, float]] = {}
-    for kind in kinds:
-        torch._dynamo.reset()
-        counters.clear()
-        runner = _make_runner(kind, shape, interval, factor_interval, device, x, y, backend)
-        t0 = time.perf_counter()
-        for _ in range(interval):
-            runner.run_step(sync, record=False)
-        warmup_s = time.perf_counter() - t0
-        warm_graphs = counters["stats"]["unique_graphs"]
+    context = multiprocessing.get_context("spawn")
+    children = []
+    try:
+        for kind in kinds:
+            parent, child = context.Pipe()
+            process = context.Process(target=_compiled_child, args=(
+                child, kind, shape, interval, factor_interval, str(device), backend, torch.get_num_threads(),
+                flush_denormal))  # fmt: skip
+            process.start()
+            children.append((kind, parent, process))
+        for _, conn, _ in children:
+            conn.send("warm_up")
+            conn.recv()
         for _ in range(interval * cycles):
-            runner.run_step(sync, record=True)
-        res = _summary(runner, interval)
-        res["warmup_s"] = warmup_s
-        res["graphs"] = counters["stats"]["unique_graphs"]
-        res["timed_graphs"] = res["graphs"] - warm_graphs
-        res["timed_steps"] = len(runner.step_s)
-        out[kind] = res
-    torch._dynamo.reset()
-    return out
+            for _, conn, _ in children:
+                conn.send("step")
+                conn.recv()
+        out = {}
+        for kind, conn, _ in children:
+            conn.send("summary")
+            out[kind] = conn.recv()
+        return out
+    finally:
+        for _, conn, process in children:
+            if process.is_alive():
+                try:
+                    conn.send("exit")
+                except (BrokenPipeError, OSError):
+                    pass
+                process.join(timeout=30)
+                if process.is_alive():
+                    process.terminate()
 
 
 def ratios(point: Dict[str, Dict[str, float]]) -> Dict[str, float]:
@@ -495,8 +563,8 @@ def markdown(result: Dict[str, Any]) -> str:
             lines.append(f"| {key} | {result[key]:.3f} | {'' if goal is None else f'<= {goal}'} | {met} |")
     if "compiled" in result:
         comp = result["compiled"]
-        lines += ["", f"Compiled (`torch.compile(model, backend=\"{comp['backend']}\")`, each optimizer alone after "
-                  "`torch._dynamo.reset()`; warm-up = the untimed first cycle, with the compilation):", "",
+        lines += ["", f"Compiled (`torch.compile(model, backend=\"{comp['backend']}\")`, each optimizer in its own "
+                  "process, round-robin; warm-up = the untimed first cycle, with the compilation):", "",
                   "| optimizer | eager ms/step | compiled ms/step | compiled/eager | warm-up s | graphs | "
                   "graphs compiled in timed cycles |", "|---|---|---|---|---|---|---|"]  # fmt: skip
         for kind, t in comp["times"].items():
@@ -668,7 +736,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         print(f"# {kind:10s} {1e3 * res['step_s']:8.1f} ms/step (passes {1e3 * res['passes_s']:.1f}, "
               f"opt.step {1e3 * res['opt_step_s']:.1f})", file=sys.stderr)  # fmt: skip
     if args.compile:
-        compiled = measure_compiled(shape, OPTIMIZERS, interval, cycles, device, args.compile_backend, factor_interval)
+        compiled = measure_compiled(shape, OPTIMIZERS, interval, cycles, device, args.compile_backend, factor_interval,
+                                    flush_denormal=not args.keep_denormals)  # fmt: skip
         result["compiled"] = {"backend": args.compile_backend, "times": compiled, **ratios(compiled)}
         for kind, res in compiled.items():
             print(f"# compiled {kind:10s} {1e3 * res['step_s']:8.1f} ms/step (eager {1e3 * head[kind]['step_s']:.1f}), "

@@ -81,6 +81,10 @@ def test_compiled_smoke_run_reports_compiled_figures_next_to_eager(tmp_path):
     for kind, t in times.items():
         assert t["step_s"] > 0 and t["warmup_s"] > 0, kind
         assert t["timed_steps"] == result["cycles"] * result["interval"], kind  # the warm-up cycle is not timed
+    # each optimizer in its own process, the timed steps round-robin: one step of each in turn
+    assert len({t["pid"] for t in times.values()}) == 3
+    order = [kind for _, kind in sorted((when, kind) for kind, t in times.items() for when in t["step_started"])]
+    assert order == ["adamw", "kfac", "fop"] * (result["cycles"] * result["interval"])
     assert comp["fop_over_adamw"] == pytest.approx(times["fop"]["step_s"] / times["adamw"]["step_s"])
     assert comp["fop_over_kfac"] == pytest.approx(times["fop"]["step_s"] / times["kfac"]["step_s"])
     assert comp["kfac_over_adamw"] == pytest.approx(times["kfac"]["step_s"] / times["adamw"]["step_s"])
@@ -129,7 +133,11 @@ def test_compiled_timing_counts_the_graphs_compiled_after_the_warm_up_cycle(new_
 
     monkeypatch.setattr(bench_step, "make_step", new_shape_from_step)
     shape = bench_step.Shape(hidden=16, layers=1, batch=4, image=8, patch=4)
-    times = bench_step.measure_compiled(shape, ("adamw",), 2, 1, torch.device("cpu"), backend)["adamw"]
+    runner = bench_step.CompiledRunner("adamw", shape, 2, 2, torch.device("cpu"), backend)  # as in its own process
+    assert runner.warm_up() > 0
+    for _ in range(2):
+        runner.step()
+    times = runner.summary()
     assert (times["graphs"], times["timed_graphs"], times["timed_steps"]) == (2, timed_graphs, 2)
     assert len(compiled) == 2  # the model went through the given backend
 
