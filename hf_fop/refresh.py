@@ -10,11 +10,11 @@ work is due.
   ``Q_ij <- Q_ij V``, eigenvalues ``w``. ``Q`` stays orthonormal (each rotation rescales its columns to unit norm, where
   float32 rounding would otherwise accumulate sweep after sweep) and every rotation lowers the off-diagonal mass of
   ``Q^T F Q``; one rotation per pair of groups is one sweep, ``p (p - 1) / 2`` units, each a ``2 n^2 m + 4 n m^2``
-  flop product plus an eigh of ``m <= max_eigh_dim``. ``FOPConfig.block_refresh="sweep"`` (the default) runs a sweep
-  per inverse cycle; ``"round"`` one round of disjoint pairs (:func:`block_rounds`, ``p / 2`` units), the rounds taking
-  turns cycle by cycle, a sweep every ``p - 1`` cycles; ``"adaptive"`` the round, and each other pair whose columns
-  a random probe finds off (:func:`pair_error` above ``FOPConfig.block_tolerance``, ``n^2`` flops per probe vector
-  against the rotation's ``2 n^2 m``): a sweep while the factor moves fast, a round once it settles. Started from
+  flop product plus an eigh of ``m <= max_eigh_dim``. ``FOPConfig.block_refresh="sweep"`` runs a sweep per inverse
+  cycle; ``"round"`` one round of disjoint pairs (:func:`block_rounds`, ``p / 2`` units), the rounds taking turns
+  cycle by cycle, a sweep every ``p - 1`` cycles; ``"adaptive"`` (the default) the round, and each other pair whose
+  columns a random probe finds off (:func:`pair_error` above ``FOPConfig.block_tolerance``, about 1% of a rotation's
+  flops): a sweep while the factor moves fast, a round once it settles. Started from
   the previous basis (the factor moves little per cycle) a sweep keeps the basis near the exact one, a round less
   near (``tests/test_refresh.py``, ``scripts/refresh_accuracy.py``); a factor's first basis is a full eigh.
 * :func:`refresh_slots` staggers the work: over an inverse cycle of ``k`` steps each unit runs on one step, its slot,
