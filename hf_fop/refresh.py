@@ -13,8 +13,8 @@ work is due.
   flop product plus an eigh of ``m <= max_eigh_dim``. ``FOPConfig.block_refresh="sweep"`` runs a sweep per inverse
   cycle; ``"round"`` one round of disjoint pairs (:func:`block_rounds`, ``p / 2`` units), the rounds taking turns
   cycle by cycle, a sweep every ``p - 1`` cycles; ``"adaptive"`` (the default) the round, and each other pair whose
-  columns a random probe finds off (:func:`pair_error` above ``FOPConfig.block_tolerance``, about 1% of a rotation's
-  flops): a sweep while the factor moves fast, a round once it settles. Started from
+  columns a random probe finds off (:func:`pair_error` above ``FOPConfig.block_tolerance``, about 5% of a rotation's
+  time on a CPU): a sweep while the factor moves fast, a round once it settles. Started from
   the previous basis (the factor moves little per cycle) a sweep keeps the basis near the exact one, a round less
   near (``tests/test_refresh.py``, ``scripts/refresh_accuracy.py``); a factor's first basis is a full eigh.
 * :func:`refresh_slots` staggers the work: over an inverse cycle of ``k`` steps each unit runs on one step, its slot,

@@ -6,8 +6,9 @@
 * the capture's Gram ``rows^T rows`` (:func:`hf_fop.curvature._gram`, block upper triangle) against one full
   product, and one product of the rows in bfloat16 (conversion included; float32 result);
 * ``torch.linalg.eigh`` of a factor of side ``d`` (float32), and where ``d > max_eigh_dim`` one block rotation of
-  the block refresh (:func:`hf_fop.refresh.block_rotation`, the first and last groups) and the sweep it is one of
-  (that time the number of pairs);
+  the block refresh (:func:`hf_fop.refresh.block_rotation`, the first and last groups), the sweep it is one of
+  (that time the number of pairs) and the probe that decides whether an adaptive refresh rotates that pair
+  (:func:`hf_fop.refresh.pair_error`);
 * one capture pass (:func:`hf_fop.curvature._subsample` and the Gram, bias column included) that draws 2,048 rows of
   ``N`` against one that reads all ``N``, for row widths ``d`` and ``N / 2048``: where drawing starts to pay, which
   ``hf_fop.curvature.DRAW_MARGIN`` (``N > 2048 (1 + 256 / d)``) follows;
@@ -36,7 +37,7 @@ from hf_fop.config import FOPConfig  # noqa: E402
 from hf_fop.curvature import EigenBasis, _draws, _gram, _subsample  # noqa: E402
 from hf_fop.fop_math import rotate  # noqa: E402
 from hf_fop.preconditioner import BFLOAT16_PROBE_WIDTH, bfloat16_speedup, native_bfloat16  # noqa: E402
-from hf_fop.refresh import block_bounds, block_rotation  # noqa: E402
+from hf_fop.refresh import block_bounds, block_rotation, pair_error  # noqa: E402
 
 ROTATIONS = ((64, 65), (128, 129), (256, 257), (384, 385), (768, 769), (3072, 769), (768, 3073))
 GRAMS = ((2048, 3072), (2048, 768), (512, 3072))
@@ -119,8 +120,10 @@ def measure(rotations: Sequence[Tuple[int, int]], grams: Sequence[Tuple[int, int
             vals, vecs = torch.linalg.eigh(factor)
             basis, groups = EigenBasis(q=vecs, eigenvalues=vals), len(bounds) - 1
             block = best_ms(lambda: block_rotation(factor, basis, bounds, (0, groups - 1)), repeats)
+            probe = best_ms(lambda: pair_error(factor, basis, bounds, (0, groups - 1), 1e-3), repeats)
             pairs = groups * (groups - 1) // 2
-            entry.update(max_eigh_dim=max_eigh_dim, groups=groups, block_ms=block, sweep_ms=pairs * block)
+            entry.update(max_eigh_dim=max_eigh_dim, groups=groups, block_ms=block, sweep_ms=pairs * block,
+                         probe_ms=probe)  # fmt: skip
         out["eigh"].append(entry)
     return out
 
@@ -148,7 +151,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[Dict[str, float
               f"bfloat16 {r['bfloat16_ms']:.1f} ms")
     for r in result["eigh"]:
         block = (f"; block refresh ({r['groups']} groups): one rotation {r['block_ms']:.0f} ms, sweep "
-                 f"{r['sweep_ms']:.0f} ms" if "block_ms" in r else "")
+                 f"{r['sweep_ms']:.0f} ms, the adaptive refresh's probe of a pair {r['probe_ms']:.1f} ms"
+                 if "block_ms" in r else "")
         print(f"eigh {r['dim']}: {r['ms']:.0f} ms{block}")
     for r in result["draw"]:
         print(f"capture pass, width {r['width']}, {r['rows']} rows ({r['ratio']:g}x {DRAW_ROWS}): drawing {DRAW_ROWS} "

@@ -21,6 +21,7 @@ def test_small_run_reports_every_kernel():
     assert [r["dim"] for r in result["eigh"]] == list(kernel_costs.SMALL["eigh"])
     block = result["eigh"][0]  # 33 > 16: 5 groups, 10 rotations per sweep
     assert block["groups"] == 5 and block["sweep_ms"] == pytest.approx(10 * block["block_ms"])
+    assert block["probe_ms"] > 0
     for r in result["rotation"]:
         assert r["speedup"] == pytest.approx(r["float32_ms"] / r["bfloat16_ms"])
     assert all(r["bfloat16_ms"] > 0 for r in result["gram"])
