@@ -37,7 +37,8 @@ steps that capture). So, per model, for K-FAC and FOP:
    ``torch.profiler``; each position's ``opt.step()`` seconds ``o_p`` and whether it captured curvature (``c_p``,
    from the ``factor_updates`` counter) are recorded, and the optimizer state before the last window step (position
    0) is kept;
-2. *real steps* at each token count, from that state: positions ``0 .. n-1`` (``--steps``, default 3 up to 4k
+2. *real steps* at each token count, after one untimed pass of AdamW's model at that count (no step; the first
+   passes at a new size took up to 40% longer, which fell on whichever optimizer went first), from that state: positions ``0 .. n-1`` (``--steps``, default 3 up to 4k
    tokens, else 2), plus the position with the largest ``o_p`` and one position of each kind (capturing /
    not) if they are not among them (reached by untimed steps on the window's batches). The token-dependent part of a step of kind
    ``c`` is ``u(c) = median over real steps q of kind c of (step_q - o_q)``: the passes, plus whatever
@@ -545,6 +546,15 @@ def measure_point(runners: Dict[str, Runner], spec: ModelSpec, tokens: int, step
         else:
             r.opt.load_state_dict(r.snapshot)
             plans[kind] = positions_to_measure(r.opt_s, r.capture, steps)
+    # one untimed pass first: the process's first passes at a new token count take up to 40% longer (fresh memory for
+    # the larger activations), and without it that fell on the round's first optimizer, AdamW (docs/performance.md)
+    warm = runners["adamw"]
+    warm.sync()
+    t0 = warm.clock()
+    run_passes("adamw", warm.model, warm.opt, halves)
+    warm.opt.zero_grad(set_to_none=True)  # no step
+    warm.sync()
+    warm_pass_s = warm.clock() - t0
     real: Dict[str, List[Dict[str, float]]] = {kind: [] for kind in runners}
     for i in range(max(len(p) for p in plans.values())):
         for kind, r in round_order(runners, i):
@@ -558,7 +568,7 @@ def measure_point(runners: Dict[str, Runner], spec: ModelSpec, tokens: int, step
             passes_s, opt_s = r.step(halves)
             real[kind].append({"position": position, "passes_s": passes_s, "opt_s": opt_s, "step_s": passes_s + opt_s,
                                "float32_rotations": r.counter("float32_rotations") - before})  # fmt: skip
-    out: Dict[str, Any] = {"tokens": batch * spec.seq, "batch": batch, "times": {}}
+    out: Dict[str, Any] = {"tokens": batch * spec.seq, "batch": batch, "times": {}, "warm_pass_s": warm_pass_s}
     for kind, r in runners.items():
         steps_s = [s["step_s"] for s in real[kind]]
         res: Dict[str, Any] = {"real_steps": real[kind], "max_step_s": max(steps_s)}

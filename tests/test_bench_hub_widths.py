@@ -236,6 +236,13 @@ def test_whole_cycle_times_one_cycle_from_position_zero_and_reports_it(smoke):
                     f"{t['fop']['whole_ratio_over_amortised']:.3f} |") in table  # fmt: skip
 
 
+def test_every_point_starts_with_one_untimed_pass(smoke):
+    """Before its timed rounds each token count runs one untimed pass of AdamW's model and reports its seconds."""
+    result, _ = smoke
+    for m in result["models"]:
+        assert all(p["warm_pass_s"] > 0 for p in m["points"])
+
+
 def test_warmup_cycles_run_before_the_schedule_window(smoke):
     """``--warmup-cycles N``: K-FAC and FOP take ``N`` whole untimed cycles before the window (their step counter says
     so), and the window still covers every position once; without it the window follows the first step."""
