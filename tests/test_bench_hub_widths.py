@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import List
 
 import pytest
 import torch
@@ -243,14 +244,19 @@ def test_every_point_starts_with_one_untimed_pass(smoke):
         assert all(p["warm_pass_s"] > 0 for p in m["points"])
 
 
-def test_warmup_cycles_run_before_the_schedule_window(smoke):
+def test_warmup_cycles_run_before_the_schedule_window(smoke, monkeypatch):
     """``--warmup-cycles N``: K-FAC and FOP take ``N`` whole untimed cycles before the window (their step counter says
-    so), and the window still covers every position once; without it the window follows the first step."""
+    so), and the window still covers every position once; without it the window follows the first step. AdamW's model
+    runs its passes once in the window, once untimed at the token count and once per real step."""
     result, _ = smoke
     assert result["warmup_cycles"] == 0 and all(m["warmup_steps"] == 0 for m in result["models"])
     spec = hub.SMOKE_SPECS["gpt2-small"]
+    calls: List[str] = []
+    passes = hub.run_passes
+    monkeypatch.setattr(hub, "run_passes", lambda kind, *args: (calls.append(kind), passes(kind, *args)))
     m = hub.measure_model(spec, [SMOKE_TOKENS[0]], 1, torch.device("cpu"), False, hub.CLOCKS["cpu"], warmup_cycles=1)
     assert m["warmup_steps"] == m["cycle_steps"] == 20
+    assert calls.count("adamw") == 3 and len(m["points"][0]["times"]["adamw"]["real_steps"]) == 1
     assert len(m["schedule"]["fop"]["opt_s"]) == m["cycle_steps"] and all(s > 0 for s in m["schedule"]["fop"]["opt_s"])
 
 
