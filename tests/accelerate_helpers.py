@@ -7,7 +7,7 @@ with gradient clipping (``clip=True``: the tests see that clipping acts on ``g_a
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, NoReturn, Optional
 
 import torch
 from accelerate import Accelerator
@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from hf_fop import FOP, FOPConfig
 from hf_fop.integrations.accelerate import attach_accelerate, sub_batches
 from trainer_helpers import digits_dataset, tiny_vit
+from worker_exit import leave_worker
 
 CONFIG = dict(lr=0.05, damping=1e-2, inverse_interval=2, momentum=0.5)
 MAX_GRAD_NORM = 0.1  # small enough that clipping acts on every step of the tests
@@ -99,11 +100,9 @@ def accelerate_loop(
     }
 
 
-def run_worker() -> None:
+def run_worker() -> NoReturn:
     """torchrun entry: the loop on every rank, ``rank{r}.pt`` written per rank."""
     import argparse
-
-    import torch.distributed as dist
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -129,9 +128,7 @@ def run_worker() -> None:
         accelerate_loop(Accelerator(cpu=True), config, opts.batch, 2, checkpoint=ckpt, save_at=2)
         record["resumed"] = accelerate_loop(Accelerator(cpu=True), config, opts.batch, 4, resume=ckpt)
     torch.save(record, os.path.join(opts.out, f"rank{accelerator.process_index}.pt"))
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    leave_worker()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import argparse
 import contextlib
 import os
 import sys
-from typing import Any, Dict, List
+from typing import Any, Dict, List, NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ from torch import Tensor, nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hf_fop import FOP  # noqa: E402
+from worker_exit import leave_worker  # noqa: E402
 
 BATCH = 6
 
@@ -129,7 +130,7 @@ def record(model: nn.Module, opt: FOP) -> Dict[str, Any]:
     }
 
 
-def worker(opts: argparse.Namespace) -> None:
+def worker(opts: argparse.Namespace) -> NoReturn:
     """One rank: trains, records parameters, factors (after a final sync) and bytes handed to collectives per step."""
     import torch.distributed as dist
 
@@ -193,11 +194,10 @@ def worker(opts: argparse.Namespace) -> None:
         out["hook"] = record(hooked[0], hooked[1])
         out["hook"]["bytes"] = hooked[2].bytes_reduced
     torch.save(out, os.path.join(opts.out, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_worker()
 
 
-def specialist_runs(opts: argparse.Namespace) -> None:
+def specialist_runs(opts: argparse.Namespace) -> NoReturn:
     """Several runs in one launch (``--job name,mode,sharding,scenario,resume,save_at[,options]``), then
     ``--eigh_failure``.
 
@@ -254,8 +254,7 @@ def specialist_runs(opts: argparse.Namespace) -> None:
     if opts.bfloat16_answer:
         out["bfloat16_answer"] = bfloat16_answer(rank)
     torch.save(out, os.path.join(opts.out, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_worker()
 
 
 def eigh_failure(rank: int) -> Dict[str, Any]:
@@ -328,7 +327,7 @@ def bfloat16_answer(rank: int) -> Dict[str, bool]:
     return seen
 
 
-def main(argv: Any = None) -> None:
+def main(argv: Any = None) -> NoReturn:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--mode", default="fop", choices=["fop", "kfac"])
@@ -350,10 +349,3 @@ if __name__ == "__main__":
 
     faulthandler.dump_traceback_later(540, exit=True)  # a hang (e.g. a collective one rank skipped) fails with every thread's stack, before the tests' 600 s timeout (generous: a loaded 2-core machine runs these 2-10x slower)
     main()
-    # Every result is saved and the process group destroyed: leave without the interpreter's teardown, where gloo's
-    # and DDP's C++ threads can abort the process ("terminate called without an active exception", SIGABRT; seen
-    # on 3-process runs of a loaded 2-core machine) although the run succeeded. A failure before this line still
-    # exits non-zero, and a missing rank file still fails the test.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)

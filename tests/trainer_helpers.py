@@ -6,7 +6,7 @@ import contextlib
 import importlib.util
 import os
 import sys
-from typing import Any, Callable, Dict, Iterator, List
+from typing import Any, Callable, Dict, Iterator, List, NoReturn
 
 import numpy as np
 import torch
@@ -162,7 +162,7 @@ def count_glue_syncs(step: Callable[[], int]) -> Iterator[Dict[int, List[str]]]:
                 setattr(torch.Tensor, name, original)
 
 
-def run_worker(argv: Any = None) -> None:
+def run_worker(argv: Any = None) -> NoReturn:
     """Entry point of the multi-process tests (started by torchrun / accelerate launch).
 
     Trains a tiny ViT with FOPTrainer on digits and writes, per rank,
@@ -174,6 +174,7 @@ def run_worker(argv: Any = None) -> None:
     import torch.distributed as dist
 
     from hf_fop import FOPTrainer
+    from worker_exit import leave_worker
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -239,9 +240,7 @@ def run_worker(argv: Any = None) -> None:
         "syncs": syncs,
     }
     torch.save(record, os.path.join(opts.out, f"rank{rank}.pt"))
-    if dist.is_initialized():  # tear gloo down before interpreter exit (avoids an abort in its threads)
-        dist.barrier()
-        dist.destroy_process_group()
+    leave_worker()
 
 
 if __name__ == "__main__":
@@ -250,9 +249,3 @@ if __name__ == "__main__":
     faulthandler.dump_traceback_later(540, exit=True)  # a hang (e.g. a collective one rank skipped) fails with every thread's stack, before the tests' 600 s timeout (generous: a loaded 2-core machine runs these 2-10x slower)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     run_worker()
-    # Every result is saved and the process group destroyed: leave without the interpreter's teardown, where gloo's
-    # and DDP's C++ threads can abort or hang the process (seen: a rank idle at exit for 9 minutes on a loaded 2-core
-    # machine after a successful run). A failure before this line still exits non-zero.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
