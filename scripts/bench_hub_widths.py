@@ -129,6 +129,7 @@ from fop_phases import count_ops, split_by_phase  # noqa: E402
 
 from hf_fop import FOP, FOPConfig  # noqa: E402
 from hf_fop.preconditioner import rotation_dtype  # noqa: E402
+from hf_fop.refresh import capture_cost  # noqa: E402
 
 OPTIMIZERS = ("adamw", "kfac", "fop")
 ROTATIONS = {"kfac": 2, "fop": 3}
@@ -355,38 +356,50 @@ def parse_tokens(text: str) -> int:
 
 
 def breakdown(
-    passes_capture_s: float,
-    passes_plain_s: Optional[float],
+    passes: Sequence[Tuple[float, float]],
     passes_shares: Dict[str, float],
+    capture_weights: Sequence[float],
     opt_s: Sequence[float],
-    capture: Sequence[bool],
     opt_shares: Dict[str, float],
     mean_s: float,
 ) -> Dict[str, float]:
     """ms per step, amortised over the cycle, of :data:`PARTS` for K-FAC/FOP; the parts add up to ``mean_s``.
 
-    ``passes_shares``: shares of ``fwd_bwd``, ``capture``, ``sub_batches`` in the profiled passes of a capturing
-    step; ``opt_shares``: shares of ``refresh``, ``precondition``, ``adamw``, ``other`` in the window's
-    ``opt.step()`` time; ``passes_plain_s``: timed passes of a non-capturing step (None when every step captures).
+    ``passes``: ``(seconds, capture weight)`` of the timed real steps' passes; ``passes_shares``: shares of
+    ``fwd_bwd``, ``capture``, ``sub_batches`` in profiled passes that capture every layer; ``capture_weights``: per
+    position of the cycle the fraction of that full capture it does (:func:`capture_weight`: 0 or 1 when every layer
+    captures at once, the slot's share of the cost under ``stagger_capture``); ``opt_shares``: shares of ``refresh``,
+    ``precondition``, ``adamw``, ``other`` in the window's ``opt.step()`` time. Passes of weight ``w`` take ``F (1 +
+    (b + c w) / f)`` with ``F`` the forward+backward and ``f, c, b`` the shares: each timed pass gives one ``F``, the
+    median is used, and the capture is ``F c / f`` times the mean weight.
     """
     n = len(opt_s)
-    n_cap = sum(capture)
-    sub_batches = passes_capture_s * passes_shares["sub_batches"]
-    fwd_bwd_cap = passes_capture_s * passes_shares["fwd_bwd"]
-    fwd_bwd_plain = (passes_plain_s - sub_batches) if passes_plain_s is not None else 0.0
-    passes_total = n_cap * passes_capture_s + (n - n_cap) * (passes_plain_s or 0.0)
+    f, c, b = passes_shares["fwd_bwd"], passes_shares["capture"], passes_shares["sub_batches"]
+    fwd_bwd = statistics.median(s / (1.0 + (b + c * w) / f) for s, w in passes)
     opt_total = sum(opt_s)
     parts = {
-        "fwd_bwd": (n_cap * fwd_bwd_cap + (n - n_cap) * fwd_bwd_plain) / n,
-        "capture": n_cap * passes_capture_s * passes_shares["capture"] / n,
+        "fwd_bwd": fwd_bwd,
+        "capture": fwd_bwd * c / f * statistics.fmean(capture_weights),
         "refresh": opt_total * opt_shares["refresh"] / n,
         "precondition": opt_total * opt_shares["precondition"] / n,
         "adamw": opt_total * opt_shares["adamw"] / n,
     }
     # sub_batches, factors, checks, unscoped opt.step operators, and what the token count adds to opt.step()
-    residue = mean_s - (passes_total + opt_total) / n
-    parts["else"] = sub_batches + opt_total * opt_shares["other"] / n + residue
+    parts["else"] = mean_s - sum(parts.values())
     return {k: 1e3 * v for k, v in parts.items()}
+
+
+def capture_weight(opt: FOP) -> float:
+    """The fraction of a capture of every managed layer that ``opt``'s coming passes do, by
+    :func:`hf_fop.refresh.capture_cost` (0 off capture steps)."""
+    engine = opt.engine
+    if not engine.capture:
+        return 0.0
+    if engine.capture_only is None:
+        return 1.0
+    rows = opt.config.capture_rows
+    due = [layer for layer in engine.layers if layer.name in engine.capture_only]
+    return capture_cost(due, rows) / capture_cost(engine.layers, rows)
 
 
 def shares(table: Dict[str, Dict[str, float]], groups: Dict[str, Sequence[str]]) -> Dict[str, float]:
@@ -439,6 +452,7 @@ class Runner:
     snapshot: Optional[Dict[str, Any]] = None
     opt_s: List[float] = field(default_factory=list)  # window: opt.step() seconds per position
     capture: List[bool] = field(default_factory=list)  # window: whether each position captured
+    capture_weights: List[float] = field(default_factory=list)  # window: capture_weight() of each position
     opt_shares: Dict[str, float] = field(default_factory=dict)  # window: shares of opt.step() time (OPT_GROUPS)
 
     def step(self, halves: Sequence[Dict[str, Tensor]], scope: Optional[str] = None) -> Tuple[float, float]:
@@ -482,7 +496,7 @@ def schedule_window(runners: Sequence[Runner], window_batches: WindowBatches, le
     shares, eigendecompositions and layer steps rotated again in float32."""
     for r in runners:
         _window_step(r, window_batches, length)
-        r.opt_s, r.capture = [0.0] * length, [False] * length
+        r.opt_s, r.capture, r.capture_weights = [0.0] * length, [False] * length, [0.0] * length
     rotated_before = {r.kind: r.counter("float32_rotations") for r in runners}
     with profile(activities=_activities(device)) as prof:
         for i in range(length):
@@ -492,6 +506,8 @@ def schedule_window(runners: Sequence[Runner], window_batches: WindowBatches, le
                     assert position == 0, position
                     r.snapshot = copy.deepcopy(r.opt.state_dict())
                 before = r.counter("factor_updates")
+                if r.kind != "adamw":
+                    r.capture_weights[position] = capture_weight(r.opt)
                 _, r.opt_s[position] = _window_step(r, window_batches, length, scope=f"{OPT_SCOPE}:{r.kind}")
                 r.capture[position] = r.counter("factor_updates") > before
     out = {}
@@ -509,10 +525,12 @@ def schedule_window(runners: Sequence[Runner], window_batches: WindowBatches, le
 
 def profile_passes(r: Runner, halves: Sequence[Dict[str, Tensor]], window_batches: WindowBatches, length: int,
                    device: torch.device) -> Dict[str, Any]:  # fmt: skip
-    """Profile the passes of a capturing step (the first from the snapshot's position 0), then discard them."""
+    """Profile the passes of a capturing step (the first from the snapshot's position 0) with every layer capturing
+    (whatever its slot of ``stagger_capture``), then discard them."""
     r.opt.load_state_dict(r.snapshot)
     while not r.capture[r.position(length)]:
         _window_step(r, window_batches, length)
+    r.opt.engine.capture_only = None  # the shares of a full capture; breakdown() weighs them per position
     r.sync()
     with profile(activities=_activities(device)) as prof:
         with record_function(PASSES_SCOPE):
@@ -584,12 +602,11 @@ def measure_point(runners: Dict[str, Runner], spec: ModelSpec, tokens: int, step
             cyc = amortise(r.opt_s, r.capture, [(s["position"], s["step_s"]) for s in real[kind]])
             res.update(step_s=cyc["mean_s"], median_step_s=cyc["median_s"], cycle_steps_s=cyc["steps_s"],
                        token_part_s=cyc["token_part_s"])  # fmt: skip
-            by_kind = {c: [s["passes_s"] for s in real[kind] if r.capture[s["position"]] == c] for c in (True, False)}
             prof = profile_passes(r, halves, window_batches, length, device)
             res["passes_shares"] = prof["passes_shares"]
             res["breakdown_ms"] = breakdown(
-                statistics.median(by_kind[True]), statistics.median(by_kind[False]) if by_kind[False] else None,
-                prof["passes_shares"], r.opt_s, r.capture, r.opt_shares, cyc["mean_s"],
+                [(s["passes_s"], r.capture_weights[s["position"]]) for s in real[kind]], prof["passes_shares"],
+                r.capture_weights, r.opt_s, r.opt_shares, cyc["mean_s"],
             )  # fmt: skip
             res["skipped_steps"] = r.counter("skipped_steps")
             res["float32_rotations"] = sum(s["float32_rotations"] for s in real[kind])  # layer steps, real steps
@@ -713,6 +730,7 @@ def measure_model(spec: ModelSpec, tokens: Sequence[int], steps: Optional[int], 
                                                                                        (int, float, str, type(None)))},
         "schedule": {
             kind: {"opt_s": runners[kind].opt_s, "capture": runners[kind].capture,
+                   "capture_weights": runners[kind].capture_weights,
                    "eigh_per_cycle": window[kind]["eigh_per_cycle"], "opt_shares": window[kind]["opt_shares"],
                    "float32_rotations": window[kind]["float32_rotations"]}
             for kind in ("kfac", "fop")
@@ -758,17 +776,33 @@ def measure_memory(name: str, tokens: int, args: argparse.Namespace) -> Dict[str
 
 
 # ------------------------------------------------------------------ goals, tables, plot
+OWN_PARTS = ("capture", "refresh", "precondition", "adamw")
+"""The parts of a step that are the optimizer's own work (not the passes, not "else")."""
+
+
+def by_parts(point: Dict[str, Any], kind: str) -> float:
+    """``1 + (capture + refresh + rotations and coefficients + AdamW part of kind) / AdamW's step``: the ratio to AdamW
+    with the passes taken as equal. Every optimizer runs the same passes, but at 32k tokens single passes of one
+    process spread by 10-25% on a 2-core CPU, which the measured ratio carries and this one does not. AdamW's own
+    update stays in the denominator only (so the figure errs high by that part, a few tenths of a percent)."""
+    own = point["times"][kind]["breakdown_ms"]
+    return 1.0 + sum(own[k] for k in OWN_PARTS) / (1e3 * point["times"]["adamw"]["step_s"])
+
+
 def goals(models: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Each goal of :data:`GOALS` at each point it applies to: value, bound, met."""
+    """Each goal of :data:`GOALS` at each point it applies to: value, bound, met. The 32k goals are stated twice:
+    measured and :func:`by_parts`."""
     out = []
     for m in models:
         for p in m["points"]:
             where = {"model": m["model"], "tokens": p["tokens"]}
             if m["spec"]["hidden"] == 768 and p["tokens"] >= GOAL_TOKENS * 0.99:
-                out.append({**where, "goal": "fop_over_adamw", "value": p["fop_over_adamw"],
-                            "bound": GOALS["fop_over_adamw_32k"]})  # fmt: skip
-                out.append({**where, "goal": "kfac_over_adamw", "value": p["kfac_over_adamw"],
-                            "bound": GOALS["kfac_over_adamw_32k"]})  # fmt: skip
+                for kind in ("fop", "kfac"):
+                    bound = GOALS[f"{kind}_over_adamw_32k"]
+                    out.append({**where, "goal": f"{kind}_over_adamw", "value": p[f"{kind}_over_adamw"],
+                                "bound": bound})  # fmt: skip
+                    out.append({**where, "goal": f"{kind}_over_adamw by the parts", "value": by_parts(p, kind),
+                                "bound": bound})  # fmt: skip
             out.append({**where, "goal": "fop_over_adamw <= 1.15 (1 + limit)", "value": p["fop_over_adamw"],
                         "bound": p["fop_over_adamw_bound"]})  # fmt: skip
             for kind in OPTIMIZERS:
@@ -789,19 +823,22 @@ def markdown(result: Dict[str, Any]) -> str:
                 if result.get("config_overrides") else "the shipped FOPConfig defaults.")
              + (f" Schedule window after {result['warmup_cycles']} untimed cycles." if result.get("warmup_cycles")
                 else ""), "",
-             "| model | tokens (batch) | AdamW ms | K-FAC ms | FOP ms | FOP/AdamW | K-FAC/AdamW | limit FOP "
-             "| limit K-FAC | FOP/AdamW bound | max/median AdamW, K-FAC, FOP |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| model | tokens (batch) | AdamW ms | K-FAC ms | FOP ms | FOP/AdamW | K-FAC/AdamW | by the parts FOP, "
+             "K-FAC | limit FOP | limit K-FAC | FOP/AdamW bound | max/median AdamW, K-FAC, FOP |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for m in result["models"]:
         for p in m["points"]:
             t = p["times"]
             lines.append(
                 f"| {m['model']} | {p['tokens']} ({p['batch']}) | {1e3 * t['adamw']['step_s']:.0f} | "
                 f"{1e3 * t['kfac']['step_s']:.0f} | {1e3 * t['fop']['step_s']:.0f} | {p['fop_over_adamw']:.3f} | "
-                f"{p['kfac_over_adamw']:.3f} | {p['rotation_limit_fop']:.3f} | {p['rotation_limit_kfac']:.3f} | "
+                f"{p['kfac_over_adamw']:.3f} | {by_parts(p, 'fop'):.3f}, {by_parts(p, 'kfac'):.3f} | "
+                f"{p['rotation_limit_fop']:.3f} | {p['rotation_limit_kfac']:.3f} | "
                 f"{p['fop_over_adamw_bound']:.3f} | "
                 + ", ".join(f"{t[k]['max_over_median']:.2f}" for k in OPTIMIZERS) + " |")  # fmt: skip
-    lines += ["", "Where the time goes, ms per step amortised over the cycle:", "",
+    lines += ["", "By the parts: 1 + (capture + refresh + rotations and coefficients + AdamW part) / AdamW's step, the "
+              "passes taken as equal (single passes of the same work spread by 10-25% at 32k tokens on a small CPU).",
+              "", "Where the time goes, ms per step amortised over the cycle:", "",
               "| model | tokens | optimizer | ms/step | " + " | ".join(PART_TITLES) + " |",
               "|---|---|---|---|" + "---|" * len(PARTS)]  # fmt: skip
     for m in result["models"]:

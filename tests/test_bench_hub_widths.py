@@ -2,11 +2,13 @@
 widths, argument errors, and one end-to-end smoke run at tiny widths (JSON contract, the whole-cycle check times one
 cycle, outputs). Not a timing test: no assertion depends on how long anything took."""
 
+import copy
 import json
 import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import List
 
@@ -72,16 +74,106 @@ def test_cycle_is_the_lcm_of_the_intervals():
 
 
 def test_breakdown_adds_up_to_the_cycle_mean():
-    opt_s, capture = [1.0, 0.2, 0.2, 0.2], [True, False, True, False]
-    passes_shares = {"fwd_bwd": 0.6, "capture": 0.3, "sub_batches": 0.1}
+    # profiled passes that capture every layer: forward+backward 0.6, capture 0.3, sub-batch bookkeeping 0.1
+    shares = {"fwd_bwd": 0.6, "capture": 0.3, "sub_batches": 0.1}
+    fwd_bwd = 1.2
+    weights = [1.0, 0.0, 0.5, 0.0]  # position 0 captures every layer, position 2 half of the capture's cost
+
+    def passes(w: float) -> float:
+        return fwd_bwd * (1 + (0.1 + 0.3 * w) / 0.6)
+
+    real = [(passes(1.0), 1.0), (passes(0.0), 0.0), (passes(0.5), 0.5)]
+    opt_s = [1.0, 0.2, 0.2, 0.2]
     opt_shares = {"refresh": 0.5, "precondition": 0.3, "adamw": 0.1, "other": 0.1}
-    mean = (2.0 + 1.0 + 1.5 + 1.0 + 1.5 + 0.2 + 1.0) / 4  # passes 2.0 (capture) / 1.5 (plain), opt_s, +0.2 residue
-    parts = hub.breakdown(2.0, 1.5, passes_shares, opt_s, capture, opt_shares, mean)
+    mean = statistics.fmean(passes(w) for w in weights) + sum(opt_s) / 4 + 0.05  # + a residue of 50 ms
+    parts = hub.breakdown(real, shares, weights, opt_s, opt_shares, mean)
     assert set(parts) == set(hub.PARTS)
     assert sum(parts.values()) == pytest.approx(1e3 * mean)
-    assert parts["capture"] == pytest.approx(1e3 * 2 * 2.0 * 0.3 / 4)  # only the 2 capturing steps
+    assert parts["fwd_bwd"] == pytest.approx(1e3 * fwd_bwd)  # every timed pass gives the same F
+    assert parts["capture"] == pytest.approx(1e3 * fwd_bwd * 0.5 * 1.5 / 4)  # F c/f, times the mean weight
     assert parts["refresh"] == pytest.approx(1e3 * 1.6 * 0.5 / 4)
-    assert parts["fwd_bwd"] == pytest.approx(1e3 * (2 * 1.2 + 2 * (1.5 - 0.2)) / 4)
+    assert parts["else"] == pytest.approx(1e3 * (fwd_bwd * 0.1 / 0.6 + 1.6 * 0.1 / 4 + 0.05))
+
+
+@pytest.mark.parametrize("stagger", [True, False])
+def test_capture_weight_is_each_steps_share_of_a_full_capture(stagger):
+    spec = hub.SMOKE_SPECS["bert-base"]
+    model = hub.build_model(spec, torch.device("cpu"))
+    opt = FOP(model, mode="kfac", factor_interval=4, inverse_interval=4, stagger_capture=stagger)
+    halves = hub.split_halves(hub.make_batch(spec, 4, torch.device("cpu")))
+    weights, by_hand = [], []
+    for _ in range(12):
+        weights.append(hub.capture_weight(opt))
+        layers, due = opt.engine.layers, opt.engine.capture_only
+        captured = [lay for lay in layers if due is None or lay.name in due] if opt.engine.capture else []
+        square = [lay.in_dim**2 + lay.out_dim**2 for lay in captured]  # a layer's capture costs R (d_A^2 + d_S^2)
+        by_hand.append(sum(square) / sum(lay.in_dim**2 + lay.out_dim**2 for lay in layers))
+        hub.run_passes("kfac", model, opt, halves)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert weights == pytest.approx(by_hand)
+    assert weights[0] == 1.0  # the first step captures every layer (no factors yet)
+    if stagger:  # each layer once per factor interval: the weights of one interval add up to one full capture
+        assert 0 < min(weights[4:]) and max(weights[4:]) < 1
+        assert sum(weights[4:8]) == pytest.approx(1.0)
+        assert weights[4:8] == weights[8:12]  # the same slots every interval
+    else:
+        assert weights == [1.0, 0.0, 0.0, 0.0] * 3
+
+
+def test_profiled_passes_capture_every_layer(monkeypatch):
+    spec, cpu = hub.SMOKE_SPECS["bert-base"], torch.device("cpu")
+    model = hub.build_model(spec, cpu)
+    opt = FOP(model, mode="kfac", factor_interval=4, inverse_interval=4, stagger_capture=True)
+    runner = hub.Runner("kfac", model, opt, lambda: None, time.perf_counter)
+    batches = [hub.split_halves(hub.make_batch(spec, 4, cpu, seed=i)) for i in range(4)]
+    seen = []
+    run_passes = hub.run_passes
+
+    def spy(kind, model, opt, halves):
+        seen.append((opt.engine.capture, opt.engine.capture_only))
+        run_passes(kind, model, opt, halves)
+
+    monkeypatch.setattr(hub, "run_passes", spy)
+    for _ in range(4):  # one factor interval: then every layer has factors and captures on its slot only
+        hub._window_step(runner, batches, 4)
+    runner.snapshot, runner.capture = copy.deepcopy(opt.state_dict()), [True] * 4
+    for _ in range(4):
+        hub._window_step(runner, batches, 4)
+    assert all(capture and only is not None for capture, only in seen[4:])  # the slots: a subset each step
+    hub.profile_passes(runner, batches[0], batches, 4, cpu)
+    assert seen[-1] == (True, None)  # the profiled passes: every layer
+
+
+def _point(tokens: int, steps_s: dict, own_ms: dict) -> dict:
+    """A measured point as the script stores it: step seconds per optimizer, K-FAC/FOP parts from ``own_ms``."""
+    times = {}
+    for kind, step in steps_s.items():
+        parts = dict.fromkeys(hub.PARTS, 0.0)
+        parts.update(own_ms.get(kind, {}))
+        parts["fwd_bwd"] = 1e3 * step - sum(parts.values())
+        times[kind] = {"step_s": step, "breakdown_ms": parts, "max_over_median": 1.0}
+    return {"tokens": tokens, "times": times, "fop_over_adamw": steps_s["fop"] / steps_s["adamw"],
+            "kfac_over_adamw": steps_s["kfac"] / steps_s["adamw"], "fop_over_adamw_bound": 1.25}  # fmt: skip
+
+
+def test_by_parts_adds_only_the_optimizers_own_parts_to_adamws_step():
+    # FOP's passes came out 4 s slower than AdamW's for the same work: the measured ratio carries that, the parts not
+    own = {"fop": {"capture": 500.0, "refresh": 300.0, "precondition": 1200.0, "adamw": 100.0, "else": 900.0},
+           "kfac": {"capture": 500.0, "refresh": 300.0, "precondition": 700.0, "adamw": 100.0},
+           "adamw": {"adamw": 200.0}}  # fmt: skip
+    point = _point(32768, {"adamw": 20.0, "kfac": 21.0, "fop": 25.0}, own)
+    assert hub.by_parts(point, "fop") == pytest.approx(1 + 2100 / 20000)  # "else" and the passes left out
+    assert hub.by_parts(point, "kfac") == pytest.approx(1 + 1600 / 20000)
+    model = {"model": "bert-base", "spec": {"hidden": 768}, "points": [point]}
+    rows = {g["goal"]: g for g in hub.goals([model])}
+    assert rows["fop_over_adamw"]["value"] == pytest.approx(1.25) and not rows["fop_over_adamw"]["met"]
+    assert rows["fop_over_adamw by the parts"]["value"] == pytest.approx(1.105)
+    assert rows["fop_over_adamw by the parts"]["met"] and rows["fop_over_adamw by the parts"]["bound"] == 1.15
+    assert rows["kfac_over_adamw by the parts"]["value"] == pytest.approx(1.08)
+    assert rows["kfac_over_adamw by the parts"]["bound"] == 1.10
+    small = {"model": "minilm", "spec": {"hidden": 384}, "points": [point]}  # the 32k goals are the 768-wide models'
+    assert not any("by the parts" in g["goal"] for g in hub.goals([small]))
 
 
 def test_tokens_map_to_the_batches_of_the_issue():
@@ -171,7 +263,9 @@ def test_smoke_json_has_every_field_and_consistent_ratios(smoke):
         assert length == hub.cycle_steps(FOPConfig(**intervals))
         for kind in ("kfac", "fop"):
             s = m["schedule"][kind]
-            assert len(s["opt_s"]) == len(s["capture"]) == length
+            assert len(s["opt_s"]) == len(s["capture"]) == len(s["capture_weights"]) == length
+            # each layer captured once per factor interval, staggered or not: the cycle's weights add up to that count
+            assert sum(s["capture_weights"]) == pytest.approx(length / m["config"]["factor_interval"])
             # every factor of every layer decomposed once per inverse interval: the window held one whole cycle
             assert s["eigh_per_cycle"] == 2 * m["managed_layers"] * length // m["config"]["inverse_interval"]
         assert m["state_bytes"]["fop"] > m["state_bytes"]["adamw"] > 0
