@@ -172,8 +172,11 @@ def test_by_parts_adds_only_the_optimizers_own_parts_to_adamws_step():
     assert rows["fop_over_adamw by the parts"]["met"] and rows["fop_over_adamw by the parts"]["bound"] == 1.15
     assert rows["kfac_over_adamw by the parts"]["value"] == pytest.approx(1.08)
     assert rows["kfac_over_adamw by the parts"]["bound"] == 1.10
+    limit = rows["fop_over_adamw <= 1.15 (1 + limit) by the parts"]
+    assert limit["value"] == pytest.approx(1.105) and limit["bound"] == 1.25 and limit["met"]
     small = {"model": "minilm", "spec": {"hidden": 384}, "points": [point]}  # the 32k goals are the 768-wide models'
-    assert not any("by the parts" in g["goal"] for g in hub.goals([small]))
+    assert [g["goal"] for g in hub.goals([small]) if "by the parts" in g["goal"]] == [
+        "fop_over_adamw <= 1.15 (1 + limit) by the parts"]
 
 
 def test_tokens_map_to_the_batches_of_the_issue():
