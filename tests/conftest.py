@@ -6,6 +6,7 @@ collected first and the short ones fill the end: both workers finish at about th
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List
@@ -16,6 +17,10 @@ import pytest
 # (bench_lib) beside theirs
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+
+# child processes (examples, scripts, launchers) import this tree's hf_fop, not whatever an install left on the path
+_ROOT = str(Path(__file__).resolve().parent.parent)
+os.environ["PYTHONPATH"] = os.pathsep.join([_ROOT] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
 
 LONG_MODULES = ("test_distributed.py", "test_examples.py", "test_accelerate_loop.py")
 """Modules made mostly of real 2- and 3-process runs."""
