@@ -327,15 +327,17 @@ def amortise(opt_s: Sequence[float], capture: Sequence[bool], real: Sequence[Tup
     }
 
 
-def positions_to_measure(opt_s: Sequence[float], capture: Sequence[bool], steps: int) -> List[int]:
-    """Cycle positions of the real steps: ``0 .. steps-1``, the position with the largest ``opt.step()`` and one
-    position of each kind (capturing or not) when missing, in increasing order."""
-    chosen = set(range(min(steps, len(opt_s))))
-    chosen.add(max(range(len(opt_s)), key=lambda p: opt_s[p]))
+def positions_to_measure(opt_s: Sequence[float], capture: Sequence[bool], steps: int, start: int = 0) -> List[int]:
+    """Cycle positions of the real steps: the window's first ``steps`` (from ``start``), the position with the largest
+    ``opt.step()`` and one position of each kind (capturing or not) when missing, in the window's order (from
+    ``start``, so that the real steps replay the window's cycle from its snapshot)."""
+    length = len(opt_s)
+    chosen = {(start + k) % length for k in range(min(steps, length))}
+    chosen.add(max(range(length), key=lambda p: opt_s[p]))
     for kind in set(capture):
         if not any(capture[p] == kind for p in chosen):
             chosen.add(capture.index(kind))
-    return sorted(chosen)
+    return sorted(chosen, key=lambda p: (p - start) % length)
 
 
 def default_steps(tokens: int) -> int:
@@ -454,6 +456,8 @@ class Runner:
     capture: List[bool] = field(default_factory=list)  # window: whether each position captured
     capture_weights: List[float] = field(default_factory=list)  # window: capture_weight() of each position
     opt_shares: Dict[str, float] = field(default_factory=dict)  # window: shares of opt.step() time (OPT_GROUPS)
+    start: int = 0  # window: its first position, where the snapshot was taken
+    steps_at: Dict[str, int] = field(default_factory=dict)  # global steps of the window's first step and the snapshot
 
     def step(self, halves: Sequence[Dict[str, Tensor]], scope: Optional[str] = None) -> Tuple[float, float]:
         """One step; returns (passes seconds, opt.step + zero_grad seconds); ``scope`` wraps opt.step for profiles."""
@@ -492,19 +496,22 @@ def _window_step(r: Runner, window_batches: WindowBatches, length: int, scope: O
 def schedule_window(runners: Sequence[Runner], window_batches: WindowBatches, length: int,
                     device: torch.device) -> Dict[str, Dict[str, Any]]:  # fmt: skip
     """Warm-up step, then ``length`` profiled steps on the ``window_batches`` (every position once, interleaved); fills
-    each runner's ``opt_s``, ``capture`` and ``snapshot`` (state at position 0). Returns per kind the window's phase
-    shares, eigendecompositions and layer steps rotated again in float32."""
+    each runner's ``opt_s``, ``capture``, ``snapshot`` and ``start`` (state and position at the window's first step)
+    and ``steps_at``. Returns per kind the window's phase shares, eigendecompositions and layer steps rotated again in
+    float32."""
     for r in runners:
         _window_step(r, window_batches, length)
         r.opt_s, r.capture, r.capture_weights = [0.0] * length, [False] * length, [0.0] * length
+        r.steps_at = {"window_first": r.opt.global_step}
     rotated_before = {r.kind: r.counter("float32_rotations") for r in runners}
     with profile(activities=_activities(device)) as prof:
         for i in range(length):
             for r in runners:
                 position = r.position(length)
-                if i == length - 1:
-                    assert position == 0, position
-                    r.snapshot = copy.deepcopy(r.opt.state_dict())
+                if i == 0:  # the real steps replay this cycle: with block_refresh "round" / "adaptive" each cycle's
+                    # refresh work differs, so a later cycle's steps at a position need not cost what the window's did
+                    r.snapshot, r.start = copy.deepcopy(r.opt.state_dict()), position
+                    r.steps_at["snapshot"] = r.opt.global_step
                 before = r.counter("factor_updates")
                 if r.kind != "adamw":
                     r.capture_weights[position] = capture_weight(r.opt)
@@ -525,7 +532,7 @@ def schedule_window(runners: Sequence[Runner], window_batches: WindowBatches, le
 
 def profile_passes(r: Runner, halves: Sequence[Dict[str, Tensor]], window_batches: WindowBatches, length: int,
                    device: torch.device) -> Dict[str, Any]:  # fmt: skip
-    """Profile the passes of a capturing step (the first from the snapshot's position 0) with every layer capturing
+    """Profile the passes of a capturing step (the first from the snapshot's position) with every layer capturing
     (whatever its slot of ``stagger_capture``), then discard them."""
     r.opt.load_state_dict(r.snapshot)
     while not r.capture[r.position(length)]:
@@ -563,7 +570,7 @@ def measure_point(runners: Dict[str, Runner], spec: ModelSpec, tokens: int, step
             plans[kind] = list(range(steps))
         else:
             r.opt.load_state_dict(r.snapshot)
-            plans[kind] = positions_to_measure(r.opt_s, r.capture, steps)
+            plans[kind] = positions_to_measure(r.opt_s, r.capture, steps, r.start)
     # one untimed pass first: the process's first passes at a new token count take up to 40% longer (fresh memory for
     # the larger activations), and without it that fell on the round's first optimizer, AdamW (docs/performance.md)
     warm = runners["adamw"]
@@ -626,7 +633,8 @@ def measure_point(runners: Dict[str, Runner], spec: ModelSpec, tokens: int, step
 
 def measure_whole_cycle(runners: Dict[str, Runner], halves: Sequence[Dict[str, Tensor]], length: int,
                         out: Dict[str, Any]) -> None:  # fmt: skip
-    """``length`` consecutive real steps of each optimizer (round-robin; K-FAC and FOP from position 0): their mean
+    """``length`` consecutive real steps of each optimizer (round-robin; K-FAC and FOP from the window's snapshot,
+    replaying its cycle): their mean
     ``whole_cycle_s``, and for K-FAC/FOP ``whole_cycle_over_amortised`` (against ``step_s``),
     ``whole_ratio_over_amortised`` (their /AdamW ratio measured so, against the composed one) and what the timed
     steps did (``whole_cycle_positions``, ``whole_cycle_captures``, ``whole_cycle_refreshes``: one cycle's worth).
@@ -730,7 +738,8 @@ def measure_model(spec: ModelSpec, tokens: Sequence[int], steps: Optional[int], 
                                                                                        (int, float, str, type(None)))},
         "schedule": {
             kind: {"opt_s": runners[kind].opt_s, "capture": runners[kind].capture,
-                   "capture_weights": runners[kind].capture_weights,
+                   "capture_weights": runners[kind].capture_weights, "window_start": runners[kind].start,
+                   "steps_at": runners[kind].steps_at,
                    "eigh_per_cycle": window[kind]["eigh_per_cycle"], "opt_shares": window[kind]["opt_shares"],
                    "float32_rotations": window[kind]["float32_rotations"]}
             for kind in ("kfac", "fop")

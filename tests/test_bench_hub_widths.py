@@ -59,6 +59,9 @@ def test_positions_cover_the_heaviest_step_and_both_kinds():
     assert hub.positions_to_measure(opt_s, capture, 1) == [0, 1, 2]
     assert hub.positions_to_measure(opt_s, [True] * 6, 2) == [0, 1, 2]
     assert hub.positions_to_measure([5.0, 1.0, 1.0], [True] * 3, 2) == [0, 1]
+    # a window that began at position 4: its first steps, in its order (4, 5, then 0 .. 3)
+    assert hub.positions_to_measure(opt_s, capture, 2, start=4) == [4, 5, 2]
+    assert hub.positions_to_measure(opt_s, [True] * 6, 3, start=5) == [5, 0, 1, 2]
 
 
 def test_each_round_of_the_round_robin_starts_with_the_next_optimizer():
@@ -320,8 +323,13 @@ def test_whole_cycle_times_one_cycle_from_position_zero_and_reports_it(smoke):
             assert len(t["adamw"]["whole_cycle_steps"]) == length
             for kind in ("kfac", "fop"):
                 res, schedule = t[kind], m["schedule"][kind]
-                # one whole cycle: every position once from 0, each capture and each inverse cycle of the window
-                assert res["whole_cycle_positions"] == list(range(length))
+                # one whole cycle: every position once from the window's start, each capture and inverse cycle of it
+                start = schedule["window_start"]
+                assert schedule["steps_at"]["snapshot"] == schedule["steps_at"]["window_first"]
+                assert res["whole_cycle_positions"] == [(start + k) % length for k in range(length)]
+                # the real steps replay the window's cycle: its positions in the window's order
+                positions = [s["position"] for s in res["real_steps"]]
+                assert positions == sorted(positions, key=lambda q: (q - start) % length) and positions[0] == start
                 assert res["whole_cycle_captures"] == sum(schedule["capture"])
                 assert res["whole_cycle_refreshes"] == length // m["config"]["inverse_interval"]
                 steps = res["whole_cycle_steps"]
