@@ -124,6 +124,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_lib.common import parse_config_overrides  # noqa: E402
+from bench_lib.rotations import ROTATIONS, counted_flops, rotation_flops, rotation_limit  # noqa: E402
 from bench_step import _positive, _proc_status_bytes, peak_and_state, state_bytes  # noqa: E402
 from fop_phases import count_ops, split_by_phase  # noqa: E402
 
@@ -132,8 +133,6 @@ from hf_fop.preconditioner import rotation_dtype  # noqa: E402
 from hf_fop.refresh import capture_cost  # noqa: E402
 
 OPTIMIZERS = ("adamw", "kfac", "fop")
-ROTATIONS = {"kfac": 2, "fop": 3}
-"""Rotations per managed layer and step: K-FAC rotates g_avg in and the direction out; FOP also rotates g1 - g2 in."""
 ADAMW_LR = 1e-4
 GOALS = {"fop_over_adamw_32k": 1.15, "kfac_over_adamw_32k": 1.10, "fop_over_limit": 1.15, "max_over_median": 1.5}
 """Issue 16: at 32k tokens (768-wide models) FOP/AdamW <= 1.15 and K-FAC/AdamW <= 1.10; everywhere FOP/AdamW <=
@@ -291,17 +290,6 @@ def cycle_steps(config: FOPConfig) -> int:
 
 
 # ------------------------------------------------------------------ pure arithmetic
-def rotation_flops(dims: Sequence[Tuple[int, int]], rotations: int) -> int:
-    """FLOPs of ``rotations`` eigenbasis rotations of every layer ``(d_in, d_out)``: ``2 d_in d_out (d_in + d_out)``
-    each (``Q_S^T G`` and ``(.) Q_A``, two GEMMs)."""
-    return sum(rotations * 2 * d_in * d_out * (d_in + d_out) for d_in, d_out in dims)
-
-
-def rotation_limit(dims: Sequence[Tuple[int, int]], rotations: int, passes_flops: float) -> float:
-    """Rotation FLOPs per step over the FLOPs of the AdamW step's passes (dimensionless)."""
-    return rotation_flops(dims, rotations) / passes_flops
-
-
 def amortise(opt_s: Sequence[float], capture: Sequence[bool], real: Sequence[Tuple[int, float]]) -> Dict[str, Any]:
     """Cycle figures from the schedule window and real steps (seconds).
 
@@ -669,14 +657,15 @@ def measure_whole_cycle(runners: Dict[str, Runner], halves: Sequence[Dict[str, T
 
 def passes_flops(spec: ModelSpec, model: nn.Module, device: torch.device) -> float:
     """FLOPs of the AdamW step's passes per example (``FlopCounterMode`` over a 2-example step, halved)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     halves = split_halves(make_batch(spec, 2, device, seed=2))
-    with FlopCounterMode(display=False) as counter:
+
+    def passes() -> None:
         for inputs in halves:
             (model(**inputs).loss / 2).backward()
+
+    flops = counted_flops(passes)
     model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / 2
+    return flops / 2
 
 
 def measure_model(spec: ModelSpec, tokens: Sequence[int], steps: Optional[int], device: torch.device,

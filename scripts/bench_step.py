@@ -51,6 +51,11 @@ graphs dynamo compiled in that optimizer's process
 during the timed cycles (recompiles; 0 when the warm-up compiled everything).
 The results go under ``compiled`` in the JSON, next to the eager ones.
 
+The headline's **rotation limit** (``rotation_limit_fop``, ``rotation_limit_kfac``; :mod:`bench_lib.rotations`, as
+``bench_hub_widths.py`` computes it) is the FLOPs of the eigenbasis rotations per step over the FLOPs of AdamW's two
+half-batch passes: the least the method's own products add where they run at the passes' FLOP rate.
+``fop_over_limit`` is FOP/AdamW over ``1 + rotation_limit_fop``, checked against issue 16's "everywhere" goal (1.15).
+
 Ends by printing one JSON line (``fop_over_adamw``, ``fop_over_kfac``,
 ``kfac_over_adamw`` at interval 10, ...). Usage::
 
@@ -81,10 +86,14 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_lib.rotations import ROTATIONS, counted_flops, rotation_limit  # noqa: E402
+
 from hf_fop import FOP  # noqa: E402
 
 OPTIMIZERS = ("adamw", "kfac", "fop")
-GOALS = {"fop_over_adamw": 1.15, "fop_over_kfac": 1.05, "peak_fop_over_adamw": 1.3}
+GOALS = {"fop_over_adamw": 1.15, "fop_over_kfac": 1.05, "fop_over_limit": 1.15, "peak_fop_over_adamw": 1.3}
+"""Issue 2's headline goals (FOP/AdamW <= 1.15, FOP/K-FAC <= 1.05, peak memory FOP/AdamW <= 1.3) and issue 16's
+"everywhere" goal at the headline's shape: FOP/AdamW <= 1.15 (1 + FOP's rotation limit)."""
 
 
 @dataclass(frozen=True)
@@ -424,6 +433,19 @@ def measure_compiled(
                     process.terminate()
 
 
+def rotation_limits(shape: Shape, device: torch.device) -> Dict[str, float]:
+    """``rotation_limit_<kind>``: K-FAC's and FOP's rotation FLOPs per step over the FLOPs of AdamW's two half-batch
+    passes at ``shape`` (:mod:`bench_lib.rotations`; the managed layers' sides from a FOP on the same model)."""
+    model = build_model(shape, device)
+    x, y = make_batch(shape, device)
+    flops = counted_flops(make_step("adamw", model, make_optimizer("adamw", model, 1), x, y))
+    fop = make_optimizer("fop", model, 1)
+    assert isinstance(fop, FOP)
+    dims = [(layer.in_dim, layer.out_dim) for layer in fop.layers]
+    fop.release()
+    return {f"rotation_limit_{kind}": rotation_limit(dims, count, flops) for kind, count in ROTATIONS.items()}
+
+
 def ratios(point: Dict[str, Dict[str, float]]) -> Dict[str, float]:
     t = {k: v["step_s"] for k, v in point.items()}
     out = {
@@ -555,7 +577,8 @@ def markdown(result: Dict[str, Any]) -> str:
                      f"{1e3 * t['median_step_s']:.1f} | {t['state_bytes'] / 2**20:.2f} |")  # fmt: skip
     lines += ["", "| ratio | value | goal | met |", "|---|---|---|---|"]
     for key in ("fop_over_adamw", "fop_over_kfac", "kfac_over_adamw", "fop_over_adamw_full", "adamw_halves_over_full",
-                "peak_fop_over_adamw", "peak_kfac_over_adamw", "state_fop_over_adamw"):  # fmt: skip
+                "rotation_limit_fop", "rotation_limit_kfac", "fop_over_limit", "peak_fop_over_adamw",
+                "peak_kfac_over_adamw", "state_fop_over_adamw"):  # fmt: skip
         if key in result:
             goal = GOALS.get(key)
             over = f"no (+{100 * (result[key] / goal - 1):.0f}%)" if goal is not None else ""
@@ -732,9 +755,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "times": head,
     }
     result.update(ratios(head))
+    result.update(rotation_limits(shape, device))
+    result["fop_over_limit"] = result["fop_over_adamw"] / (1 + result["rotation_limit_fop"])
     for kind, res in head.items():
         print(f"# {kind:10s} {1e3 * res['step_s']:8.1f} ms/step (passes {1e3 * res['passes_s']:.1f}, "
               f"opt.step {1e3 * res['opt_step_s']:.1f})", file=sys.stderr)  # fmt: skip
+    print(f"# rotation limit FOP {result['rotation_limit_fop']:.3f}, K-FAC {result['rotation_limit_kfac']:.3f}: "
+          f"FOP/AdamW {result['fop_over_adamw']:.3f} = {result['fop_over_limit']:.3f} x (1 + limit)", file=sys.stderr)
     if args.compile:
         compiled = measure_compiled(shape, OPTIMIZERS, interval, cycles, device, args.compile_backend, factor_interval,
                                     flush_denormal=not args.keep_denormals)  # fmt: skip

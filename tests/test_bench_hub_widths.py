@@ -27,17 +27,6 @@ SMOKE_TOKENS = (512, 1024)
 
 
 # ------------------------------------------------------------------ pure arithmetic
-def test_rotation_limit_of_one_bert_base_attention_layer_by_hand():
-    dims = [(769, 768)]  # a 768 -> 768 Linear with bias: A is 769 x 769, S 768 x 768
-    one_rotation = 2 * 769 * 768 * (769 + 768)  # Q_S^T G: 2 * 768^2 * 769, then (.) Q_A: 2 * 768 * 769^2
-    assert one_rotation == 2 * 768 * 768 * 769 + 2 * 768 * 769 * 769
-    passes = 6.0 * 2048 * 769 * 768  # the layer's forward+backward at 2k tokens
-    assert hub.rotation_flops(dims, hub.ROTATIONS["fop"]) == 3 * one_rotation
-    assert hub.rotation_limit(dims, hub.ROTATIONS["fop"], passes) == pytest.approx(3 * one_rotation / passes)
-    assert hub.rotation_limit(dims, hub.ROTATIONS["kfac"], passes) == pytest.approx(2 * one_rotation / passes)
-    assert 3 * one_rotation / passes == pytest.approx(3 * 2 * 1537 / (6 * 2048))  # = 0.75: d_in + d_out over 2 T
-
-
 def test_amortise_composes_every_position_of_the_cycle():
     # position 0 refreshes (opt.step 10 s), the others 1 s; every step captures; real steps at 0 and 1
     cyc = hub.amortise([10.0, 1.0, 1.0, 1.0], [True] * 4, [(0, 15.0), (1, 6.0)])

@@ -62,7 +62,11 @@ def test_smoke_run_reports_ratios_memory_and_sweep(tmp_path):
     mem = result["memory"]
     assert all(mem[k]["peak_bytes"] > 0 for k in ("adamw", "kfac", "fop"))
     assert result["peak_fop_over_adamw"] == pytest.approx(mem["fop"]["peak_bytes"] / mem["adamw"]["peak_bytes"])
-    assert set(result["goals"]) == {"fop_over_adamw", "fop_over_kfac", "peak_fop_over_adamw"}
+    assert result["fop_over_limit"] == pytest.approx(result["fop_over_adamw"] / (1 + result["rotation_limit_fop"]))
+    assert result["rotation_limit_fop"] == pytest.approx(1.5 * result["rotation_limit_kfac"])  # 3 rotations against 2
+    assert set(result["goals"]) == {"fop_over_adamw", "fop_over_kfac", "fop_over_limit", "peak_fop_over_adamw"}
+    assert result["goals"]["fop_over_limit"] == {"goal": 1.15, "value": result["fop_over_limit"],
+                                                 "met": result["fop_over_limit"] <= 1.15}  # fmt: skip
     assert {(p["batch"], p["interval"]) for p in result["sweep"]["batch"]} == {(b, k) for b in (4, 8) for k in (2,)}
     assert {(p["hidden"], p["interval"]) for p in result["sweep"]["hidden"]} == {(h, k) for h in (16, 32) for k in (2,)}
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -140,6 +144,25 @@ def test_compiled_timing_counts_the_graphs_compiled_after_the_warm_up_cycle(new_
     times = runner.summary()
     assert (times["graphs"], times["timed_graphs"], times["timed_steps"]) == (2, timed_graphs, 2)
     assert len(compiled) == 2  # the model went through the given backend
+
+
+def test_rotation_limits_of_the_smoke_vit_by_hand():
+    """The smoke ViT's managed layers (d_in with the bias column, d_out) written out; the passes' FLOPs counted by
+    torch's FlopCounterMode over AdamW's two half-batch passes."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    shape = bench_step.SMOKE["shape"]  # hidden 32, one block, MLP 128, 8 x 8 patches of 3 channels, 10 classes
+    dims = [(3 * 8 * 8 + 1, 32)] + [(33, 32)] * 4 + [(33, 128), (129, 32), (33, 10)]
+    one_each = sum(2 * d_in * d_out * (d_in + d_out) for d_in, d_out in dims)
+    model = bench_step.build_model(shape, torch.device("cpu"))
+    x, y = bench_step.make_batch(shape, torch.device("cpu"))
+    passes = bench_step.make_step("adamw", model, bench_step.make_optimizer("adamw", model, 1), x, y)
+    with FlopCounterMode(display=False) as counter:
+        passes()
+    flops = counter.get_total_flops()
+    limits = bench_step.rotation_limits(shape, torch.device("cpu"))
+    assert limits == {"rotation_limit_kfac": pytest.approx(2 * one_each / flops),
+                      "rotation_limit_fop": pytest.approx(3 * one_each / flops)}  # fmt: skip
 
 
 def test_state_bytes_counts_every_tensor_of_the_state_dict():
