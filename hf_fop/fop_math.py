@@ -98,13 +98,16 @@ PROJECTION_METRICS = ("damped", "fisher")
 """The metric of the projection, eq. (4)-(5): ``"damped"`` ``M = F + lambda I``, ``"fisher"`` the undamped ``F``."""
 
 
-def projection_eigen(g_avg_hat: Tensor, g_diff_hat: Tensor, p_hat: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+def projection_eigen(
+    g_avg_hat: Tensor, g_diff_hat: Tensor, p_hat: Tensor, eps: float, scratch: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
     """Eq. (4)-(5) in the eigenbasis: ``(s_proj, g_perp_hat)`` in the metric ``P`` that is diagonal there
-    (``p_hat``, shape ``(out, in)``: ``M_hat`` or ``F_hat``).
+    (``p_hat``, shape ``(out, in)``: ``M_hat`` or ``F_hat``). ``scratch``: an ``(out, in)`` buffer for ``P g_avg``
+    (overwritten), to spare a fresh allocation.
 
     Lemma 1: ``<g_perp, g_avg>_P = eps * s_proj``.
     """
-    p_avg = g_avg_hat * p_hat  # P g_avg
+    p_avg = torch.mul(g_avg_hat, p_hat, out=scratch) if scratch is not None else g_avg_hat * p_hat  # P g_avg
     s_proj = _dot(g_diff_hat, p_avg) / (_dot(g_avg_hat, p_avg) + eps)
     return s_proj, torch.addcmul(g_diff_hat, g_avg_hat, s_proj, value=-1)
 
@@ -121,15 +124,15 @@ def in_fisher_range(n_f: Tensor, f_max: Tensor, n_euclid: Tensor) -> Tensor:
 
 
 def fisher_projection_eigen(
-    g_avg_hat: Tensor, g_diff_hat: Tensor, f_hat: Tensor, f_max: Tensor, eps: float
+    g_avg_hat: Tensor, g_diff_hat: Tensor, f_hat: Tensor, f_max: Tensor, eps: float, scratch: Optional[Tensor] = None
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Eq. (4)-(5) in the undamped ``F`` (``f_hat[i, j] = s_i a_j``, ``f_max`` its largest entry): ``(s_proj,
     g_perp_hat, visible)``. Where ``g_avg`` is not visible to ``F`` (:func:`in_fisher_range`), ``s_proj = 0`` and
-    ``g_perp = g_diff`` (the caller then takes ``beta* = 0``).
+    ``g_perp = g_diff`` (the caller then takes ``beta* = 0``). ``scratch``: as in :func:`projection_eigen`.
 
     Lemma 1: ``<g_perp, g_avg>_F = eps * s_proj`` (on the fallback both sides are 0 up to ``F``'s noise).
     """
-    f_avg = g_avg_hat * f_hat  # F g_avg
+    f_avg = torch.mul(g_avg_hat, f_hat, out=scratch) if scratch is not None else g_avg_hat * f_hat  # F g_avg
     n_f = _dot(g_avg_hat, f_avg)
     visible = in_fisher_range(n_f, f_max, _dot(g_avg_hat, g_avg_hat))
     s_proj = torch.where(visible, _dot(g_diff_hat, f_avg) / (n_f + eps), torch.zeros_like(n_f))
@@ -163,16 +166,19 @@ def fop_direction_eigen(
     """
     if projection_metric not in PROJECTION_METRICS:
         raise ValueError(f"projection_metric={projection_metric!r} is invalid: expected one of {PROJECTION_METRICS}.")
-    f_hat = torch.outer(s, a)
-    m_hat = f_hat + damping
-    m_inv = m_hat.reciprocal()  # one division pass, then products
+    # Four (out, in) buffers, each written in place once its last reader is done (F_hat is recomputed into one when
+    # needed, a cheap outer product): a fresh large tensor costs about as much as a product written into it.
+    m_inv = torch.outer(s, a).add_(damping)  # M_hat until the projection is done, then M^-1 in place
+    scratch = torch.empty_like(g_avg_hat)
     if projection_metric == "damped":
-        s_proj, g_perp = projection_eigen(g_avg_hat, g_diff_hat, m_hat, eps)
+        s_proj, g_perp = projection_eigen(g_avg_hat, g_diff_hat, m_inv, eps, scratch)
         visible = None
     else:
-        s_proj, g_perp, visible = fisher_projection_eigen(g_avg_hat, g_diff_hat, f_hat, s.max() * a.max(), eps)
+        f_hat = torch.outer(s, a, out=scratch) if scratch.dtype == m_inv.dtype else torch.outer(s, a)  # F_hat
+        s_proj, g_perp, visible = fisher_projection_eigen(g_avg_hat, g_diff_hat, f_hat, s.max() * a.max(), eps, scratch)
+    m_inv.reciprocal_()  # one division pass, then products
     u = g_avg_hat * m_inv  # M^-1 g_avg
-    w = g_perp * m_inv  # M^-1 g_perp
+    w = torch.mul(g_perp, m_inv, out=scratch)  # M^-1 g_perp
     n_avg = _dot(g_avg_hat, u)
     d = _dot(g_avg_hat, w)
     e = _dot(g_perp, w)
@@ -185,38 +191,26 @@ def fop_direction_eigen(
         beta = torch.where(_dot(g_perp, g_perp) > (4 * rounding) ** 2 * size, beta, zero)
     if visible is not None:  # F's null space: no F-orthogonal information, K-FAC's direction
         beta = torch.where(visible, beta, zero)
-    direction = torch.addcmul(u, w, beta)
     if use_eta:
         eta = _zero_if_tiny(n_avg + beta * d, n_avg + 2 * beta * d + beta * beta * e, n_avg)
     else:
         eta = torch.ones_like(n_avg)
     eta2 = eta * eta
-    f_u, f_w = f_hat * u, f_hat * w
-    stats = LayerStats(
-        beta=beta,
-        eta=eta,
-        s_proj=s_proj,
-        kl_base=eta2 * _dot(f_u, u),
-        kl_cross=2 * eta2 * beta * _dot(f_u, w),
-        kl_orth=eta2 * beta * beta * _dot(f_w, w),
-    )
-    return direction.mul_(eta), stats
+    f_u = torch.outer(s, a, out=m_inv).mul_(u)  # F M^-1 g_avg, in M^-1's buffer (done with)
+    kl_base, kl_cross = eta2 * _dot(f_u, u), 2 * eta2 * beta * _dot(f_u, w)
+    f_w = torch.outer(s, a, out=f_u).mul_(w)  # F M^-1 g_perp
+    kl_orth = eta2 * beta * beta * _dot(f_w, w)
+    stats = LayerStats(beta=beta, eta=eta, s_proj=s_proj, kl_base=kl_base, kl_cross=kl_cross, kl_orth=kl_orth)
+    return u.addcmul_(w, beta).mul_(eta), stats  # eta (M^-1 g_avg + beta M^-1 g_perp), in u's buffer
 
 
 def kfac_direction_eigen(g_avg_hat: Tensor, s: Tensor, a: Tensor, damping: float) -> Tuple[Tensor, LayerStats]:
     """K-FAC direction ``M^-1 g_avg`` in the eigenbasis, with the stats of beta = 0, eta = 1."""
-    f_hat = torch.outer(s, a)
-    u = g_avg_hat * (f_hat + damping).reciprocal()  # the same u as fop_direction_eigen's, bit for bit
+    m_inv = torch.outer(s, a).add_(damping).reciprocal_()
+    u = g_avg_hat * m_inv  # the same u as fop_direction_eigen's, bit for bit
     zero = torch.zeros((), dtype=u.dtype, device=u.device)
-    stats = LayerStats(
-        beta=zero,
-        eta=torch.ones_like(zero),
-        s_proj=zero,
-        kl_base=_dot(f_hat * u, u),
-        kl_cross=zero,
-        kl_orth=zero,
-    )
-    return u, stats
+    kl_base = _dot(torch.outer(s, a, out=m_inv).mul_(u), u)  # F M^-1 g_avg in M^-1's buffer
+    return u, LayerStats(beta=zero, eta=torch.ones_like(zero), s_proj=zero, kl_base=kl_base, kl_cross=zero, kl_orth=zero)
 
 
 def fop_direction_dense(

@@ -144,13 +144,18 @@ def test_equal_gradients_give_exact_kfac_step():
     es, qs = torch.linalg.eigh(s_fac)
     g_hat = rotate(g1, qs, qa)
     fop_dir, stats = fop_direction_eigen(g_hat, torch.zeros_like(g_hat), es, ea, 1e-3, 1e-12)
-    kfac_dir, _ = kfac_direction_eigen(g_hat, es, ea, 1e-3)
+    kfac_dir, kfac_stats = kfac_direction_eigen(g_hat, es, ea, 1e-3)
     assert torch.equal(fop_dir, kfac_dir)
     assert stats.beta.item() == 0.0 and stats.eta.item() == 1.0
-    # and K-FAC's direction is M^-1 g (dense solve)
-    m = kron_fisher(a_fac.double(), s_fac.double()) + 1e-3 * torch.eye(24, dtype=torch.float64)
+    # and K-FAC's direction is M^-1 g (dense solve), its KL term u^T F u
+    fisher = kron_fisher(a_fac.double(), s_fac.double())
+    m = fisher + 1e-3 * torch.eye(24, dtype=torch.float64)
     expected = unvec(torch.linalg.solve(m, vec(g1.double())), (4, 6))
     assert torch.allclose(unrotate(kfac_dir, qs, qa).double(), expected, rtol=1e-3, atol=1e-4 * expected.abs().max())
+    kl = vec(expected) @ fisher @ vec(expected)
+    assert torch.allclose(kfac_stats.kl_base.double(), kl, rtol=1e-3)
+    assert torch.equal(kfac_stats.kl_base, stats.kl_base)  # FOP with beta* = 0 splits the same KL norm
+    assert kfac_stats.kl_cross.item() == kfac_stats.kl_orth.item() == 0.0
 
 
 def test_parallel_difference_gives_zero_beta():
@@ -198,3 +203,20 @@ def test_damped_eigenvalues_and_vec_roundtrip():
     a_fac, s_fac = _spd(3, gen), _spd(2, gen)
     gd = g.double()
     assert torch.allclose(kron_fisher(a_fac, s_fac) @ vec(gd), vec(s_fac @ gd @ a_fac))
+
+
+@pytest.mark.parametrize("metric", ["damped", "fisher"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_eigenbasis_directions_leave_their_inputs_alone(metric, dtype):
+    """The eigenbasis math works in buffers of its own: the rotated gradients and eigenvalues it was given (the
+    optimizer reuses them) come back unchanged, and the direction is a new tensor."""
+    gen = torch.Generator().manual_seed(21)
+    g_avg, g_diff = torch.randn(5, 7, generator=gen, dtype=dtype), torch.randn(5, 7, generator=gen, dtype=dtype)
+    s, a = torch.rand(5, generator=gen, dtype=dtype), torch.rand(7, generator=gen, dtype=dtype)
+    inputs = [t.clone() for t in (g_avg, g_diff, s, a)]
+    direction, _ = fop_direction_eigen(g_avg, g_diff, s, a, 1e-2, 1e-12, projection_metric=metric)
+    kfac, _ = kfac_direction_eigen(g_avg, s, a, 1e-2)
+    for given, kept in zip((g_avg, g_diff, s, a), inputs):
+        assert torch.equal(given, kept)
+    for out in (direction, kfac):
+        assert all(out.data_ptr() != t.data_ptr() for t in (g_avg, g_diff, s, a))
