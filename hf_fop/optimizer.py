@@ -33,7 +33,9 @@ rounding error (:func:`hf_fop.preconditioner.rotation_error`) exceeds ``ROTATION
 float32 on that step, counted in ``counters["float32_rotations"]`` (one per layer and step, on the rank that computes
 the layer's direction); deciding it reads every low-precision layer's estimate in one host read per step. With
 ``"auto"`` on a CPU, whether bfloat16 is faster there is timed once per process
-(:func:`hf_fop.preconditioner.native_bfloat16`); with several processes every rank takes rank 0's answer.
+(:func:`hf_fop.preconditioner.native_bfloat16`); with several processes every rank takes rank 0's answer. The answer
+is saved with the state (``state_dict()["fop"]["native_bfloat16"]``), and loading the state pins it for the process:
+a resumed run keeps the dtype the run was started with.
 
 Release: ``opt.release()`` removes the curvature hooks from the model (also
 done when the optimizer is garbage-collected); a new ``FOP`` on a model whose
@@ -516,6 +518,11 @@ class FOP(torch.optim.Optimizer):
             "counters": dict(self.counters),
             "curvature_seconds": float(self.engine.seconds),
             "layers": self.engine.state_dict(),
+            # rotation_dtype="auto": the timed answer the rotations' dtype hangs on, so that a resumed run (on another
+            # machine, or where a second timing would decide otherwise) multiplies in the same dtype
+            "native_bfloat16": {
+                str(device): native_bfloat16(device) for device in timed_bfloat16_devices(self.config, self.engine.layers)
+            },
         }
         return state
 
@@ -532,6 +539,10 @@ class FOP(torch.optim.Optimizer):
             if torch.is_tensor(state.get("step")):
                 state["step"] = int(state["step"])
         self.engine.seconds = float(fop_state.get("curvature_seconds", 0.0))
+        timed = {str(device): device for device in timed_bfloat16_devices(self.config, self.engine.layers)}
+        for name, answer in fop_state.get("native_bfloat16", {}).items():  # absent from checkpoints before 2026-12-07
+            if name in timed:
+                pin_native_bfloat16(timed[name], bool(answer))
         self.distributor.state_loaded()
         self._discard_step_buffers()
         self._record = StepRecord()

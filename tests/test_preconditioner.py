@@ -222,3 +222,26 @@ def test_rotation_error_counts_the_noise_of_the_beta_term():
     grad2 = sum(float(p.grad.square().sum()) for p in layer.params)
     diff2 = sum(float(diffs[p].square().sum()) for p in layer.params if p in diffs)
     assert errors[1] / errors[0] == pytest.approx(math.sqrt(1 + 9 * diff2 / grad2), rel=1e-4)
+
+
+def test_the_timed_answer_is_saved_with_the_state_and_pinned_by_a_resume(cpu_answer):
+    """A run resumed where the probe would decide otherwise (another machine, a timing near the threshold) keeps
+    multiplying in the dtype the run started with."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 256), nn.Linear(256, 10))
+    pin_native_bfloat16(cpu_answer, True)  # the machine the run started on multiplies bfloat16 faster
+    first = FOP(model)
+    state = first.state_dict()
+    assert state["fop"]["native_bfloat16"] == {"cpu": True}
+    assert FOP(nn.Sequential(nn.Linear(8, 4)), mode="kfac").state_dict()["fop"]["native_bfloat16"] == {}  # nothing timed
+    first.release()
+    pin_native_bfloat16(cpu_answer, False)  # the machine it resumes on does not
+    resumed = FOP(model)
+    assert rotation_dtype(resumed.config, resumed.layers[0]) == torch.float32
+    resumed.load_state_dict(state)
+    assert native_bfloat16(cpu_answer) is True
+    assert rotation_dtype(resumed.config, resumed.layers[0]) == torch.bfloat16
+    old = {**state, "fop": {k: v for k, v in state["fop"].items() if k != "native_bfloat16"}}
+    pin_native_bfloat16(cpu_answer, False)
+    resumed.load_state_dict(old)  # a checkpoint written before the answer was saved: this process's answer stays
+    assert native_bfloat16(cpu_answer) is False
