@@ -164,8 +164,8 @@ class FOPConfig:
     cosine, docs/performance.md), ``"float32"``, or ``"auto"``: bfloat16 for layers at least 256 wide on both sides
     on CUDA devices of compute capability 8.0 and later, and on CPUs with AVX512-BF16 or AMX where a probe rotation,
     timed once per process, is at least 1.25x faster in bfloat16 (some such CPUs are slower in it; the answer is saved
-    with the optimizer's state, and a resumed run keeps it); else float32. ``projection_metric="fisher"`` always rotates its gradients in float32 (its null-space test needs the
-    precision)."""
+    with the optimizer's state, and a resumed run keeps it); else float32. ``projection_metric="fisher"`` always
+    rotates its gradients in float32 (its null-space test needs the precision)."""
 
     def __post_init__(self) -> None:
         _check_real("lr", self.lr, 0.0, math.inf, False, True)

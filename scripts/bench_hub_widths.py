@@ -315,7 +315,7 @@ def amortise(opt_s: Sequence[float], capture: Sequence[bool], real: Sequence[Tup
     }
 
 
-def positions_to_measure(opt_s: Sequence[float], capture: Sequence[bool], steps: int, start: int = 0) -> List[int]:
+def positions_to_measure(opt_s: Sequence[float], capture: Sequence[bool], steps: int, start: int) -> List[int]:
     """Cycle positions of the real steps: the window's first ``steps`` (from ``start``), the position with the largest
     ``opt.step()`` and one position of each kind (capturing or not) when missing, in the window's order (from
     ``start``, so that the real steps replay the window's cycle from its snapshot)."""

@@ -45,9 +45,9 @@ def test_amortise_composes_every_position_of_the_cycle():
 def test_positions_cover_the_heaviest_step_and_both_kinds():
     opt_s = [1.0, 1.0, 9.0, 1.0, 1.0, 1.0]
     capture = [True, False, True, False, True, False]
-    assert hub.positions_to_measure(opt_s, capture, 1) == [0, 1, 2]
-    assert hub.positions_to_measure(opt_s, [True] * 6, 2) == [0, 1, 2]
-    assert hub.positions_to_measure([5.0, 1.0, 1.0], [True] * 3, 2) == [0, 1]
+    assert hub.positions_to_measure(opt_s, capture, 1, start=0) == [0, 1, 2]
+    assert hub.positions_to_measure(opt_s, [True] * 6, 2, start=0) == [0, 1, 2]
+    assert hub.positions_to_measure([5.0, 1.0, 1.0], [True] * 3, 2, start=0) == [0, 1]
     # a window that began at position 4: its first steps, in its order (4, 5, then 0 .. 3)
     assert hub.positions_to_measure(opt_s, capture, 2, start=4) == [4, 5, 2]
     assert hub.positions_to_measure(opt_s, [True] * 6, 3, start=5) == [5, 0, 1, 2]
