@@ -286,14 +286,18 @@ def _input_gram(
         flat, weights = _flat_rows(layer, x, mask)
     count: Union[int, Tensor] = flat.shape[0] if weights is None else weights.sum()
     rows, ones = _subsample(flat, weights, limit, generator, module.bias is not None)
+    return (_gram(rows) if module.bias is None else _bias_gram(rows, ones)), count
+
+
+def _bias_gram(rows: Tensor, ones: Optional[Tensor]) -> Tensor:
+    """``[rows 1]^T [rows 1]``, ``(d + 1, d + 1)``, of float32 rows ``(R, d)`` and their bias column ``ones`` ``(R, 1)``
+    (``None``: all ones), without copying the rows to append the column."""
     gram = _gram(rows)
-    if module.bias is None:
-        return gram, count
     if ones is None:  # every row, no mask: the bias column is ones
         ones = rows.new_ones(rows.shape[0], 1)
     with torch.autocast(device_type=rows.device.type, enabled=False):
-        column, corner = rows.T @ ones, ones.T @ ones  # (in, 1), (1, 1)
-    return torch.cat([torch.cat([gram, column], 1), torch.cat([column.T, corner], 1)], 0), count
+        column, corner = rows.T @ ones, ones.T @ ones  # (d, 1), (1, 1)
+    return torch.cat([torch.cat([gram, column], 1), torch.cat([column.T, corner], 1)], 0)
 
 
 def _output_gram(

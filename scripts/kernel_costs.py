@@ -34,7 +34,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_fop.config import FOPConfig  # noqa: E402
-from hf_fop.curvature import EigenBasis, _draws, _gram, _subsample  # noqa: E402
+from hf_fop.curvature import EigenBasis, _bias_gram, _draws, _gram, _subsample  # noqa: E402
 from hf_fop.fop_math import rotate  # noqa: E402
 from hf_fop.preconditioner import BFLOAT16_PROBE_WIDTH, bfloat16_speedup, native_bfloat16  # noqa: E402
 from hf_fop.refresh import block_bounds, block_rotation, pair_error  # noqa: E402
@@ -67,12 +67,9 @@ def _bfloat16_gram(x: Tensor) -> Tensor:
 
 def _capture_pass(rows: Tensor, limit: Optional[int], generator: torch.Generator) -> None:
     """One input capture pass as :func:`hf_fop.curvature._input_gram` runs it without a mask: the rows (``limit`` of
-    them drawn whatever their number, or all), their Gram and the bias column's block."""
+    them drawn whatever their number, or all) and their Gram with the bias column."""
     picked, column = _subsample(rows, None, limit, generator, bias=True, margin=0.0)
-    _gram(picked)
-    if column is None:
-        column = picked.new_ones(picked.shape[0], 1)
-    picked.T @ column
+    _bias_gram(picked, column)
 
 
 def measure_draws(widths: Sequence[int], ratios: Sequence[float], repeats: int) -> List[Dict[str, float]]:
