@@ -394,6 +394,21 @@ def test_factor_shift_is_the_damping_one_factor_sees():
     assert factor_shift(relative, own, other) == factor_shift(relative, own, None) == pytest.approx(0.6)
 
 
+@pytest.mark.parametrize("mode", ["absolute", "relative"])
+def test_factor_shift_times_the_other_factors_mean_is_the_layers_damping(mode):
+    """The shift restates the preconditioner's damping convention (refresh sits below the preconditioner): per
+    factor, ``shift * mean(eig other) = lambda`` of :func:`hf_fop.preconditioner.layer_damping`, whichever factor."""
+    from hf_fop.preconditioner import layer_damping
+
+    config = FOPConfig(damping=0.03, damping_mode=mode)
+    gen = torch.Generator().manual_seed(4)
+    s_basis = EigenBasis(q=torch.eye(5), eigenvalues=torch.rand(5, generator=gen) + 0.1)
+    a_basis = EigenBasis(q=torch.eye(4), eigenvalues=torch.rand(4, generator=gen) + 0.1)
+    damping = float(layer_damping(config, s_basis.eigenvalues, a_basis.eigenvalues))
+    for own, other in ((s_basis, a_basis), (a_basis, s_basis)):
+        assert factor_shift(config, own, other) * float(other.eigenvalues.mean()) == pytest.approx(damping, rel=1e-6)
+
+
 def test_adaptive_refresh_sweeps_while_the_factor_moves_and_rounds_once_it_settles():
     """A 96-wide factor in 4 groups moved fast for 6 cycles (running average, decay 0.9), then slowly (decay 0.999),
     refreshed as ``block_refresh="adaptive"`` does it (its round every cycle, any other pair whose :func:`pair_error`
