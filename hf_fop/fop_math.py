@@ -174,7 +174,7 @@ def fop_direction_eigen(
         s_proj, g_perp = projection_eigen(g_avg_hat, g_diff_hat, m_inv, eps, scratch)
         visible = None
     else:
-        f_hat = torch.outer(s, a, out=scratch) if scratch.dtype == m_inv.dtype else torch.outer(s, a)  # F_hat
+        f_hat = torch.outer(s, a, out=scratch)  # F g_avg is then written over it
         s_proj, g_perp, visible = fisher_projection_eigen(g_avg_hat, g_diff_hat, f_hat, s.max() * a.max(), eps, scratch)
     m_inv.reciprocal_()  # one division pass, then products
     u = g_avg_hat * m_inv  # M^-1 g_avg
