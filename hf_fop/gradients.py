@@ -101,10 +101,10 @@ class SubBatchGradients:
             params.append(p)
             firsts.append(a)
             seconds.append(b)
-        if params:  # g1 - g2 and w1 g1 + (1 - w1) g2, batched with torch._foreach_*
+        if params:  # g1 - g2, then g_avg = g2 + w1 (g1 - g2) written over g2 (no second new buffer per parameter)
             diffs = torch._foreach_sub(firsts, seconds)
-            avgs = torch._foreach_lerp(firsts, seconds, 1 - w1)  # g1 + (1 - w1)(g2 - g1), one pass
-            for p, a, d, g in zip(params, firsts, diffs, avgs):
+            torch._foreach_add_(seconds, diffs, alpha=w1)  # the formula of DualGroups.diff_and_avg, bit for bit
+            for p, a, d, g in zip(params, firsts, diffs, seconds):
                 self.g1[p] = a
                 self.diff[p] = d
                 p.grad = g

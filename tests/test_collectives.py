@@ -32,3 +32,25 @@ def test_triangles_round_trip_and_restore_symmetry():
     out = [torch.zeros(3, 3), torch.zeros(4, 4)]
     unpack_triangles(out, buf)
     assert torch.equal(out[0], a) and torch.equal(out[1], b)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_the_groups_average_as_one_process_does_bit_for_bit(world):
+    """A multi-process step and a one-process step on the same g1 and g2 install the same bits of g_avg and g1 - g2
+    (:meth:`DualGroups.diff_and_avg` and :meth:`SubBatchGradients.install_dual` share the formula)."""
+    from hf_fop.gradients import SubBatchGradients
+
+    torch.manual_seed(world)
+    groups = DualGroups(rank=0, world_size=world)
+    g1, g2 = torch.randn(64, 33), torch.randn(64, 33)
+    # group sums whose division by the group sizes gives g1 and g2 back exactly (powers of two and one)
+    diff, avg = groups.diff_and_avg(g1 * groups.n_even, g2 * groups.n_odd, torch.float32)
+    param = torch.nn.Parameter(torch.zeros(64, 33))
+    local = SubBatchGradients([param], [param], track_norm=False)
+    local.begin(0)
+    param.grad = g1.clone()
+    local.end(0)
+    local.begin(1)
+    param.grad = g2.clone()
+    local.end(1, w1=groups.w1)
+    assert torch.equal(param.grad, avg) and torch.equal(local.diff[param], diff)

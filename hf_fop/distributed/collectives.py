@@ -62,7 +62,8 @@ class DualGroups:
         """``(g1 - g2, g_avg)`` in ``dtype`` from the two float32 group sums (same shape; the same bits on every rank)."""
         g1 = (sum_even / self.n_even).to(dtype)
         g2 = (sum_odd / self.n_odd).to(dtype)
-        return torch.sub(g1, g2), torch.lerp(g1, g2, 1 - self.w1)
+        diff = torch.sub(g1, g2)
+        return diff, torch.add(g2, diff, alpha=self.w1)  # g2 + w1 (g1 - g2), as SubBatchGradients.install_dual
 
 
 def group_sizes(world_size: int) -> Tuple[int, int]:
