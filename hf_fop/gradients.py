@@ -86,7 +86,8 @@ class SubBatchGradients:
         self.install_dual({p: p.grad for p in self.params if p.grad is not None}, w1)
 
     def install_dual(self, g2: Dict[Tensor, Tensor], w1: float) -> None:
-        """``g1 - g2`` kept, ``p.grad = w1 g1 + (1 - w1) g2``; a parameter missing from one side counts as zero there."""
+        """``g1 - g2`` kept, ``p.grad = w1 g1 + (1 - w1) g2``; a parameter missing from one side counts as zero there.
+        ``g2``'s tensors are overwritten with ``g_avg`` (they become ``p.grad``)."""
         params, firsts, seconds = [], [], []
         for p in self.params:
             a, b = self.g1.get(p), g2.get(p)

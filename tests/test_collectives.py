@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hf_fop.distributed.collectives import DualGroups, group_sizes, pack_triangles, unpack_triangles
+from hf_fop.gradients import SubBatchGradients
 
 
 @pytest.mark.parametrize("world, n_even, n_odd", [(2, 1, 1), (3, 2, 1), (5, 3, 2), (8, 4, 4)])
@@ -38,8 +39,6 @@ def test_triangles_round_trip_and_restore_symmetry():
 def test_the_groups_average_as_one_process_does_bit_for_bit(world):
     """A multi-process step and a one-process step on the same g1 and g2 install the same bits of g_avg and g1 - g2
     (:meth:`DualGroups.diff_and_avg` and :meth:`SubBatchGradients.install_dual` share the formula)."""
-    from hf_fop.gradients import SubBatchGradients
-
     torch.manual_seed(world)
     groups = DualGroups(rank=0, world_size=world)
     g1, g2 = torch.randn(64, 33), torch.randn(64, 33)
